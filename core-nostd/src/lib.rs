@@ -1,0 +1,22 @@
+#![doc = include_str!("../README.md")]
+#![no_std]
+#![deny(missing_docs)]
+
+pub mod aggregate;
+pub mod anomaly;
+pub mod hash;
+pub mod ring;
+pub mod rng;
+pub mod shed;
+mod sync;
+pub mod window;
+
+/// An event time: a signed count of some unit since some epoch. The core does
+/// not care which, as long as window sizes and lateness use the same unit; the
+/// agent uses milliseconds since the Unix epoch.
+pub type Timestamp = i64;
+
+/// The largest event time (and the negation of the smallest) that windows
+/// accept: 2⁶², which in milliseconds is about 146 million years. The margin
+/// to `i64::MAX` keeps window arithmetic free of overflow.
+pub const MAX_TIMESTAMP: Timestamp = 1 << 62;
