@@ -120,7 +120,7 @@ impl Aggregate {
 
     /// The sample standard deviation, if at least two values.
     pub fn stddev(&self) -> Option<f64> {
-        self.sample_variance().map(libm::sqrt)
+        self.sample_variance().map(crate::math::sqrt)
     }
 
     /// The value with the earliest event time (the first added on ties).

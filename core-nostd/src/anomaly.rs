@@ -72,8 +72,7 @@ impl Hysteresis {
         raise_after: u32,
         clear_after: u32,
     ) -> Result<Self, RuleError> {
-        // Written so that NaN levels fail too.
-        if !(clear_below <= raise_at) {
+        if raise_at.is_nan() || clear_below.is_nan() || clear_below > raise_at {
             return Err(RuleError::ClearAboveRaise);
         }
         if raise_after == 0 || clear_after == 0 {
@@ -160,7 +159,10 @@ impl AlertMachine {
     pub fn observe(&mut self, score: f64) -> Option<Transition> {
         let (towards_other, needed) = match self.state {
             AlertState::Normal => (score >= self.levels.raise_at, self.levels.raise_after),
-            AlertState::Raised => (!(score >= self.levels.clear_below), self.levels.clear_after),
+            AlertState::Raised => (
+                score < self.levels.clear_below || score.is_nan(),
+                self.levels.clear_after,
+            ),
         };
         if !towards_other {
             self.streak = 0;

@@ -2,9 +2,14 @@
 #![no_std]
 #![deny(missing_docs)]
 
+// Miri only: see `math`.
+#[cfg(miri)]
+extern crate std;
+
 pub mod aggregate;
 pub mod anomaly;
 pub mod hash;
+mod math;
 pub mod ring;
 pub mod rng;
 pub mod shed;

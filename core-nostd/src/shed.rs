@@ -240,6 +240,7 @@ mod tests {
     use super::*;
 
     #[test]
+    #[cfg_attr(miri, ignore = "statistical test of safe code; slow under Miri")]
     fn sampling_keeps_about_one_in_k_and_is_reproducible() {
         let policy = ShedPolicy::Sample {
             high_water: 0,

@@ -115,7 +115,7 @@ impl DecayingStats {
 
     /// The decaying standard deviation, once a value has been added.
     pub fn stddev(&self) -> Option<f64> {
-        self.variance().map(libm::sqrt)
+        self.variance().map(crate::math::sqrt)
     }
 }
 

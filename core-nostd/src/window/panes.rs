@@ -212,10 +212,10 @@ impl<const P: usize, A: Accumulator> HoppingWindow<P, A> {
             let first_pane = window.saturating_sub(self.span - 1);
             let mut acc = A::empty();
             for pane in first_pane..=window {
-                if let Some(p) = &self.panes[pane.rem_euclid(P as i64) as usize] {
-                    if p.index == pane {
-                        acc.merge(&p.acc);
-                    }
+                if let Some(p) = &self.panes[pane.rem_euclid(P as i64) as usize]
+                    && p.index == pane
+                {
+                    acc.merge(&p.acc);
                 }
             }
             // Pane `first_pane` belongs to no later window.

@@ -1,0 +1,356 @@
+//! Model-based tests: every window runs beside a naive reference (vectors of
+//! the raw values, recomputed from scratch) over random streams with
+//! out-of-order and late readings, NaN and infinities, and idle ticks.
+
+#![cfg(not(any(miri, loom)))]
+
+use std::collections::BTreeMap;
+
+use proptest::prelude::*;
+use sluice_core::aggregate::{Accumulator, Aggregate};
+use sluice_core::window::{
+    Closed, CountWindow, DecayingStats, HoppingWindow, Rejection, TumblingWindow,
+};
+
+/// A reading, an idle tick, or the end (flush).
+#[derive(Debug, Clone)]
+enum Action {
+    Push(i64, f64),
+    Tick(i64),
+}
+
+fn value() -> impl Strategy<Value = f64> {
+    prop_oneof![
+        20 => -1e3f64..1e3,
+        1 => Just(f64::NAN),
+        1 => Just(f64::INFINITY),
+        1 => Just(f64::NEG_INFINITY),
+    ]
+}
+
+/// Timestamps that mostly advance, jump now and then, and often go back.
+fn actions() -> impl Strategy<Value = Vec<Action>> {
+    prop::collection::vec(
+        prop_oneof![
+            8 => (-30i64..60, value()).prop_map(|(d, v)| Action::Push(d, v)),
+            1 => (0i64..80).prop_map(Action::Tick),
+        ],
+        0..200,
+    )
+    .prop_map(|steps| {
+        let mut now = -50i64;
+        steps
+            .into_iter()
+            .map(|a| match a {
+                Action::Push(d, v) => {
+                    now += d / 3;
+                    Action::Push(now + d, v)
+                }
+                Action::Tick(d) => Action::Tick(now + d),
+            })
+            .collect()
+    })
+}
+
+/// The summary of `points` recomputed from scratch.
+#[derive(Debug)]
+struct Expected {
+    count: u64,
+    sum: f64,
+    min: f64,
+    max: f64,
+    first: (i64, f64),
+    last: (i64, f64),
+    mean: f64,
+    variance: f64,
+}
+
+fn expected(points: &[(i64, f64)]) -> Expected {
+    let n = points.len() as f64;
+    let sum: f64 = points.iter().map(|p| p.1).sum();
+    let mean = sum / n;
+    let first = points
+        .iter()
+        .fold(points[0], |a, &p| if p.0 < a.0 { p } else { a });
+    let last = points
+        .iter()
+        .fold(points[0], |a, &p| if p.0 >= a.0 { p } else { a });
+    Expected {
+        count: points.len() as u64,
+        sum,
+        min: points.iter().map(|p| p.1).fold(f64::INFINITY, f64::min),
+        max: points.iter().map(|p| p.1).fold(f64::NEG_INFINITY, f64::max),
+        first,
+        last,
+        mean,
+        variance: points.iter().map(|p| (p.1 - mean).powi(2)).sum::<f64>() / n,
+    }
+}
+
+fn close(a: f64, b: f64, scale: f64) -> bool {
+    (a - b).abs() <= 1e-9 * scale.max(1.0)
+}
+
+fn assert_matches(got: &Aggregate, points: &[(i64, f64)]) {
+    let e = expected(points);
+    let scale = points.iter().map(|p| p.1.abs()).sum::<f64>();
+    assert_eq!(got.count(), e.count);
+    assert_eq!(got.min(), Some(e.min));
+    assert_eq!(got.max(), Some(e.max));
+    let (f, l) = (got.first().unwrap(), got.last().unwrap());
+    assert_eq!((f.ts, f.value), e.first);
+    assert_eq!((l.ts, l.value), e.last);
+    assert!(
+        close(got.sum(), e.sum, scale),
+        "sum {} vs {}",
+        got.sum(),
+        e.sum
+    );
+    assert!(close(got.mean().unwrap(), e.mean, scale));
+    assert!(
+        close(
+            got.population_variance().unwrap(),
+            e.variance,
+            scale * scale
+        ),
+        "variance {:?} vs {}",
+        got.population_variance(),
+        e.variance
+    );
+}
+
+/// A closed window: start, end, its values, and whether flush closed it.
+type Emitted = (i64, i64, Vec<(i64, f64)>, bool);
+
+/// The naive hopping window: a list of values per window index.
+struct ReferenceHopping {
+    slide: i64,
+    span: i64,
+    lateness: i64,
+    max_event: Option<i64>,
+    closed_through: Option<i64>,
+    open: BTreeMap<i64, Vec<(i64, f64)>>,
+    emitted: Vec<Emitted>,
+    late: u64,
+    non_finite: u64,
+    accepted: u64,
+}
+
+impl ReferenceHopping {
+    fn new(length: i64, slide: i64, lateness: i64) -> Self {
+        Self {
+            slide,
+            span: length / slide,
+            lateness,
+            max_event: None,
+            closed_through: None,
+            open: BTreeMap::new(),
+            emitted: Vec::new(),
+            late: 0,
+            non_finite: 0,
+            accepted: 0,
+        }
+    }
+
+    fn emit_through(&mut self, last: i64, partial: bool) {
+        while let Some((&j, _)) = self.open.first_key_value() {
+            if j > last {
+                break;
+            }
+            let points = self.open.remove(&j).unwrap();
+            self.emitted.push((
+                (j + 1) * self.slide - self.span * self.slide,
+                (j + 1) * self.slide,
+                points,
+                partial,
+            ));
+        }
+        self.closed_through = Some(self.closed_through.map_or(last, |c| c.max(last)));
+    }
+
+    fn tick(&mut self, ts: i64) {
+        if self.max_event.is_some_and(|m| m >= ts) {
+            return;
+        }
+        self.max_event = Some(ts);
+        let wm = ts - self.lateness;
+        // Window j closes when its end (j + 1)·slide <= watermark.
+        self.emit_through(wm.div_euclid(self.slide) - 1, false);
+    }
+
+    fn push(&mut self, ts: i64, v: f64) {
+        if !v.is_finite() {
+            self.non_finite += 1;
+            return;
+        }
+        self.tick(ts);
+        let pane = ts.div_euclid(self.slide);
+        let open: Vec<i64> = (pane..pane + self.span)
+            .filter(|&j| self.closed_through.is_none_or(|c| j > c))
+            .collect();
+        if open.is_empty() {
+            self.late += 1;
+            return;
+        }
+        self.accepted += 1;
+        for j in open {
+            self.open.entry(j).or_default().push((ts, v));
+        }
+    }
+
+    fn flush(&mut self) {
+        self.emit_through(i64::MAX, true);
+    }
+}
+
+fn check_hopping(length: i64, slide: i64, lateness: i64, actions: &[Action]) {
+    let mut real = HoppingWindow::<16>::new(length, slide, lateness).unwrap();
+    let mut reference = ReferenceHopping::new(length, slide, lateness);
+    let mut got: Vec<Closed<Aggregate>> = Vec::new();
+    for action in actions {
+        match *action {
+            Action::Push(ts, v) => {
+                let result = real.push(ts, v, |c| got.push(c));
+                let late_before = reference.late;
+                let nf_before = reference.non_finite;
+                reference.push(ts, v);
+                let expect = if reference.non_finite > nf_before {
+                    Err(Rejection::NonFinite)
+                } else if reference.late > late_before {
+                    Err(Rejection::Late)
+                } else {
+                    Ok(())
+                };
+                assert_eq!(result, expect, "push({ts}, {v})");
+            }
+            Action::Tick(ts) => {
+                real.advance_to(ts, |c| got.push(c));
+                reference.tick(ts);
+            }
+        }
+        assert_eq!(
+            got.len(),
+            reference.emitted.len(),
+            "windows closed after {action:?}"
+        );
+    }
+    real.flush(|c| got.push(c));
+    reference.flush();
+    assert!(!real.has_open());
+    assert_eq!(got.len(), reference.emitted.len());
+    for (g, (start, end, points, partial)) in got.iter().zip(&reference.emitted) {
+        assert_eq!((g.start, g.end, g.partial), (*start, *end, *partial));
+        assert_matches(&g.acc, points);
+    }
+    let stats = real.stats();
+    assert_eq!(stats.late, reference.late);
+    assert_eq!(stats.non_finite, reference.non_finite);
+    assert_eq!(stats.accepted, reference.accepted);
+    assert_eq!(stats.closed, got.len() as u64);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(400))]
+
+    #[test]
+    fn tumbling_matches_reference(
+        size in 1i64..25,
+        lateness_windows in 0i64..15,
+        lateness_extra in 0i64..25,
+        actions in actions(),
+    ) {
+        let lateness = (lateness_windows * size + lateness_extra).min(size * 15);
+        let mut real = TumblingWindow::<16>::new(size, lateness).unwrap();
+        let mut reference = ReferenceHopping::new(size, size, lateness);
+        let mut got = Vec::new();
+        for action in &actions {
+            match *action {
+                Action::Push(ts, v) => { let _ = real.push(ts, v, |c| got.push(c)); reference.push(ts, v); }
+                Action::Tick(ts) => { real.advance_to(ts, |c| got.push(c)); reference.tick(ts); }
+            }
+        }
+        real.flush(|c| got.push(c));
+        reference.flush();
+        prop_assert_eq!(got.len(), reference.emitted.len());
+        for (g, (start, end, points, _)) in got.iter().zip(&reference.emitted) {
+            prop_assert_eq!((g.start, g.end), (*start, *end));
+            assert_matches(&g.acc, points);
+        }
+        prop_assert_eq!(real.stats().late, reference.late);
+    }
+
+    #[test]
+    fn hopping_matches_reference(
+        slide in 1i64..12,
+        span in 1i64..5,
+        lateness in 0i64..40,
+        actions in actions(),
+    ) {
+        // Keep within the 16 panes the window type has.
+        let lateness = lateness.min(slide * (16 - span));
+        check_hopping(span * slide, slide, lateness, &actions);
+    }
+
+    #[test]
+    fn count_window_matches_chunks(
+        size in 1u64..10,
+        values in prop::collection::vec((0i64..1000, value()), 0..100),
+    ) {
+        let mut w = CountWindow::<Aggregate>::new(size).unwrap();
+        let mut got = Vec::new();
+        for &(ts, v) in &values {
+            let r = w.push(ts, v, |c| got.push(c));
+            prop_assert_eq!(r.is_err(), !v.is_finite());
+        }
+        w.flush(|c| got.push(c));
+        let finite: Vec<_> = values.iter().copied().filter(|p| p.1.is_finite()).collect();
+        let chunks: Vec<_> = finite.chunks(size as usize).collect();
+        prop_assert_eq!(got.len(), chunks.len());
+        for (i, (g, chunk)) in got.iter().zip(&chunks).enumerate() {
+            assert_matches(&g.acc, chunk);
+            prop_assert_eq!(g.start, chunk.iter().map(|p| p.0).min().unwrap());
+            prop_assert_eq!(g.end, chunk.iter().map(|p| p.0).max().unwrap() + 1);
+            prop_assert_eq!(g.partial, i + 1 == chunks.len() && chunk.len() < size as usize);
+        }
+        prop_assert_eq!(w.stats().non_finite, (values.len() - finite.len()) as u64);
+    }
+
+    #[test]
+    fn decaying_matches_the_definition(
+        lambda in 0.05f64..0.999,
+        values in prop::collection::vec(-1e3f64..1e3, 1..60),
+    ) {
+        let mut d = DecayingStats::new(lambda).unwrap();
+        for &v in &values {
+            d.push(v).unwrap();
+        }
+        // S = Σ λ^i x_{t-i}, W = Σ λ^i, mean = S/W, var = Σ λ^i (x - mean)² / W.
+        let weights: Vec<f64> = (0..values.len()).rev().map(|i| lambda.powi(i as i32)).collect();
+        let w: f64 = weights.iter().sum();
+        let s: f64 = values.iter().zip(&weights).map(|(x, w)| x * w).sum();
+        let mean = s / w;
+        let var = values.iter().zip(&weights).map(|(x, w)| w * (x - mean).powi(2)).sum::<f64>() / w;
+        let scale = values.iter().map(|x| x.abs()).sum::<f64>();
+        prop_assert!(close(d.decaying_sum(), s, scale));
+        prop_assert!(close(d.weight(), w, 1.0));
+        prop_assert!(close(d.mean().unwrap(), mean, scale));
+        prop_assert!(close(d.variance().unwrap(), var, scale * scale));
+    }
+
+    #[test]
+    fn merge_equals_the_union(
+        values in prop::collection::vec((-100i64..100, -1e6f64..1e6), 1..80),
+        cut in 0usize..80,
+    ) {
+        let cut = cut.min(values.len());
+        let (a, b) = values.split_at(cut);
+        let mut left = Aggregate::empty();
+        let mut right = Aggregate::empty();
+        let mut whole = Aggregate::empty();
+        for &(ts, v) in a { left.add(ts, v); whole.add(ts, v); }
+        for &(ts, v) in b { right.add(ts, v); whole.add(ts, v); }
+        left.merge(&right);
+        assert_matches(&left, &values);
+        assert_matches(&whole, &values);
+    }
+}
