@@ -318,11 +318,17 @@ impl<T, S: Storage<T>> Ring<T, S> {
         (producer, consumer)
     }
 
+    /// The slot of `position`; `mask` must be `capacity() - 1`.
     #[inline(always)]
     fn slot(&self, position: usize, mask: usize) -> &Slot<T> {
-        // Indexing (with its bounds check) rather than `get_unchecked`: the
-        // mask keeps the index in range, so the optimiser removes the check.
-        &self.storage.slots()[position & mask]
+        let slots = self.storage.slots();
+        debug_assert_eq!(mask.wrapping_add(1), slots.len());
+        // SAFETY: every caller passes `mask == capacity() - 1` (handles copy it
+        // from `capacity()` when created; `Drop` computes it), and the
+        // capacity is a non-zero power of two (checked by `new` at compile
+        // time and by `with_storage`) that `Storage` keeps fixed, so
+        // `position & mask < slots.len()`.
+        unsafe { slots.get_unchecked(position & mask) }
     }
 }
 
