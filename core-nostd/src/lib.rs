@@ -13,6 +13,7 @@ mod math;
 pub mod ring;
 pub mod rng;
 pub mod shed;
+pub mod sketch;
 mod sync;
 pub mod window;
 

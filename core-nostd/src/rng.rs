@@ -26,6 +26,11 @@ impl SplitMix64 {
         Self { state: seed }
     }
 
+    /// The current state: `SplitMix64::new(g.state())` continues `g`'s stream.
+    pub const fn state(&self) -> u64 {
+        self.state
+    }
+
     /// The next 64 random bits.
     #[inline]
     pub fn next_u64(&mut self) -> u64 {
