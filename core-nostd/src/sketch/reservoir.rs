@@ -256,10 +256,8 @@ impl<T: SampleItem, S: AsRef<[T]> + AsMut<[T]>> Reservoir<T, S> {
         w.u32(T::SIZE as u32);
         w.u64(self.seen);
         w.u64(self.rng.state());
-        let mut tmp = [0u8; 16];
         for item in self.sample() {
-            item.to_bytes(&mut tmp[..T::SIZE]);
-            w.bytes(&tmp[..T::SIZE]);
+            item.to_bytes(w.next(T::SIZE));
         }
         Ok(w.finish())
     }

@@ -62,6 +62,13 @@ impl<'a> Writer<'a> {
         self.pos += b.len();
     }
 
+    /// The next `n` bytes of the output, for the caller to fill.
+    pub(crate) fn next(&mut self, n: usize) -> &mut [u8] {
+        let out = &mut self.buf[self.pos..self.pos + n];
+        self.pos += n;
+        out
+    }
+
     pub(crate) fn u8(&mut self, v: u8) {
         self.bytes(&[v]);
     }
