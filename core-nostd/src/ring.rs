@@ -285,10 +285,9 @@ impl<T, S: Storage<T>> Ring<T, S> {
         if ring.split.swap(true, Ordering::AcqRel) {
             return None;
         }
-        // SAFETY: the flag was clear and is now set, so no handle to this ring
-        // was ever created through `try_split`, and `split(&mut self)` cannot
-        // run while `ring` shares the ring. `CloneStableDeref` makes both
-        // clones point at this same ring for as long as they live.
+        // The flag was clear, so `try_split` never made handles for this ring,
+        // and `split(&mut self)` cannot run while `ring` shares it.
+        // SAFETY: no other handle exists; `CloneStableDeref` pins both clones here.
         Some(unsafe { Self::handles(ring) })
     }
 
@@ -323,11 +322,9 @@ impl<T, S: Storage<T>> Ring<T, S> {
     fn slot(&self, position: usize, mask: usize) -> &Slot<T> {
         let slots = self.storage.slots();
         debug_assert_eq!(mask.wrapping_add(1), slots.len());
-        // SAFETY: every caller passes `mask == capacity() - 1` (handles copy it
-        // from `capacity()` when created; `Drop` computes it), and the
-        // capacity is a non-zero power of two (checked by `new` at compile
-        // time and by `with_storage`) that `Storage` keeps fixed, so
-        // `position & mask < slots.len()`.
+        // Callers pass `mask == capacity() - 1`, the capacity is a non-zero
+        // power of two (checked by `new` and `with_storage`) that `Storage` fixes:
+        // SAFETY: hence `position & mask < slots.len()`.
         unsafe { slots.get_unchecked(position & mask) }
     }
 }
@@ -577,10 +574,9 @@ where
             return None;
         }
         let value = self.ring.slot(self.head, self.mask).0.with_mut(|slot| {
-            // SAFETY: as in `try_pop`, the slot holds a published value that
-            // only this consumer may access. The reference borrows `self`
-            // mutably, so the value cannot be popped (and the slot freed)
-            // while it lives.
+            // SAFETY: as in `try_pop`, a published value only this consumer
+            // accesses; the reference borrows `self` mutably, so the value
+            // cannot be popped (and the slot freed) while it lives.
             unsafe { (*slot).assume_init_ref() as *const T }
         });
         // SAFETY: `value` points into the slot, which stays initialised and
@@ -686,11 +682,11 @@ fn copy_into_slots<T: Copy>(slots: &[Slot<T>], src: &[T]) {
     debug_assert_eq!(slots.len(), src.len());
     #[cfg(not(loom))]
     if !src.is_empty() {
-        // SAFETY: `Slot<T>` is `repr(transparent)` over
-        // `UnsafeCell<MaybeUninit<T>>`, which has the layout of `T`, so the
-        // slots are `slots.len()` contiguous `T`-sized places. The caller has
-        // established that they are free and that only this producer writes
-        // them; `src` is a distinct borrow, so the ranges do not overlap.
+        // `Slot<T>` is `repr(transparent)` over `UnsafeCell<MaybeUninit<T>>`,
+        // which has the layout of `T`: the slots are contiguous `T` places.
+        // The caller established that they are free and only this producer
+        // writes them; `src` is a distinct borrow, so the ranges do not overlap.
+        // SAFETY: see above: valid, exclusive, non-overlapping `T` places.
         unsafe {
             let dst = slots.as_ptr() as *mut T;
             core::ptr::copy_nonoverlapping(src.as_ptr(), dst, src.len());
@@ -710,10 +706,9 @@ fn copy_from_slots<T: Copy>(slots: &[Slot<T>], dst: &mut [T]) {
     debug_assert_eq!(slots.len(), dst.len());
     #[cfg(not(loom))]
     if !dst.is_empty() {
-        // SAFETY: as in `copy_into_slots`, the slots are contiguous `T`s;
-        // the caller has established that they hold published values that
-        // only this consumer reads; `dst` is a distinct borrow. `T: Copy`, so
-        // copying out leaves nothing to drop in the slots.
+        // As in `copy_into_slots`, the slots are contiguous `T`s; the caller
+        // established that they hold published values only this consumer reads.
+        // SAFETY: `dst` is a distinct borrow, and `T: Copy` leaves nothing to drop.
         unsafe {
             let src = slots.as_ptr() as *const T;
             core::ptr::copy_nonoverlapping(src, dst.as_mut_ptr(), dst.len());
