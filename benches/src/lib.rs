@@ -1,3 +1,5 @@
 //! Benchmarks for Sluice: criterion micro-benchmarks under `benches/`, run
-//! with `cargo bench -p sluice-benches`. See `README.md` for the method and
-//! the figures.
+//! with `cargo bench -p sluice-benches`, and what they share. See `README.md`
+//! for the method and the figures.
+
+pub mod spsc;

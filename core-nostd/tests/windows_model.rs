@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use proptest::prelude::*;
 use sluice_core::aggregate::{Accumulator, Aggregate};
 use sluice_core::window::{
-    Closed, CountWindow, DecayingStats, HoppingWindow, Rejection, TumblingWindow,
+    Closed, CountWindow, DecayingStats, HoppingWindow, Rejection, TumblingWindow, WindowStats,
 };
 
 /// A reading, an idle tick, or the end (flush).
@@ -203,14 +203,53 @@ impl ReferenceHopping {
     }
 }
 
-fn check_hopping(length: i64, slide: i64, lateness: i64, actions: &[Action]) {
-    let mut real = HoppingWindow::<16>::new(length, slide, lateness).unwrap();
+/// The time windows under test, behind one interface.
+trait TimeWindow {
+    fn push(&mut self, ts: i64, v: f64, emit: &mut Vec<Closed<Aggregate>>)
+    -> Result<(), Rejection>;
+    fn advance_to(&mut self, ts: i64, emit: &mut Vec<Closed<Aggregate>>);
+    fn flush(&mut self, emit: &mut Vec<Closed<Aggregate>>);
+    fn stats(&self) -> WindowStats;
+    fn has_open(&self) -> bool;
+}
+
+macro_rules! time_window {
+    ($t:ty) => {
+        impl TimeWindow for $t {
+            fn push(
+                &mut self,
+                ts: i64,
+                v: f64,
+                emit: &mut Vec<Closed<Aggregate>>,
+            ) -> Result<(), Rejection> {
+                <$t>::push(self, ts, v, |c| emit.push(c))
+            }
+            fn advance_to(&mut self, ts: i64, emit: &mut Vec<Closed<Aggregate>>) {
+                <$t>::advance_to(self, ts, |c| emit.push(c))
+            }
+            fn flush(&mut self, emit: &mut Vec<Closed<Aggregate>>) {
+                <$t>::flush(self, |c| emit.push(c))
+            }
+            fn stats(&self) -> WindowStats {
+                <$t>::stats(self)
+            }
+            fn has_open(&self) -> bool {
+                <$t>::has_open(self)
+            }
+        }
+    };
+}
+time_window!(HoppingWindow<16>);
+time_window!(TumblingWindow<16>);
+
+/// Runs `real` beside the reference hopping window over `actions`.
+fn check(mut real: impl TimeWindow, length: i64, slide: i64, lateness: i64, actions: &[Action]) {
     let mut reference = ReferenceHopping::new(length, slide, lateness);
     let mut got: Vec<Closed<Aggregate>> = Vec::new();
     for action in actions {
         match *action {
             Action::Push(ts, v) => {
-                let result = real.push(ts, v, |c| got.push(c));
+                let result = real.push(ts, v, &mut got);
                 let late_before = reference.late;
                 let nf_before = reference.non_finite;
                 reference.push(ts, v);
@@ -224,7 +263,7 @@ fn check_hopping(length: i64, slide: i64, lateness: i64, actions: &[Action]) {
                 assert_eq!(result, expect, "push({ts}, {v})");
             }
             Action::Tick(ts) => {
-                real.advance_to(ts, |c| got.push(c));
+                real.advance_to(ts, &mut got);
                 reference.tick(ts);
             }
         }
@@ -234,7 +273,7 @@ fn check_hopping(length: i64, slide: i64, lateness: i64, actions: &[Action]) {
             "windows closed after {action:?}"
         );
     }
-    real.flush(|c| got.push(c));
+    real.flush(&mut got);
     reference.flush();
     assert!(!real.has_open());
     assert_eq!(got.len(), reference.emitted.len());
@@ -260,23 +299,7 @@ proptest! {
         actions in actions(),
     ) {
         let lateness = (lateness_windows * size + lateness_extra).min(size * 15);
-        let mut real = TumblingWindow::<16>::new(size, lateness).unwrap();
-        let mut reference = ReferenceHopping::new(size, size, lateness);
-        let mut got = Vec::new();
-        for action in &actions {
-            match *action {
-                Action::Push(ts, v) => { let _ = real.push(ts, v, |c| got.push(c)); reference.push(ts, v); }
-                Action::Tick(ts) => { real.advance_to(ts, |c| got.push(c)); reference.tick(ts); }
-            }
-        }
-        real.flush(|c| got.push(c));
-        reference.flush();
-        prop_assert_eq!(got.len(), reference.emitted.len());
-        for (g, (start, end, points, _)) in got.iter().zip(&reference.emitted) {
-            prop_assert_eq!((g.start, g.end), (*start, *end));
-            assert_matches(&g.acc, points);
-        }
-        prop_assert_eq!(real.stats().late, reference.late);
+        check(TumblingWindow::<16>::new(size, lateness).unwrap(), size, size, lateness, &actions);
     }
 
     #[test]
@@ -288,7 +311,8 @@ proptest! {
     ) {
         // Keep within the 16 panes the window type has.
         let lateness = lateness.min(slide * (16 - span));
-        check_hopping(span * slide, slide, lateness, &actions);
+        let (length, window) = (span * slide, HoppingWindow::<16>::new(span * slide, slide, lateness).unwrap());
+        check(window, length, slide, lateness, &actions);
     }
 
     #[test]
