@@ -1,0 +1,327 @@
+//! The MQTT source: JSON readings published to topics on a broker.
+//!
+//! rumqttc drives the connection. The source subscribes to every configured
+//! filter (wildcards `+` and `#` allowed) after *each* connection
+//! acknowledgement, so subscriptions come back after a reconnect whether or
+//! not the broker kept the session. When the connection fails the source
+//! waits a capped, jittered exponential backoff and reconnects, for as long
+//! as it runs: a broker that goes away never stops the source.
+//!
+//! QoS 1 messages are acknowledged by rumqttc once the source has received
+//! them; the readings are in a ring (or counted as shed) before the next
+//! message is read.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, TlsConfiguration, Transport};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use serde::Deserialize;
+use tokio_util::sync::CancellationToken;
+
+use crate::backoff::Backoff;
+use crate::decode::{DecodeSink, JsonDecoder, JsonMapping};
+use crate::pipe::Handoff;
+use crate::reading::now_ms;
+use crate::source::{Ingest, LOG_INTERVAL};
+use crate::stats::{RateLimitedLog, Reason, SourceStats, add};
+
+/// TLS to the broker.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSettings {
+    /// PEM file of the certificate authorities that sign the broker's
+    /// certificate.
+    pub ca_file: PathBuf,
+    /// PEM file of the client certificate chain, for brokers that require one.
+    pub client_cert_file: Option<PathBuf>,
+    /// PEM file of the client certificate's private key.
+    pub client_key_file: Option<PathBuf>,
+}
+
+/// Settings of an MQTT source.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MqttSettings {
+    /// Broker host name or address.
+    pub host: String,
+    /// Broker port. Default 1883 (use 8883 with TLS).
+    #[serde(default = "default_port")]
+    pub port: u16,
+    /// MQTT client id; must be unique on the broker. Default `sluice`.
+    #[serde(default = "default_client_id")]
+    pub client_id: String,
+    /// Topic filters to subscribe to, e.g. `sensors/+` or `plant/#`.
+    pub topics: Vec<String>,
+    /// Subscription QoS: 0 (at most once) or 1 (at least once). Default 1.
+    #[serde(default = "default_qos")]
+    pub qos: u8,
+    /// User name, if the broker wants one.
+    pub username: Option<String>,
+    /// Password, already resolved from a file or the environment by the
+    /// agent's configuration (never read from this struct's TOML directly).
+    #[serde(skip)]
+    pub password: Option<String>,
+    /// TLS settings; plain TCP when absent.
+    pub tls: Option<TlsSettings>,
+    /// Start a clean session on each connection (`true`, the default), or
+    /// keep a persistent session so the broker queues QoS 1 messages while
+    /// the agent is away (`false`; needs a stable `client_id`).
+    #[serde(default = "default_clean_session")]
+    pub clean_session: bool,
+    /// Keep-alive interval, seconds. Default 30.
+    #[serde(default = "default_keep_alive_s")]
+    pub keep_alive_s: u64,
+    /// First delay before reconnecting, ms. Default 500.
+    #[serde(default = "default_reconnect_min_ms")]
+    pub reconnect_min_ms: u64,
+    /// Longest delay between reconnect attempts, ms. Default 30,000.
+    #[serde(default = "default_reconnect_max_ms")]
+    pub reconnect_max_ms: u64,
+    /// Where the fields of a reading are (the series key may be a topic
+    /// segment: `json.series = { topic_segment = 1 }`).
+    #[serde(default)]
+    pub json: JsonMapping,
+}
+
+const fn default_port() -> u16 {
+    1883
+}
+fn default_client_id() -> String {
+    "sluice".into()
+}
+const fn default_qos() -> u8 {
+    1
+}
+const fn default_clean_session() -> bool {
+    true
+}
+const fn default_keep_alive_s() -> u64 {
+    30
+}
+const fn default_reconnect_min_ms() -> u64 {
+    500
+}
+const fn default_reconnect_max_ms() -> u64 {
+    30_000
+}
+
+impl MqttSettings {
+    /// Settings with the defaults for `host:port` and `topics`.
+    pub fn new(host: impl Into<String>, port: u16, topics: Vec<String>) -> Self {
+        Self {
+            host: host.into(),
+            port,
+            client_id: default_client_id(),
+            topics,
+            qos: default_qos(),
+            username: None,
+            password: None,
+            tls: None,
+            clean_session: default_clean_session(),
+            keep_alive_s: default_keep_alive_s(),
+            reconnect_min_ms: default_reconnect_min_ms(),
+            reconnect_max_ms: default_reconnect_max_ms(),
+            json: JsonMapping::default(),
+        }
+    }
+
+    /// Checks the settings; the error names the key and what is allowed.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.host.is_empty() {
+            return Err("host must not be empty".into());
+        }
+        if self.topics.is_empty() || self.topics.iter().any(|t| !rumqttc::valid_filter(t)) {
+            return Err("topics: list one or more valid MQTT topic filters".into());
+        }
+        if self.qos > 1 {
+            return Err(format!("qos must be 0 or 1, not {}", self.qos));
+        }
+        if self.client_id.is_empty() && !self.clean_session {
+            return Err(
+                "client_id must be set for a persistent session (clean_session = false)".into(),
+            );
+        }
+        if self.keep_alive_s < 5 {
+            return Err("keep_alive_s must be >= 5".into());
+        }
+        if self.reconnect_min_ms == 0 {
+            return Err("reconnect_min_ms must be > 0".into());
+        }
+        if let Some(tls) = &self.tls
+            && tls.client_cert_file.is_some() != tls.client_key_file.is_some()
+        {
+            return Err("tls: set both client_cert_file and client_key_file, or neither".into());
+        }
+        self.json.validate().map_err(|e| format!("json.{e}"))
+    }
+
+    /// The rumqttc options, TLS included. Fails with a message naming the file
+    /// when a certificate or key cannot be read.
+    pub fn options(&self) -> Result<MqttOptions, String> {
+        let mut options = MqttOptions::new(&self.client_id, &self.host, self.port);
+        options
+            .set_keep_alive(Duration::from_secs(self.keep_alive_s))
+            .set_clean_session(self.clean_session)
+            .set_max_packet_size(self.json.max_message_bytes + 1024, 64 * 1024);
+        if let Some(user) = &self.username {
+            options.set_credentials(user, self.password.clone().unwrap_or_default());
+        }
+        if let Some(tls) = &self.tls {
+            options.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
+                Arc::new(rustls_config(tls)?),
+            )));
+        }
+        Ok(options)
+    }
+
+    fn qos(&self) -> QoS {
+        if self.qos == 0 {
+            QoS::AtMostOnce
+        } else {
+            QoS::AtLeastOnce
+        }
+    }
+}
+
+/// A rustls client configuration (ring provider) trusting `ca_file`.
+pub fn rustls_config(tls: &TlsSettings) -> Result<rustls::ClientConfig, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    let certs = CertificateDer::pem_file_iter(&tls.ca_file)
+        .map_err(|e| format!("tls.ca_file {}: {e}", tls.ca_file.display()))?;
+    for cert in certs {
+        let cert = cert.map_err(|e| format!("tls.ca_file {}: {e}", tls.ca_file.display()))?;
+        roots
+            .add(cert)
+            .map_err(|e| format!("tls.ca_file {}: {e}", tls.ca_file.display()))?;
+    }
+    if roots.is_empty() {
+        return Err(format!(
+            "tls.ca_file {}: no certificate in it",
+            tls.ca_file.display()
+        ));
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| format!("tls: {e}"))?
+    .with_root_certificates(roots);
+    match (&tls.client_cert_file, &tls.client_key_file) {
+        (Some(cert_file), Some(key_file)) => {
+            let chain = CertificateDer::pem_file_iter(cert_file)
+                .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+                .map_err(|e| format!("tls.client_cert_file {}: {e}", cert_file.display()))?;
+            let key = PrivateKeyDer::from_pem_file(key_file)
+                .map_err(|e| format!("tls.client_key_file {}: {e}", key_file.display()))?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| format!("tls client certificate: {e}"))
+        }
+        _ => Ok(builder.with_no_client_auth()),
+    }
+}
+
+/// An MQTT source.
+pub struct MqttSource {
+    settings: MqttSettings,
+    options: MqttOptions,
+    decoder: JsonDecoder,
+    handoff: Handoff,
+    log: RateLimitedLog,
+}
+
+impl MqttSource {
+    /// A source for `settings` (validated here, TLS files read here);
+    /// readings go to `handoff`.
+    pub fn new(name: &str, settings: MqttSettings, handoff: Handoff) -> Result<Self, String> {
+        settings.validate()?;
+        Ok(Self {
+            options: settings.options()?,
+            decoder: JsonDecoder::new(settings.json.clone()),
+            settings,
+            handoff,
+            log: RateLimitedLog::new(name, LOG_INTERVAL),
+        })
+    }
+
+    /// The source's counters.
+    pub fn stats(&self) -> Arc<SourceStats> {
+        self.handoff.stats().clone()
+    }
+
+    /// Connects, subscribes and receives until `shutdown` is cancelled,
+    /// reconnecting after every failure.
+    pub async fn run(mut self, shutdown: CancellationToken) {
+        let (client, mut events) = AsyncClient::new(self.options.clone(), 64);
+        let mut backoff = Backoff::new(
+            Duration::from_millis(self.settings.reconnect_min_ms),
+            Duration::from_millis(self.settings.reconnect_max_ms),
+            now_ms() as u64,
+        );
+        let stats = self.handoff.stats().clone();
+        let mut connected = false;
+        loop {
+            let event = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                event = events.poll() => event,
+            };
+            match event {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    add(&stats.connects, 1);
+                    connected = true;
+                    backoff.reset();
+                    tracing::info!(broker = %self.broker(), "MQTT connected; subscribing");
+                    for topic in &self.settings.topics {
+                        // The request queue is drained by `poll`, so use the
+                        // non-blocking form; it holds 64 requests.
+                        if let Err(e) = client.try_subscribe(topic.clone(), self.settings.qos()) {
+                            tracing::warn!(topic, error = %e, "MQTT subscribe request failed");
+                        }
+                    }
+                }
+                Ok(Event::Incoming(Packet::Publish(publish))) => {
+                    add(&stats.messages, 1);
+                    add(&stats.bytes, publish.payload.len() as u64);
+                    let topic = publish.topic.as_str();
+                    let mut sink = Ingest {
+                        handoff: &mut self.handoff,
+                        log: &self.log,
+                    };
+                    if publish.payload.len() > self.settings.json.max_message_bytes {
+                        sink.reject(
+                            Reason::Oversize,
+                            &format_args!("{} bytes on {topic}", publish.payload.len()),
+                        );
+                    } else {
+                        self.decoder
+                            .decode(&publish.payload, Some(topic), now_ms(), &mut sink);
+                    }
+                    self.handoff.flush();
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    add(&stats.disconnects, 1);
+                    let delay = backoff.next_delay();
+                    if connected {
+                        tracing::warn!(broker = %self.broker(), error = %e, "MQTT connection lost; reconnecting in {delay:?}");
+                    } else {
+                        tracing::debug!(broker = %self.broker(), error = %e, "MQTT connect failed; retrying in {delay:?}");
+                    }
+                    connected = false;
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                }
+            }
+        }
+        let _ = client.try_disconnect();
+    }
+
+    fn broker(&self) -> String {
+        format!("{}:{}", self.settings.host, self.settings.port)
+    }
+}

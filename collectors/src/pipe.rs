@@ -1,0 +1,170 @@
+//! The hand-off from a source to the workers: sharding, shedding, and the
+//! lock-free rings from `sluice-core`.
+//!
+//! A source stages the readings of one message, datagram batch or read in a
+//! [`Handoff`], then flushes them. Each reading goes to the lane (ring) of
+//! the worker that owns its series, `hash(series) % lanes`. Per lane, the
+//! shedding policy decides on every reading *before* it is pushed, from the
+//! ring's occupancy at the start of the flush plus what this flush has pushed
+//! so far (a conservative estimate: the worker can only have made room). The
+//! kept readings are pushed with one batch operation. Every reading ends up
+//! counted exactly once: delivered, or shed by reason.
+
+use std::sync::Arc;
+
+use sluice_core::hash::SeriesHasher;
+use sluice_core::ring::{CapacityError, Consumer, Producer, Ring, Slot, Storage};
+use sluice_core::shed::{Decision, Priority, ShedError, ShedPolicy, ShedReason, Shedder};
+
+use crate::reading::Reading;
+use crate::stats::{SourceStats, add};
+
+/// Ring slots on the heap, sized at run time.
+pub struct HeapSlots<T>(Box<[Slot<T>]>);
+
+impl<T> HeapSlots<T> {
+    /// `n` empty slots.
+    pub fn new(n: usize) -> Self {
+        Self((0..n).map(|_| Slot::new()).collect())
+    }
+}
+
+// SAFETY: the boxed slice is owned by this value and never reallocated, so
+// `slots()` returns the same slots every time and nothing else can reach them.
+unsafe impl<T> Storage<T> for HeapSlots<T> {
+    fn slots(&self) -> &[Slot<T>] {
+        &self.0
+    }
+}
+
+/// A ring of readings on heap slots.
+pub type ReadingRing = Ring<Reading, HeapSlots<Reading>>;
+/// The collector's end of a reading ring.
+pub type ReadingProducer = Producer<Arc<ReadingRing>>;
+/// The worker's end of a reading ring.
+pub type ReadingConsumer = Consumer<Arc<ReadingRing>>;
+
+/// A ring of `capacity` readings (a power of two), split into its two ends.
+pub fn reading_ring(capacity: usize) -> Result<(ReadingProducer, ReadingConsumer), CapacityError> {
+    let ring = Arc::new(Ring::with_storage(HeapSlots::new(capacity))?);
+    Ok(Ring::try_split(ring).expect("a new ring has never been split"))
+}
+
+/// Which series are never shed.
+pub type PriorityFn = Arc<dyn Fn(&str) -> Priority + Send + Sync>;
+
+struct Lane {
+    producer: ReadingProducer,
+    shedder: Shedder,
+    staged: Vec<Reading>,
+    kept: Vec<Reading>,
+}
+
+/// Routes, sheds and pushes a source's readings (see the module docs).
+pub struct Handoff {
+    lanes: Vec<Lane>,
+    hasher: SeriesHasher,
+    priority: PriorityFn,
+    stats: Arc<SourceStats>,
+}
+
+impl Handoff {
+    /// A hand-off into `producers` (one per worker, in worker order) under
+    /// `policy`; sampling is seeded with `seed`.
+    pub fn new(
+        producers: Vec<ReadingProducer>,
+        policy: ShedPolicy,
+        seed: u64,
+        stats: Arc<SourceStats>,
+    ) -> Result<Self, ShedError> {
+        let lanes = producers
+            .into_iter()
+            .enumerate()
+            .map(|(i, producer)| {
+                Ok(Lane {
+                    producer,
+                    shedder: Shedder::new(policy, seed.wrapping_add(i as u64))?,
+                    staged: Vec::new(),
+                    kept: Vec::new(),
+                })
+            })
+            .collect::<Result<_, ShedError>>()?;
+        Ok(Self {
+            lanes,
+            hasher: SeriesHasher::default(),
+            priority: Arc::new(|_| Priority::Normal),
+            stats,
+        })
+    }
+
+    /// Uses `priority` to tell which series are never shed.
+    pub fn with_priority(mut self, priority: PriorityFn) -> Self {
+        self.priority = priority;
+        self
+    }
+
+    /// Uses `hasher` to shard series (workers must agree on it).
+    pub fn with_hasher(mut self, hasher: SeriesHasher) -> Self {
+        self.hasher = hasher;
+        self
+    }
+
+    /// The source's counters.
+    pub fn stats(&self) -> &Arc<SourceStats> {
+        &self.stats
+    }
+
+    /// Stages a reading for the next [`Self::flush`].
+    pub fn stage(&mut self, reading: Reading) {
+        let lane = match self.lanes.len() {
+            1 => 0,
+            n => self.hasher.shard(reading.series.as_bytes(), n),
+        };
+        self.lanes[lane].staged.push(reading);
+    }
+
+    /// Sheds and pushes everything staged.
+    pub fn flush(&mut self) {
+        for lane in &mut self.lanes {
+            if lane.staged.is_empty() {
+                continue;
+            }
+            let capacity = lane.producer.capacity();
+            let mut occupancy = lane.producer.len();
+            for mut reading in lane.staged.drain(..) {
+                match lane
+                    .shedder
+                    .decide(occupancy, capacity, (self.priority)(&reading.series))
+                {
+                    Decision::Keep => {}
+                    Decision::KeepSampled { one_in } => reading.weight = one_in,
+                    Decision::Drop(reason) => {
+                        add(
+                            match reason {
+                                ShedReason::HighWater => &self.stats.shed_high_water,
+                                ShedReason::Sampled => &self.stats.shed_sampled,
+                                ShedReason::Full => &self.stats.shed_full,
+                            },
+                            1,
+                        );
+                        continue;
+                    }
+                }
+                occupancy += 1;
+                lane.kept.push(reading);
+            }
+            let mut kept = lane.kept.drain(..);
+            let pushed = lane.producer.push_iter(&mut kept);
+            add(&self.stats.delivered, pushed as u64);
+            // Kept by the policy but the ring was full (a critical reading, or
+            // the worker fell further behind than the high-water mark).
+            for reading in kept {
+                lane.shedder.count_full(match reading.weight {
+                    1 => Decision::Keep,
+                    one_in => Decision::KeepSampled { one_in },
+                });
+                add(&self.stats.shed_full, 1);
+            }
+        }
+    }
+}

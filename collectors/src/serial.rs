@@ -1,0 +1,253 @@
+//! The serial source: newline-delimited JSON readings from a serial port.
+//!
+//! The port is opened with the configured baud rate and framing, read into a
+//! [`LineFramer`] that refuses over-long lines, and reopened with capped
+//! exponential backoff whenever it fails or disappears (a USB adapter
+//! unplugged) until it comes back. Point `device` at a stable name such as
+//! `/dev/serial/by-id/…`, which udev recreates when the adapter returns.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Deserialize;
+use tokio::io::AsyncReadExt;
+use tokio_serial::{DataBits, Parity, SerialPortBuilderExt, StopBits};
+use tokio_util::sync::CancellationToken;
+
+use crate::backoff::Backoff;
+use crate::decode::{DecodeSink, JsonDecoder, JsonMapping};
+use crate::frame::LineFramer;
+use crate::pipe::Handoff;
+use crate::reading::now_ms;
+use crate::source::{Ingest, LOG_INTERVAL};
+use crate::stats::{RateLimitedLog, SourceStats, add};
+
+/// Parity of a serial line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum SerialParity {
+    /// No parity bit.
+    #[default]
+    None,
+    /// Odd parity.
+    Odd,
+    /// Even parity.
+    Even,
+}
+
+/// Settings of a serial source.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SerialSettings {
+    /// The device, e.g. `/dev/ttyUSB0` or `/dev/serial/by-id/usb-…`.
+    pub device: PathBuf,
+    /// Baud rate. Default 9600.
+    #[serde(default = "default_baud")]
+    pub baud: u32,
+    /// Data bits: 5, 6, 7 or 8. Default 8.
+    #[serde(default = "default_data_bits")]
+    pub data_bits: u8,
+    /// Parity: `none`, `odd` or `even`. Default `none`.
+    #[serde(default)]
+    pub parity: SerialParity,
+    /// Stop bits: 1 or 2. Default 1.
+    #[serde(default = "default_stop_bits")]
+    pub stop_bits: u8,
+    /// Longest line accepted, in bytes. Default 4096.
+    #[serde(default = "default_max_line")]
+    pub max_line: usize,
+    /// First delay before reopening a failed port, in ms. Default 500.
+    #[serde(default = "default_reopen_min_ms")]
+    pub reopen_min_ms: u64,
+    /// Longest delay between reopen attempts, in ms. Default 30,000.
+    #[serde(default = "default_reopen_max_ms")]
+    pub reopen_max_ms: u64,
+    /// Where the fields of a reading are.
+    #[serde(default)]
+    pub json: JsonMapping,
+}
+
+const fn default_baud() -> u32 {
+    9600
+}
+const fn default_data_bits() -> u8 {
+    8
+}
+const fn default_stop_bits() -> u8 {
+    1
+}
+const fn default_max_line() -> usize {
+    4096
+}
+const fn default_reopen_min_ms() -> u64 {
+    500
+}
+const fn default_reopen_max_ms() -> u64 {
+    30_000
+}
+
+impl SerialSettings {
+    /// Settings with the defaults, for `device`.
+    pub fn new(device: impl Into<PathBuf>) -> Self {
+        Self {
+            device: device.into(),
+            baud: default_baud(),
+            data_bits: default_data_bits(),
+            parity: SerialParity::None,
+            stop_bits: default_stop_bits(),
+            max_line: default_max_line(),
+            reopen_min_ms: default_reopen_min_ms(),
+            reopen_max_ms: default_reopen_max_ms(),
+            json: JsonMapping::default(),
+        }
+    }
+
+    /// Checks the settings; the error names the key and what is allowed.
+    pub fn validate(&self) -> Result<(), String> {
+        self.data_bits()?;
+        self.stop_bits()?;
+        if self.baud == 0 {
+            return Err("baud must be > 0".into());
+        }
+        if self.max_line == 0 {
+            return Err("max_line must be > 0".into());
+        }
+        if self.reopen_min_ms == 0 {
+            return Err("reopen_min_ms must be > 0".into());
+        }
+        self.json.validate().map_err(|e| format!("json.{e}"))
+    }
+
+    fn data_bits(&self) -> Result<DataBits, String> {
+        match self.data_bits {
+            5 => Ok(DataBits::Five),
+            6 => Ok(DataBits::Six),
+            7 => Ok(DataBits::Seven),
+            8 => Ok(DataBits::Eight),
+            n => Err(format!("data_bits must be 5, 6, 7 or 8, not {n}")),
+        }
+    }
+
+    fn stop_bits(&self) -> Result<StopBits, String> {
+        match self.stop_bits {
+            1 => Ok(StopBits::One),
+            2 => Ok(StopBits::Two),
+            n => Err(format!("stop_bits must be 1 or 2, not {n}")),
+        }
+    }
+}
+
+/// A serial source.
+pub struct SerialSource {
+    settings: SerialSettings,
+    decoder: JsonDecoder,
+    handoff: Handoff,
+    log: RateLimitedLog,
+}
+
+impl SerialSource {
+    /// A source for validated `settings`; readings go to `handoff`.
+    pub fn new(name: &str, settings: SerialSettings, handoff: Handoff) -> Result<Self, String> {
+        settings.validate()?;
+        Ok(Self {
+            decoder: JsonDecoder::new(settings.json.clone()),
+            settings,
+            handoff,
+            log: RateLimitedLog::new(name, LOG_INTERVAL),
+        })
+    }
+
+    /// The source's counters.
+    pub fn stats(&self) -> Arc<SourceStats> {
+        self.handoff.stats().clone()
+    }
+
+    /// Opens, reads and reopens until `shutdown` is cancelled.
+    pub async fn run(mut self, shutdown: CancellationToken) {
+        let s = &self.settings;
+        let mut backoff = Backoff::new(
+            Duration::from_millis(s.reopen_min_ms),
+            Duration::from_millis(s.reopen_max_ms),
+            now_ms() as u64,
+        );
+        let mut framer = LineFramer::new(s.max_line);
+        let mut buf = vec![0u8; 4096];
+        let mut failing_since_logged = false;
+        while !shutdown.is_cancelled() {
+            let builder =
+                tokio_serial::new(self.settings.device.to_string_lossy(), self.settings.baud)
+                    .data_bits(self.settings.data_bits().unwrap_or(DataBits::Eight))
+                    .stop_bits(self.settings.stop_bits().unwrap_or(StopBits::One))
+                    .parity(match self.settings.parity {
+                        SerialParity::None => Parity::None,
+                        SerialParity::Odd => Parity::Odd,
+                        SerialParity::Even => Parity::Even,
+                    });
+            match builder.open_native_async() {
+                Ok(mut port) => {
+                    add(&self.handoff.stats().connects, 1);
+                    tracing::info!(device = %self.settings.device.display(), "serial port open");
+                    backoff.reset();
+                    failing_since_logged = false;
+                    framer.reset();
+                    let cause = self
+                        .read_until_error(&mut port, &mut framer, &mut buf, &shutdown)
+                        .await;
+                    if shutdown.is_cancelled() {
+                        break;
+                    }
+                    add(&self.handoff.stats().disconnects, 1);
+                    tracing::warn!(device = %self.settings.device.display(), "serial port lost: {cause}; reopening");
+                }
+                Err(e) => {
+                    // Log the first failure of a run of them, not every retry.
+                    if !failing_since_logged {
+                        tracing::warn!(device = %self.settings.device.display(), error = %e, "cannot open serial port; retrying");
+                        failing_since_logged = true;
+                    }
+                }
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tokio::time::sleep(backoff.next_delay()) => {}
+            }
+        }
+    }
+
+    /// Reads lines until the port fails, returns end-of-file, or shutdown.
+    async fn read_until_error(
+        &mut self,
+        port: &mut tokio_serial::SerialStream,
+        framer: &mut LineFramer,
+        buf: &mut [u8],
+        shutdown: &CancellationToken,
+    ) -> String {
+        loop {
+            let n = tokio::select! {
+                _ = shutdown.cancelled() => return "shutdown".into(),
+                r = port.read(buf) => match r {
+                    Ok(0) => return "end of file".into(),
+                    Ok(n) => n,
+                    Err(e) => return e.to_string(),
+                },
+            };
+            let stats = self.handoff.stats().clone();
+            add(&stats.bytes, n as u64);
+            let ingest = now_ms();
+            let mut sink = Ingest {
+                handoff: &mut self.handoff,
+                log: &self.log,
+            };
+            let decoder = &mut self.decoder;
+            framer.push(&buf[..n], |line| {
+                add(&stats.messages, 1);
+                match line {
+                    Ok(line) => decoder.decode(line, None, ingest, &mut sink),
+                    Err(reason) => sink.reject(reason, &"line longer than max_line"),
+                }
+            });
+            self.handoff.flush();
+        }
+    }
+}

@@ -1,0 +1,181 @@
+//! The UDP source: JSON readings in datagrams, one or more per datagram
+//! (newline separated).
+//!
+//! A flood does not cost a wake-up per datagram: after each readiness
+//! notification the source drains up to `batch` datagrams with non-blocking
+//! receives, decodes them all, and hands the readings to the rings in one
+//! flush. Datagrams longer than `max_datagram` are refused (the kernel
+//! truncates them, so they could not be decoded anyway), and so are datagrams
+//! from senders outside the allow-list.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use ipnet::IpNet;
+use serde::Deserialize;
+use tokio::net::UdpSocket;
+use tokio_util::sync::CancellationToken;
+
+use crate::decode::{JsonDecoder, JsonMapping};
+use crate::frame::lines;
+use crate::pipe::Handoff;
+use crate::reading::now_ms;
+use crate::source::{Ingest, LOG_INTERVAL};
+use crate::stats::{RateLimitedLog, Reason, SourceStats, add};
+
+/// Settings of a UDP source.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UdpSettings {
+    /// Address and port to listen on, e.g. `127.0.0.1:9000` or `[::]:9000`.
+    pub bind: SocketAddr,
+    /// Largest datagram accepted, in bytes. Default 8192.
+    #[serde(default = "default_max_datagram")]
+    pub max_datagram: usize,
+    /// Senders allowed, as addresses or CIDR networks (`10.0.0.0/8`,
+    /// `192.168.1.7/32`); empty (the default) allows everyone.
+    #[serde(default)]
+    pub allow: Vec<IpNet>,
+    /// Datagrams drained per wake-up. Default 64.
+    #[serde(default = "default_batch")]
+    pub batch: usize,
+    /// Where the fields of a reading are.
+    #[serde(default)]
+    pub json: JsonMapping,
+}
+
+const fn default_max_datagram() -> usize {
+    8192
+}
+
+const fn default_batch() -> usize {
+    64
+}
+
+impl UdpSettings {
+    /// Settings with the defaults, listening on `bind`.
+    pub fn new(bind: SocketAddr) -> Self {
+        Self {
+            bind,
+            max_datagram: default_max_datagram(),
+            allow: Vec::new(),
+            batch: default_batch(),
+            json: JsonMapping::default(),
+        }
+    }
+
+    /// Checks the settings; the error names the key and what is allowed.
+    pub fn validate(&self) -> Result<(), String> {
+        if !(1..=65_507).contains(&self.max_datagram) {
+            return Err("max_datagram must be 1..=65507".into());
+        }
+        if self.batch == 0 {
+            return Err("batch must be >= 1".into());
+        }
+        self.json.validate().map_err(|e| format!("json.{e}"))
+    }
+}
+
+/// A bound UDP source.
+pub struct UdpSource {
+    socket: UdpSocket,
+    settings: UdpSettings,
+    decoder: JsonDecoder,
+    handoff: Handoff,
+    log: RateLimitedLog,
+}
+
+impl UdpSource {
+    /// Binds the socket. Readings go to `handoff`.
+    pub async fn bind(name: &str, settings: UdpSettings, handoff: Handoff) -> io::Result<Self> {
+        let socket = UdpSocket::bind(settings.bind).await?;
+        add(&handoff.stats().connects, 1);
+        Ok(Self {
+            socket,
+            decoder: JsonDecoder::new(settings.json.clone()),
+            settings,
+            handoff,
+            log: RateLimitedLog::new(name, LOG_INTERVAL),
+        })
+    }
+
+    /// The address actually bound (the port, when `bind` asked for port 0).
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.socket.local_addr()
+    }
+
+    /// The source's counters.
+    pub fn stats(&self) -> Arc<SourceStats> {
+        self.handoff.stats().clone()
+    }
+
+    /// Receives until `shutdown` is cancelled. A receive error is logged and
+    /// counted; it does not stop the source.
+    pub async fn run(mut self, shutdown: CancellationToken) {
+        let mut buf = vec![0u8; self.settings.max_datagram + 1];
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                ready = self.socket.readable() => {
+                    if let Err(e) = ready {
+                        tracing::warn!(error = %e, "UDP socket not readable");
+                        continue;
+                    }
+                }
+            }
+            self.drain(&mut buf);
+        }
+    }
+
+    /// Receives and decodes up to `batch` waiting datagrams, then flushes.
+    fn drain(&mut self, buf: &mut [u8]) {
+        let stats = self.handoff.stats().clone();
+        let ingest = now_ms();
+        for _ in 0..self.settings.batch {
+            let (n, from) = match self.socket.try_recv_from(buf) {
+                Ok(received) => received,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => {
+                    add(&stats.disconnects, 1);
+                    tracing::warn!(error = %e, "UDP receive failed");
+                    break;
+                }
+            };
+            add(&stats.bytes, n as u64);
+            let sender = from.ip().to_canonical();
+            let mut ingest_sink = Ingest {
+                handoff: &mut self.handoff,
+                log: &self.log,
+            };
+            if !self.settings.allow.is_empty()
+                && !self.settings.allow.iter().any(|net| net.contains(&sender))
+            {
+                add(&stats.messages, 1);
+                crate::decode::DecodeSink::reject(
+                    &mut ingest_sink,
+                    Reason::SenderNotAllowed,
+                    &format_args!("datagram from {from}"),
+                );
+                continue;
+            }
+            if n > self.settings.max_datagram {
+                add(&stats.messages, 1);
+                crate::decode::DecodeSink::reject(
+                    &mut ingest_sink,
+                    Reason::Oversize,
+                    &format_args!(
+                        "datagram of more than {} bytes from {from}",
+                        self.settings.max_datagram
+                    ),
+                );
+                continue;
+            }
+            for line in lines(&buf[..n]) {
+                add(&stats.messages, 1);
+                self.decoder.decode(line, None, ingest, &mut ingest_sink);
+            }
+        }
+        self.handoff.flush();
+    }
+}

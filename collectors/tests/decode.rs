@@ -1,0 +1,276 @@
+//! The JSON decoder: mappings, every refusal reason, and random input.
+
+use proptest::prelude::*;
+use sluice_collectors::decode::{DecodeSink, JsonDecoder, JsonMapping, SeriesSource, TimeFormat};
+use sluice_collectors::{Reading, Reason};
+
+const NOW: i64 = 1_732_600_000_000;
+
+#[derive(Default)]
+struct Collect {
+    readings: Vec<Reading>,
+    rejected: Vec<Reason>,
+}
+
+impl DecodeSink for Collect {
+    fn reading(&mut self, reading: Reading) {
+        self.readings.push(reading);
+    }
+    fn reject(&mut self, reason: Reason, detail: &dyn std::fmt::Display) {
+        assert!(!detail.to_string().is_empty());
+        self.rejected.push(reason);
+    }
+}
+
+fn decode_with(mapping: JsonMapping, message: &str, topic: Option<&str>) -> Collect {
+    mapping.validate().unwrap();
+    let mut d = JsonDecoder::new(mapping);
+    let mut out = Collect::default();
+    d.decode(message.as_bytes(), topic, NOW, &mut out);
+    out
+}
+
+fn decode(message: &str) -> Collect {
+    decode_with(JsonMapping::default(), message, None)
+}
+
+fn series(c: &Collect) -> Vec<(&str, i64, f64)> {
+    c.readings
+        .iter()
+        .map(|r| (r.series.as_str(), r.ts, r.value))
+        .collect()
+}
+
+#[test]
+fn w1_reading() {
+    let c = decode(r#"{"sensor":"s-0042","ts":1732600000123,"value":21.37}"#);
+    assert_eq!(series(&c), vec![("s-0042", 1_732_600_000_123, 21.37)]);
+    assert_eq!(c.readings[0].ingest, NOW);
+    assert_eq!(c.readings[0].weight, 1);
+    assert!(c.rejected.is_empty());
+}
+
+#[test]
+fn several_fields_become_several_series() {
+    let mapping = JsonMapping {
+        values: vec!["temperature".into(), "env.humidity".into()],
+        ..JsonMapping::default()
+    };
+    let c = decode_with(
+        mapping,
+        r#"{"sensor":7,"ts":1732600000000,"temperature":21.5,"env":{"humidity":40}}"#,
+        None,
+    );
+    assert_eq!(
+        series(&c),
+        vec![("7/temperature", NOW, 21.5), ("7/env.humidity", NOW, 40.0)]
+    );
+}
+
+#[test]
+fn star_takes_every_numeric_field_and_one_bad_field_refuses_only_itself() {
+    let mapping = JsonMapping {
+        values: vec!["*".into()],
+        ..JsonMapping::default()
+    };
+    let c = decode_with(
+        mapping.clone(),
+        r#"{"sensor":"a","ts":1732600000000,"t":1,"unit":"C","h":2.5,"ok":true}"#,
+        None,
+    );
+    assert_eq!(series(&c), vec![("a/t", NOW, 1.0), ("a/h", NOW, 2.5)]);
+    let mapping = JsonMapping {
+        values: vec!["t".into(), "h".into()],
+        ..mapping
+    };
+    let c = decode_with(
+        mapping,
+        r#"{"sensor":"a","ts":1732600000000,"t":"hot","h":2}"#,
+        None,
+    );
+    assert_eq!(series(&c), vec![("a/h", NOW, 2.0)]);
+    assert_eq!(c.rejected, vec![Reason::NotNumeric]);
+}
+
+#[test]
+fn series_from_the_topic() {
+    let mapping = JsonMapping {
+        series: SeriesSource::TopicSegment(1),
+        ..JsonMapping::default()
+    };
+    let c = decode_with(
+        mapping.clone(),
+        r#"{"ts":1732600000000,"value":1}"#,
+        Some("sensors/s-1"),
+    );
+    assert_eq!(series(&c), vec![("s-1", NOW, 1.0)]);
+    let c = decode_with(
+        mapping,
+        r#"{"ts":1732600000000,"value":1}"#,
+        Some("sensors"),
+    );
+    assert_eq!(c.rejected, vec![Reason::MissingSeries]);
+    let whole = JsonMapping {
+        series: SeriesSource::Topic,
+        ..JsonMapping::default()
+    };
+    let c = decode_with(whole, r#"{"ts":1732600000000,"value":1}"#, Some("a/b"));
+    assert_eq!(series(&c), vec![("a/b", NOW, 1.0)]);
+}
+
+#[test]
+fn time_formats() {
+    let cases = [
+        (TimeFormat::EpochMs, "1732600000123.9", NOW + 123),
+        (TimeFormat::EpochS, "1732600000.5", NOW + 500),
+        (TimeFormat::EpochUs, "1732600000123456", NOW + 123),
+        (TimeFormat::EpochNs, "1732600000123456789", NOW + 123),
+        (
+            TimeFormat::Rfc3339,
+            r#""2024-11-26T05:46:40.250Z""#,
+            NOW + 250,
+        ),
+        (
+            TimeFormat::Rfc3339,
+            r#""2024-11-26T06:46:40.250+01:00""#,
+            NOW + 250,
+        ),
+        (TimeFormat::Ingest, r#""ignored""#, NOW),
+    ];
+    for (format, ts, expect) in cases {
+        let mapping = JsonMapping {
+            timestamp_format: format,
+            ..JsonMapping::default()
+        };
+        let c = decode_with(
+            mapping,
+            &format!(r#"{{"sensor":"s","ts":{ts},"value":1}}"#),
+            None,
+        );
+        assert_eq!(c.rejected, vec![], "{format:?} {ts}");
+        assert_eq!(c.readings[0].ts, expect, "{format:?} {ts}");
+    }
+}
+
+#[test]
+fn every_refusal_has_its_reason() {
+    let long = "x".repeat(65);
+    let cases: Vec<(String, Reason)> = vec![
+        ("{\"sensor\":".into(), Reason::Malformed),
+        ("not json".into(), Reason::Malformed),
+        ("[1,2]".into(), Reason::NotAnObject),
+        (
+            r#"{"ts":1732600000000,"value":1}"#.into(),
+            Reason::MissingSeries,
+        ),
+        (
+            r#"{"sensor":"","ts":1732600000000,"value":1}"#.into(),
+            Reason::MissingSeries,
+        ),
+        (
+            r#"{"sensor":[1],"ts":1732600000000,"value":1}"#.into(),
+            Reason::MissingSeries,
+        ),
+        (
+            format!(r#"{{"sensor":"{long}","ts":1732600000000,"value":1}}"#),
+            Reason::SeriesTooLong,
+        ),
+        (
+            r#"{"sensor":"s","ts":1732600000000}"#.into(),
+            Reason::MissingValue,
+        ),
+        (
+            r#"{"sensor":"s","ts":1732600000000,"value":"1"}"#.into(),
+            Reason::NotNumeric,
+        ),
+        (
+            r#"{"sensor":"s","ts":1732600000000,"value":null}"#.into(),
+            Reason::NotNumeric,
+        ),
+        (r#"{"sensor":"s","value":1}"#.into(), Reason::BadTimestamp),
+        (
+            r#"{"sensor":"s","ts":"yesterday","value":1}"#.into(),
+            Reason::BadTimestamp,
+        ),
+        (
+            r#"{"sensor":"s","ts":1e300,"value":1}"#.into(),
+            Reason::BadTimestamp,
+        ),
+        (
+            r#"{"sensor":"s","ts":1732600400000,"value":1}"#.into(),
+            Reason::TooFarInFuture,
+        ),
+        (
+            r#"{"sensor":"s","ts":1000,"value":1}"#.into(),
+            Reason::TooOld,
+        ),
+    ];
+    for (message, reason) in cases {
+        let c = decode(&message);
+        assert_eq!(c.rejected, vec![reason], "{message}");
+        assert!(c.readings.is_empty(), "{message}");
+    }
+    let big = format!(
+        r#"{{"sensor":"s","pad":"{}","value":1}}"#,
+        "p".repeat(70_000)
+    );
+    assert_eq!(decode(&big).rejected, vec![Reason::Oversize]);
+}
+
+#[test]
+fn huge_numbers_are_not_finite_values() {
+    // 1e400 overflows a double: refused, whether the parser says so or we do.
+    let c = decode(r#"{"sensor":"s","ts":1732600000000,"value":1e400}"#);
+    assert!(c.readings.is_empty());
+    assert!(
+        c.rejected == vec![Reason::NonFinite] || c.rejected == vec![Reason::Malformed],
+        "{:?}",
+        c.rejected
+    );
+}
+
+#[test]
+fn the_decoder_is_reusable_after_errors() {
+    let mut d = JsonDecoder::new(JsonMapping::default());
+    let mut out = Collect::default();
+    for i in 0..1000 {
+        let msg = if i % 3 == 0 {
+            "{broken".to_string()
+        } else {
+            format!(r#"{{"sensor":"s{i}","ts":1732600000000,"value":{i}}}"#)
+        };
+        d.decode(msg.as_bytes(), None, NOW, &mut out);
+    }
+    assert_eq!(out.rejected.len(), 334);
+    assert_eq!(out.readings.len(), 666);
+    assert_eq!(out.readings[1].series.as_str(), "s2");
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(3_000))]
+
+    #[test]
+    fn random_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
+        let mut d = JsonDecoder::new(JsonMapping { values: vec!["*".into(), "value".into()], ..JsonMapping::default() });
+        let mut out = Collect::default();
+        d.decode(&bytes, Some("a/b"), NOW, &mut out);
+        for r in &out.readings {
+            prop_assert!(r.value.is_finite());
+            prop_assert!(!r.series.is_empty());
+        }
+    }
+
+    #[test]
+    fn json_like_input_never_panics(
+        sensor in prop_oneof![Just(r#""s-1""#.to_string()), any::<i64>().prop_map(|n| n.to_string()), "\\PC{0,80}".prop_map(|s| format!("{s:?}"))],
+        ts in prop_oneof![any::<i64>().prop_map(|n| n.to_string()), any::<f64>().prop_map(|f| f.to_string()), Just(r#""2024-11-26T06:46:40Z""#.to_string())],
+        value in prop_oneof![any::<f64>().prop_map(|f| f.to_string()), Just("true".to_string()), Just("{}".to_string()), Just("[]".to_string())],
+        format in prop_oneof![Just(TimeFormat::EpochMs), Just(TimeFormat::EpochNs), Just(TimeFormat::Rfc3339), Just(TimeFormat::EpochS)],
+    ) {
+        let message = format!(r#"{{"sensor":{sensor},"ts":{ts},"value":{value}}}"#);
+        let mut d = JsonDecoder::new(JsonMapping { timestamp_format: format, ..JsonMapping::default() });
+        let mut out = Collect::default();
+        d.decode(message.as_bytes(), None, NOW, &mut out);
+        prop_assert_eq!(out.readings.len() + out.rejected.len(), 1, "{}", message);
+    }
+}
