@@ -1,0 +1,270 @@
+//! The MQTT source against a real Mosquitto broker on 127.0.0.1.
+
+mod common;
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+
+use common::{Broker, Publisher, await_subscription, drain, one_lane, w1, wait_for};
+use rumqttc::QoS;
+use sluice_collectors::Reason;
+use sluice_collectors::decode::{JsonMapping, SeriesSource};
+use sluice_collectors::mqtt::{MqttSettings, MqttSource, TlsSettings};
+use sluice_core::shed::ShedPolicy;
+use tokio_util::sync::CancellationToken;
+
+const WAIT: Duration = Duration::from_secs(15);
+
+fn settings(port: u16, topics: &[&str], id: &str) -> MqttSettings {
+    let mut s = MqttSettings::new(
+        "127.0.0.1",
+        port,
+        topics.iter().map(|t| t.to_string()).collect(),
+    );
+    s.client_id = id.into();
+    s.reconnect_min_ms = 50;
+    s.reconnect_max_ms = 500;
+    s
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wildcard_subscriptions_route_readings_and_refuse_bad_payloads() {
+    let broker = Broker::start("wildcards");
+    let (handoff, mut rx, stats) = one_lane(256, ShedPolicy::DropNewest { high_water: 256 });
+    let mut s = settings(broker.port, &["sensors/+", "plant/#"], "sluice-wild");
+    s.json = JsonMapping {
+        series: SeriesSource::TopicSegment(1),
+        ..JsonMapping::default()
+    };
+    let source = MqttSource::new("mqtt-test", s, handoff).unwrap();
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(source.run(shutdown.clone()));
+    let publisher = Publisher::connect(broker.port, "publisher");
+    await_subscription(&publisher, "sensors/probe", &stats, &mut rx).await;
+    let delivered_before = stats.delivered.load(Relaxed);
+
+    publisher
+        .publish("sensors/s-1", QoS::AtLeastOnce, w1("ignored", 1.0))
+        .await;
+    publisher
+        .publish("sensors/s-2", QoS::AtMostOnce, w1("ignored", 2.0))
+        .await;
+    publisher
+        .publish("plant/hall/s-3", QoS::AtLeastOnce, w1("ignored", 3.0))
+        .await;
+    publisher
+        .publish("other/s-4", QoS::AtLeastOnce, w1("ignored", 4.0))
+        .await; // not subscribed
+    publisher
+        .publish("sensors/s-5/deeper", QoS::AtLeastOnce, w1("x", 5.0))
+        .await; // `+` is one level
+    publisher
+        .publish("sensors/bad", QoS::AtLeastOnce, "{oops")
+        .await;
+    publisher
+        .publish("sensors/s-6", QoS::AtLeastOnce, w1("ignored", 6.0))
+        .await;
+    wait_for("four readings", WAIT, || {
+        stats.delivered.load(Relaxed) == delivered_before + 4
+    })
+    .await;
+    wait_for("the malformed payload", WAIT, || {
+        stats.rejected(Reason::Malformed) == 1
+    })
+    .await;
+    let mut got: Vec<(String, f64)> = drain(&mut rx)
+        .iter()
+        .map(|r| (r.series.to_string(), r.value))
+        .collect();
+    got.sort_by(|a, b| a.1.total_cmp(&b.1));
+    // `plant/#` takes segment 1 too: "hall".
+    assert_eq!(
+        got,
+        [
+            ("s-1".into(), 1.0),
+            ("s-2".into(), 2.0),
+            ("hall".into(), 3.0),
+            ("s-6".into(), 6.0)
+        ]
+    );
+    shutdown.cancel();
+    tokio::time::timeout(WAIT, task)
+        .await
+        .expect("the source stops on shutdown")
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readings_resume_after_the_broker_is_killed_and_restarted() {
+    let mut broker = Broker::start("restart");
+    let (handoff, mut rx, stats) = one_lane(256, ShedPolicy::DropNewest { high_water: 256 });
+    let source = MqttSource::new(
+        "mqtt-test",
+        settings(broker.port, &["sensors/+"], "sluice-restart"),
+        handoff,
+    )
+    .unwrap();
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(source.run(shutdown.clone()));
+    {
+        let publisher = Publisher::connect(broker.port, "publisher-1");
+        await_subscription(&publisher, "sensors/probe", &stats, &mut rx).await;
+    }
+    assert_eq!(stats.connects.load(Relaxed), 1);
+
+    broker.kill();
+    wait_for("the source to notice", WAIT, || {
+        stats.disconnects.load(Relaxed) >= 1
+    })
+    .await;
+    // It keeps retrying while the broker is away, without crashing.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!task.is_finished());
+    broker.restart();
+    wait_for("the source to reconnect", WAIT, || {
+        stats.connects.load(Relaxed) >= 2
+    })
+    .await;
+
+    // The (clean) session was lost with the broker: the source resubscribed.
+    let publisher = Publisher::connect(broker.port, "publisher-2");
+    await_subscription(&publisher, "sensors/probe", &stats, &mut rx).await;
+    let before = stats.delivered.load(Relaxed);
+    publisher
+        .publish("sensors/s-1", QoS::AtLeastOnce, w1("after-restart", 7.0))
+        .await;
+    wait_for("the reading after the restart", WAIT, || {
+        stats.delivered.load(Relaxed) == before + 1
+    })
+    .await;
+    assert_eq!(drain(&mut rx)[0].series.as_str(), "after-restart");
+    shutdown.cancel();
+    tokio::time::timeout(WAIT, task)
+        .await
+        .expect("the source stops on shutdown")
+        .unwrap();
+}
+
+/// A CA, and a server certificate for 127.0.0.1 signed by it, as PEM files.
+fn test_pki(
+    dir: &std::path::Path,
+    name: &str,
+) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
+    std::fs::create_dir_all(dir).unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, format!("{name} test CA"));
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+    let server_key = KeyPair::generate().unwrap();
+    let server = CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])
+        .unwrap()
+        .signed_by(&server_key, &ca)
+        .unwrap();
+    let paths = (
+        dir.join(format!("{name}-ca.pem")),
+        dir.join(format!("{name}-server.pem")),
+        dir.join(format!("{name}-server.key")),
+    );
+    std::fs::write(&paths.0, ca.pem()).unwrap();
+    std::fs::write(&paths.1, server.pem()).unwrap();
+    std::fs::write(&paths.2, server_key.serialize_pem()).unwrap();
+    paths
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_with_the_right_ca_connects_and_with_a_wrong_one_does_not() {
+    let pki = std::env::temp_dir().join(format!("sluice-pki-{}", std::process::id()));
+    let (ca, cert, key) = test_pki(&pki, "good");
+    let (other_ca, _, _) = test_pki(&pki, "other");
+    let broker = Broker::start_with("tls", Some((&ca, &cert, &key)));
+    let tls_port = broker.tls_port.unwrap();
+
+    let (handoff, mut rx, stats) = one_lane(64, ShedPolicy::DropNewest { high_water: 64 });
+    let mut s = settings(tls_port, &["sensors/+"], "sluice-tls");
+    s.tls = Some(TlsSettings {
+        ca_file: ca.clone(),
+        client_cert_file: None,
+        client_key_file: None,
+    });
+    let source = MqttSource::new("mqtt-tls", s, handoff).unwrap();
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(source.run(shutdown.clone()));
+    let publisher = Publisher::connect(broker.port, "publisher-tls");
+    await_subscription(&publisher, "sensors/probe", &stats, &mut rx).await;
+    publisher
+        .publish("sensors/s-1", QoS::AtLeastOnce, w1("over-tls", 1.0))
+        .await;
+    wait_for("a reading over TLS", WAIT, || {
+        drain(&mut rx)
+            .iter()
+            .any(|r| r.series.as_str() == "over-tls")
+    })
+    .await;
+    shutdown.cancel();
+    tokio::time::timeout(WAIT, task).await.unwrap().unwrap();
+
+    // A CA that did not sign the broker's certificate: refused, retried, never connected.
+    let (handoff, _rx, stats) = one_lane(64, ShedPolicy::DropNewest { high_water: 64 });
+    let mut s = settings(tls_port, &["sensors/+"], "sluice-tls-wrong");
+    s.tls = Some(TlsSettings {
+        ca_file: other_ca,
+        client_cert_file: None,
+        client_key_file: None,
+    });
+    let source = MqttSource::new("mqtt-tls-wrong", s, handoff).unwrap();
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(source.run(shutdown.clone()));
+    wait_for("two refused handshakes", WAIT, || {
+        stats.disconnects.load(Relaxed) >= 2
+    })
+    .await;
+    assert_eq!(stats.connects.load(Relaxed), 0);
+    shutdown.cancel();
+    tokio::time::timeout(WAIT, task).await.unwrap().unwrap();
+
+    // A CA file that is missing or holds no certificate is a clear error up front.
+    let mut s = settings(tls_port, &["sensors/+"], "x");
+    s.tls = Some(TlsSettings {
+        ca_file: pki.join("missing.pem"),
+        client_cert_file: None,
+        client_key_file: None,
+    });
+    let err = MqttSource::new(
+        "x",
+        s.clone(),
+        one_lane(8, ShedPolicy::DropNewest { high_water: 8 }).0,
+    )
+    .err()
+    .unwrap();
+    assert!(
+        err.contains("tls.ca_file") && err.contains("missing.pem"),
+        "{err}"
+    );
+    std::fs::write(pki.join("empty.pem"), "").unwrap();
+    s.tls = Some(TlsSettings {
+        ca_file: pki.join("empty.pem"),
+        client_cert_file: None,
+        client_key_file: None,
+    });
+    let err = MqttSource::new(
+        "x",
+        s,
+        one_lane(8, ShedPolicy::DropNewest { high_water: 8 }).0,
+    )
+    .err()
+    .unwrap();
+    assert!(err.contains("no certificate"), "{err}");
+    let _ = std::fs::remove_dir_all(&pki);
+}
+
+#[test]
+fn bad_settings_name_their_key() {
+    let mut s = MqttSettings::new("127.0.0.1", 1883, vec!["a/#/b".into()]);
+    assert!(s.validate().unwrap_err().contains("topics"));
+    s.topics = vec!["a/+".into()];
+    s.qos = 2;
+    assert!(s.validate().unwrap_err().contains("qos"));
+}
