@@ -134,7 +134,14 @@ impl Path {
     }
 
     fn get<'t, 'i>(&self, root: Value<'t, 'i>) -> Option<Value<'t, 'i>> {
-        self.0.iter().try_fold(root, |v, key| v.get(key.as_str()))
+        // A plain loop over `Object::get`: the same lookup written as
+        // `try_fold(root, |v, k| v.get(k))` allocated once per call (caught
+        // by tests/no_alloc.rs).
+        let mut v = root;
+        for key in &self.0 {
+            v = v.as_object()?.get(key.as_str())?;
+        }
+        Some(v)
     }
 
     fn is(&self, key: &str) -> bool {
