@@ -268,3 +268,52 @@ fn bad_settings_name_their_key() {
     s.qos = 2;
     assert!(s.validate().unwrap_err().contains("qos"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_persistent_session_receives_what_was_published_while_away() {
+    let broker = Broker::start("persistent");
+    let mut s = settings(broker.port, &["sensors/+"], "sluice-persistent");
+    s.clean_session = false;
+    let publisher = Publisher::connect(broker.port, "publisher-persistent");
+
+    // First run: subscribe (the broker records the session), then stop.
+    let (handoff, mut rx, stats) = one_lane(256, ShedPolicy::DropNewest { high_water: 256 });
+    let source = MqttSource::new("mqtt-persistent", s.clone(), handoff).unwrap();
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(source.run(shutdown.clone()));
+    await_subscription(&publisher, "sensors/probe", &stats, &mut rx).await;
+    shutdown.cancel();
+    tokio::time::timeout(WAIT, task).await.unwrap().unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    // While the agent is away, QoS 1 readings are queued for its session.
+    for i in 0..20 {
+        publisher
+            .publish(
+                "sensors/s-1",
+                QoS::AtLeastOnce,
+                w1(&format!("away-{i}"), f64::from(i)),
+            )
+            .await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // Second run, same client id: the queued readings arrive, in order.
+    let (handoff, mut rx, stats) = one_lane(256, ShedPolicy::DropNewest { high_water: 256 });
+    let source = MqttSource::new("mqtt-persistent", s, handoff).unwrap();
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(source.run(shutdown.clone()));
+    wait_for("the 20 queued readings", WAIT, || {
+        stats.delivered.load(Relaxed) >= 20
+    })
+    .await;
+    let got: Vec<String> = drain(&mut rx)
+        .iter()
+        .map(|r| r.series.to_string())
+        .filter(|s| s.starts_with("away-"))
+        .collect();
+    let expected: Vec<String> = (0..20).map(|i| format!("away-{i}")).collect();
+    assert_eq!(got, expected);
+    shutdown.cancel();
+    tokio::time::timeout(WAIT, task).await.unwrap().unwrap();
+}
