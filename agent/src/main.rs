@@ -1,20 +1,136 @@
-//! The `sluice` binary. A skeleton until the agent lands (issue #5): it only
-//! answers `--version`, and says so for anything else.
+//! The `sluice` binary: parses the command line and calls into the library.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use sluice::config::Config;
+use tokio_util::sync::CancellationToken;
+
+/// Sluice: sensor analytics at the edge.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the agent with a configuration file.
+    Run {
+        /// The TOML configuration file.
+        #[arg(short, long)]
+        config: PathBuf,
+    },
+    /// Validate a configuration file and print it with every default filled in.
+    Check {
+        /// The TOML configuration file.
+        #[arg(short, long)]
+        config: PathBuf,
+    },
+    /// Run the pipeline on generated sensors; nothing to install or configure.
+    Demo {
+        /// Stop after this many seconds (default: run until Ctrl-C).
+        #[arg(long)]
+        seconds: Option<u64>,
+        /// Print the demo's configuration and exit.
+        #[arg(long)]
+        print_config: bool,
+    },
+}
 
 fn main() -> ExitCode {
-    match std::env::args().nth(1).as_deref() {
-        Some("--version" | "-V") => {
-            println!("sluice {}", env!("CARGO_PKG_VERSION"));
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    match cli.command {
+        Command::Check { config } => match Config::load(&config) {
+            Ok(c) => {
+                print!("{}", c.to_toml());
+                eprintln!("{}: OK", config.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(2)
+            }
+        },
+        Command::Run { config } => {
+            let config = match Config::load(&config) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            block_on_until_signal(|shutdown| async move {
+                sluice::pipeline::run(config, shutdown, None)
+                    .await
+                    .map(drop)
+            })
+        }
+        Command::Demo {
+            print_config: true, ..
+        } => {
+            print!("{}", sluice::demo::CONFIG);
             ExitCode::SUCCESS
         }
-        _ => {
-            eprintln!(
-                "sluice {}: the agent's commands are not built yet; only --version works",
-                env!("CARGO_PKG_VERSION")
-            );
-            ExitCode::from(2)
-        }
+        Command::Demo { seconds, .. } => block_on_until_signal(|shutdown| async move {
+            sluice::demo::run(seconds.map(Duration::from_secs), shutdown)
+                .await
+                .map(drop)
+        }),
     }
+}
+
+/// Runs `job` on a tokio runtime, cancelling its token on SIGTERM or SIGINT.
+fn block_on_until_signal<F, Fut>(job: F) -> ExitCode
+where
+    F: FnOnce(CancellationToken) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async {
+        let shutdown = CancellationToken::new();
+        let signals = shutdown.clone();
+        tokio::spawn(async move {
+            use tokio::signal::unix::{SignalKind, signal};
+            let (Ok(mut term), Ok(mut int)) = (
+                signal(SignalKind::terminate()),
+                signal(SignalKind::interrupt()),
+            ) else {
+                tracing::error!("cannot install signal handlers");
+                return;
+            };
+            tokio::select! {
+                _ = term.recv() => tracing::info!("SIGTERM"),
+                _ = int.recv() => tracing::info!("SIGINT"),
+            }
+            signals.cancel();
+        });
+        match job(shutdown).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        }
+    })
 }

@@ -13,7 +13,7 @@
 
 use std::fmt::Write as _;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use simd_json::prelude::*;
 use simd_json::tape::{Tape, Value};
 use simd_json::{Buffers, fill_tape};
@@ -23,7 +23,7 @@ use crate::reading::{Reading, SeriesKey};
 use crate::stats::Reason;
 
 /// Where a message's series key comes from.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum SeriesSource {
     /// A payload field (dotted path for nested objects, e.g. `meta.id`); a
@@ -37,7 +37,7 @@ pub enum SeriesSource {
 }
 
 /// How the event time is written.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum TimeFormat {
     /// Milliseconds since the Unix epoch (integer or float).
@@ -56,7 +56,7 @@ pub enum TimeFormat {
 }
 
 /// Where the fields of a JSON reading are, and what times are believable.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct JsonMapping {
     /// Where the series key is. Default: the payload field `sensor`.

@@ -20,7 +20,7 @@ use rumqttc::{
 };
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
@@ -31,7 +31,7 @@ use crate::source::{Ingest, LOG_INTERVAL};
 use crate::stats::{RateLimitedLog, Reason, SourceStats, add};
 
 /// TLS to the broker.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsSettings {
     /// PEM file of the certificate authorities that sign the broker's
@@ -44,7 +44,7 @@ pub struct TlsSettings {
 }
 
 /// Settings of an MQTT source.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct MqttSettings {
     /// Broker host name or address.
@@ -62,8 +62,12 @@ pub struct MqttSettings {
     pub qos: u8,
     /// User name, if the broker wants one.
     pub username: Option<String>,
-    /// Password, already resolved from a file or the environment by the
-    /// agent's configuration (never read from this struct's TOML directly).
+    /// File holding the password (its first line), e.g. a systemd credential.
+    pub password_file: Option<PathBuf>,
+    /// Environment variable holding the password.
+    pub password_env: Option<String>,
+    /// The password, resolved by [`MqttSettings::resolve_password`]; never
+    /// read from or written to the configuration file itself.
     #[serde(skip)]
     pub password: Option<String>,
     /// TLS settings; plain TCP when absent.
@@ -120,6 +124,8 @@ impl MqttSettings {
             topics,
             qos: default_qos(),
             username: None,
+            password_file: None,
+            password_env: None,
             password: None,
             tls: None,
             clean_session: default_clean_session(),
@@ -152,12 +158,27 @@ impl MqttSettings {
         if self.reconnect_min_ms == 0 {
             return Err("reconnect_min_ms must be > 0".into());
         }
+        if self.password_file.is_some() && self.password_env.is_some() {
+            return Err("set password_file or password_env, not both".into());
+        }
+        if (self.password_file.is_some() || self.password_env.is_some()) && self.username.is_none()
+        {
+            return Err("password_file/password_env need a username".into());
+        }
         if let Some(tls) = &self.tls
             && tls.client_cert_file.is_some() != tls.client_key_file.is_some()
         {
             return Err("tls: set both client_cert_file and client_key_file, or neither".into());
         }
         self.json.validate().map_err(|e| format!("json.{e}"))
+    }
+
+    /// Reads the password from `password_file` or `password_env` into
+    /// `password`. Errors name the key and the file or variable.
+    pub fn resolve_password(&mut self) -> Result<(), String> {
+        self.password =
+            resolve_secret(self.password_file.as_deref(), self.password_env.as_deref())?;
+        Ok(())
     }
 
     /// The rumqttc options, TLS included. Fails with a message naming the file
@@ -186,6 +207,25 @@ impl MqttSettings {
             QoS::AtLeastOnce
         }
     }
+}
+
+/// A secret from the first line of `file`, or from the environment variable
+/// `env`; `None` when neither is given. Errors name the key.
+pub fn resolve_secret(
+    file: Option<&std::path::Path>,
+    env: Option<&str>,
+) -> Result<Option<String>, String> {
+    if let Some(file) = file {
+        let text = std::fs::read_to_string(file)
+            .map_err(|e| format!("password_file {}: {e}", file.display()))?;
+        return Ok(Some(text.lines().next().unwrap_or_default().to_owned()));
+    }
+    if let Some(var) = env {
+        return std::env::var(var)
+            .map(Some)
+            .map_err(|_| format!("password_env: environment variable {var} is not set"));
+    }
+    Ok(None)
 }
 
 /// A rustls client configuration (ring provider) trusting `ca_file`.

@@ -55,6 +55,8 @@ pub type PriorityFn = Arc<dyn Fn(&str) -> Priority + Send + Sync>;
 
 struct Lane {
     producer: ReadingProducer,
+    /// The consumer's thread, unparked after a flush that pushed something.
+    wake: Option<std::thread::Thread>,
     shedder: Shedder,
     staged: Vec<Reading>,
     kept: Vec<Reading>,
@@ -83,6 +85,7 @@ impl Handoff {
             .map(|(i, producer)| {
                 Ok(Lane {
                     producer,
+                    wake: None,
                     shedder: Shedder::new(policy, seed.wrapping_add(i as u64))?,
                     staged: Vec::new(),
                     kept: Vec::new(),
@@ -100,6 +103,15 @@ impl Handoff {
     /// Uses `priority` to tell which series are never shed.
     pub fn with_priority(mut self, priority: PriorityFn) -> Self {
         self.priority = priority;
+        self
+    }
+
+    /// Unparks `threads[i]` whenever a flush pushed readings into lane `i`,
+    /// so that an idle worker can park instead of polling its rings.
+    pub fn with_wakeups(mut self, threads: Vec<std::thread::Thread>) -> Self {
+        for (lane, thread) in self.lanes.iter_mut().zip(threads) {
+            lane.wake = Some(thread);
+        }
         self
     }
 
@@ -156,6 +168,11 @@ impl Handoff {
             let mut kept = lane.kept.drain(..);
             let pushed = lane.producer.push_iter(&mut kept);
             add(&self.stats.delivered, pushed as u64);
+            if pushed > 0
+                && let Some(thread) = &lane.wake
+            {
+                thread.unpark();
+            }
             // Kept by the policy but the ring was full (a critical reading, or
             // the worker fell further behind than the high-water mark).
             for reading in kept {

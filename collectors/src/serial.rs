@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use tokio::io::AsyncReadExt;
 use tokio_serial::{DataBits, Parity, SerialPortBuilderExt, StopBits};
 use tokio_util::sync::CancellationToken;
@@ -24,7 +24,7 @@ use crate::source::{Ingest, LOG_INTERVAL};
 use crate::stats::{RateLimitedLog, SourceStats, add};
 
 /// Parity of a serial line.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum SerialParity {
     /// No parity bit.
@@ -37,7 +37,7 @@ pub enum SerialParity {
 }
 
 /// Settings of a serial source.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct SerialSettings {
     /// The device, e.g. `/dev/ttyUSB0` or `/dev/serial/by-id/usb-…`.

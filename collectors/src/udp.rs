@@ -13,7 +13,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use ipnet::IpNet;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use tokio::net::UdpSocket;
 use tokio_util::sync::CancellationToken;
 
@@ -25,7 +25,7 @@ use crate::source::{Ingest, LOG_INTERVAL};
 use crate::stats::{RateLimitedLog, Reason, SourceStats, add};
 
 /// Settings of a UDP source.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct UdpSettings {
     /// Address and port to listen on, e.g. `127.0.0.1:9000` or `[::]:9000`.

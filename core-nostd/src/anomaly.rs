@@ -395,6 +395,11 @@ impl RateOfChangeDetector {
         })
     }
 
+    /// The raise and clear levels (per `unit`).
+    pub fn levels(&self) -> &Hysteresis {
+        self.machine.levels()
+    }
+
     /// Scores the change from the previous reading; refuses NaN and infinities
     /// without touching any state.
     #[inline]

@@ -1,0 +1,561 @@
+//! The configuration file: one TOML document.
+//!
+//! Every struct here rejects unknown keys, documents each field, and takes
+//! its defaults from one place (the `default_*` functions and `Default`
+//! impls next to it). [`Config::load`] parses (syntax and type errors carry
+//! the line and column from the TOML parser), then [`Config::validate`]
+//! checks the values, naming the key and what is allowed. Secrets (MQTT
+//! passwords) come from a file or an environment variable, never inline.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use sluice_collectors::mqtt::{MqttSettings, TlsSettings};
+use sluice_collectors::serial::SerialSettings;
+use sluice_collectors::udp::UdpSettings;
+
+/// The whole configuration.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Names this gateway in every record and topic. Default: `sluice`.
+    #[serde(default = "default_agent_id")]
+    pub agent_id: String,
+    /// Worker threads that own the series. Default: CPU cores − 1, at least 1.
+    #[serde(default = "default_workers")]
+    pub workers: usize,
+    /// Readings each source-to-worker ring holds; a power of two. Default 8192.
+    #[serde(default = "default_ring_capacity")]
+    pub ring_capacity: usize,
+    /// Most series each worker keeps state for; readings of further series
+    /// are counted and dropped. Default 10,000.
+    #[serde(default = "default_max_series")]
+    pub max_series: usize,
+    /// What to do when readings arrive faster than the workers take them.
+    #[serde(default)]
+    pub shedding: Shedding,
+    /// The sources, by name: `[sources.<name>]` with `kind = "mqtt" | "udp" | "serial"`.
+    #[serde(default)]
+    pub sources: BTreeMap<String, Source>,
+    /// What to compute for which series; the first rule whose `match` glob
+    /// fits a series key applies. Series that no rule matches are counted
+    /// and ignored.
+    #[serde(default)]
+    pub rules: Vec<Rule>,
+    /// Where aggregates and alerts go.
+    #[serde(default)]
+    pub output: Output,
+}
+
+fn default_agent_id() -> String {
+    "sluice".into()
+}
+fn default_workers() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get().saturating_sub(1).max(1))
+}
+const fn default_ring_capacity() -> usize {
+    8192
+}
+const fn default_max_series() -> usize {
+    10_000
+}
+
+/// A source.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Source {
+    /// Subscribe to topics on an MQTT broker.
+    Mqtt(MqttSettings),
+    /// Receive datagrams on a UDP port.
+    Udp(UdpSettings),
+    /// Read lines from a serial port.
+    Serial(SerialSettings),
+}
+
+/// The shedding policy.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Shedding {
+    /// `drop_newest` (default): above the high-water mark, drop new readings;
+    /// `sample`: above it, keep one reading in `keep_one_in` at random.
+    pub policy: ShedKind,
+    /// Fraction of a ring's capacity at which shedding starts, in (0, 1].
+    /// Default 0.8.
+    pub high_water: f64,
+    /// With `policy = "sample"`: keep one reading in this many. Default 4.
+    pub keep_one_in: u32,
+}
+
+impl Default for Shedding {
+    fn default() -> Self {
+        Self {
+            policy: ShedKind::DropNewest,
+            high_water: 0.8,
+            keep_one_in: 4,
+        }
+    }
+}
+
+/// The kind of shedding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ShedKind {
+    /// Drop new readings above the high-water mark.
+    DropNewest,
+    /// Keep one in `keep_one_in` above the high-water mark.
+    Sample,
+}
+
+/// What to compute for the series a glob matches.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rule {
+    /// Glob on series keys: `*` any run of characters, `?` one, `[a-z]` a
+    /// class. E.g. `s-*`, `*/temperature`.
+    #[serde(rename = "match")]
+    pub pattern: String,
+    /// The window whose aggregates are published; none if absent.
+    pub window: Option<WindowRule>,
+    /// An EWMA z-score anomaly rule.
+    pub anomaly: Option<AnomalyRule>,
+    /// Threshold rules.
+    #[serde(default)]
+    pub thresholds: Vec<ThresholdRule>,
+    /// A rate-of-change rule.
+    pub rate_of_change: Option<RateRule>,
+    /// `critical` series are never shed; `normal` (default) ones may be.
+    #[serde(default)]
+    pub priority: PriorityKind,
+}
+
+/// Shedding priority of a series.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum PriorityKind {
+    /// May be shed under overload.
+    #[default]
+    Normal,
+    /// Never shed by the policy.
+    Critical,
+}
+
+/// A window over event time (ms) or a count of readings.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum WindowRule {
+    /// Back-to-back windows of `size_ms`.
+    Tumbling {
+        /// Window length, ms.
+        size_ms: i64,
+        /// How long to wait for out-of-order readings, ms (at most 3 windows).
+        #[serde(default)]
+        lateness_ms: i64,
+    },
+    /// Windows of `size_ms` every `slide_ms` (a multiple of the slide).
+    Hopping {
+        /// Window length, ms.
+        size_ms: i64,
+        /// Distance between window starts, ms.
+        slide_ms: i64,
+        /// How long to wait for out-of-order readings, ms.
+        #[serde(default)]
+        lateness_ms: i64,
+    },
+    /// Windows of `size` readings.
+    Count {
+        /// Readings per window.
+        size: u64,
+    },
+}
+
+/// Alert when a value is far from its exponentially decaying mean.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AnomalyRule {
+    /// EWMA smoothing factor α in (0, 1). Default 0.01.
+    #[serde(default = "default_alpha")]
+    pub alpha: f64,
+    /// Raise when |z| ≥ k. Default 4.
+    #[serde(default = "default_k")]
+    pub k: f64,
+    /// Clear when |z| < clear_k (≤ k). Default: k.
+    pub clear_k: Option<f64>,
+    /// Readings that only train the baseline. Default 30.
+    #[serde(default = "default_warmup")]
+    pub warmup: u64,
+    /// Consecutive readings at or above k to raise. Default 1.
+    #[serde(default = "one")]
+    pub raise_after: u32,
+    /// Consecutive readings below clear_k to clear. Default 1.
+    #[serde(default = "one")]
+    pub clear_after: u32,
+}
+
+const fn default_alpha() -> f64 {
+    0.01
+}
+const fn default_k() -> f64 {
+    4.0
+}
+const fn default_warmup() -> u64 {
+    30
+}
+const fn one() -> u32 {
+    1
+}
+
+/// Alert when a value crosses a limit.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ThresholdRule {
+    /// Raise at or above this value (set `above` or `below`, not both).
+    pub above: Option<f64>,
+    /// Raise at or below this value.
+    pub below: Option<f64>,
+    /// Clear once the value is back past this one (below it for `above`,
+    /// above it for `below`). Default: the limit itself.
+    pub clear_at: Option<f64>,
+    /// Consecutive readings past the limit to raise. Default 1.
+    #[serde(default = "one")]
+    pub raise_after: u32,
+    /// Consecutive readings back to clear. Default 1.
+    #[serde(default = "one")]
+    pub clear_after: u32,
+}
+
+/// Alert when a value changes faster than a limit.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateRule {
+    /// Raise when |Δvalue| per second ≥ this.
+    pub per_second_above: f64,
+    /// Clear when it is below this (≤ the limit). Default: the limit.
+    pub clear_below: Option<f64>,
+    /// Consecutive readings to raise. Default 1.
+    #[serde(default = "one")]
+    pub raise_after: u32,
+    /// Consecutive readings to clear. Default 1.
+    #[serde(default = "one")]
+    pub clear_after: u32,
+}
+
+/// Where records go.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Output {
+    /// Publish aggregates and alerts to an MQTT broker.
+    pub mqtt: Option<MqttOutput>,
+    /// Print aggregates and alerts on standard output. Default false.
+    #[serde(default)]
+    pub console: bool,
+}
+
+/// The MQTT broker that receives aggregates and alerts.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct MqttOutput {
+    /// Broker host.
+    pub host: String,
+    /// Broker port. Default 1883.
+    #[serde(default = "default_mqtt_port")]
+    pub port: u16,
+    /// Client id. Default `sluice-<agent_id>-out`.
+    pub client_id: Option<String>,
+    /// User name.
+    pub username: Option<String>,
+    /// File holding the password (first line).
+    pub password_file: Option<PathBuf>,
+    /// Environment variable holding the password.
+    pub password_env: Option<String>,
+    /// TLS to the broker.
+    pub tls: Option<TlsSettings>,
+    /// Topic template for alert events; `{agent}` and `{series}` are filled in.
+    /// Default `sluice/{agent}/alerts/{series}`.
+    #[serde(default = "default_alert_topic")]
+    pub alert_topic: String,
+    /// Topic template for the retained current alert state of a series.
+    /// Default `sluice/{agent}/state/{series}`.
+    #[serde(default = "default_state_topic")]
+    pub state_topic: String,
+    /// Topic template for aggregates. Default `sluice/{agent}/agg/{series}`.
+    #[serde(default = "default_aggregate_topic")]
+    pub aggregate_topic: String,
+    /// QoS of alerts: 0 (at most once) or 1 (at least once, the default).
+    #[serde(default = "default_qos1")]
+    pub alert_qos: u8,
+    /// QoS of aggregates: 0 or 1 (the default).
+    #[serde(default = "default_qos1")]
+    pub aggregate_qos: u8,
+}
+
+const fn default_mqtt_port() -> u16 {
+    1883
+}
+fn default_alert_topic() -> String {
+    "sluice/{agent}/alerts/{series}".into()
+}
+fn default_state_topic() -> String {
+    "sluice/{agent}/state/{series}".into()
+}
+fn default_aggregate_topic() -> String {
+    "sluice/{agent}/agg/{series}".into()
+}
+const fn default_qos1() -> u8 {
+    1
+}
+
+/// A configuration error, naming the key (and the line, for parse errors).
+#[derive(Debug)]
+pub struct ConfigError(pub String);
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl Config {
+    /// Reads, parses and validates a configuration file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError(format!("{}: {e}", path.display())))?;
+        Self::parse(&text).map_err(|e| ConfigError(format!("{}: {e}", path.display())))
+    }
+
+    /// Parses and validates a configuration document. Parse errors carry the
+    /// parser's line and column; validation errors get the line of the key
+    /// they name (or of its closest enclosing table present in the file).
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError(e.to_string()))?;
+        config.validate().map_err(|ConfigError(message)| {
+            let line = message.split_once(": ").and_then(|(key, why)| {
+                // "sources.u: max_datagram must be ..." names the field in the text.
+                let field = why
+                    .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                    .next()
+                    .unwrap_or("");
+                line_of(text, &format!("{key}.{field}")).or_else(|| line_of(text, key))
+            });
+            match line {
+                Some(line) => ConfigError(format!("line {line}: {message}")),
+                None => ConfigError(message),
+            }
+        })?;
+        Ok(config)
+    }
+
+    /// The effective configuration, defaults filled in, as TOML.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self)
+            .unwrap_or_else(|e| format!("# cannot print the configuration: {e}\n"))
+    }
+
+    /// Checks every value; the error names the key and what is allowed.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let err = |key: &str, why: &str| Err(ConfigError(format!("{key}: {why}")));
+        if self.agent_id.is_empty() || self.agent_id.contains(['/', '+', '#']) {
+            return err("agent_id", "must be non-empty, without '/', '+' or '#'");
+        }
+        if !(1..=256).contains(&self.workers) {
+            return err("workers", "must be 1..=256");
+        }
+        if !self.ring_capacity.is_power_of_two() || !(16..=1 << 24).contains(&self.ring_capacity) {
+            return err(
+                "ring_capacity",
+                "must be a power of two from 16 to 16777216",
+            );
+        }
+        if self.max_series == 0 {
+            return err("max_series", "must be > 0");
+        }
+        let s = &self.shedding;
+        if !(s.high_water > 0.0 && s.high_water <= 1.0) {
+            return err("shedding.high_water", "must be a fraction in (0, 1]");
+        }
+        if s.keep_one_in == 0 {
+            return err("shedding.keep_one_in", "must be >= 1");
+        }
+        if self.sources.is_empty() {
+            return err(
+                "sources",
+                "define at least one source: [sources.<name>] with kind = \"mqtt\", \"udp\" or \"serial\"",
+            );
+        }
+        for (name, source) in &self.sources {
+            let checked = match source {
+                Source::Mqtt(m) => m.validate(),
+                Source::Udp(u) => u.validate(),
+                Source::Serial(s) => s.validate(),
+            };
+            if let Err(why) = checked {
+                return err(&format!("sources.{name}"), &why);
+            }
+        }
+        if self.rules.is_empty() {
+            return err(
+                "rules",
+                "define at least one rule: [[rules]] with match = \"<glob>\"",
+            );
+        }
+        for (i, rule) in self.rules.iter().enumerate() {
+            rule.validate()
+                .map_err(|why| ConfigError(format!("rules[{i}].{why}")))?;
+        }
+        if let Some(m) = &self.output.mqtt {
+            m.validate()
+                .map_err(|why| ConfigError(format!("output.mqtt.{why}")))?;
+        }
+        if self.output.mqtt.is_none() && !self.output.console {
+            return err(
+                "output",
+                "set [output.mqtt] or output.console = true, or records go nowhere",
+            );
+        }
+        Ok(())
+    }
+
+    /// The shedding policy for a ring of `capacity`.
+    pub fn shed_policy(&self, capacity: usize) -> sluice_core::shed::ShedPolicy {
+        let high_water =
+            ((capacity as f64 * self.shedding.high_water).ceil() as usize).clamp(1, capacity);
+        match self.shedding.policy {
+            ShedKind::DropNewest => sluice_core::shed::ShedPolicy::DropNewest { high_water },
+            ShedKind::Sample => sluice_core::shed::ShedPolicy::Sample {
+                high_water,
+                keep_one_in: self.shedding.keep_one_in,
+            },
+        }
+    }
+}
+
+impl Rule {
+    fn validate(&self) -> Result<(), String> {
+        glob::Pattern::new(&self.pattern)
+            .map_err(|e| format!("match: bad glob {:?}: {e}", self.pattern))?;
+        if let Some(w) = &self.window {
+            crate::rules::window_for(w).map_err(|e| format!("window: {e}"))?;
+        }
+        if self.window.is_none()
+            && self.anomaly.is_none()
+            && self.thresholds.is_empty()
+            && self.rate_of_change.is_none()
+        {
+            return Err("match: the rule computes nothing: add a window, anomaly, thresholds or rate_of_change".into());
+        }
+        if let Some(a) = &self.anomaly {
+            crate::rules::zscore_for(a).map_err(|e| format!("anomaly: {e}"))?;
+        }
+        for (i, t) in self.thresholds.iter().enumerate() {
+            crate::rules::threshold_for(t).map_err(|e| format!("thresholds[{i}]: {e}"))?;
+        }
+        if let Some(r) = &self.rate_of_change {
+            crate::rules::rate_for(r).map_err(|e| format!("rate_of_change: {e}"))?;
+        }
+        Ok(())
+    }
+}
+
+impl MqttOutput {
+    fn validate(&self) -> Result<(), String> {
+        if self.host.is_empty() {
+            return Err("host: must not be empty".into());
+        }
+        for (key, template) in [
+            ("alert_topic", &self.alert_topic),
+            ("state_topic", &self.state_topic),
+            ("aggregate_topic", &self.aggregate_topic),
+        ] {
+            if !template.contains("{series}") || template.contains(['+', '#']) {
+                return Err(format!("{key}: must contain {{series}} and no '+' or '#'"));
+            }
+        }
+        if self.alert_qos > 1 || self.aggregate_qos > 1 {
+            return Err("alert_qos, aggregate_qos: must be 0 or 1".into());
+        }
+        if self.password_file.is_some() && self.password_env.is_some() {
+            return Err("password_file, password_env: set one, not both".into());
+        }
+        Ok(())
+    }
+
+    /// Settings for an MQTT connection to this broker.
+    pub fn connection(&self, agent_id: &str) -> MqttSettings {
+        let mut s = MqttSettings::new(&self.host, self.port, vec!["unused".into()]);
+        s.client_id = self
+            .client_id
+            .clone()
+            .unwrap_or_else(|| format!("sluice-{agent_id}-out"));
+        s.username = self.username.clone();
+        s.password_file = self.password_file.clone();
+        s.password_env = self.password_env.clone();
+        s.tls = self.tls.clone();
+        s
+    }
+}
+
+/// Fills `{agent}` and `{series}` into a topic template.
+pub fn topic(template: &str, agent: &str, series: &str) -> String {
+    template
+        .replace("{agent}", agent)
+        .replace("{series}", series)
+}
+
+/// The line (1-based) where the dotted key `path` (with `[i]` array indices,
+/// as validation errors write it) is defined in `text`, or where its deepest
+/// enclosing table or array element is; `None` if not even the first key is.
+fn line_of(text: &str, path: &str) -> Option<usize> {
+    let doc = toml::de::DeTable::parse(text).ok()?;
+    let mut table = doc.get_ref();
+    let mut found: Option<std::ops::Range<usize>> = None;
+    for segment in path.split('.') {
+        let (name, index) = match segment.split_once('[') {
+            Some((name, rest)) => (name, rest.trim_end_matches(']').parse::<usize>().ok()),
+            None => (segment, None),
+        };
+        let Some((_, value)) = table.iter().find(|(k, _)| k.get_ref().as_ref() == name) else {
+            break;
+        };
+        found = Some(value.span());
+        let mut value = value.get_ref();
+        if let Some(i) = index {
+            let toml::de::DeValue::Array(items) = value else {
+                break;
+            };
+            let Some(item) = items.get(i) else { break };
+            found = Some(item.span());
+            value = item.get_ref();
+        }
+        match value {
+            toml::de::DeValue::Table(t) => table = t,
+            _ => break,
+        }
+    }
+    let span = found?;
+    Some(text.get(..span.start)?.matches('\n').count() + 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn validation_errors_name_the_key_and_its_line() {
+        let text = "agent_id = \"a\"\n[sources.u]\nkind = \"udp\"\nbind = \"127.0.0.1:9\"\nmax_datagram = 0\n[[rules]]\nmatch = \"*\"\nwindow = { kind = \"tumbling\", size_ms = 1000 }\n[[rules]]\nmatch = \"x\"\nwindow = { kind = \"tumbling\", size_ms = 0 }\n[output]\nconsole = true\n";
+        let e = Config::parse(text).unwrap_err().0;
+        assert_eq!(e, "line 5: sources.u: max_datagram must be 1..=65507");
+        let fixed = text.replace("max_datagram = 0", "max_datagram = 100");
+        let e = Config::parse(&fixed).unwrap_err().0;
+        assert!(e.starts_with("line 11: rules[1].window:"), "{e}");
+    }
+
+    #[test]
+    fn unknown_keys_are_refused_with_their_line() {
+        let e = Config::parse("agent_id = \"a\"\nworkerz = 2\n")
+            .unwrap_err()
+            .0;
+        assert!(e.contains("line 2") && e.contains("workerz"), "{e}");
+    }
+}

@@ -1,0 +1,20 @@
+//! The Sluice agent: configuration, CLI commands, pipeline wiring, workers
+//! and outputs.
+//!
+//! # Layout
+//!
+//! - [`config`]: the TOML configuration, its defaults and validation.
+//! - [`rules`]: series rules compiled into core windows and detectors.
+//! - [`worker`]: worker threads that own their series.
+//! - [`output`]: aggregate and alert records, and their delivery.
+//! - [`pipeline`]: wiring and orderly shutdown.
+//! - [`demo`]: `sluice demo`, the pipeline on generated sensors.
+//!
+//! `main.rs` only parses the command line and calls into these.
+
+pub mod config;
+pub mod demo;
+pub mod output;
+pub mod pipeline;
+pub mod rules;
+pub mod worker;

@@ -1,0 +1,267 @@
+//! What the workers produce, and the task that delivers it: aggregate
+//! records and alert events, as JSON over MQTT and/or lines on the console.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+use rumqttc::{AsyncClient, Event, Outgoing, QoS};
+use serde::Serialize;
+use sluice_core::Timestamp;
+use tokio::sync::mpsc;
+
+use crate::config::{MqttOutput, topic};
+
+/// A closed window of a series.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct AggregateRecord {
+    /// The gateway.
+    pub agent: Arc<str>,
+    /// The series key.
+    pub series: String,
+    /// Window start, ms since the epoch (inclusive).
+    pub start: Timestamp,
+    /// Window end, ms since the epoch (exclusive).
+    pub end: Timestamp,
+    /// Readings in the window.
+    pub count: u64,
+    /// Their sum.
+    pub sum: f64,
+    /// Their mean.
+    pub mean: f64,
+    /// The smallest.
+    pub min: f64,
+    /// The largest.
+    pub max: f64,
+    /// Sample standard deviation (absent for one reading).
+    pub stddev: Option<f64>,
+    /// The value with the earliest event time.
+    pub first: f64,
+    /// The value with the latest event time.
+    pub last: f64,
+    /// Readings of this series refused as late since the previous record.
+    pub late: u64,
+    /// Closed early by shutdown: more readings may have belonged to it.
+    pub partial: bool,
+    /// When shedding sampled this series, the rate it kept (one in this
+    /// many): scale `count` and `sum` by it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sampled_one_in: Option<u32>,
+}
+
+/// A raise or clear of an alert.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct AlertEvent {
+    /// The gateway.
+    pub agent: Arc<str>,
+    /// The series key.
+    pub series: String,
+    /// The rule: `zscore`, `threshold_above`, `threshold_below`, `rate_of_change`.
+    pub rule: &'static str,
+    /// `raised` or `cleared`.
+    pub state: &'static str,
+    /// The reading that changed the state.
+    pub value: f64,
+    /// Its score: the signed z-score for `zscore` (compared by magnitude),
+    /// the value for thresholds, the rate per second for `rate_of_change`.
+    pub score: Option<f64>,
+    /// The level the score crossed.
+    pub threshold: f64,
+    /// Event time of the reading, ms since the epoch.
+    pub event_ts: Timestamp,
+    /// When the agent detected it, ms since the epoch.
+    pub detected_ts: Timestamp,
+}
+
+/// Something to deliver.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Record {
+    /// A closed window.
+    Aggregate(AggregateRecord),
+    /// An alert change.
+    Alert(AlertEvent),
+}
+
+/// What the output task delivered.
+#[derive(Debug, Default)]
+pub struct OutputStats {
+    /// Aggregates handed to the outputs.
+    pub aggregates: AtomicU64,
+    /// Alerts raised.
+    pub alerts_raised: AtomicU64,
+    /// Alerts cleared.
+    pub alerts_cleared: AtomicU64,
+    /// Publishes that failed (the MQTT client's queue was gone).
+    pub publish_errors: AtomicU64,
+}
+
+fn qos(n: u8) -> QoS {
+    if n == 0 {
+        QoS::AtMostOnce
+    } else {
+        QoS::AtLeastOnce
+    }
+}
+
+/// The MQTT side of the output task.
+struct MqttSink {
+    client: AsyncClient,
+    settings: MqttOutput,
+    agent: Arc<str>,
+    events: tokio::task::JoinHandle<rumqttc::EventLoop>,
+}
+
+impl MqttSink {
+    fn connect(settings: &MqttOutput, agent: Arc<str>) -> Result<MqttSink, String> {
+        let mut connection = settings.connection(&agent);
+        connection
+            .resolve_password()
+            .map_err(|e| format!("output.mqtt.{e}"))?;
+        let options = connection
+            .options()
+            .map_err(|e| format!("output.mqtt.{e}"))?;
+        // The request queue bounds what waits for the broker; a full queue
+        // makes `publish` wait, which holds the workers back instead of
+        // growing memory.
+        let (client, mut events) = AsyncClient::new(options, 1024);
+        let events = tokio::spawn(async move {
+            let mut delay = Duration::from_millis(200);
+            loop {
+                match events.poll().await {
+                    Ok(Event::Outgoing(Outgoing::Disconnect)) => break,
+                    Ok(Event::Incoming(rumqttc::Packet::ConnAck(_))) => {
+                        delay = Duration::from_millis(200);
+                        tracing::info!("output MQTT connected");
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::warn!(error = %e, "output MQTT connection failed; retrying in {delay:?}");
+                        tokio::time::sleep(delay).await;
+                        delay = (delay * 2).min(Duration::from_secs(30));
+                    }
+                }
+            }
+            events
+        });
+        Ok(MqttSink {
+            client,
+            settings: settings.clone(),
+            agent,
+            events,
+        })
+    }
+
+    async fn publish(&self, record: &Record, stats: &OutputStats) {
+        let s = &self.settings;
+        let result = match record {
+            Record::Aggregate(a) => {
+                let payload = serde_json::to_vec(a).unwrap_or_default();
+                self.client
+                    .publish(
+                        topic(&s.aggregate_topic, &self.agent, &a.series),
+                        qos(s.aggregate_qos),
+                        false,
+                        payload,
+                    )
+                    .await
+            }
+            Record::Alert(e) => {
+                let payload = serde_json::to_vec(e).unwrap_or_default();
+                let event = self
+                    .client
+                    .publish(
+                        topic(&s.alert_topic, &self.agent, &e.series),
+                        qos(s.alert_qos),
+                        false,
+                        payload.clone(),
+                    )
+                    .await;
+                // The retained state: what a subscriber that connects later sees.
+                let state = self
+                    .client
+                    .publish(
+                        topic(&s.state_topic, &self.agent, &e.series),
+                        qos(s.alert_qos),
+                        true,
+                        payload,
+                    )
+                    .await;
+                event.and(state)
+            }
+        };
+        if let Err(e) = result {
+            stats.publish_errors.fetch_add(1, Relaxed);
+            tracing::warn!(error = %e, "publish failed");
+        }
+    }
+
+    /// Disconnects once what was queued has gone out (bounded wait).
+    async fn close(self) {
+        let _ = self.client.disconnect().await;
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.events).await;
+    }
+}
+
+/// Prints records on standard output, one line each.
+fn print(record: &Record) {
+    match record {
+        Record::Aggregate(a) => {
+            println!(
+                "agg   {:<24} [{} .. {})  n={:<4} mean={:>9.3}  min={:>9.3}  max={:>9.3}{}{}",
+                a.series,
+                a.start,
+                a.end,
+                a.count,
+                a.mean,
+                a.min,
+                a.max,
+                if a.late > 0 {
+                    format!("  late={}", a.late)
+                } else {
+                    String::new()
+                },
+                if a.partial { "  (partial)" } else { "" }
+            );
+        }
+        Record::Alert(e) => println!(
+            "ALERT {:<7} {:<24} {:<16} value={:.3} score={} threshold={:.3}",
+            e.state,
+            e.series,
+            e.rule,
+            e.value,
+            e.score.map_or("-".into(), |s| format!("{s:.2}")),
+            e.threshold
+        ),
+    }
+}
+
+/// Delivers records until every sender is gone, then closes the outputs.
+pub async fn run(
+    mut records: mpsc::Receiver<Record>,
+    mqtt: Option<&MqttOutput>,
+    console: bool,
+    agent: Arc<str>,
+    stats: Arc<OutputStats>,
+) -> Result<(), String> {
+    let sink = mqtt
+        .map(|m| MqttSink::connect(m, agent.clone()))
+        .transpose()?;
+
+    while let Some(record) = records.recv().await {
+        match &record {
+            Record::Aggregate(_) => stats.aggregates.fetch_add(1, Relaxed),
+            Record::Alert(e) if e.state == "raised" => stats.alerts_raised.fetch_add(1, Relaxed),
+            Record::Alert(_) => stats.alerts_cleared.fetch_add(1, Relaxed),
+        };
+        if console {
+            print(&record);
+        }
+        if let Some(sink) = &sink {
+            sink.publish(&record, &stats).await;
+        }
+    }
+    if let Some(sink) = sink {
+        sink.close().await;
+    }
+    Ok(())
+}

@@ -1,0 +1,195 @@
+//! Wiring: sources → hand-offs → rings → workers → output task, and the
+//! orderly shutdown that drains it all.
+//!
+//! Every source gets one ring per worker; each worker polls the rings of every
+//! source. On shutdown (the injected `shutdown` token): the sources stop, the
+//! workers drain their rings and close open windows as partial, the output
+//! task delivers what it holds and disconnects; then `run` returns.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use sluice_collectors::mqtt::MqttSource;
+use sluice_collectors::pipe::{Handoff, PriorityFn, reading_ring};
+use sluice_collectors::serial::SerialSource;
+use sluice_collectors::udp::UdpSource;
+use sluice_collectors::{ReadingConsumer, SourceStats};
+use sluice_core::shed::Priority;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, Source};
+use crate::output::{self, OutputStats};
+use crate::rules::Rules;
+use crate::worker::{Worker, WorkerStats};
+
+/// Records waiting for the output task, at most.
+const OUTPUT_QUEUE: usize = 4096;
+/// How long shutdown may take before `run` gives up waiting.
+const SHUTDOWN_BOUND: Duration = Duration::from_secs(10);
+
+/// What a running pipeline exposes (to metrics, the demo and tests).
+#[derive(Clone)]
+pub struct Running {
+    /// Counters of each source, by name.
+    pub sources: BTreeMap<String, Arc<SourceStats>>,
+    /// Counters of each worker.
+    pub workers: Vec<Arc<WorkerStats>>,
+    /// Counters of the output task.
+    pub output: Arc<OutputStats>,
+    /// Addresses the UDP sources listen on, by name.
+    pub udp_addrs: BTreeMap<String, SocketAddr>,
+}
+
+/// Runs the pipeline for `config` until `shutdown` is cancelled. `started`
+/// (if given) receives the running pipeline's counters once every source is up.
+pub async fn run(
+    config: Config,
+    shutdown: CancellationToken,
+    started: Option<oneshot::Sender<Running>>,
+) -> anyhow::Result<Running> {
+    let agent: Arc<str> = config.agent_id.as_str().into();
+    let rules = Arc::new(Rules::compile(&config.rules).map_err(anyhow::Error::msg)?);
+
+    // Output task.
+    let (tx, rx) = mpsc::channel(OUTPUT_QUEUE);
+    let output_stats = Arc::new(OutputStats::default());
+    let output_task = {
+        let (mqtt, console, agent, stats) = (
+            config.output.mqtt.clone(),
+            config.output.console,
+            agent.clone(),
+            output_stats.clone(),
+        );
+        tokio::spawn(async move { output::run(rx, mqtt.as_ref(), console, agent, stats).await })
+    };
+
+    // Rings: rings[w] holds worker w's consumers; producers[s][w] source s's.
+    let mut consumers: Vec<Vec<ReadingConsumer>> =
+        (0..config.workers).map(|_| Vec::new()).collect();
+    let mut producers = Vec::new();
+    for _ in &config.sources {
+        let mut lanes = Vec::new();
+        for worker in consumers.iter_mut() {
+            let (p, c) = reading_ring(config.ring_capacity).context("ring_capacity")?;
+            lanes.push(p);
+            worker.push(c);
+        }
+        producers.push(lanes);
+    }
+
+    // Workers.
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut worker_threads = Vec::new();
+    let mut worker_stats = Vec::new();
+    for (i, rings) in consumers.into_iter().enumerate() {
+        let stats = Arc::new(WorkerStats::default());
+        worker_stats.push(stats.clone());
+        let worker = Worker::new(
+            agent.clone(),
+            rules.clone(),
+            config.max_series,
+            tx.clone(),
+            stats,
+        );
+        let stop = stop.clone();
+        let handle = std::thread::Builder::new()
+            .name(format!("sluice-worker-{i}"))
+            .spawn(move || worker.run(rings, stop))
+            .context("starting a worker thread")?;
+        worker_threads.push(handle);
+    }
+    drop(tx);
+    let wakeups: Vec<std::thread::Thread> =
+        worker_threads.iter().map(|h| h.thread().clone()).collect();
+
+    // Sources.
+    let priority: PriorityFn = if rules.any_critical() {
+        let rules = rules.clone();
+        Arc::new(move |series: &str| rules.priority(series))
+    } else {
+        Arc::new(|_: &str| Priority::Normal)
+    };
+    let mut running = Running {
+        sources: BTreeMap::new(),
+        workers: worker_stats,
+        output: output_stats,
+        udp_addrs: BTreeMap::new(),
+    };
+    let sources_stop = shutdown.child_token();
+    let mut source_tasks = Vec::new();
+    for ((name, source), lanes) in config.sources.iter().zip(producers) {
+        let stats = Arc::new(SourceStats::default());
+        running.sources.insert(name.clone(), stats.clone());
+        let policy = config.shed_policy(config.ring_capacity);
+        let handoff = Handoff::new(
+            lanes,
+            policy,
+            sluice_core::hash::hash64(name.as_bytes(), 0),
+            stats,
+        )
+        .map_err(|e| anyhow::anyhow!("shedding: {e}"))?
+        .with_priority(priority.clone())
+        .with_wakeups(wakeups.clone());
+        let token = sources_stop.clone();
+        let label = format!("sources.{name}");
+        let task = match source.clone() {
+            Source::Udp(settings) => {
+                let s = UdpSource::bind(&label, settings, handoff)
+                    .await
+                    .with_context(|| format!("{label}: cannot bind"))?;
+                running.udp_addrs.insert(name.clone(), s.local_addr()?);
+                tokio::spawn(s.run(token))
+            }
+            Source::Serial(settings) => {
+                let s = SerialSource::new(&label, settings, handoff)
+                    .map_err(|e| anyhow::anyhow!("{label}: {e}"))?;
+                tokio::spawn(s.run(token))
+            }
+            Source::Mqtt(mut settings) => {
+                settings
+                    .resolve_password()
+                    .map_err(|e| anyhow::anyhow!("{label}.{e}"))?;
+                let s = MqttSource::new(&label, settings, handoff)
+                    .map_err(|e| anyhow::anyhow!("{label}: {e}"))?;
+                tokio::spawn(s.run(token))
+            }
+        };
+        source_tasks.push(task);
+    }
+    tracing::info!(agent = %agent, workers = config.workers, sources = config.sources.len(), "sluice running");
+    if let Some(started) = started {
+        let _ = started.send(running.clone());
+    }
+
+    shutdown.cancelled().await;
+    tracing::info!("shutting down: stopping sources, draining workers, flushing outputs");
+    let drained = tokio::time::timeout(SHUTDOWN_BOUND, async {
+        for task in source_tasks {
+            let _ = task.await;
+        }
+        stop.store(true, Relaxed);
+        for thread in &wakeups {
+            thread.unpark();
+        }
+        tokio::task::spawn_blocking(move || {
+            for handle in worker_threads {
+                let _ = handle.join();
+            }
+        })
+        .await
+        .ok();
+        output_task.await
+    })
+    .await;
+    match drained {
+        Ok(Ok(Ok(()))) => Ok(running),
+        Ok(Ok(Err(e))) => bail!("{e}"),
+        Ok(Err(e)) => bail!("output task failed: {e}"),
+        Err(_) => bail!("shutdown took longer than {SHUTDOWN_BOUND:?}"),
+    }
+}

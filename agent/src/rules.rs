@@ -1,0 +1,271 @@
+//! Series rules, compiled from the configuration, and the state they give a
+//! series: its window and its alert detectors (all from `sluice-core`).
+
+use sluice_core::Timestamp;
+use sluice_core::aggregate::Aggregate;
+use sluice_core::anomaly::{
+    Hysteresis, RateOfChangeDetector, RuleError, ThresholdDetector, Transition, ZScoreDetector,
+};
+use sluice_core::shed::Priority;
+use sluice_core::window::{
+    Closed, CountWindow, HoppingWindow, Rejection, TumblingWindow, WindowError,
+};
+
+use crate::config::{AnomalyRule, PriorityKind, RateRule, Rule, ThresholdRule, WindowRule};
+
+/// Panes of a tumbling window: lateness up to 3 windows.
+const TUMBLING_PANES: usize = 4;
+/// Panes of a hopping window: length / slide + lateness / slide up to 16.
+const HOPPING_PANES: usize = 16;
+
+/// A series' window.
+#[derive(Clone)]
+pub enum Window {
+    /// Tumbling on event time.
+    Tumbling(TumblingWindow<TUMBLING_PANES>),
+    /// Hopping on event time (boxed: its 16 panes would make every series'
+    /// state as large as the largest window).
+    Hopping(Box<HoppingWindow<HOPPING_PANES>>),
+    /// By count.
+    Count(CountWindow),
+}
+
+impl Window {
+    /// Adds a reading; closed windows go to `emit`.
+    pub fn push(
+        &mut self,
+        ts: Timestamp,
+        value: f64,
+        emit: impl FnMut(Closed<Aggregate>),
+    ) -> Result<(), Rejection> {
+        match self {
+            Window::Tumbling(w) => w.push(ts, value, emit),
+            Window::Hopping(w) => w.push(ts, value, emit),
+            Window::Count(w) => w.push(ts, value, emit),
+        }
+    }
+
+    /// Moves event time forward without a reading (idle series).
+    pub fn advance_to(&mut self, ts: Timestamp, emit: impl FnMut(Closed<Aggregate>)) {
+        match self {
+            Window::Tumbling(w) => w.advance_to(ts, emit),
+            Window::Hopping(w) => w.advance_to(ts, emit),
+            // Count windows close by count only.
+            Window::Count(_) => {}
+        }
+    }
+
+    /// Closes everything open, as partial.
+    pub fn flush(&mut self, emit: impl FnMut(Closed<Aggregate>)) {
+        match self {
+            Window::Tumbling(w) => w.flush(emit),
+            Window::Hopping(w) => w.flush(emit),
+            Window::Count(w) => w.flush(emit),
+        }
+    }
+}
+
+/// The window a rule asks for, or why it cannot be built.
+pub fn window_for(rule: &WindowRule) -> Result<Window, WindowError> {
+    Ok(match *rule {
+        WindowRule::Tumbling {
+            size_ms,
+            lateness_ms,
+        } => Window::Tumbling(TumblingWindow::new(size_ms, lateness_ms)?),
+        WindowRule::Hopping {
+            size_ms,
+            slide_ms,
+            lateness_ms,
+        } => Window::Hopping(Box::new(HoppingWindow::new(
+            size_ms,
+            slide_ms,
+            lateness_ms,
+        )?)),
+        WindowRule::Count { size } => Window::Count(CountWindow::new(size)?),
+    })
+}
+
+/// The z-score detector a rule asks for.
+pub fn zscore_for(a: &AnomalyRule) -> Result<ZScoreDetector, RuleError> {
+    let levels = Hysteresis::new(a.k, a.clear_k.unwrap_or(a.k), a.raise_after, a.clear_after)?;
+    ZScoreDetector::new(a.alpha, a.warmup, levels)
+}
+
+/// The threshold detector a rule asks for.
+pub fn threshold_for(t: &ThresholdRule) -> Result<ThresholdDetector, String> {
+    match (t.above, t.below) {
+        (Some(limit), None) => ThresholdDetector::above(
+            limit,
+            t.clear_at.unwrap_or(limit),
+            t.raise_after,
+            t.clear_after,
+        )
+        .map_err(|e| e.to_string()),
+        (None, Some(limit)) => ThresholdDetector::below(
+            limit,
+            t.clear_at.unwrap_or(limit),
+            t.raise_after,
+            t.clear_after,
+        )
+        .map_err(|e| e.to_string()),
+        _ => Err("set exactly one of above and below".into()),
+    }
+}
+
+/// The rate-of-change detector a rule asks for.
+pub fn rate_for(r: &RateRule) -> Result<RateOfChangeDetector, RuleError> {
+    let levels = Hysteresis::new(
+        r.per_second_above,
+        r.clear_below.unwrap_or(r.per_second_above),
+        r.raise_after,
+        r.clear_after,
+    )?;
+    RateOfChangeDetector::new(1000, levels)
+}
+
+/// An alert detector of a series, with the name alerts carry.
+#[derive(Clone)]
+pub enum Detector {
+    /// EWMA z-score.
+    ZScore(ZScoreDetector),
+    /// A threshold; the name says which (`threshold_above`, …).
+    Threshold(&'static str, ThresholdDetector),
+    /// Rate of change per second.
+    Rate(RateOfChangeDetector),
+}
+
+/// What one detector made of a reading, when it changed state.
+pub struct Change {
+    /// The rule's name.
+    pub rule: &'static str,
+    /// Raised or cleared.
+    pub transition: Transition,
+    /// The score that caused it (|z|, the value, or the rate).
+    pub score: Option<f64>,
+    /// The level it was compared with.
+    pub threshold: f64,
+}
+
+impl Detector {
+    /// Feeds a reading; returns the change of state it caused, if any.
+    pub fn observe(&mut self, ts: Timestamp, value: f64) -> Option<Change> {
+        let (rule, verdict) = match self {
+            Detector::ZScore(d) => ("zscore", d.observe(value)),
+            Detector::Threshold(name, d) => (*name, d.observe(value)),
+            Detector::Rate(d) => ("rate_of_change", d.observe(ts, value)),
+        };
+        let verdict = verdict.ok()?;
+        let transition = verdict.transition?;
+        // The level crossed: the raise level for a raise, the clear level for
+        // a clear, in the units of the score.
+        let levels = match self {
+            Detector::ZScore(d) => *d.machine().levels(),
+            Detector::Threshold(_, d) => {
+                return Some(Change {
+                    rule,
+                    transition,
+                    score: verdict.score,
+                    threshold: d.limit(),
+                });
+            }
+            Detector::Rate(d) => *d.levels(),
+        };
+        let threshold = match transition {
+            Transition::Raised => levels.raise_at(),
+            Transition::Cleared => levels.clear_below(),
+        };
+        Some(Change {
+            rule,
+            transition,
+            score: verdict.score,
+            threshold,
+        })
+    }
+}
+
+/// A rule, compiled.
+pub struct CompiledRule {
+    pattern: glob::Pattern,
+    window: Option<Window>,
+    detectors: Vec<Detector>,
+    priority: Priority,
+}
+
+/// The rules of a configuration, in order.
+pub struct Rules {
+    rules: Vec<CompiledRule>,
+    any_critical: bool,
+}
+
+impl Rules {
+    /// Compiles validated rules.
+    pub fn compile(rules: &[Rule]) -> Result<Rules, String> {
+        let mut compiled = Vec::new();
+        for (i, r) in rules.iter().enumerate() {
+            let bad = |what: &str, e: &dyn std::fmt::Display| format!("rules[{i}].{what}: {e}");
+            let mut detectors = Vec::new();
+            if let Some(a) = &r.anomaly {
+                detectors.push(Detector::ZScore(
+                    zscore_for(a).map_err(|e| bad("anomaly", &e))?,
+                ));
+            }
+            for t in &r.thresholds {
+                let name = if t.above.is_some() {
+                    "threshold_above"
+                } else {
+                    "threshold_below"
+                };
+                detectors.push(Detector::Threshold(
+                    name,
+                    threshold_for(t).map_err(|e| bad("thresholds", &e))?,
+                ));
+            }
+            if let Some(rate) = &r.rate_of_change {
+                detectors.push(Detector::Rate(
+                    rate_for(rate).map_err(|e| bad("rate_of_change", &e))?,
+                ));
+            }
+            compiled.push(CompiledRule {
+                pattern: glob::Pattern::new(&r.pattern).map_err(|e| bad("match", &e))?,
+                window: r
+                    .window
+                    .as_ref()
+                    .map(window_for)
+                    .transpose()
+                    .map_err(|e| bad("window", &e))?,
+                detectors,
+                priority: match r.priority {
+                    PriorityKind::Normal => Priority::Normal,
+                    PriorityKind::Critical => Priority::Critical,
+                },
+            });
+        }
+        let any_critical = compiled.iter().any(|r| r.priority == Priority::Critical);
+        Ok(Rules {
+            rules: compiled,
+            any_critical,
+        })
+    }
+
+    /// The first rule matching `series`.
+    pub fn find(&self, series: &str) -> Option<usize> {
+        self.rules.iter().position(|r| r.pattern.matches(series))
+    }
+
+    /// Whether any rule marks series critical (if not, priorities need no lookup).
+    pub fn any_critical(&self) -> bool {
+        self.any_critical
+    }
+
+    /// The shedding priority of `series`.
+    pub fn priority(&self, series: &str) -> Priority {
+        self.find(series)
+            .map_or(Priority::Normal, |i| self.rules[i].priority)
+    }
+
+    /// Fresh state for a series under rule `i`.
+    pub fn state(&self, i: usize) -> (Option<Window>, Vec<Detector>) {
+        let r = &self.rules[i];
+        (r.window.clone(), r.detectors.clone())
+    }
+}

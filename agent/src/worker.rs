@@ -1,0 +1,274 @@
+//! Worker threads: each owns the series sharded to it, alone, and runs their
+//! windows and detectors from `sluice-core`.
+//!
+//! A worker polls its rings (one per source) round-robin, in batches. When
+//! they are all empty it parks; a source unparks it after pushing, so an idle
+//! agent costs no CPU. Every 100 ms, and whenever it parks, it *ticks*: each
+//! series that has been silent has its event time moved forward by the wall
+//! time elapsed since its last reading, so its open windows close even if
+//! no further reading comes (without trusting the sender's clock to agree
+//! with ours). Series state lives in a table capped at `max_series`; readings
+//! of series beyond it are counted and dropped.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::time::{Duration, Instant};
+
+use sluice_collectors::reading::now_ms;
+use sluice_collectors::{Reading, ReadingConsumer, SeriesKey};
+use sluice_core::Timestamp;
+use sluice_core::aggregate::Aggregate;
+use sluice_core::anomaly::Transition;
+use sluice_core::window::{Closed, Rejection};
+use tokio::sync::mpsc;
+
+use crate::output::{AggregateRecord, AlertEvent, Record};
+use crate::rules::{Detector, Rules, Window};
+
+/// How often idle series are ticked.
+const TICK: Duration = Duration::from_millis(100);
+/// Readings taken from one ring before looking at the next.
+const BATCH: usize = 512;
+
+/// What a worker counts.
+#[derive(Debug, Default)]
+pub struct WorkerStats {
+    /// Readings processed.
+    pub readings: AtomicU64,
+    /// Readings refused as late by their window.
+    pub late: AtomicU64,
+    /// Readings of series that no rule matches.
+    pub unmatched: AtomicU64,
+    /// Readings dropped because the series table was full.
+    pub series_overflow: AtomicU64,
+    /// Series with state now.
+    pub series: AtomicU64,
+    /// Records dropped because the output task was gone.
+    pub output_closed: AtomicU64,
+}
+
+struct Series {
+    window: Option<Window>,
+    detectors: Vec<Detector>,
+    /// Largest event time seen, and the wall time it was seen at.
+    last_event: Timestamp,
+    last_seen: Timestamp,
+    late: u64,
+    sampled_one_in: u32,
+}
+
+/// A worker (see the module docs).
+pub struct Worker {
+    agent: Arc<str>,
+    rules: Arc<Rules>,
+    series: HashMap<SeriesKey, Series>,
+    max_series: usize,
+    out: mpsc::Sender<Record>,
+    stats: Arc<WorkerStats>,
+}
+
+impl Worker {
+    /// A worker sending records to `out`.
+    pub fn new(
+        agent: Arc<str>,
+        rules: Arc<Rules>,
+        max_series: usize,
+        out: mpsc::Sender<Record>,
+        stats: Arc<WorkerStats>,
+    ) -> Worker {
+        Worker {
+            agent,
+            rules,
+            series: HashMap::new(),
+            max_series,
+            out,
+            stats,
+        }
+    }
+
+    /// Runs until `stop` is set, then drains the rings, closes every open
+    /// window as partial, and returns.
+    pub fn run(mut self, mut rings: Vec<ReadingConsumer>, stop: Arc<AtomicBool>) {
+        let mut last_tick = Instant::now();
+        loop {
+            let stopping = stop.load(Relaxed);
+            let mut taken = 0;
+            for ring in &mut rings {
+                taken += ring.pop_each(BATCH, |r| self.process(r));
+            }
+            if taken == 0 && stopping {
+                break;
+            }
+            if last_tick.elapsed() >= TICK {
+                self.tick(now_ms());
+                last_tick = Instant::now();
+            }
+            if taken == 0 {
+                std::thread::park_timeout(TICK);
+            }
+        }
+        self.flush();
+    }
+
+    fn send(&self, record: Record) {
+        if self.out.blocking_send(record).is_err() {
+            self.stats.output_closed.fetch_add(1, Relaxed);
+        }
+    }
+
+    fn aggregate(
+        &self,
+        series: &str,
+        closed: Closed<Aggregate>,
+        late: u64,
+        sampled_one_in: u32,
+    ) -> Record {
+        let a = &closed.acc;
+        Record::Aggregate(AggregateRecord {
+            agent: self.agent.clone(),
+            series: series.to_owned(),
+            start: closed.start,
+            end: closed.end,
+            count: a.count(),
+            sum: a.sum(),
+            mean: a.mean().unwrap_or(f64::NAN),
+            min: a.min().unwrap_or(f64::NAN),
+            max: a.max().unwrap_or(f64::NAN),
+            stddev: a.stddev(),
+            first: a.first().map_or(f64::NAN, |p| p.value),
+            last: a.last().map_or(f64::NAN, |p| p.value),
+            late,
+            partial: closed.partial,
+            sampled_one_in: (sampled_one_in > 1).then_some(sampled_one_in),
+        })
+    }
+
+    fn process(&mut self, reading: Reading) {
+        self.stats.readings.fetch_add(1, Relaxed);
+        if !self.series.contains_key(&reading.series) {
+            if self.series.len() >= self.max_series {
+                self.stats.series_overflow.fetch_add(1, Relaxed);
+                return;
+            }
+            let Some(rule) = self.rules.find(&reading.series) else {
+                self.stats.unmatched.fetch_add(1, Relaxed);
+                return;
+            };
+            let (window, detectors) = self.rules.state(rule);
+            self.series.insert(
+                reading.series.clone(),
+                Series {
+                    window,
+                    detectors,
+                    last_event: reading.ts,
+                    last_seen: reading.ingest,
+                    late: 0,
+                    sampled_one_in: 1,
+                },
+            );
+            self.stats.series.store(self.series.len() as u64, Relaxed);
+        }
+        let mut records = Vec::new();
+        let series = self
+            .series
+            .get_mut(&reading.series)
+            .expect("inserted above");
+        series.last_event = series.last_event.max(reading.ts);
+        series.last_seen = reading.ingest;
+        series.sampled_one_in = series.sampled_one_in.max(reading.weight);
+        if let Some(window) = &mut series.window {
+            let mut closed = Vec::new();
+            match window.push(reading.ts, reading.value, |c| closed.push(c)) {
+                Ok(()) => {}
+                Err(Rejection::Late) => {
+                    series.late += 1;
+                    self.stats.late.fetch_add(1, Relaxed);
+                }
+                // The decoder admits only finite values in range.
+                Err(_) => {}
+            }
+            for c in closed {
+                let (late, one_in) = (
+                    std::mem::take(&mut series.late),
+                    std::mem::replace(&mut series.sampled_one_in, 1),
+                );
+                records.push((c, late, one_in));
+            }
+        }
+        let detected = now_ms();
+        let mut alerts = Vec::new();
+        for d in &mut series.detectors {
+            if let Some(change) = d.observe(reading.ts, reading.value) {
+                alerts.push(AlertEvent {
+                    agent: self.agent.clone(),
+                    series: reading.series.to_string(),
+                    rule: change.rule,
+                    state: match change.transition {
+                        Transition::Raised => "raised",
+                        Transition::Cleared => "cleared",
+                    },
+                    value: reading.value,
+                    score: change.score,
+                    threshold: change.threshold,
+                    event_ts: reading.ts,
+                    detected_ts: detected,
+                });
+            }
+        }
+        for (c, late, one_in) in records {
+            let record = self.aggregate(&reading.series, c, late, one_in);
+            self.send(record);
+        }
+        for a in alerts {
+            self.send(Record::Alert(a));
+        }
+    }
+
+    /// Closes the windows of series that have gone quiet.
+    fn tick(&mut self, now: Timestamp) {
+        let mut closed = Vec::new();
+        for (key, s) in &mut self.series {
+            let Some(window) = &mut s.window else {
+                continue;
+            };
+            let idle = now.saturating_sub(s.last_seen);
+            if idle <= 0 {
+                continue;
+            }
+            window.advance_to(s.last_event.saturating_add(idle), |c| {
+                closed.push((
+                    key.clone(),
+                    c,
+                    std::mem::take(&mut s.late),
+                    std::mem::replace(&mut s.sampled_one_in, 1),
+                ));
+            });
+        }
+        for (key, c, late, one_in) in closed {
+            let record = self.aggregate(&key, c, late, one_in);
+            self.send(record);
+        }
+    }
+
+    /// Closes every open window as partial (shutdown).
+    fn flush(&mut self) {
+        let mut closed = Vec::new();
+        for (key, s) in &mut self.series {
+            if let Some(window) = &mut s.window {
+                window.flush(|c| {
+                    closed.push((
+                        key.clone(),
+                        c,
+                        std::mem::take(&mut s.late),
+                        std::mem::replace(&mut s.sampled_one_in, 1),
+                    ))
+                });
+            }
+        }
+        for (key, c, late, one_in) in closed {
+            let record = self.aggregate(&key, c, late, one_in);
+            self.send(record);
+        }
+    }
+}
