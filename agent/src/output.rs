@@ -126,9 +126,13 @@ impl MqttSink {
         let (client, mut events) = AsyncClient::new(options, 1024);
         let events = tokio::spawn(async move {
             let mut delay = Duration::from_millis(200);
+            let mut disconnecting = false;
             loop {
                 match events.poll().await {
-                    Ok(Event::Outgoing(Outgoing::Disconnect)) => break,
+                    // After our DISCONNECT, the broker closes the connection:
+                    // only then has everything before it surely gone out.
+                    Ok(Event::Outgoing(Outgoing::Disconnect)) => disconnecting = true,
+                    Err(_) if disconnecting => break,
                     Ok(Event::Incoming(rumqttc::Packet::ConnAck(_))) => {
                         delay = Duration::from_millis(200);
                         tracing::info!("output MQTT connected");

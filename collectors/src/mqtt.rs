@@ -15,9 +15,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rumqttc::{
-    AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS, TlsConfiguration, Transport,
-};
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, TlsConfiguration, Transport};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde::{Deserialize, Serialize};
@@ -363,13 +361,9 @@ impl MqttSource {
         // Say goodbye properly (a DISCONNECT, so the broker does not treat it
         // as a lost client), waiting a bounded time for it to go out.
         if client.try_disconnect().is_ok() {
+            // The broker closes the connection after our DISCONNECT.
             let _ = tokio::time::timeout(Duration::from_secs(1), async {
-                loop {
-                    match events.poll().await {
-                        Ok(Event::Outgoing(Outgoing::Disconnect)) | Err(_) => break,
-                        Ok(_) => {}
-                    }
-                }
+                while events.poll().await.is_ok() {}
             })
             .await;
         }

@@ -5,12 +5,13 @@ mod common;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
-use common::{Broker, Publisher, await_subscription, drain, one_lane, w1, wait_for};
+use common::{await_subscription, drain, one_lane, w1, wait_for};
 use rumqttc::QoS;
 use sluice_collectors::Reason;
 use sluice_collectors::decode::{JsonMapping, SeriesSource};
 use sluice_collectors::mqtt::{MqttSettings, MqttSource, TlsSettings};
 use sluice_core::shed::ShedPolicy;
+use sluice_tests::{Broker, Publisher};
 use tokio_util::sync::CancellationToken;
 
 const WAIT: Duration = Duration::from_secs(15);

@@ -1,3 +1,153 @@
 //! Integration, end-to-end and fault-injection tests that span Sluice's
-//! crates live in this package's `tests/` folder; this library holds what they
-//! share. Production code never depends on it.
+//! crates live in this package's `tests/` folder and in the crates' own
+//! `tests/`; this library holds what they share: a real Mosquitto broker per
+//! test, and an MQTT publisher. Production code never depends on it.
+
+use std::time::{Duration, Instant};
+
+/// A Mosquitto broker on 127.0.0.1, started for one test and killed on drop.
+pub struct Broker {
+    /// The plain listener's port.
+    pub port: u16,
+    /// The TLS listener's port, if any.
+    pub tls_port: Option<u16>,
+    dir: std::path::PathBuf,
+    child: Option<std::process::Child>,
+}
+
+/// A free TCP port on 127.0.0.1 (bound and released; the broker rebinds it).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Broker {
+    /// Starts a plain broker.
+    pub fn start(name: &str) -> Broker {
+        Self::start_with(name, None)
+    }
+
+    /// Starts a broker with a plain listener and, given `(ca, cert, key)` PEM
+    /// files, a TLS listener.
+    pub fn start_with(
+        name: &str,
+        tls: Option<(&std::path::Path, &std::path::Path, &std::path::Path)>,
+    ) -> Broker {
+        let dir = std::env::temp_dir().join(format!("sluice-mqtt-{}-{name}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut broker = Broker {
+            port: free_port(),
+            tls_port: tls.map(|_| free_port()),
+            dir,
+            child: None,
+        };
+        let mut conf = format!(
+            "per_listener_settings false\nallow_anonymous true\npersistence false\nuser root\nlistener {} 127.0.0.1\n",
+            broker.port
+        );
+        if let (Some((ca, cert, key)), Some(port)) = (tls, broker.tls_port) {
+            conf += &format!(
+                "listener {port} 127.0.0.1\ncafile {}\ncertfile {}\nkeyfile {}\n",
+                ca.display(),
+                cert.display(),
+                key.display()
+            );
+        }
+        std::fs::write(broker.dir.join("mosquitto.conf"), conf).unwrap();
+        broker.restart();
+        broker
+    }
+
+    /// Starts (again) on the same ports, and waits until it accepts connections.
+    pub fn restart(&mut self) {
+        // Debian installs it in /usr/sbin, which a non-root PATH may lack.
+        let program = ["/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto"]
+            .into_iter()
+            .find(|p| std::path::Path::new(p).exists())
+            .unwrap_or("mosquitto");
+        let child = std::process::Command::new(program)
+            .arg("-c")
+            .arg(self.dir.join("mosquitto.conf"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(self.dir.join("mosquitto.log")).unwrap())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("cannot run mosquitto ({e}); install it: apt-get install -y mosquitto")
+            });
+        self.child = Some(child);
+        let start = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "mosquitto did not start: {}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Kills the broker (SIGKILL: no goodbye to the clients).
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// What the broker logged.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("mosquitto.log")).unwrap_or_default()
+    }
+
+    /// The directory holding the broker's files.
+    pub fn dir(&self) -> &std::path::Path {
+        &self.dir
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A client that publishes to the broker on `port` (its event loop runs in
+/// a task that ends with it).
+pub struct Publisher {
+    client: rumqttc::AsyncClient,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Publisher {
+    /// Connects to the broker on 127.0.0.1:`port` as `id`.
+    pub fn connect(port: u16, id: &str) -> Publisher {
+        let options = rumqttc::MqttOptions::new(id, "127.0.0.1", port);
+        let (client, mut events) = rumqttc::AsyncClient::new(options, 1024);
+        let task = tokio::spawn(async move {
+            loop {
+                if events.poll().await.is_err() {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        });
+        Publisher { client, task }
+    }
+
+    /// Publishes `payload` to `topic` (not retained).
+    pub async fn publish(&self, topic: &str, qos: rumqttc::QoS, payload: impl Into<Vec<u8>>) {
+        self.client
+            .publish(topic, qos, false, payload)
+            .await
+            .unwrap();
+    }
+}
+
+impl Drop for Publisher {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}

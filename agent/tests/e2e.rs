@@ -1,0 +1,379 @@
+//! End to end: the `sluice` binary against a real Mosquitto broker.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use serde_json::Value;
+use sluice_tests::{Broker, Publisher};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+fn temp_file(name: &str, text: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("sluice-e2e-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// The agent, killed if the test ends without stopping it.
+struct Agent {
+    child: Child,
+    stderr: Arc<Mutex<String>>,
+}
+
+impl Agent {
+    fn start(config: &std::path::Path) -> Agent {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .args(["run", "--config"])
+            .arg(config)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let sink = stderr.clone();
+        let pipe = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                let mut s = sink.lock().unwrap();
+                s.push_str(&line);
+                s.push('\n');
+            }
+        });
+        Agent { child, stderr }
+    }
+
+    /// Sends SIGTERM and waits (bounded) for the exit status.
+    fn terminate(&mut self) -> std::process::ExitStatus {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                start.elapsed() < WAIT,
+                "the agent did not stop after SIGTERM:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn log(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Subscribes to `filter` and collects (topic, JSON, retained) triples.
+async fn subscribe(port: u16, filter: &str) -> Arc<Mutex<Vec<(String, Value, bool)>>> {
+    let got = Arc::new(Mutex::new(Vec::new()));
+    let options = MqttOptions::new("e2e-subscriber", "127.0.0.1", port);
+    let (client, mut events) = AsyncClient::new(options, 64);
+    client.subscribe(filter, QoS::AtLeastOnce).await.unwrap();
+    let sink = got.clone();
+    tokio::spawn(async move {
+        let _client = client;
+        loop {
+            match events.poll().await {
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    if let Ok(v) = serde_json::from_slice::<Value>(&p.payload) {
+                        sink.lock().unwrap().push((p.topic.clone(), v, p.retain));
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    });
+    got
+}
+
+async fn wait_until(what: &str, agent: &Agent, mut done: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !done() {
+        assert!(
+            start.elapsed() < WAIT,
+            "timed out waiting for {what}; agent log:\n{}",
+            agent.log()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn reading(sensor: &str, ts: i64, value: f64) -> String {
+    format!(r#"{{"sensor":"{sensor}","ts":{ts},"value":{value}}}"#)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exact_aggregates_alert_raise_and_clear_and_a_clean_sigterm() {
+    let broker = Broker::start("e2e");
+    let config = temp_file(
+        "e2e.toml",
+        &format!(
+            r#"
+agent_id = "e2e"
+workers = 2
+
+[sources.plant]
+kind = "mqtt"
+host = "127.0.0.1"
+port = {port}
+client_id = "sluice-e2e-in"
+topics = ["sensors/+"]
+
+[[rules]]
+match = "s-*"
+window = {{ kind = "tumbling", size_ms = 1000 }}
+anomaly = {{ alpha = 0.1, k = 4.0, clear_k = 2.0, warmup = 10 }}
+
+[output.mqtt]
+host = "127.0.0.1"
+port = {port}
+"#,
+            port = broker.port
+        ),
+    );
+    let got = subscribe(broker.port, "sluice/e2e/#").await;
+    let mut agent = Agent::start(&config);
+    let publisher = Publisher::connect(broker.port, "e2e-publisher");
+
+    // Probe until the agent is subscribed: each probe closes the previous
+    // probe's window, so an aggregate for s-probe appears once it listens.
+    let mut ts = now_ms() - 120_000;
+    let start = Instant::now();
+    while !got
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|(t, _, _)| t == "sluice/e2e/agg/s-probe")
+    {
+        assert!(
+            start.elapsed() < WAIT,
+            "no probe aggregate; agent log:\n{}",
+            agent.log()
+        );
+        publisher
+            .publish(
+                "sensors/s-probe",
+                QoS::AtLeastOnce,
+                reading("s-probe", ts, 1.0),
+            )
+            .await;
+        ts += 1000;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // s-1: two known windows, then one reading that closes the second and
+    // stays open itself; malformed messages in between change nothing.
+    let base = (now_ms() - 60_000) / 1000 * 1000;
+    let mut messages: Vec<String> = vec![];
+    for (dt, v) in [
+        (100, 1.0),
+        (200, 2.0),
+        (300, 3.0),
+        (400, 4.0),
+        (1_100, 10.0),
+        (1_900, 20.0),
+    ] {
+        messages.push(reading("s-1", base + dt, v));
+    }
+    messages.insert(3, "{not json".into());
+    messages.insert(5, r#"{"sensor":"s-1","ts":1,"value":"NaN"}"#.into());
+    messages.push(reading("s-1", base + 2_500, 7.0));
+    // s-2: a noisy baseline, a spike, and back to normal.
+    let b2 = base + 10_000;
+    for i in 0..30 {
+        messages.push(reading(
+            "s-2",
+            b2 + i * 10,
+            if i % 2 == 0 { 19.0 } else { 21.0 },
+        ));
+    }
+    messages.push(reading("s-2", b2 + 300, 60.0));
+    messages.push(reading("s-2", b2 + 310, 20.0));
+    for m in messages {
+        publisher.publish("sensors/s-x", QoS::AtLeastOnce, m).await;
+    }
+
+    let find = |topic: &str| -> Vec<Value> {
+        got.lock()
+            .unwrap()
+            .iter()
+            .filter(|(t, _, r)| t == topic && !r)
+            .map(|(_, v, _)| v.clone())
+            .collect()
+    };
+    wait_until("both s-1 windows", &agent, || {
+        find("sluice/e2e/agg/s-1").len() >= 2
+    })
+    .await;
+    let aggs = find("sluice/e2e/agg/s-1");
+    let first = &aggs[0];
+    assert_eq!(first["start"], base);
+    assert_eq!(first["end"], base + 1000);
+    assert_eq!(first["count"], 4);
+    assert_eq!(first["sum"], 10.0);
+    assert_eq!(first["mean"], 2.5);
+    assert_eq!(
+        (first["min"].clone(), first["max"].clone()),
+        (1.0.into(), 4.0.into())
+    );
+    assert_eq!(
+        (first["first"].clone(), first["last"].clone()),
+        (1.0.into(), 4.0.into())
+    );
+    assert_eq!(first["partial"], false);
+    assert_eq!(first["agent"], "e2e");
+    let second = &aggs[1];
+    assert_eq!(
+        (
+            second["start"].clone(),
+            second["count"].clone(),
+            second["sum"].clone()
+        ),
+        (Value::from(base + 1000), 2.into(), 30.0.into())
+    );
+
+    wait_until("the alert to raise and clear", &agent, || {
+        find("sluice/e2e/alerts/s-2").len() >= 2
+    })
+    .await;
+    let alerts = find("sluice/e2e/alerts/s-2");
+    assert_eq!(alerts[0]["state"], "raised");
+    assert_eq!(alerts[0]["rule"], "zscore");
+    assert_eq!(alerts[0]["value"], 60.0);
+    assert_eq!(alerts[0]["event_ts"], b2 + 300);
+    assert!(alerts[0]["score"].as_f64().unwrap() >= 4.0);
+    assert_eq!(alerts[1]["state"], "cleared");
+    assert_eq!(alerts.len(), 2, "no flapping: {alerts:?}");
+
+    // A subscriber that connects now sees the current state, retained.
+    let late = subscribe_retained(broker.port, "sluice/e2e/state/s-2").await;
+    assert_eq!(late["state"], "cleared");
+
+    // SIGTERM: the open window of s-1 is flushed as partial, exit status 0.
+    let status = agent.terminate();
+    assert!(
+        status.success(),
+        "exit status {status}; log:\n{}",
+        agent.log()
+    );
+    wait_until("the partial window", &agent, || {
+        find("sluice/e2e/agg/s-1").len() >= 3
+    })
+    .await;
+    let partial = &find("sluice/e2e/agg/s-1")[2];
+    assert_eq!(partial["start"], base + 2000);
+    assert_eq!(partial["count"], 1);
+    assert_eq!(partial["partial"], true);
+}
+
+/// Connects, reads the one retained message on `topic`.
+async fn subscribe_retained(port: u16, topic: &str) -> Value {
+    let options = MqttOptions::new("e2e-late", "127.0.0.1", port);
+    let (client, mut events) = AsyncClient::new(options, 16);
+    client.subscribe(topic, QoS::AtLeastOnce).await.unwrap();
+    tokio::time::timeout(WAIT, async {
+        loop {
+            if let Ok(Event::Incoming(Packet::Publish(p))) = events.poll().await {
+                assert!(p.retain);
+                return serde_json::from_slice(&p.payload).unwrap();
+            }
+        }
+    })
+    .await
+    .expect("a retained state message")
+}
+
+#[test]
+fn a_config_error_names_the_key_and_the_line_and_fails() {
+    let config = temp_file(
+        "bad.toml",
+        "agent_id = \"x\"\n[sources.u]\nkind = \"udp\"\nbind = \"127.0.0.1:0\"\n[[rules]]\nmatch = \"*\"\nwindow = { kind = \"tumbling\", size_ms = -5 }\n[output]\nconsole = true\n",
+    );
+    for command in ["check", "run"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .args([command, "--config"])
+            .arg(&config)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{command}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("line 7: rules[0].window"),
+            "{command}: {stderr}"
+        );
+    }
+}
+
+#[test]
+fn every_shipped_config_parses() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/config");
+    let mut n = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            sluice::config::Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
+            n += 1;
+        }
+    }
+    assert!(n >= 1);
+    sluice::config::Config::parse(sluice::demo::CONFIG).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["check", "--config"])
+        .arg(dir.join("sluice.example.toml"))
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    // The effective configuration is itself a valid configuration.
+    let effective = String::from_utf8(out.stdout).unwrap();
+    assert!(effective.contains("aggregate_topic = \"sluice/{agent}/agg/{series}\""));
+    sluice::config::Config::parse(&effective).unwrap();
+}
+
+#[test]
+fn the_demo_prints_aggregates_and_an_alert_and_stops() {
+    let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["demo", "--seconds", "9"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.lines().filter(|l| l.starts_with("agg ")).count() >= 40,
+        "{stdout}"
+    );
+    // s-0003 spikes at 7 s.
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.starts_with("ALERT raised") && l.contains("s-0003")),
+        "{stdout}"
+    );
+    assert!(stdout.contains("[final]"));
+}
