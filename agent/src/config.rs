@@ -46,6 +46,35 @@ pub struct Config {
     /// Where aggregates and alerts go.
     #[serde(default)]
     pub output: Output,
+    /// Metrics for Prometheus, and periodic stats messages.
+    #[serde(default)]
+    pub metrics: Metrics,
+}
+
+/// Metrics settings.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Metrics {
+    /// Serve Prometheus metrics on `http://<listen>/metrics`; keep it on a
+    /// loopback address (`127.0.0.1:9898`). Absent (the default): no endpoint.
+    pub listen: Option<std::net::SocketAddr>,
+    /// Publish a JSON stats message to `output.mqtt`'s `stats_topic` every
+    /// this many seconds; 0 turns it off. Default 60.
+    #[serde(default = "default_stats_interval_s")]
+    pub stats_interval_s: u64,
+}
+
+const fn default_stats_interval_s() -> u64 {
+    60
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self {
+            listen: None,
+            stats_interval_s: default_stats_interval_s(),
+        }
+    }
 }
 
 fn default_agent_id() -> String {
@@ -281,6 +310,9 @@ pub struct MqttOutput {
     /// Topic template for aggregates. Default `sluice/{agent}/agg/{series}`.
     #[serde(default = "default_aggregate_topic")]
     pub aggregate_topic: String,
+    /// Topic for the periodic stats message. Default `sluice/{agent}/stats`.
+    #[serde(default = "default_stats_topic")]
+    pub stats_topic: String,
     /// QoS of alerts: 0 (at most once) or 1 (at least once, the default).
     #[serde(default = "default_qos1")]
     pub alert_qos: u8,
@@ -297,6 +329,9 @@ fn default_alert_topic() -> String {
 }
 fn default_state_topic() -> String {
     "sluice/{agent}/state/{series}".into()
+}
+fn default_stats_topic() -> String {
+    "sluice/{agent}/stats".into()
 }
 fn default_aggregate_topic() -> String {
     "sluice/{agent}/agg/{series}".into()

@@ -7,6 +7,7 @@
 //! - [`rules`]: series rules compiled into core windows and detectors.
 //! - [`worker`]: worker threads that own their series.
 //! - [`output`]: aggregate and alert records, and their delivery.
+//! - [`metrics`]: Prometheus `/metrics` and the periodic stats message.
 //! - [`pipeline`]: wiring and orderly shutdown.
 //! - [`demo`]: `sluice demo`, the pipeline on generated sensors.
 //!
@@ -14,6 +15,7 @@
 
 pub mod config;
 pub mod demo;
+pub mod metrics;
 pub mod output;
 pub mod pipeline;
 pub mod rules;

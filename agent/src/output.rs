@@ -80,6 +80,8 @@ pub enum Record {
     Aggregate(AggregateRecord),
     /// An alert change.
     Alert(AlertEvent),
+    /// A stats snapshot (see [`crate::metrics::snapshot`]).
+    Stats(serde_json::Value),
 }
 
 /// What the output task delivered.
@@ -192,6 +194,17 @@ impl MqttSink {
                     .await;
                 event.and(state)
             }
+            Record::Stats(v) => {
+                let payload = serde_json::to_vec(v).unwrap_or_default();
+                self.client
+                    .publish(
+                        topic(&s.stats_topic, &self.agent, ""),
+                        QoS::AtMostOnce,
+                        true,
+                        payload,
+                    )
+                    .await
+            }
         };
         if let Err(e) = result {
             stats.publish_errors.fetch_add(1, Relaxed);
@@ -209,6 +222,7 @@ impl MqttSink {
 /// Prints records on standard output, one line each.
 fn print(record: &Record) {
     match record {
+        Record::Stats(_) => {}
         Record::Aggregate(a) => {
             println!(
                 "agg   {:<24} [{} .. {})  n={:<4} mean={:>9.3}  min={:>9.3}  max={:>9.3}{}{}",
@@ -256,6 +270,7 @@ pub async fn run(
             Record::Aggregate(_) => stats.aggregates.fetch_add(1, Relaxed),
             Record::Alert(e) if e.state == "raised" => stats.alerts_raised.fetch_add(1, Relaxed),
             Record::Alert(_) => stats.alerts_cleared.fetch_add(1, Relaxed),
+            Record::Stats(_) => 0,
         };
         if console {
             print(&record);

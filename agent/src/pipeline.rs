@@ -43,6 +43,8 @@ pub struct Running {
     pub output: Arc<OutputStats>,
     /// Addresses the UDP sources listen on, by name.
     pub udp_addrs: BTreeMap<String, SocketAddr>,
+    /// Where `/metrics` is served, if it is.
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 /// Runs the pipeline for `config` until `shutdown` is cancelled. `started`
@@ -57,6 +59,7 @@ pub async fn run(
 
     // Output task.
     let (tx, rx) = mpsc::channel(OUTPUT_QUEUE);
+    let stats_tx = tx.clone();
     let output_stats = Arc::new(OutputStats::default());
     let output_task = {
         let (mqtt, console, agent, stats) = (
@@ -119,6 +122,7 @@ pub async fn run(
         workers: worker_stats,
         output: output_stats,
         udp_addrs: BTreeMap::new(),
+        metrics_addr: None,
     };
     let sources_stop = shutdown.child_token();
     let mut source_tasks = Vec::new();
@@ -161,6 +165,46 @@ pub async fn run(
         };
         source_tasks.push(task);
     }
+    if let Some(addr) = config.metrics.listen {
+        let listener = crate::metrics::bind(addr)
+            .await
+            .with_context(|| format!("metrics.listen {addr}"))?;
+        running.metrics_addr = Some(listener.local_addr()?);
+        tokio::spawn(crate::metrics::serve(
+            listener,
+            running.clone(),
+            sources_stop.clone(),
+        ));
+    }
+    // The periodic stats message (it holds a sender, so it must end before
+    // the output task can).
+    let stats_task = {
+        let (running, stop, every) = (
+            running.clone(),
+            sources_stop.clone(),
+            config.metrics.stats_interval_s,
+        );
+        tokio::spawn(async move {
+            if every == 0 {
+                return;
+            }
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(every)) => {}
+                }
+                if stats_tx
+                    .send(crate::output::Record::Stats(crate::metrics::snapshot(
+                        &running,
+                    )))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        })
+    };
     tracing::info!(agent = %agent, workers = config.workers, sources = config.sources.len(), "sluice running");
     if let Some(started) = started {
         let _ = started.send(running.clone());
@@ -172,6 +216,7 @@ pub async fn run(
         for task in source_tasks {
             let _ = task.await;
         }
+        let _ = stats_task.await;
         stop.store(true, Relaxed);
         for thread in &wakeups {
             thread.unpark();

@@ -11,10 +11,11 @@
 //! of series beyond it are counted and dropped.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use hdrhistogram::Histogram;
 use sluice_collectors::reading::now_ms;
 use sluice_collectors::{Reading, ReadingConsumer, SeriesKey};
 use sluice_core::Timestamp;
@@ -32,7 +33,7 @@ const TICK: Duration = Duration::from_millis(100);
 const BATCH: usize = 512;
 
 /// What a worker counts.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct WorkerStats {
     /// Readings processed.
     pub readings: AtomicU64,
@@ -46,6 +47,29 @@ pub struct WorkerStats {
     pub series: AtomicU64,
     /// Records dropped because the output task was gone.
     pub output_closed: AtomicU64,
+    /// Readings waiting in this worker's rings (at the last tick).
+    pub ring_depth: AtomicU64,
+    /// Processing latency, ms: from a reading's ingest to the record it
+    /// caused (a closed window or an alert) being handed to the outputs.
+    pub latency_ms: Mutex<Histogram<u64>>,
+}
+
+impl Default for WorkerStats {
+    fn default() -> Self {
+        Self {
+            readings: AtomicU64::new(0),
+            late: AtomicU64::new(0),
+            unmatched: AtomicU64::new(0),
+            series_overflow: AtomicU64::new(0),
+            series: AtomicU64::new(0),
+            output_closed: AtomicU64::new(0),
+            ring_depth: AtomicU64::new(0),
+            // 1 ms to 1 hour, 3 significant digits: about 40 KiB.
+            latency_ms: Mutex::new(
+                Histogram::new_with_bounds(1, 3_600_000, 3).expect("valid bounds"),
+            ),
+        }
+    }
 }
 
 struct Series {
@@ -101,6 +125,8 @@ impl Worker {
                 break;
             }
             if last_tick.elapsed() >= TICK {
+                let depth: usize = rings.iter_mut().map(|r| r.len()).sum();
+                self.stats.ring_depth.store(depth as u64, Relaxed);
                 self.tick(now_ms());
                 last_tick = Instant::now();
             }
@@ -216,12 +242,16 @@ impl Worker {
                 });
             }
         }
+        let caused = !records.is_empty() || !alerts.is_empty();
         for (c, late, one_in) in records {
             let record = self.aggregate(&reading.series, c, late, one_in);
             self.send(record);
         }
         for a in alerts {
             self.send(Record::Alert(a));
+        }
+        if caused && let Ok(mut h) = self.stats.latency_ms.lock() {
+            h.saturating_record(now_ms().saturating_sub(reading.ingest).max(1) as u64);
         }
     }
 

@@ -128,6 +128,7 @@ fn reading(sensor: &str, ts: i64, value: f64) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exact_aggregates_alert_raise_and_clear_and_a_clean_sigterm() {
     let broker = Broker::start("e2e");
+    let metrics_port = sluice_tests::free_port();
     let config = temp_file(
         "e2e.toml",
         &format!(
@@ -150,8 +151,13 @@ anomaly = {{ alpha = 0.1, k = 4.0, clear_k = 2.0, warmup = 10 }}
 [output.mqtt]
 host = "127.0.0.1"
 port = {port}
+
+[metrics]
+listen = "127.0.0.1:{metrics}"
+stats_interval_s = 1
 "#,
-            port = broker.port
+            port = broker.port,
+            metrics = metrics_port
         ),
     );
     let got = subscribe(broker.port, "sluice/e2e/#").await;
@@ -268,11 +274,74 @@ port = {port}
     assert_eq!(alerts[1]["state"], "cleared");
     assert_eq!(alerts.len(), 2, "no flapping: {alerts:?}");
 
+    // Metrics: every refusal counted by reason, records and latency.
+    let metrics = http_get(metrics_port, "/metrics");
+    for line in [
+        "sluice_readings_rejected_total{source=\"plant\",reason=\"malformed\"} 1",
+        "sluice_readings_rejected_total{source=\"plant\",reason=\"too_old\"} 1",
+        "sluice_alerts_raised_total 1",
+        "sluice_alerts_cleared_total 1",
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "{line} missing from:\n{metrics}"
+        );
+    }
+    assert!(metrics.contains("sluice_processing_latency_ms{quantile=\"0.99\"}"));
+    let count: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("sluice_processing_latency_ms_count "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(count >= 3, "{metrics}");
+    assert!(http_get(metrics_port, "/other").starts_with("HTTP/1.1 404"));
+    // The stats message, published every second.
+    wait_until("a stats message", &agent, || {
+        got.lock().unwrap().iter().any(|(t, v, _)| {
+            t == "sluice/e2e/stats" && v["sources"]["plant"]["rejected"]["malformed"] == 1
+        })
+    })
+    .await;
+
     // A subscriber that connects now sees the current state, retained.
     let late = subscribe_retained(broker.port, "sluice/e2e/state/s-2").await;
     assert_eq!(late["state"], "cleared");
 
-    // SIGTERM: the open window of s-1 is flushed as partial, exit status 0.
+    // s-1 fell silent: the idle tick closed its last window (not partial).
+    wait_until("the idle window", &agent, || {
+        find("sluice/e2e/agg/s-1").len() >= 3
+    })
+    .await;
+    let idle = &find("sluice/e2e/agg/s-1")[2];
+    assert_eq!(
+        (
+            idle["start"].clone(),
+            idle["count"].clone(),
+            idle["partial"].clone()
+        ),
+        (Value::from(base + 2000), 1.into(), false.into())
+    );
+
+    // SIGTERM: a window still open is flushed as partial, and the exit status
+    // is 0. (A reading at a window's start needs a full second of silence
+    // before the idle tick would close it.)
+    let processed = || -> u64 {
+        http_get(metrics_port, "/metrics")
+            .lines()
+            .filter_map(|l| l.strip_prefix("sluice_readings_processed_total{"))
+            .filter_map(|l| l.split_once(' ')?.1.parse::<u64>().ok())
+            .sum()
+    };
+    let before = processed();
+    publisher
+        .publish(
+            "sensors/s-x",
+            QoS::AtLeastOnce,
+            reading("s-3", base + 5_000, 3.0),
+        )
+        .await;
+    wait_until("the agent to take s-3", &agent, || processed() > before).await;
     let status = agent.terminate();
     assert!(
         status.success(),
@@ -280,13 +349,31 @@ port = {port}
         agent.log()
     );
     wait_until("the partial window", &agent, || {
-        find("sluice/e2e/agg/s-1").len() >= 3
+        !find("sluice/e2e/agg/s-3").is_empty()
     })
     .await;
-    let partial = &find("sluice/e2e/agg/s-1")[2];
-    assert_eq!(partial["start"], base + 2000);
-    assert_eq!(partial["count"], 1);
-    assert_eq!(partial["partial"], true);
+    let partial = &find("sluice/e2e/agg/s-3")[0];
+    assert_eq!(
+        (
+            partial["start"].clone(),
+            partial["count"].clone(),
+            partial["partial"].clone()
+        ),
+        (Value::from(base + 5000), 1.into(), true.into())
+    );
+}
+
+/// The body (or, for an error, the whole response) of a GET.
+fn http_get(port: u16, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    match response.split_once("\r\n\r\n") {
+        Some((head, body)) if head.starts_with("HTTP/1.1 200") => body.to_owned(),
+        _ => response,
+    }
 }
 
 /// Connects, reads the one retained message on `topic`.

@@ -18,7 +18,12 @@ pub(crate) struct Ingest<'a> {
 
 impl DecodeSink for Ingest<'_> {
     fn reading(&mut self, reading: Reading) {
-        add(&self.handoff.stats().decoded, 1);
+        let stats = self.handoff.stats();
+        add(&stats.decoded, 1);
+        stats.skew_ms.store(
+            reading.ingest.saturating_sub(reading.ts),
+            std::sync::atomic::Ordering::Relaxed,
+        );
         self.handoff.stage(reading);
     }
 

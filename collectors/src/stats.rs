@@ -4,7 +4,7 @@
 //! them (metrics, tests); updating one is a relaxed add.
 
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 /// Why a message or a reading was refused before it reached a ring.
@@ -99,6 +99,9 @@ pub struct SourceStats {
     pub connects: AtomicU64,
     /// Times the connection or device failed.
     pub disconnects: AtomicU64,
+    /// Ingest time minus event time of the latest reading, ms (the sender's
+    /// clock skew plus transit time).
+    pub skew_ms: AtomicI64,
     rejected: [AtomicU64; Reason::ALL.len()],
 }
 

@@ -1,0 +1,310 @@
+//! Metrics: a Prometheus text exposition on `/metrics` (meant for a loopback
+//! address), and the same counters as a periodic JSON stats message.
+//!
+//! The HTTP side is deliberately tiny: one `GET /metrics` per connection,
+//! requests capped at 8 KiB and 2 s, so that a stray client can cost neither
+//! memory nor a task for long.
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+use crate::pipeline::Running;
+use sluice_collectors::Reason;
+
+/// The Prometheus text exposition of `r`.
+pub fn render(r: &Running) -> String {
+    let mut out = String::new();
+    let mut family = |name: &str,
+                      kind: &str,
+                      help: &str,
+                      samples: &mut dyn Iterator<Item = (String, String)>| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for (labels, value) in samples {
+            let _ = writeln!(out, "{name}{labels} {value}");
+        }
+    };
+    let src = |f: fn(&sluice_collectors::SourceStats) -> String| {
+        r.sources
+            .iter()
+            .map(move |(n, s)| (format!("{{source=\"{n}\"}}"), f(s)))
+            .collect::<Vec<_>>()
+    };
+    family(
+        "sluice_messages_received_total",
+        "counter",
+        "Messages (publishes, lines, datagram lines) received.",
+        &mut src(|s| s.messages.load(Relaxed).to_string()).into_iter(),
+    );
+    family(
+        "sluice_bytes_received_total",
+        "counter",
+        "Bytes received.",
+        &mut src(|s| s.bytes.load(Relaxed).to_string()).into_iter(),
+    );
+    family(
+        "sluice_readings_decoded_total",
+        "counter",
+        "Readings decoded.",
+        &mut src(|s| s.decoded.load(Relaxed).to_string()).into_iter(),
+    );
+    family(
+        "sluice_readings_delivered_total",
+        "counter",
+        "Readings handed to a worker's ring.",
+        &mut src(|s| s.delivered.load(Relaxed).to_string()).into_iter(),
+    );
+    let rejected: Vec<(String, String)> = r
+        .sources
+        .iter()
+        .flat_map(|(n, s)| {
+            Reason::ALL.iter().map(move |&reason| {
+                (
+                    format!("{{source=\"{n}\",reason=\"{reason}\"}}"),
+                    s.rejected(reason).to_string(),
+                )
+            })
+        })
+        .collect();
+    family(
+        "sluice_readings_rejected_total",
+        "counter",
+        "Input refused, by reason.",
+        &mut rejected.into_iter(),
+    );
+    let shed: Vec<(String, String)> = r
+        .sources
+        .iter()
+        .flat_map(|(n, s)| {
+            [
+                ("high_water", &s.shed_high_water),
+                ("sampled", &s.shed_sampled),
+                ("full", &s.shed_full),
+            ]
+            .map(|(reason, c)| {
+                (
+                    format!("{{source=\"{n}\",reason=\"{reason}\"}}"),
+                    c.load(Relaxed).to_string(),
+                )
+            })
+        })
+        .collect();
+    family(
+        "sluice_readings_shed_total",
+        "counter",
+        "Readings shed under overload, by reason.",
+        &mut shed.into_iter(),
+    );
+    family(
+        "sluice_source_connects_total",
+        "counter",
+        "Connections, binds or opens of the source.",
+        &mut src(|s| s.connects.load(Relaxed).to_string()).into_iter(),
+    );
+    family(
+        "sluice_source_disconnects_total",
+        "counter",
+        "Lost connections or devices.",
+        &mut src(|s| s.disconnects.load(Relaxed).to_string()).into_iter(),
+    );
+    family(
+        "sluice_event_time_skew_ms",
+        "gauge",
+        "Ingest time minus event time of the latest reading.",
+        &mut src(|s| s.skew_ms.load(Relaxed).to_string()).into_iter(),
+    );
+    let wk = |f: fn(&crate::worker::WorkerStats) -> u64| {
+        r.workers
+            .iter()
+            .enumerate()
+            .map(move |(i, w)| (format!("{{worker=\"{i}\"}}"), f(w).to_string()))
+            .collect::<Vec<_>>()
+    };
+    family(
+        "sluice_readings_processed_total",
+        "counter",
+        "Readings processed by workers.",
+        &mut wk(|w| w.readings.load(Relaxed)).into_iter(),
+    );
+    family(
+        "sluice_readings_late_total",
+        "counter",
+        "Readings refused as late by their window.",
+        &mut wk(|w| w.late.load(Relaxed)).into_iter(),
+    );
+    family(
+        "sluice_readings_unmatched_total",
+        "counter",
+        "Readings of series no rule matches.",
+        &mut wk(|w| w.unmatched.load(Relaxed)).into_iter(),
+    );
+    family(
+        "sluice_readings_series_overflow_total",
+        "counter",
+        "Readings dropped because the series table was full.",
+        &mut wk(|w| w.series_overflow.load(Relaxed)).into_iter(),
+    );
+    family(
+        "sluice_series",
+        "gauge",
+        "Series with state.",
+        &mut wk(|w| w.series.load(Relaxed)).into_iter(),
+    );
+    family(
+        "sluice_ring_depth",
+        "gauge",
+        "Readings waiting in a worker's rings.",
+        &mut wk(|w| w.ring_depth.load(Relaxed)).into_iter(),
+    );
+    let o = &r.output;
+    family(
+        "sluice_aggregates_total",
+        "counter",
+        "Aggregate records emitted.",
+        &mut std::iter::once((String::new(), o.aggregates.load(Relaxed).to_string())),
+    );
+    family(
+        "sluice_alerts_raised_total",
+        "counter",
+        "Alerts raised.",
+        &mut std::iter::once((String::new(), o.alerts_raised.load(Relaxed).to_string())),
+    );
+    family(
+        "sluice_alerts_cleared_total",
+        "counter",
+        "Alerts cleared.",
+        &mut std::iter::once((String::new(), o.alerts_cleared.load(Relaxed).to_string())),
+    );
+    family(
+        "sluice_publish_errors_total",
+        "counter",
+        "Failed publishes.",
+        &mut std::iter::once((String::new(), o.publish_errors.load(Relaxed).to_string())),
+    );
+    // Processing latency, all workers merged.
+    let mut merged =
+        hdrhistogram::Histogram::<u64>::new_with_bounds(1, 3_600_000, 3).expect("valid bounds");
+    for w in &r.workers {
+        if let Ok(h) = w.latency_ms.lock() {
+            let _ = merged.add(&*h);
+        }
+    }
+    let mut latency: Vec<(String, String)> = [0.5, 0.9, 0.99, 0.999, 1.0]
+        .iter()
+        .map(|q| {
+            (
+                format!("{{quantile=\"{q}\"}}"),
+                merged.value_at_quantile(*q).to_string(),
+            )
+        })
+        .collect();
+    latency.push((
+        "_sum".into(),
+        ((merged.mean() * merged.len() as f64).round() as u64).to_string(),
+    ));
+    latency.push(("_count".into(), merged.len().to_string()));
+    let _ = writeln!(
+        out,
+        "# HELP sluice_processing_latency_ms From a reading's ingest to the record it caused, ms (1 ms resolution).\n# TYPE sluice_processing_latency_ms summary"
+    );
+    for (labels, value) in latency {
+        let _ = writeln!(out, "sluice_processing_latency_ms{labels} {value}");
+    }
+    out
+}
+
+/// Serves `/metrics` on `listener` until `shutdown`.
+pub async fn serve(listener: TcpListener, running: Running, shutdown: CancellationToken) {
+    loop {
+        let (stream, _) = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "metrics accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let running = running.clone();
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(Duration::from_secs(2), respond(stream, &running)).await;
+        });
+    }
+}
+
+async fn respond(mut stream: TcpStream, running: &Running) -> std::io::Result<()> {
+    let mut request = Vec::with_capacity(1024);
+    let mut buf = [0u8; 1024];
+    while !request.windows(4).any(|w| w == b"\r\n\r\n") && request.len() < 8192 {
+        let n = stream.read(&mut buf).await?;
+        if n == 0 {
+            break;
+        }
+        request.extend_from_slice(&buf[..n]);
+    }
+    let (status, body) =
+        if request.starts_with(b"GET /metrics ") || request.starts_with(b"GET /metrics?") {
+            ("200 OK", render(running))
+        } else {
+            ("404 Not Found", "try /metrics\n".to_string())
+        };
+    let response = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(response.as_bytes()).await?;
+    stream.shutdown().await
+}
+
+/// Binds the metrics listener.
+pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).await
+}
+
+/// The counters as JSON, for the periodic stats message.
+pub fn snapshot(r: &Running) -> serde_json::Value {
+    use serde_json::json;
+    let sources: serde_json::Map<String, serde_json::Value> = r
+        .sources
+        .iter()
+        .map(|(n, s)| {
+            let rejected: serde_json::Map<String, serde_json::Value> = Reason::ALL
+                .iter()
+                .filter(|&&reason| s.rejected(reason) > 0)
+                .map(|&reason| (reason.as_str().to_owned(), s.rejected(reason).into()))
+                .collect();
+            (
+                n.clone(),
+                json!({
+                    "messages": s.messages.load(Relaxed),
+                    "decoded": s.decoded.load(Relaxed),
+                    "delivered": s.delivered.load(Relaxed),
+                    "rejected": rejected,
+                    "shed": s.shed_total(),
+                    "skew_ms": s.skew_ms.load(Relaxed),
+                }),
+            )
+        })
+        .collect();
+    let sum =
+        |f: fn(&crate::worker::WorkerStats) -> u64| r.workers.iter().map(|w| f(w)).sum::<u64>();
+    json!({
+        "ts": sluice_collectors::reading::now_ms(),
+        "sources": sources,
+        "series": sum(|w| w.series.load(Relaxed)),
+        "late": sum(|w| w.late.load(Relaxed)),
+        "unmatched": sum(|w| w.unmatched.load(Relaxed)),
+        "series_overflow": sum(|w| w.series_overflow.load(Relaxed)),
+        "ring_depth": sum(|w| w.ring_depth.load(Relaxed)),
+        "aggregates": r.output.aggregates.load(Relaxed),
+        "alerts_raised": r.output.alerts_raised.load(Relaxed),
+        "alerts_cleared": r.output.alerts_cleared.load(Relaxed),
+    })
+}
