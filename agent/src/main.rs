@@ -62,8 +62,8 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
-        Command::Run { config } => {
-            let config = match Config::load(&config) {
+        Command::Run { config: path } => {
+            let config = match Config::load(&path) {
                 Ok(c) => c,
                 Err(e) => {
                     eprintln!("error: {e}");
@@ -71,7 +71,9 @@ fn main() -> ExitCode {
                 }
             };
             block_on_until_signal(|shutdown| async move {
-                sluice::pipeline::run(config, shutdown, None)
+                let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(4);
+                tokio::spawn(reload_on_sighup(path, reload_tx));
+                sluice::pipeline::run_with_reload(config, shutdown, None, Some(reload_rx))
                     .await
                     .map(drop)
             })
@@ -133,4 +135,27 @@ where
             }
         }
     })
+}
+
+/// Re-reads the configuration on every SIGHUP and passes it on if it is
+/// valid; an invalid one is reported and the running one kept.
+async fn reload_on_sighup(path: PathBuf, reload: tokio::sync::mpsc::Sender<Config>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        tracing::error!("cannot install the SIGHUP handler; reload is off");
+        return;
+    };
+    while hup.recv().await.is_some() {
+        match Config::load(&path) {
+            Ok(config) => {
+                tracing::info!(config = %path.display(), "SIGHUP: reloading");
+                if reload.send(config).await.is_err() {
+                    return;
+                }
+            }
+            Err(e) => {
+                tracing::error!("SIGHUP: new configuration rejected, keeping the current one: {e}")
+            }
+        }
+    }
 }

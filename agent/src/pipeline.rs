@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{Config, Source};
 use crate::output::{self, OutputStats};
 use crate::rules::Rules;
-use crate::worker::{Worker, WorkerStats};
+use crate::worker::{RulesSlot, Worker, WorkerStats};
 
 /// Records waiting for the output task, at most.
 const OUTPUT_QUEUE: usize = 4096;
@@ -54,8 +54,21 @@ pub async fn run(
     shutdown: CancellationToken,
     started: Option<oneshot::Sender<Running>>,
 ) -> anyhow::Result<Running> {
+    run_with_reload(config, shutdown, started, None).await
+}
+
+/// [`run`], also applying the configurations received on `reload` (from
+/// SIGHUP): new rules take effect at once; changes to anything else need a
+/// restart and are reported as such.
+pub async fn run_with_reload(
+    config: Config,
+    shutdown: CancellationToken,
+    started: Option<oneshot::Sender<Running>>,
+    mut reload: Option<mpsc::Receiver<Config>>,
+) -> anyhow::Result<Running> {
     let agent: Arc<str> = config.agent_id.as_str().into();
     let rules = Arc::new(Rules::compile(&config.rules).map_err(anyhow::Error::msg)?);
+    let slot = Arc::new(RulesSlot::default());
 
     // Output task.
     let (tx, rx) = mpsc::channel(OUTPUT_QUEUE);
@@ -95,6 +108,7 @@ pub async fn run(
         let worker = Worker::new(
             agent.clone(),
             rules.clone(),
+            slot.clone(),
             config.max_series,
             tx.clone(),
             stats,
@@ -210,7 +224,21 @@ pub async fn run(
         let _ = started.send(running.clone());
     }
 
-    shutdown.cancelled().await;
+    loop {
+        let next = async {
+            match &mut reload {
+                Some(r) => r.recv().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            new = next => match new {
+                Some(new) => apply_reload(&config, &new, &slot),
+                None => reload = None,
+            },
+        }
+    }
     tracing::info!("shutting down: stopping sources, draining workers, flushing outputs");
     let drained = tokio::time::timeout(SHUTDOWN_BOUND, async {
         for task in source_tasks {
@@ -236,5 +264,38 @@ pub async fn run(
         Ok(Ok(Err(e))) => bail!("{e}"),
         Ok(Err(e)) => bail!("output task failed: {e}"),
         Err(_) => bail!("shutdown took longer than {SHUTDOWN_BOUND:?}"),
+    }
+}
+
+/// Publishes the new configuration's rules to the workers; warns about the
+/// changes that only a restart applies.
+fn apply_reload(current: &Config, new: &Config, slot: &RulesSlot) {
+    match Rules::compile(&new.rules) {
+        Ok(rules) => {
+            slot.replace(Arc::new(rules));
+            tracing::info!(
+                rules = new.rules.len(),
+                "configuration reloaded: rules replaced"
+            );
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "reloaded rules rejected; the old ones stay");
+            return;
+        }
+    }
+    let restart_only = [
+        ("agent_id", current.agent_id != new.agent_id),
+        ("workers", current.workers != new.workers),
+        ("ring_capacity", current.ring_capacity != new.ring_capacity),
+        ("max_series", current.max_series != new.max_series),
+        ("shedding", current.shedding != new.shedding),
+        ("sources", current.sources != new.sources),
+        ("output", current.output != new.output),
+        ("metrics", current.metrics != new.metrics),
+    ];
+    for (key, changed) in restart_only {
+        if changed {
+            tracing::warn!(key, "changed in the file but applied only on restart");
+        }
     }
 }

@@ -189,6 +189,8 @@ impl Detector {
 
 /// A rule, compiled.
 pub struct CompiledRule {
+    /// The rule as configured, to tell on reload what changed.
+    config: Rule,
     pattern: glob::Pattern,
     window: Option<Window>,
     detectors: Vec<Detector>,
@@ -230,6 +232,7 @@ impl Rules {
                 ));
             }
             compiled.push(CompiledRule {
+                config: r.clone(),
                 pattern: glob::Pattern::new(&r.pattern).map_err(|e| bad("match", &e))?,
                 window: r
                     .window
@@ -265,6 +268,11 @@ impl Rules {
     pub fn priority(&self, series: &str) -> Priority {
         self.find(series)
             .map_or(Priority::Normal, |i| self.rules[i].priority)
+    }
+
+    /// Rule `i` as configured.
+    pub fn config(&self, i: usize) -> &Rule {
+        &self.rules[i].config
     }
 
     /// Fresh state for a series under rule `i`.

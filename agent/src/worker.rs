@@ -73,6 +73,8 @@ impl Default for WorkerStats {
 }
 
 struct Series {
+    /// The rule the state was built from.
+    rule: usize,
     window: Option<Window>,
     detectors: Vec<Detector>,
     /// Largest event time seen, and the wall time it was seen at.
@@ -82,10 +84,38 @@ struct Series {
     sampled_one_in: u32,
 }
 
+/// The current rules, replaced on reload; workers pick up a new generation.
+#[derive(Default)]
+pub struct RulesSlot {
+    generation: AtomicU64,
+    rules: Mutex<Option<Arc<Rules>>>,
+}
+
+impl RulesSlot {
+    /// Publishes new rules to every worker.
+    pub fn replace(&self, rules: Arc<Rules>) {
+        if let Ok(mut slot) = self.rules.lock() {
+            *slot = Some(rules);
+            self.generation.fetch_add(1, Relaxed);
+        }
+    }
+
+    fn latest(&self, seen: u64) -> Option<(u64, Arc<Rules>)> {
+        let generation = self.generation.load(Relaxed);
+        if generation == seen {
+            return None;
+        }
+        let rules = self.rules.lock().ok()?.clone()?;
+        Some((generation, rules))
+    }
+}
+
 /// A worker (see the module docs).
 pub struct Worker {
     agent: Arc<str>,
     rules: Arc<Rules>,
+    slot: Arc<RulesSlot>,
+    generation: u64,
     series: HashMap<SeriesKey, Series>,
     max_series: usize,
     out: mpsc::Sender<Record>,
@@ -97,6 +127,7 @@ impl Worker {
     pub fn new(
         agent: Arc<str>,
         rules: Arc<Rules>,
+        slot: Arc<RulesSlot>,
         max_series: usize,
         out: mpsc::Sender<Record>,
         stats: Arc<WorkerStats>,
@@ -104,6 +135,8 @@ impl Worker {
         Worker {
             agent,
             rules,
+            generation: slot.generation.load(Relaxed),
+            slot,
             series: HashMap::new(),
             max_series,
             out,
@@ -117,6 +150,12 @@ impl Worker {
         let mut last_tick = Instant::now();
         loop {
             let stopping = stop.load(Relaxed);
+            // New rules first, so that readings that arrive after a reload
+            // are judged by them.
+            if let Some((generation, rules)) = self.slot.latest(self.generation) {
+                self.generation = generation;
+                self.reload(rules);
+            }
             let mut taken = 0;
             for ring in &mut rings {
                 taken += ring.pop_each(BATCH, |r| self.process(r));
@@ -185,6 +224,7 @@ impl Worker {
             self.series.insert(
                 reading.series.clone(),
                 Series {
+                    rule,
                     window,
                     detectors,
                     last_event: reading.ts,
@@ -252,6 +292,45 @@ impl Worker {
         }
         if caused && let Ok(mut h) = self.stats.latency_ms.lock() {
             h.saturating_record(now_ms().saturating_sub(reading.ingest).max(1) as u64);
+        }
+    }
+
+    /// Switches to new rules. A series keeps each part of its state (window,
+    /// detectors) whose configuration did not change; a series no rule
+    /// matches any more is forgotten, its open windows emitted as partial.
+    fn reload(&mut self, rules: Arc<Rules>) {
+        let old = std::mem::replace(&mut self.rules, rules);
+        let mut gone = Vec::new();
+        for (key, s) in &mut self.series {
+            let Some(new) = self.rules.find(key) else {
+                gone.push(key.clone());
+                continue;
+            };
+            let (before, after) = (old.config(s.rule), self.rules.config(new));
+            let (window, detectors) = self.rules.state(new);
+            if before.window != after.window {
+                s.window = window;
+            }
+            let same_detectors = before.anomaly == after.anomaly
+                && before.thresholds == after.thresholds
+                && before.rate_of_change == after.rate_of_change;
+            if !same_detectors {
+                s.detectors = detectors;
+            }
+            s.rule = new;
+        }
+        let mut closed = Vec::new();
+        for key in gone {
+            if let Some(mut s) = self.series.remove(&key)
+                && let Some(w) = &mut s.window
+            {
+                w.flush(|c| closed.push((key.clone(), c, s.late, s.sampled_one_in)));
+            }
+        }
+        self.stats.series.store(self.series.len() as u64, Relaxed);
+        for (key, c, late, one_in) in closed {
+            let record = self.aggregate(&key, c, late, one_in);
+            self.send(record);
         }
     }
 

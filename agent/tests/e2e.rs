@@ -164,31 +164,7 @@ stats_interval_s = 1
     let mut agent = Agent::start(&config);
     let publisher = Publisher::connect(broker.port, "e2e-publisher");
 
-    // Probe until the agent is subscribed: each probe closes the previous
-    // probe's window, so an aggregate for s-probe appears once it listens.
-    let mut ts = now_ms() - 120_000;
-    let start = Instant::now();
-    while !got
-        .lock()
-        .unwrap()
-        .iter()
-        .any(|(t, _, _)| t == "sluice/e2e/agg/s-probe")
-    {
-        assert!(
-            start.elapsed() < WAIT,
-            "no probe aggregate; agent log:\n{}",
-            agent.log()
-        );
-        publisher
-            .publish(
-                "sensors/s-probe",
-                QoS::AtLeastOnce,
-                reading("s-probe", ts, 1.0),
-            )
-            .await;
-        ts += 1000;
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    await_agent(&publisher, &got, &agent, "e2e").await;
 
     // s-1: two known windows, then one reading that closes the second and
     // stays open itself; malformed messages in between change nothing.
@@ -363,6 +339,35 @@ stats_interval_s = 1
     );
 }
 
+/// Probes until the agent is subscribed: each probe closes the previous
+/// probe's window, so an aggregate for s-probe appears once it listens.
+async fn await_agent(
+    publisher: &Publisher,
+    got: &Arc<Mutex<Vec<(String, Value, bool)>>>,
+    agent: &Agent,
+    id: &str,
+) {
+    let topic = format!("sluice/{id}/agg/s-probe");
+    let mut ts = now_ms() - 120_000;
+    let start = Instant::now();
+    while !got.lock().unwrap().iter().any(|(t, _, _)| *t == topic) {
+        assert!(
+            start.elapsed() < WAIT,
+            "no probe aggregate; agent log:\n{}",
+            agent.log()
+        );
+        publisher
+            .publish(
+                "sensors/s-probe",
+                QoS::AtLeastOnce,
+                reading("s-probe", ts, 1.0),
+            )
+            .await;
+        ts += 1000;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// The body (or, for an error, the whole response) of a GET.
 fn http_get(port: u16, path: &str) -> String {
     use std::io::{Read, Write};
@@ -463,4 +468,145 @@ fn the_demo_prints_aggregates_and_an_alert_and_stops() {
         "{stdout}"
     );
     assert!(stdout.contains("[final]"));
+}
+
+fn reload_config(broker_port: u16, metrics_port: u16, above: f64) -> String {
+    format!(
+        r#"
+agent_id = "hup"
+workers = 1
+
+[sources.plant]
+kind = "mqtt"
+host = "127.0.0.1"
+port = {broker_port}
+client_id = "sluice-hup-in"
+topics = ["sensors/+"]
+
+[[rules]]
+match = "s-*"
+window = {{ kind = "tumbling", size_ms = 1000 }}
+thresholds = [{{ above = {above} }}]
+
+[output.mqtt]
+host = "127.0.0.1"
+port = {broker_port}
+
+[metrics]
+listen = "127.0.0.1:{metrics_port}"
+"#
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_changes_a_threshold_keeps_series_state_and_refuses_a_bad_file() {
+    let broker = Broker::start("hup");
+    let metrics_port = sluice_tests::free_port();
+    let config = temp_file("hup.toml", &reload_config(broker.port, metrics_port, 100.0));
+    let got = subscribe(broker.port, "sluice/hup/#").await;
+    let mut agent = Agent::start(&config);
+    let publisher = Publisher::connect(broker.port, "hup-publisher");
+    await_agent(&publisher, &got, &agent, "hup").await;
+    let processed = || -> u64 {
+        http_get(metrics_port, "/metrics")
+            .lines()
+            .filter_map(|l| l.strip_prefix("sluice_readings_processed_total{"))
+            .filter_map(|l| l.split_once(' ')?.1.parse::<u64>().ok())
+            .sum()
+    };
+    let hup = |agent: &Agent| {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(agent.child.id() as i32, libc::SIGHUP) };
+    };
+    let find = |topic: &str| -> Vec<Value> {
+        got.lock()
+            .unwrap()
+            .iter()
+            .filter(|(t, _, r)| t == topic && !r)
+            .map(|(_, v, _)| v.clone())
+            .collect()
+    };
+
+    // 50 is under the limit of 100: no alert.
+    let base = (now_ms() - 60_000) / 1000 * 1000;
+    let before = processed();
+    publisher
+        .publish(
+            "sensors/x",
+            QoS::AtLeastOnce,
+            reading("s-9", base + 100, 50.0),
+        )
+        .await;
+    wait_until("the first reading", &agent, || processed() > before).await;
+
+    // Lower the limit to 40 and reload.
+    std::fs::write(&config, reload_config(broker.port, metrics_port, 40.0)).unwrap();
+    hup(&agent);
+    wait_until("the reload", &agent, || {
+        agent.log().contains("configuration reloaded")
+    })
+    .await;
+    publisher
+        .publish(
+            "sensors/x",
+            QoS::AtLeastOnce,
+            reading("s-9", base + 200, 50.0),
+        )
+        .await;
+    wait_until("the alert under the new limit", &agent, || {
+        !find("sluice/hup/alerts/s-9").is_empty()
+    })
+    .await;
+    let alert = &find("sluice/hup/alerts/s-9")[0];
+    assert_eq!(
+        (
+            alert["rule"].clone(),
+            alert["state"].clone(),
+            alert["threshold"].clone()
+        ),
+        ("threshold_above".into(), "raised".into(), 40.0.into())
+    );
+
+    // The window was unchanged, so the series kept it: both readings count.
+    publisher
+        .publish(
+            "sensors/x",
+            QoS::AtLeastOnce,
+            reading("s-9", base + 1_500, 45.0),
+        )
+        .await;
+    wait_until("the first window", &agent, || {
+        !find("sluice/hup/agg/s-9").is_empty()
+    })
+    .await;
+    let window = &find("sluice/hup/agg/s-9")[0];
+    assert_eq!(
+        (
+            window["start"].clone(),
+            window["count"].clone(),
+            window["sum"].clone()
+        ),
+        (Value::from(base), 2.into(), 100.0.into())
+    );
+
+    // A broken file is refused; the running configuration stays.
+    std::fs::write(&config, "this is = not [valid").unwrap();
+    hup(&agent);
+    wait_until("the refusal", &agent, || {
+        agent.log().contains("new configuration rejected")
+    })
+    .await;
+    publisher
+        .publish(
+            "sensors/x",
+            QoS::AtLeastOnce,
+            reading("s-9", base + 1_600, 10.0),
+        )
+        .await;
+    wait_until("the clear under the kept limit", &agent, || {
+        find("sluice/hup/alerts/s-9").len() >= 2
+    })
+    .await;
+    assert_eq!(find("sluice/hup/alerts/s-9")[1]["state"], "cleared");
+    assert!(agent.terminate().success());
 }
