@@ -85,8 +85,11 @@ impl Drop for Agent {
     }
 }
 
+/// Messages a test subscriber received: (topic, JSON payload, retained).
+type Received = Arc<Mutex<Vec<(String, Value, bool)>>>;
+
 /// Subscribes to `filter` and collects (topic, JSON, retained) triples.
-async fn subscribe(port: u16, filter: &str) -> Arc<Mutex<Vec<(String, Value, bool)>>> {
+async fn subscribe(port: u16, filter: &str) -> Received {
     let got = Arc::new(Mutex::new(Vec::new()));
     let options = MqttOptions::new("e2e-subscriber", "127.0.0.1", port);
     let (client, mut events) = AsyncClient::new(options, 64);
@@ -341,12 +344,7 @@ stats_interval_s = 1
 
 /// Probes until the agent is subscribed: each probe closes the previous
 /// probe's window, so an aggregate for s-probe appears once it listens.
-async fn await_agent(
-    publisher: &Publisher,
-    got: &Arc<Mutex<Vec<(String, Value, bool)>>>,
-    agent: &Agent,
-    id: &str,
-) {
+async fn await_agent(publisher: &Publisher, got: &Received, agent: &Agent, id: &str) {
     let topic = format!("sluice/{id}/agg/s-probe");
     let mut ts = now_ms() - 120_000;
     let start = Instant::now();
