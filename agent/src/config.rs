@@ -146,6 +146,11 @@ pub struct Rule {
     pub pattern: String,
     /// The window whose aggregates are published; none if absent.
     pub window: Option<WindowRule>,
+    /// Quantiles to report with each window's aggregates, each in (0, 1),
+    /// e.g. `[0.5, 0.9, 0.99]` (within 1 % of the exact values; needs a
+    /// window). Default: none.
+    #[serde(default)]
+    pub quantiles: Vec<f64>,
     /// An EWMA z-score anomaly rule.
     pub anomaly: Option<AnomalyRule>,
     /// Threshold rules.
@@ -471,7 +476,14 @@ impl Rule {
         glob::Pattern::new(&self.pattern)
             .map_err(|e| format!("match: bad glob {:?}: {e}", self.pattern))?;
         if let Some(w) = &self.window {
-            crate::rules::window_for(w).map_err(|e| format!("window: {e}"))?;
+            crate::rules::window_for::<sluice_core::aggregate::Aggregate>(w)
+                .map_err(|e| format!("window: {e}"))?;
+        }
+        if !self.quantiles.is_empty() && self.window.is_none() {
+            return Err("quantiles: need a window".into());
+        }
+        if self.quantiles.iter().any(|q| !(*q > 0.0 && *q < 1.0)) {
+            return Err("quantiles: each must be in (0, 1), e.g. 0.99".into());
         }
         if self.window.is_none()
             && self.anomaly.is_none()

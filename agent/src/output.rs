@@ -39,6 +39,10 @@ pub struct AggregateRecord {
     pub first: f64,
     /// The value with the latest event time.
     pub last: f64,
+    /// The quantiles the rule asks for (`p50`, `p99`, `p99.9`, …), each
+    /// within 1 % of the exact value.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub quantiles: Option<std::collections::BTreeMap<String, f64>>,
     /// Readings of this series refused as late since the previous record.
     pub late: u64,
     /// Closed early by shutdown: more readings may have belonged to it.

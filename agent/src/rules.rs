@@ -2,11 +2,12 @@
 //! series: its window and its alert detectors (all from `sluice-core`).
 
 use sluice_core::Timestamp;
-use sluice_core::aggregate::Aggregate;
+use sluice_core::aggregate::{Accumulator, Aggregate};
 use sluice_core::anomaly::{
     Hysteresis, RateOfChangeDetector, RuleError, ThresholdDetector, Transition, ZScoreDetector,
 };
 use sluice_core::shed::Priority;
+use sluice_core::sketch::DdSketch;
 use sluice_core::window::{
     Closed, CountWindow, HoppingWindow, Rejection, TumblingWindow, WindowError,
 };
@@ -24,23 +25,23 @@ const HOPPING_PANES: usize = 16;
 /// inline, so a reading does not chase a pointer; count windows are rare.
 #[derive(Clone)]
 #[allow(clippy::large_enum_variant)]
-pub enum Window {
+pub enum Window<A: Accumulator = Aggregate> {
     /// Tumbling on event time.
-    Tumbling(TumblingWindow<TUMBLING_PANES>),
+    Tumbling(TumblingWindow<TUMBLING_PANES, A>),
     /// Hopping on event time (boxed: its 16 panes would make every series'
     /// state as large as the largest window).
-    Hopping(Box<HoppingWindow<HOPPING_PANES>>),
+    Hopping(Box<HoppingWindow<HOPPING_PANES, A>>),
     /// By count.
-    Count(CountWindow),
+    Count(CountWindow<A>),
 }
 
-impl Window {
+impl<A: Accumulator> Window<A> {
     /// Adds a reading; closed windows go to `emit`.
     pub fn push(
         &mut self,
         ts: Timestamp,
         value: f64,
-        emit: impl FnMut(Closed<Aggregate>),
+        emit: impl FnMut(Closed<A>),
     ) -> Result<(), Rejection> {
         match self {
             Window::Tumbling(w) => w.push(ts, value, emit),
@@ -50,7 +51,7 @@ impl Window {
     }
 
     /// Moves event time forward without a reading (idle series).
-    pub fn advance_to(&mut self, ts: Timestamp, emit: impl FnMut(Closed<Aggregate>)) {
+    pub fn advance_to(&mut self, ts: Timestamp, emit: impl FnMut(Closed<A>)) {
         match self {
             Window::Tumbling(w) => w.advance_to(ts, emit),
             Window::Hopping(w) => w.advance_to(ts, emit),
@@ -60,7 +61,7 @@ impl Window {
     }
 
     /// Closes everything open, as partial.
-    pub fn flush(&mut self, emit: impl FnMut(Closed<Aggregate>)) {
+    pub fn flush(&mut self, emit: impl FnMut(Closed<A>)) {
         match self {
             Window::Tumbling(w) => w.flush(emit),
             Window::Hopping(w) => w.flush(emit),
@@ -70,7 +71,7 @@ impl Window {
 }
 
 /// The window a rule asks for, or why it cannot be built.
-pub fn window_for(rule: &WindowRule) -> Result<Window, WindowError> {
+pub fn window_for<A: Accumulator>(rule: &WindowRule) -> Result<Window<A>, WindowError> {
     Ok(match *rule {
         WindowRule::Tumbling {
             size_ms,
@@ -87,6 +88,57 @@ pub fn window_for(rule: &WindowRule) -> Result<Window, WindowError> {
         )?)),
         WindowRule::Count { size } => Window::Count(CountWindow::new(size)?),
     })
+}
+
+/// Buckets per sign of a window's quantile sketch: at 1 % accuracy they span
+/// values within a factor of about 13 of each other before the lowest are
+/// merged (see `sluice_core::sketch::DdSketch`).
+const QUANTILE_BUCKETS: usize = 128;
+/// Relative accuracy of reported quantiles.
+pub const QUANTILE_ACCURACY: f64 = 0.01;
+
+/// A window's quantile sketch, allocated on its first value (so that empty
+/// panes cost one pointer).
+#[derive(Clone, Default)]
+pub struct Quantiles(Option<Box<DdSketch<[u64; 2 * QUANTILE_BUCKETS]>>>);
+
+impl Quantiles {
+    /// The value at quantile `q`, within 1 % of the exact one.
+    pub fn quantile(&self, q: f64) -> Option<f64> {
+        self.0.as_ref().and_then(|s| s.quantile(q))
+    }
+}
+
+impl Accumulator for Quantiles {
+    fn empty() -> Self {
+        Self(None)
+    }
+
+    fn add(&mut self, _ts: Timestamp, value: f64) {
+        self.0
+            .get_or_insert_with(|| {
+                Box::new(
+                    DdSketch::with_storage([0; 2 * QUANTILE_BUCKETS], QUANTILE_ACCURACY)
+                        .expect("constant, valid sketch parameters"),
+                )
+            })
+            .insert(value);
+    }
+
+    fn merge(&mut self, other: &Self) {
+        match (&mut self.0, &other.0) {
+            (_, None) => {}
+            (None, Some(o)) => self.0 = Some(o.clone()),
+            (Some(s), Some(o)) => {
+                // Same constant parameters: the merge cannot fail.
+                let _ = s.merge(&**o);
+            }
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.as_ref().is_none_or(|s| s.count() == 0)
+    }
 }
 
 /// The z-score detector a rule asks for.
@@ -193,6 +245,9 @@ pub struct CompiledRule {
     config: Rule,
     pattern: glob::Pattern,
     window: Option<Window>,
+    /// A window of the same shape over quantile sketches, when the rule asks
+    /// for quantiles; it sees the same readings, so it closes in step.
+    quantiles: Option<Window<Quantiles>>,
     detectors: Vec<Detector>,
     priority: Priority,
 }
@@ -234,6 +289,10 @@ impl Rules {
             compiled.push(CompiledRule {
                 config: r.clone(),
                 pattern: glob::Pattern::new(&r.pattern).map_err(|e| bad("match", &e))?,
+                quantiles: match (&r.window, r.quantiles.is_empty()) {
+                    (Some(w), false) => Some(window_for(w).map_err(|e| bad("window", &e))?),
+                    _ => None,
+                },
                 window: r
                     .window
                     .as_ref()
@@ -276,8 +335,8 @@ impl Rules {
     }
 
     /// Fresh state for a series under rule `i`.
-    pub fn state(&self, i: usize) -> (Option<Window>, Vec<Detector>) {
+    pub fn state(&self, i: usize) -> (Option<Window>, Option<Window<Quantiles>>, Vec<Detector>) {
         let r = &self.rules[i];
-        (r.window.clone(), r.detectors.clone())
+        (r.window.clone(), r.quantiles.clone(), r.detectors.clone())
     }
 }

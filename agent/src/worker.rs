@@ -25,7 +25,7 @@ use sluice_core::window::{Closed, Rejection};
 use tokio::sync::mpsc;
 
 use crate::output::{AggregateRecord, AlertEvent, Record};
-use crate::rules::{Detector, Rules, Window};
+use crate::rules::{Detector, Quantiles, Rules, Window};
 
 /// How often idle series are ticked.
 const TICK: Duration = Duration::from_millis(100);
@@ -75,13 +75,104 @@ impl Default for WorkerStats {
 struct Series {
     /// The rule the state was built from.
     rule: usize,
-    window: Option<Window>,
+    windows: Option<Windows>,
     detectors: Vec<Detector>,
     /// Largest event time seen, and the wall time it was seen at.
     last_event: Timestamp,
     last_seen: Timestamp,
+}
+
+/// A series' aggregate window and, when its rule asks for quantiles, the
+/// quantile window that sees the same readings and so closes in step.
+struct Windows {
+    aggregate: Window,
+    quantiles: Option<Window<Quantiles>>,
+    /// Readings refused as late since the last closed window.
+    late: u64,
+    /// Largest sampling weight since the last closed window.
+    sampled_one_in: u32,
+}
+
+/// A closed window on its way to becoming a record.
+struct Done {
+    closed: Closed<Aggregate>,
+    quantiles: Option<Quantiles>,
     late: u64,
     sampled_one_in: u32,
+}
+
+impl Windows {
+    fn new(aggregate: Window, quantiles: Option<Window<Quantiles>>) -> Windows {
+        Windows {
+            aggregate,
+            quantiles,
+            late: 0,
+            sampled_one_in: 1,
+        }
+    }
+
+    /// Runs `step` on both windows and pairs what they closed.
+    fn step(
+        &mut self,
+        out: &mut Vec<Done>,
+        mut step: impl FnMut(&mut Window, &mut dyn FnMut(Closed<Aggregate>)),
+        mut step_q: impl FnMut(&mut Window<Quantiles>, &mut dyn FnMut(Closed<Quantiles>)),
+    ) {
+        let mut closed = Vec::new();
+        step(&mut self.aggregate, &mut |c| closed.push(c));
+        let mut sketches = Vec::new();
+        if let Some(q) = &mut self.quantiles {
+            step_q(q, &mut |c| sketches.push(c));
+        }
+        let mut sketches = sketches.into_iter();
+        for c in closed {
+            let q = sketches.next();
+            debug_assert!(
+                q.as_ref()
+                    .is_none_or(|q| (q.start, q.end) == (c.start, c.end))
+            );
+            out.push(Done {
+                closed: c,
+                quantiles: q.map(|q| q.acc),
+                late: std::mem::take(&mut self.late),
+                sampled_one_in: std::mem::replace(&mut self.sampled_one_in, 1),
+            });
+        }
+    }
+
+    fn push(
+        &mut self,
+        ts: Timestamp,
+        value: f64,
+        weight: u32,
+        out: &mut Vec<Done>,
+    ) -> Result<(), Rejection> {
+        self.sampled_one_in = self.sampled_one_in.max(weight);
+        let mut result = Ok(());
+        self.step(
+            out,
+            |w, emit| result = w.push(ts, value, emit),
+            |w, emit| {
+                let _ = w.push(ts, value, emit);
+            },
+        );
+        if result == Err(Rejection::Late) {
+            self.late += 1;
+        }
+        result
+    }
+
+    fn advance_to(&mut self, ts: Timestamp, out: &mut Vec<Done>) {
+        self.step(
+            out,
+            |w, emit| w.advance_to(ts, emit),
+            |w, emit| w.advance_to(ts, emit),
+        );
+    }
+
+    fn flush(&mut self, out: &mut Vec<Done>) {
+        self.step(out, |w, emit| w.flush(emit), |w, emit| w.flush(emit));
+    }
 }
 
 /// The current rules, replaced on reload; workers pick up a new generation.
@@ -182,19 +273,25 @@ impl Worker {
         }
     }
 
-    fn aggregate(
-        &self,
-        series: &str,
-        closed: Closed<Aggregate>,
-        late: u64,
-        sampled_one_in: u32,
-    ) -> Record {
-        let a = &closed.acc;
+    /// The record of a closed window of `series`, whose state was built by
+    /// rule `rule` of `rules`.
+    fn aggregate(&self, rules: &Rules, series: &str, rule: usize, done: Done) -> Record {
+        let a = &done.closed.acc;
+        let levels = &rules.config(rule).quantiles;
+        let quantiles = done.quantiles.filter(|_| !levels.is_empty()).map(|q| {
+            levels
+                .iter()
+                .filter_map(|&level| {
+                    let name = format!("p{}", (level * 100_000.0).round() / 1000.0);
+                    Some((name, q.quantile(level)?))
+                })
+                .collect()
+        });
         Record::Aggregate(AggregateRecord {
             agent: self.agent.clone(),
             series: series.to_owned(),
-            start: closed.start,
-            end: closed.end,
+            start: done.closed.start,
+            end: done.closed.end,
             count: a.count(),
             sum: a.sum(),
             mean: a.mean().unwrap_or(f64::NAN),
@@ -203,10 +300,20 @@ impl Worker {
             stddev: a.stddev(),
             first: a.first().map_or(f64::NAN, |p| p.value),
             last: a.last().map_or(f64::NAN, |p| p.value),
-            late,
-            partial: closed.partial,
-            sampled_one_in: (sampled_one_in > 1).then_some(sampled_one_in),
+            quantiles,
+            late: done.late,
+            partial: done.closed.partial,
+            sampled_one_in: (done.sampled_one_in > 1).then_some(done.sampled_one_in),
         })
+    }
+
+    /// Sends the records of closed windows: `(series, rule, window)`, the
+    /// rule being an index into `rules`.
+    fn send_closed(&self, rules: &Rules, closed: Vec<(SeriesKey, usize, Done)>) {
+        for (key, rule, done) in closed {
+            let record = self.aggregate(rules, &key, rule, done);
+            self.send(record);
+        }
     }
 
     fn process(&mut self, reading: Reading) {
@@ -220,17 +327,15 @@ impl Worker {
                 self.stats.unmatched.fetch_add(1, Relaxed);
                 return;
             };
-            let (window, detectors) = self.rules.state(rule);
+            let (window, quantiles, detectors) = self.rules.state(rule);
             self.series.insert(
                 reading.series.clone(),
                 Series {
                     rule,
-                    window,
+                    windows: window.map(|w| Windows::new(w, quantiles)),
                     detectors,
                     last_event: reading.ts,
                     last_seen: reading.ingest,
-                    late: 0,
-                    sampled_one_in: 1,
                 },
             );
             self.stats.series.store(self.series.len() as u64, Relaxed);
@@ -242,25 +347,12 @@ impl Worker {
             .expect("inserted above");
         series.last_event = series.last_event.max(reading.ts);
         series.last_seen = reading.ingest;
-        series.sampled_one_in = series.sampled_one_in.max(reading.weight);
-        if let Some(window) = &mut series.window {
-            let mut closed = Vec::new();
-            match window.push(reading.ts, reading.value, |c| closed.push(c)) {
-                Ok(()) => {}
-                Err(Rejection::Late) => {
-                    series.late += 1;
-                    self.stats.late.fetch_add(1, Relaxed);
-                }
-                // The decoder admits only finite values in range.
-                Err(_) => {}
-            }
-            for c in closed {
-                let (late, one_in) = (
-                    std::mem::take(&mut series.late),
-                    std::mem::replace(&mut series.sampled_one_in, 1),
-                );
-                records.push((c, late, one_in));
-            }
+        let rule = series.rule;
+        if let Some(windows) = &mut series.windows
+            && windows.push(reading.ts, reading.value, reading.weight, &mut records)
+                == Err(Rejection::Late)
+        {
+            self.stats.late.fetch_add(1, Relaxed);
         }
         let detected = now_ms();
         let mut alerts = Vec::new();
@@ -283,10 +375,14 @@ impl Worker {
             }
         }
         let caused = !records.is_empty() || !alerts.is_empty();
-        for (c, late, one_in) in records {
-            let record = self.aggregate(&reading.series, c, late, one_in);
-            self.send(record);
-        }
+        let rules = self.rules.clone();
+        self.send_closed(
+            &rules,
+            records
+                .into_iter()
+                .map(|d| (reading.series.clone(), rule, d))
+                .collect(),
+        );
         for a in alerts {
             self.send(Record::Alert(a));
         }
@@ -307,9 +403,9 @@ impl Worker {
                 continue;
             };
             let (before, after) = (old.config(s.rule), self.rules.config(new));
-            let (window, detectors) = self.rules.state(new);
-            if before.window != after.window {
-                s.window = window;
+            let (window, quantiles, detectors) = self.rules.state(new);
+            if before.window != after.window || before.quantiles != after.quantiles {
+                s.windows = window.map(|w| Windows::new(w, quantiles));
             }
             let same_detectors = before.anomaly == after.anomaly
                 && before.thresholds == after.thresholds
@@ -322,62 +418,48 @@ impl Worker {
         let mut closed = Vec::new();
         for key in gone {
             if let Some(mut s) = self.series.remove(&key)
-                && let Some(w) = &mut s.window
+                && let Some(w) = &mut s.windows
             {
-                w.flush(|c| closed.push((key.clone(), c, s.late, s.sampled_one_in)));
+                let mut done = Vec::new();
+                w.flush(&mut done);
+                closed.extend(done.into_iter().map(|d| (key.clone(), s.rule, d)));
             }
         }
         self.stats.series.store(self.series.len() as u64, Relaxed);
-        for (key, c, late, one_in) in closed {
-            let record = self.aggregate(&key, c, late, one_in);
-            self.send(record);
-        }
+        // Their last records, under the rules that built them.
+        self.send_closed(&old, closed);
     }
 
     /// Closes the windows of series that have gone quiet.
     fn tick(&mut self, now: Timestamp) {
         let mut closed = Vec::new();
         for (key, s) in &mut self.series {
-            let Some(window) = &mut s.window else {
+            let Some(windows) = &mut s.windows else {
                 continue;
             };
             let idle = now.saturating_sub(s.last_seen);
             if idle <= 0 {
                 continue;
             }
-            window.advance_to(s.last_event.saturating_add(idle), |c| {
-                closed.push((
-                    key.clone(),
-                    c,
-                    std::mem::take(&mut s.late),
-                    std::mem::replace(&mut s.sampled_one_in, 1),
-                ));
-            });
+            let mut done = Vec::new();
+            windows.advance_to(s.last_event.saturating_add(idle), &mut done);
+            closed.extend(done.into_iter().map(|d| (key.clone(), s.rule, d)));
         }
-        for (key, c, late, one_in) in closed {
-            let record = self.aggregate(&key, c, late, one_in);
-            self.send(record);
-        }
+        let rules = self.rules.clone();
+        self.send_closed(&rules, closed);
     }
 
     /// Closes every open window as partial (shutdown).
     fn flush(&mut self) {
         let mut closed = Vec::new();
         for (key, s) in &mut self.series {
-            if let Some(window) = &mut s.window {
-                window.flush(|c| {
-                    closed.push((
-                        key.clone(),
-                        c,
-                        std::mem::take(&mut s.late),
-                        std::mem::replace(&mut s.sampled_one_in, 1),
-                    ))
-                });
+            if let Some(windows) = &mut s.windows {
+                let mut done = Vec::new();
+                windows.flush(&mut done);
+                closed.extend(done.into_iter().map(|d| (key.clone(), s.rule, d)));
             }
         }
-        for (key, c, late, one_in) in closed {
-            let record = self.aggregate(&key, c, late, one_in);
-            self.send(record);
-        }
+        let rules = self.rules.clone();
+        self.send_closed(&rules, closed);
     }
 }

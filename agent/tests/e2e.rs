@@ -149,6 +149,7 @@ topics = ["sensors/+"]
 [[rules]]
 match = "s-*"
 window = {{ kind = "tumbling", size_ms = 1000 }}
+quantiles = [0.5, 0.99]
 anomaly = {{ alpha = 0.1, k = 4.0, clear_k = 2.0, warmup = 10 }}
 
 [output.mqtt]
@@ -229,6 +230,10 @@ stats_interval_s = 1
         (1.0.into(), 4.0.into())
     );
     assert_eq!(first["partial"], false);
+    let p50 = first["quantiles"]["p50"].as_f64().unwrap();
+    assert!((p50 - 2.0).abs() <= 0.02, "{first}");
+    let p99 = first["quantiles"]["p99"].as_f64().unwrap();
+    assert!((2.97..=4.04).contains(&p99), "{first}");
     assert_eq!(first["agent"], "e2e");
     let second = &aggs[1];
     assert_eq!(
