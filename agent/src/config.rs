@@ -201,6 +201,15 @@ pub enum WindowRule {
         /// Readings per window.
         size: u64,
     },
+    /// An exponentially decaying window (decaying sum, mean and standard
+    /// deviation), reported every `every_ms` of event time together with the
+    /// plain aggregates of that period.
+    Decaying {
+        /// Readings after which a reading's weight has halved.
+        half_life: f64,
+        /// Report period, ms.
+        every_ms: i64,
+    },
 }
 
 /// Alert when a value is far from its exponentially decaying mean.

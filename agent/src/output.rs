@@ -43,6 +43,9 @@ pub struct AggregateRecord {
     /// within 1 % of the exact value.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub quantiles: Option<std::collections::BTreeMap<String, f64>>,
+    /// For a decaying window: its statistics at the end of the period.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub decaying: Option<DecayingSummary>,
     /// Readings of this series refused as late since the previous record.
     pub late: u64,
     /// Closed early by shutdown: more readings may have belonged to it.
@@ -51,6 +54,19 @@ pub struct AggregateRecord {
     /// many): scale `count` and `sum` by it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sampled_one_in: Option<u32>,
+}
+
+/// The statistics of an exponentially decaying window.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct DecayingSummary {
+    /// Decaying mean.
+    pub mean: f64,
+    /// Decaying standard deviation.
+    pub stddev: f64,
+    /// Decaying sum S_t = Σ λ^i x_{t−i}.
+    pub sum: f64,
+    /// Decaying weight Σ λ^i (tends to 1/(1 − λ)).
+    pub weight: f64,
 }
 
 /// A raise or clear of an alert.

@@ -9,7 +9,7 @@ use sluice_core::anomaly::{
 use sluice_core::shed::Priority;
 use sluice_core::sketch::DdSketch;
 use sluice_core::window::{
-    Closed, CountWindow, HoppingWindow, Rejection, TumblingWindow, WindowError,
+    Closed, CountWindow, DecayingStats, HoppingWindow, Rejection, TumblingWindow, WindowError,
 };
 
 use crate::config::{AnomalyRule, PriorityKind, RateRule, Rule, ThresholdRule, WindowRule};
@@ -33,6 +33,50 @@ pub enum Window<A: Accumulator = Aggregate> {
     Hopping(Box<HoppingWindow<HOPPING_PANES, A>>),
     /// By count.
     Count(CountWindow<A>),
+    /// Exponentially decaying, reported periodically.
+    Decaying(Box<DecayingReport<A>>),
+}
+
+/// A decaying window, with the period's plain aggregates in a tumbling
+/// window of the report period (boxed in [`Window`]: rarely used).
+#[derive(Clone)]
+pub struct DecayingReport<A: Accumulator> {
+    stats: DecayingStats,
+    /// The statistics when the last report closed (before the reading that
+    /// closed it).
+    at_report: DecayingStats,
+    period: TumblingWindow<1, A>,
+}
+
+impl<A: Accumulator> DecayingReport<A> {
+    fn push(
+        &mut self,
+        ts: Timestamp,
+        value: f64,
+        mut emit: impl FnMut(Closed<A>),
+    ) -> Result<(), Rejection> {
+        let before = self.stats;
+        let mut closed = false;
+        // A reading too late for its report period is refused by both.
+        self.period.push(ts, value, |c| {
+            closed = true;
+            emit(c)
+        })?;
+        if closed {
+            self.at_report = before;
+        }
+        self.stats.push(value)
+    }
+
+    fn advance_to(&mut self, ts: Timestamp, emit: impl FnMut(Closed<A>)) {
+        self.at_report = self.stats;
+        self.period.advance_to(ts, emit)
+    }
+
+    fn flush(&mut self, emit: impl FnMut(Closed<A>)) {
+        self.at_report = self.stats;
+        self.period.flush(emit)
+    }
 }
 
 impl<A: Accumulator> Window<A> {
@@ -47,6 +91,15 @@ impl<A: Accumulator> Window<A> {
             Window::Tumbling(w) => w.push(ts, value, emit),
             Window::Hopping(w) => w.push(ts, value, emit),
             Window::Count(w) => w.push(ts, value, emit),
+            Window::Decaying(w) => w.push(ts, value, emit),
+        }
+    }
+
+    /// The decaying statistics, for a decaying window.
+    pub fn decaying(&self) -> Option<&DecayingStats> {
+        match self {
+            Window::Decaying(w) => Some(&w.at_report),
+            _ => None,
         }
     }
 
@@ -57,6 +110,7 @@ impl<A: Accumulator> Window<A> {
             Window::Hopping(w) => w.advance_to(ts, emit),
             // Count windows close by count only.
             Window::Count(_) => {}
+            Window::Decaying(w) => w.advance_to(ts, emit),
         }
     }
 
@@ -66,6 +120,7 @@ impl<A: Accumulator> Window<A> {
             Window::Tumbling(w) => w.flush(emit),
             Window::Hopping(w) => w.flush(emit),
             Window::Count(w) => w.flush(emit),
+            Window::Decaying(w) => w.flush(emit),
         }
     }
 }
@@ -87,6 +142,17 @@ pub fn window_for<A: Accumulator>(rule: &WindowRule) -> Result<Window<A>, Window
             lateness_ms,
         )?)),
         WindowRule::Count { size } => Window::Count(CountWindow::new(size)?),
+        WindowRule::Decaying {
+            half_life,
+            every_ms,
+        } => {
+            let stats = DecayingStats::from_half_life(half_life)?;
+            Window::Decaying(Box::new(DecayingReport {
+                stats,
+                at_report: stats,
+                period: TumblingWindow::new(every_ms, 0)?,
+            }))
+        }
     })
 }
 

@@ -21,10 +21,10 @@ use sluice_collectors::{Reading, ReadingConsumer, SeriesKey};
 use sluice_core::Timestamp;
 use sluice_core::aggregate::Aggregate;
 use sluice_core::anomaly::Transition;
-use sluice_core::window::{Closed, Rejection};
+use sluice_core::window::{Closed, DecayingStats, Rejection};
 use tokio::sync::mpsc;
 
-use crate::output::{AggregateRecord, AlertEvent, Record};
+use crate::output::{AggregateRecord, AlertEvent, DecayingSummary, Record};
 use crate::rules::{Detector, Quantiles, Rules, Window};
 
 /// How often idle series are ticked.
@@ -96,6 +96,8 @@ struct Windows {
 /// A closed window on its way to becoming a record.
 struct Done {
     closed: Closed<Aggregate>,
+    /// For a decaying window, its statistics when the report closed.
+    decaying: Option<DecayingStats>,
     quantiles: Option<Quantiles>,
     late: u64,
     sampled_one_in: u32,
@@ -133,6 +135,7 @@ impl Windows {
             );
             out.push(Done {
                 closed: c,
+                decaying: self.aggregate.decaying().copied(),
                 quantiles: q.map(|q| q.acc),
                 late: std::mem::take(&mut self.late),
                 sampled_one_in: std::mem::replace(&mut self.sampled_one_in, 1),
@@ -301,6 +304,14 @@ impl Worker {
             first: a.first().map_or(f64::NAN, |p| p.value),
             last: a.last().map_or(f64::NAN, |p| p.value),
             quantiles,
+            decaying: done.decaying.and_then(|d| {
+                Some(DecayingSummary {
+                    mean: d.mean()?,
+                    stddev: d.stddev()?,
+                    sum: d.decaying_sum(),
+                    weight: d.weight(),
+                })
+            }),
             late: done.late,
             partial: done.closed.partial,
             sampled_one_in: (done.sampled_one_in > 1).then_some(done.sampled_one_in),
@@ -461,5 +472,92 @@ impl Worker {
         }
         let rules = self.rules.clone();
         self.send_closed(&rules, closed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    const BASE: &str = "agent_id = \"t\"\nmax_series = 2\n[sources.u]\nkind = \"udp\"\nbind = \"127.0.0.1:0\"\n[output]\nconsole = true\n";
+
+    fn worker(rules: &str) -> (Worker, mpsc::Receiver<Record>, Arc<WorkerStats>) {
+        let config = Config::parse(&format!("{BASE}{rules}")).unwrap();
+        let rules = Arc::new(Rules::compile(&config.rules).unwrap());
+        let (tx, rx) = mpsc::channel(1024);
+        let stats = Arc::new(WorkerStats::default());
+        let slot = Arc::new(RulesSlot::default());
+        let w = Worker::new(
+            "t".into(),
+            rules,
+            slot,
+            config.max_series,
+            tx,
+            stats.clone(),
+        );
+        (w, rx, stats)
+    }
+
+    fn reading(series: &str, ts: Timestamp, value: f64) -> Reading {
+        Reading {
+            series: SeriesKey::try_from(series).unwrap(),
+            ts,
+            value,
+            ingest: now_ms(),
+            weight: 1,
+        }
+    }
+
+    fn aggregates(rx: &mut mpsc::Receiver<Record>) -> Vec<AggregateRecord> {
+        let mut out = Vec::new();
+        while let Ok(r) = rx.try_recv() {
+            if let Record::Aggregate(a) = r {
+                out.push(a);
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn a_decaying_window_reports_its_statistics_each_period() {
+        let (mut w, mut rx, _) = worker(
+            "[[rules]]\nmatch = \"*\"\nwindow = { kind = \"decaying\", half_life = 1.0, every_ms = 1000 }\n",
+        );
+        w.process(reading("a", 100, 4.0));
+        w.process(reading("a", 200, 2.0));
+        w.process(reading("a", 1_100, 9.0));
+        let got = aggregates(&mut rx);
+        assert_eq!(got.len(), 1);
+        let d = got[0].decaying.unwrap();
+        // λ = 0.5: S = 2 + 0.5·4 = 4, W = 1.5, mean = 8/3.
+        assert_eq!((got[0].start, got[0].end, got[0].count), (0, 1000, 2));
+        assert!((d.mean - 8.0 / 3.0).abs() < 1e-12 && (d.sum - 4.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn quantiles_are_reported_and_the_series_table_is_capped() {
+        let (mut w, mut rx, stats) = worker(
+            "[[rules]]\nmatch = \"s-*\"\nwindow = { kind = \"tumbling\", size_ms = 1000 }\nquantiles = [0.5, 0.999]\n",
+        );
+        for i in 0..100 {
+            w.process(reading("s-1", i, f64::from(i as u32 + 1)));
+        }
+        w.process(reading("s-1", 1_000, 0.0));
+        let got = aggregates(&mut rx);
+        let q = got[0].quantiles.as_ref().unwrap();
+        assert!((q["p50"] - 50.0).abs() <= 0.5 + 0.01 * 50.0, "{q:?}");
+        // Rank 0.999 · 99 falls on the 99th value.
+        assert!((q["p99.9"] - 99.0).abs() <= 0.01 * 99.0, "{q:?}");
+        // max_series = 2: a third series is refused; an unmatched one is counted.
+        w.process(reading("s-2", 0, 1.0));
+        w.process(reading("s-3", 0, 1.0));
+        w.process(reading("other", 0, 1.0));
+        assert_eq!(stats.series_overflow.load(Relaxed), 2);
+        assert_eq!(stats.series.load(Relaxed), 2);
+        w.flush();
+        let partial = aggregates(&mut rx);
+        assert!(partial.iter().all(|a| a.partial));
+        assert_eq!(partial.len(), 2);
     }
 }
