@@ -9,6 +9,7 @@ use rumqttc::{AsyncClient, Event, Outgoing, QoS};
 use serde::Serialize;
 use sluice_core::Timestamp;
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 use crate::config::{MqttOutput, topic};
 
@@ -125,9 +126,16 @@ fn qos(n: u8) -> QoS {
     }
 }
 
+/// How long, after shutdown is requested, records wait for room in the MQTT
+/// client's queue before they are dropped (and counted).
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
+
 /// The MQTT side of the output task.
 struct MqttSink {
     client: AsyncClient,
+    /// When shutdown stops waiting for a full queue (set at the first send
+    /// after shutdown).
+    grace_until: std::sync::OnceLock<tokio::time::Instant>,
     settings: MqttOutput,
     agent: Arc<str>,
     events: tokio::task::JoinHandle<rumqttc::EventLoop>,
@@ -171,71 +179,100 @@ impl MqttSink {
         });
         Ok(MqttSink {
             client,
+            grace_until: std::sync::OnceLock::new(),
             settings: settings.clone(),
             agent,
             events,
         })
     }
 
-    async fn publish(&self, record: &Record, stats: &OutputStats) {
+    /// Publishes one message. It waits while the client's queue is full (a
+    /// slow or absent broker holds the workers back). Once shutdown has been
+    /// requested it waits at most [`SHUTDOWN_GRACE`] in all; after that a
+    /// message that finds the queue full is dropped and counted, so that
+    /// shutdown stays bounded when the broker is gone.
+    async fn send(
+        &self,
+        topic: String,
+        qos: QoS,
+        retain: bool,
+        payload: Vec<u8>,
+        shutdown: &CancellationToken,
+    ) -> Result<(), rumqttc::ClientError> {
+        let publish = self
+            .client
+            .publish(topic.clone(), qos, retain, payload.clone());
+        if !shutdown.is_cancelled() {
+            tokio::select! {
+                sent = publish => return sent,
+                _ = shutdown.cancelled() => {}
+            }
+        }
+        let deadline = *self
+            .grace_until
+            .get_or_init(|| tokio::time::Instant::now() + SHUTDOWN_GRACE);
+        match tokio::time::timeout_at(
+            deadline,
+            self.client
+                .publish(topic.clone(), qos, retain, payload.clone()),
+        )
+        .await
+        {
+            Ok(sent) => sent,
+            Err(_) => self.client.try_publish(topic, qos, retain, payload),
+        }
+    }
+
+    async fn publish(&self, record: &Record, stats: &OutputStats, shutdown: &CancellationToken) {
         let s = &self.settings;
         let result = match record {
             Record::Aggregate(a) => {
                 let payload = serde_json::to_vec(a).unwrap_or_default();
-                self.client
-                    .publish(
-                        topic(&s.aggregate_topic, &self.agent, &a.series),
-                        qos(s.aggregate_qos),
-                        false,
-                        payload,
-                    )
+                let to = topic(&s.aggregate_topic, &self.agent, &a.series);
+                self.send(to, qos(s.aggregate_qos), false, payload, shutdown)
                     .await
             }
             Record::Alert(e) => {
                 let payload = serde_json::to_vec(e).unwrap_or_default();
+                let to = topic(&s.alert_topic, &self.agent, &e.series);
                 let event = self
-                    .client
-                    .publish(
-                        topic(&s.alert_topic, &self.agent, &e.series),
-                        qos(s.alert_qos),
-                        false,
-                        payload.clone(),
-                    )
+                    .send(to, qos(s.alert_qos), false, payload.clone(), shutdown)
                     .await;
                 // The retained state: what a subscriber that connects later sees.
+                let to = topic(&s.state_topic, &self.agent, &e.series);
                 let state = self
-                    .client
-                    .publish(
-                        topic(&s.state_topic, &self.agent, &e.series),
-                        qos(s.alert_qos),
-                        true,
-                        payload,
-                    )
+                    .send(to, qos(s.alert_qos), true, payload, shutdown)
                     .await;
                 event.and(state)
             }
             Record::Stats(v) => {
                 let payload = serde_json::to_vec(v).unwrap_or_default();
-                self.client
-                    .publish(
-                        topic(&s.stats_topic, &self.agent, ""),
-                        QoS::AtMostOnce,
-                        true,
-                        payload,
-                    )
+                let to = topic(&s.stats_topic, &self.agent, "");
+                self.send(to, QoS::AtMostOnce, true, payload, shutdown)
                     .await
             }
         };
         if let Err(e) = result {
-            stats.publish_errors.fetch_add(1, Relaxed);
-            tracing::warn!(error = %e, "publish failed");
+            // One line for the first failure; the count says the rest.
+            if stats.publish_errors.fetch_add(1, Relaxed) == 0 {
+                tracing::warn!(error = %e, "publish failed (further failures are counted in sluice_publish_errors_total)");
+            }
         }
     }
 
-    /// Disconnects once what was queued has gone out (bounded wait).
-    async fn close(self) {
-        let _ = self.client.disconnect().await;
-        let _ = tokio::time::timeout(Duration::from_secs(5), self.events).await;
+    /// Disconnects once what was queued has gone out (bounded wait: a broker
+    /// that is gone cannot take it).
+    async fn close(self, stats: &OutputStats) {
+        let _ = self.client.try_disconnect();
+        if tokio::time::timeout(Duration::from_secs(5), self.events)
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                failed_publishes = stats.publish_errors.load(Relaxed),
+                "output broker unreachable at shutdown: records still queued for it are lost"
+            );
+        }
     }
 }
 
@@ -280,6 +317,7 @@ pub async fn run(
     console: bool,
     agent: Arc<str>,
     stats: Arc<OutputStats>,
+    shutdown: CancellationToken,
 ) -> Result<(), String> {
     let sink = mqtt
         .map(|m| MqttSink::connect(m, agent.clone()))
@@ -296,11 +334,11 @@ pub async fn run(
             print(&record);
         }
         if let Some(sink) = &sink {
-            sink.publish(&record, &stats).await;
+            sink.publish(&record, &stats, &shutdown).await;
         }
     }
     if let Some(sink) = sink {
-        sink.close().await;
+        sink.close(&stats).await;
     }
     Ok(())
 }

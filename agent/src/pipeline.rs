@@ -75,13 +75,16 @@ pub async fn run_with_reload(
     let stats_tx = tx.clone();
     let output_stats = Arc::new(OutputStats::default());
     let output_task = {
-        let (mqtt, console, agent, stats) = (
+        let (mqtt, console, agent, stats, stopping) = (
             config.output.mqtt.clone(),
             config.output.console,
             agent.clone(),
             output_stats.clone(),
+            shutdown.clone(),
         );
-        tokio::spawn(async move { output::run(rx, mqtt.as_ref(), console, agent, stats).await })
+        tokio::spawn(async move {
+            output::run(rx, mqtt.as_ref(), console, agent, stats, stopping).await
+        })
     };
 
     // Rings: rings[w] holds worker w's consumers; producers[s][w] source s's.

@@ -613,3 +613,47 @@ async fn sighup_changes_a_threshold_keeps_series_state_and_refuses_a_bad_file() 
     assert_eq!(find("sluice/hup/alerts/s-9")[1]["state"], "cleared");
     assert!(agent.terminate().success());
 }
+
+#[test]
+fn sigterm_is_bounded_when_the_output_broker_is_gone() {
+    let (udp, dead) = (sluice_tests::free_port(), sluice_tests::free_port());
+    let config = temp_file(
+        "dead.toml",
+        &format!(
+            "agent_id = \"dead\"\n[sources.u]\nkind = \"udp\"\nbind = \"127.0.0.1:{udp}\"\n[[rules]]\nmatch = \"*\"\nwindow = {{ kind = \"count\", size = 1 }}\n[output.mqtt]\nhost = \"127.0.0.1\"\nport = {dead}\n"
+        ),
+    );
+    let mut agent = Agent::start(&config);
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let start = Instant::now();
+    while !agent.log().contains("sluice running") {
+        assert!(start.elapsed() < WAIT, "{}", agent.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Far more records than the output queues hold, none deliverable.
+    for i in 0..20_000 {
+        let _ = socket.send_to(
+            reading(&format!("s-{i}"), now_ms(), 1.0).as_bytes(),
+            ("127.0.0.1", udp),
+        );
+        if i % 500 == 0 {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let stopping = Instant::now();
+    let status = agent.terminate();
+    assert!(status.success(), "{status}: {}", agent.log());
+    assert!(
+        stopping.elapsed() < Duration::from_secs(12),
+        "took {:?}",
+        stopping.elapsed()
+    );
+    let log = agent.log();
+    assert!(
+        log.contains("output broker unreachable at shutdown"),
+        "{log}"
+    );
+    // One warning line for all the failed publishes, not one per record.
+    assert!(log.matches("publish failed").count() <= 1, "{log}");
+}
