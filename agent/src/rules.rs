@@ -21,13 +21,17 @@ const HOPPING_PANES: usize = 16;
 
 /// A series' window.
 ///
-/// The tumbling variant (about 500 bytes) is the common case and stays
-/// inline, so a reading does not chase a pointer; count windows are rare.
+/// The common case, a tumbling window without lateness (one pane, about 130
+/// bytes), stays inline so that a reading does not chase a pointer; windows
+/// with more panes are boxed, so that every series does not pay for the
+/// largest.
 #[derive(Clone)]
-#[allow(clippy::large_enum_variant)]
 pub enum Window<A: Accumulator = Aggregate> {
-    /// Tumbling on event time.
-    Tumbling(TumblingWindow<TUMBLING_PANES, A>),
+    /// Tumbling on event time, no allowed lateness: one pane.
+    Tumbling1(TumblingWindow<1, A>),
+    /// Tumbling on event time, with allowed lateness (boxed: its panes would
+    /// make every series' state as large as this variant).
+    Tumbling(Box<TumblingWindow<TUMBLING_PANES, A>>),
     /// Hopping on event time (boxed: its 16 panes would make every series'
     /// state as large as the largest window).
     Hopping(Box<HoppingWindow<HOPPING_PANES, A>>),
@@ -88,6 +92,7 @@ impl<A: Accumulator> Window<A> {
         emit: impl FnMut(Closed<A>),
     ) -> Result<(), Rejection> {
         match self {
+            Window::Tumbling1(w) => w.push(ts, value, emit),
             Window::Tumbling(w) => w.push(ts, value, emit),
             Window::Hopping(w) => w.push(ts, value, emit),
             Window::Count(w) => w.push(ts, value, emit),
@@ -106,6 +111,7 @@ impl<A: Accumulator> Window<A> {
     /// Moves event time forward without a reading (idle series).
     pub fn advance_to(&mut self, ts: Timestamp, emit: impl FnMut(Closed<A>)) {
         match self {
+            Window::Tumbling1(w) => w.advance_to(ts, emit),
             Window::Tumbling(w) => w.advance_to(ts, emit),
             Window::Hopping(w) => w.advance_to(ts, emit),
             // Count windows close by count only.
@@ -117,6 +123,7 @@ impl<A: Accumulator> Window<A> {
     /// Closes everything open, as partial.
     pub fn flush(&mut self, emit: impl FnMut(Closed<A>)) {
         match self {
+            Window::Tumbling1(w) => w.flush(emit),
             Window::Tumbling(w) => w.flush(emit),
             Window::Hopping(w) => w.flush(emit),
             Window::Count(w) => w.flush(emit),
@@ -128,10 +135,15 @@ impl<A: Accumulator> Window<A> {
 /// The window a rule asks for, or why it cannot be built.
 pub fn window_for<A: Accumulator>(rule: &WindowRule) -> Result<Window<A>, WindowError> {
     Ok(match *rule {
+        // Without lateness one pane suffices: a quarter of the memory.
+        WindowRule::Tumbling {
+            size_ms,
+            lateness_ms: 0,
+        } => Window::Tumbling1(TumblingWindow::new(size_ms, 0)?),
         WindowRule::Tumbling {
             size_ms,
             lateness_ms,
-        } => Window::Tumbling(TumblingWindow::new(size_ms, lateness_ms)?),
+        } => Window::Tumbling(Box::new(TumblingWindow::new(size_ms, lateness_ms)?)),
         WindowRule::Hopping {
             size_ms,
             slide_ms,
