@@ -6,6 +6,7 @@
 //! - [`config`]: the TOML configuration, its defaults and validation.
 //! - [`rules`]: series rules compiled into core windows and detectors.
 //! - [`worker`]: worker threads that own their series.
+//! - [`outbox`]: the SQLite store-and-forward queue.
 //! - [`output`]: aggregate and alert records, and their delivery.
 //! - [`metrics`]: Prometheus `/metrics` and the periodic stats message.
 //! - [`pipeline`]: wiring and orderly shutdown.
@@ -16,6 +17,7 @@
 pub mod config;
 pub mod demo;
 pub mod metrics;
+pub mod outbox;
 pub mod output;
 pub mod pipeline;
 pub mod rules;

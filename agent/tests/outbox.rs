@@ -1,0 +1,301 @@
+//! The outbox on real SQLite files: a model-based test with crash-and-reopen,
+//! `kill -9` of a writer at random moments, bounds, and damaged files.
+
+use std::collections::VecDeque;
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use proptest::prelude::*;
+use sluice::outbox::{Durability, OnCorrupt, Outbox};
+
+fn temp_db(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("sluice-outbox-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join("outbox.db")
+}
+
+fn open(path: &std::path::Path, max_records: u64) -> Outbox {
+    Outbox::open(
+        path,
+        Durability::Normal,
+        OnCorrupt::Refuse,
+        max_records,
+        u64::MAX,
+    )
+    .unwrap()
+    .0
+}
+
+#[derive(Debug, Clone)]
+enum Action {
+    Append(u8),
+    /// Acknowledge the i-th waiting record (modulo the backlog).
+    Ack(usize),
+    /// Close and reopen the file, as after a crash between commits.
+    Reopen,
+}
+
+fn actions() -> impl Strategy<Value = Vec<Action>> {
+    prop::collection::vec(
+        prop_oneof![
+            5 => (1u8..6).prop_map(Action::Append),
+            4 => any::<usize>().prop_map(Action::Ack),
+            1 => Just(Action::Reopen),
+        ],
+        1..60,
+    )
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+
+    /// The outbox against a naive model: a queue of (seq, payload), the next
+    /// seq, and a count of dropped records.
+    #[test]
+    fn matches_a_model_across_reopens(actions in actions(), max in 3u64..12) {
+        let path = temp_db(&format!("model-{}", rand_suffix()));
+        let mut outbox = open(&path, max);
+        let mut model: VecDeque<(i64, Vec<u8>)> = VecDeque::new();
+        let (mut next, mut dropped) = (1i64, 0u64);
+        for action in actions {
+            match action {
+                Action::Append(n) => {
+                    let batch: Vec<(String, Vec<u8>)> = (0..n).map(|i| ("t".to_string(), format!("{{\"n\":{next},\"i\":{i}}}").into_bytes())).collect();
+                    let seqs = outbox.append(&batch, 0).unwrap();
+                    for (seq, (_, payload)) in seqs.iter().zip(batch) {
+                        prop_assert_eq!(*seq, next);
+                        model.push_back((next, payload));
+                        next += 1;
+                    }
+                    while model.len() as u64 > max {
+                        model.pop_front();
+                        dropped += 1;
+                    }
+                }
+                Action::Ack(i) if !model.is_empty() => {
+                    let (seq, _) = model.remove(i % model.len()).unwrap();
+                    outbox.ack(&[seq]).unwrap();
+                }
+                Action::Ack(_) => {}
+                Action::Reopen => {
+                    drop(outbox);
+                    outbox = open(&path, max);
+                }
+            }
+            let got: Vec<(i64, Vec<u8>)> = outbox.peek(0, 1000).unwrap().into_iter().map(|q| (q.seq, q.payload)).collect();
+            prop_assert_eq!(&got, &model.iter().cloned().collect::<Vec<_>>());
+            let status = outbox.status().unwrap();
+            prop_assert_eq!(status.backlog, model.len() as u64);
+            prop_assert_eq!(status.next_seq, next);
+            prop_assert_eq!(status.dropped, dropped);
+        }
+        let _ = std::fs::remove_dir_all(path.parent().unwrap());
+    }
+}
+
+fn rand_suffix() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    N.fetch_add(1, Ordering::Relaxed)
+}
+
+/// Not a test on its own: the writer that `kill_9_never_loses_a_commit`
+/// runs in a child process. It appends batches forever and prints each
+/// batch's last seq once the batch is committed.
+#[test]
+#[ignore = "run as a child process by kill_9_never_loses_a_commit"]
+fn writer_child() {
+    let Ok(path) = std::env::var("SLUICE_OUTBOX_CHILD") else {
+        return;
+    };
+    let mut outbox = Outbox::open(
+        path.as_ref(),
+        Durability::Normal,
+        OnCorrupt::Refuse,
+        u64::MAX,
+        u64::MAX,
+    )
+    .unwrap()
+    .0;
+    let mut n = 0u64;
+    loop {
+        let batch: Vec<(String, Vec<u8>)> = (0..17)
+            .map(|_| {
+                n += 1;
+                ("t".to_string(), format!("{{\"n\":{n}}}").into_bytes())
+            })
+            .collect();
+        let seqs = outbox.append(&batch, 0).unwrap();
+        println!("{}", seqs.last().unwrap());
+    }
+}
+
+#[test]
+fn kill_9_never_loses_a_commit() {
+    let path = temp_db("kill9");
+    let mut committed = 0i64;
+    let mut rng = 0x2545_F491_4F6C_DD1Du64;
+    for round in 0..20 {
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "writer_child",
+                "--ignored",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env("SLUICE_OUTBOX_CHILD", &path)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        // Read a random number of commit reports, then kill -9 mid-stream.
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        let wanted = 1 + rng % 40;
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let start = Instant::now();
+        let mut seen = 0;
+        while seen < wanted {
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "round {round}: the writer stalled"
+            );
+            let Some(Ok(line)) = lines.next() else { break };
+            if let Ok(seq) = line.trim().parse::<i64>() {
+                committed = committed.max(seq);
+                seen += 1;
+            }
+        }
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        // Every reported commit is there, in order, nothing twice.
+        let outbox = open(&path, u64::MAX);
+        let all = outbox.peek(0, usize::MAX >> 1).unwrap();
+        let seqs: Vec<i64> = all.iter().map(|q| q.seq).collect();
+        assert!(
+            seqs.windows(2).all(|w| w[0] < w[1]),
+            "round {round}: seqs out of order"
+        );
+        assert!(
+            seqs.last().copied().unwrap_or(0) >= committed,
+            "round {round}: lost commits up to {committed}"
+        );
+        assert_eq!(seqs.first().copied(), Some(1));
+        // Without acks and with no drops, seqs are contiguous: no gap.
+        assert_eq!(seqs.len() as i64, seqs.last().copied().unwrap());
+        outbox.verify().unwrap();
+    }
+    assert!(committed > 0);
+    let _ = std::fs::remove_dir_all(path.parent().unwrap());
+}
+
+#[test]
+fn the_bound_drops_the_oldest_and_counts_them() {
+    let path = temp_db("bound");
+    let mut outbox = Outbox::open(&path, Durability::Full, OnCorrupt::Refuse, 10, 10_000)
+        .unwrap()
+        .0;
+    let batch: Vec<(String, Vec<u8>)> = (0..25)
+        .map(|i| ("t".to_string(), format!("{{\"i\":{i}}}").into_bytes()))
+        .collect();
+    outbox.append(&batch, 1).unwrap();
+    let status = outbox.status().unwrap();
+    assert_eq!(
+        (status.backlog, status.dropped, status.next_seq),
+        (10, 15, 26)
+    );
+    assert_eq!(outbox.peek(0, 100).unwrap()[0].seq, 16);
+    // A byte bound as well: 100 records of 1000 bytes in 20,000 bytes.
+    let mut outbox = Outbox::open(
+        &temp_db("bytes"),
+        Durability::Normal,
+        OnCorrupt::Refuse,
+        u64::MAX,
+        20_000,
+    )
+    .unwrap()
+    .0;
+    let big: Vec<(String, Vec<u8>)> = (0..100)
+        .map(|_| ("t".to_string(), vec![b'x'; 1000]))
+        .collect();
+    outbox.append(&big, 1).unwrap();
+    let status = outbox.status().unwrap();
+    assert!(
+        status.backlog_bytes <= 20_000 && status.backlog == 20,
+        "{status:?}"
+    );
+}
+
+#[test]
+fn damaged_files_are_moved_aside_or_refused() {
+    // Garbage where a database should be.
+    let path = temp_db("garbage");
+    std::fs::write(&path, vec![0x5a; 8192]).unwrap();
+    assert!(Outbox::open(&path, Durability::Normal, OnCorrupt::Refuse, 10, 1 << 20).is_err());
+    let (mut outbox, note) =
+        Outbox::open(&path, Durability::Normal, OnCorrupt::MoveAside, 10, 1 << 20).unwrap();
+    let note = note.expect("a note that the file was moved aside");
+    assert!(note.contains("moved aside"), "{note}");
+    outbox.append(&[("t".into(), b"{}".to_vec())], 1).unwrap();
+    let aside = std::fs::read_dir(path.parent().unwrap())
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .contains("corrupt-")
+        })
+        .count();
+    assert!(aside >= 1);
+
+    // A real outbox, truncated in the middle of its data.
+    let path = temp_db("truncated");
+    {
+        let mut outbox = open(&path, u64::MAX);
+        let batch: Vec<(String, Vec<u8>)> = (0..2000)
+            .map(|i| {
+                (
+                    "t".to_string(),
+                    format!("{{\"i\":{i},\"pad\":\"{}\"}}", "p".repeat(200)).into_bytes(),
+                )
+            })
+            .collect();
+        outbox.append(&batch, 1).unwrap();
+        // Checkpoint the WAL into the main file, so truncating it bites.
+        drop(outbox);
+    }
+    let len = std::fs::metadata(&path).unwrap().len();
+    assert!(len > 100_000, "{len}");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
+    assert!(
+        Outbox::open(
+            &path,
+            Durability::Normal,
+            OnCorrupt::Refuse,
+            u64::MAX,
+            u64::MAX
+        )
+        .is_err()
+    );
+    let (outbox, note) = Outbox::open(
+        &path,
+        Durability::Normal,
+        OnCorrupt::MoveAside,
+        u64::MAX,
+        u64::MAX,
+    )
+    .unwrap();
+    assert!(note.is_some());
+    assert_eq!(outbox.status().unwrap().backlog, 0);
+}
