@@ -49,6 +49,101 @@ pub struct Config {
     /// Metrics for Prometheus, and periodic stats messages.
     #[serde(default)]
     pub metrics: Metrics,
+    /// Store-and-forward: aggregates are committed to a SQLite outbox and
+    /// forwarded upstream from it. Absent: aggregates go only to `output`.
+    pub outbox: Option<OutboxConfig>,
+    /// The upstream broker the outbox forwards to (needed with `outbox`).
+    pub uplink: Option<UplinkConfig>,
+}
+
+/// The outbox.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutboxConfig {
+    /// The SQLite file, e.g. `/var/lib/sluice/outbox.db`.
+    pub path: PathBuf,
+    /// `normal` (default): a commit survives the agent crashing; `full`: it
+    /// also survives power loss (an fsync per commit).
+    #[serde(default)]
+    pub durability: crate::outbox::Durability,
+    /// A damaged file at start: `move_aside` (default: rename it and start
+    /// empty) or `refuse` (do not start).
+    #[serde(default)]
+    pub on_corrupt: crate::outbox::OnCorrupt,
+    /// Most records kept; past it the oldest are dropped (counted). Default 1,000,000.
+    #[serde(default = "default_outbox_records")]
+    pub max_records: u64,
+    /// Most payload bytes kept; past it the oldest are dropped. Default 256 MiB.
+    #[serde(default = "default_outbox_bytes")]
+    pub max_bytes: u64,
+    /// Also store and forward alert events. Default false.
+    #[serde(default)]
+    pub include_alerts: bool,
+}
+
+const fn default_outbox_records() -> u64 {
+    1_000_000
+}
+const fn default_outbox_bytes() -> u64 {
+    256 << 20
+}
+
+/// The upstream broker.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct UplinkConfig {
+    /// Broker host.
+    pub host: String,
+    /// Broker port. Default 8883 with TLS, 1883 without.
+    pub port: Option<u16>,
+    /// Client id. Default `sluice-<agent_id>-uplink`.
+    pub client_id: Option<String>,
+    /// User name.
+    pub username: Option<String>,
+    /// File holding the password (first line).
+    pub password_file: Option<PathBuf>,
+    /// Environment variable holding the password.
+    pub password_env: Option<String>,
+    /// TLS (CA file, optional client certificate and key).
+    pub tls: Option<TlsSettings>,
+    /// Topic template for forwarded aggregates. Default `sluice/{agent}/agg/{series}`.
+    #[serde(default = "default_aggregate_topic")]
+    pub aggregate_topic: String,
+    /// Topic template for forwarded alerts. Default `sluice/{agent}/alerts/{series}`.
+    #[serde(default = "default_alert_topic")]
+    pub alert_topic: String,
+    /// Records sent and not yet acknowledged, at most. Default 64.
+    #[serde(default = "default_max_inflight")]
+    pub max_inflight: u16,
+    /// Longest delay between reconnect attempts, ms. Default 30,000.
+    #[serde(default = "default_uplink_reconnect_max_ms")]
+    pub reconnect_max_ms: u64,
+}
+
+const fn default_max_inflight() -> u16 {
+    64
+}
+const fn default_uplink_reconnect_max_ms() -> u64 {
+    30_000
+}
+
+impl UplinkConfig {
+    /// Settings for the MQTT connection.
+    pub fn connection(&self, agent_id: &str) -> MqttSettings {
+        let port = self
+            .port
+            .unwrap_or(if self.tls.is_some() { 8883 } else { 1883 });
+        let mut s = MqttSettings::new(&self.host, port, vec!["unused".into()]);
+        s.client_id = self
+            .client_id
+            .clone()
+            .unwrap_or_else(|| format!("sluice-{agent_id}-uplink"));
+        s.username = self.username.clone();
+        s.password_file = self.password_file.clone();
+        s.password_env = self.password_env.clone();
+        s.tls = self.tls.clone();
+        s
+    }
 }
 
 /// Metrics settings.
@@ -457,7 +552,42 @@ impl Config {
             m.validate()
                 .map_err(|why| ConfigError(format!("output.mqtt.{why}")))?;
         }
-        if self.output.mqtt.is_none() && !self.output.console {
+        match (&self.outbox, &self.uplink) {
+            (Some(_), None) => return err("uplink", "an outbox needs an [uplink] to forward to"),
+            (None, Some(_)) => {
+                return err(
+                    "outbox",
+                    "an [uplink] forwards from an outbox: set [outbox] path = ...",
+                );
+            }
+            (Some(o), Some(u)) => {
+                if o.max_records == 0 || o.max_bytes == 0 {
+                    return err(
+                        "outbox.max_records",
+                        "max_records and max_bytes must be > 0",
+                    );
+                }
+                if u.host.is_empty() {
+                    return err("uplink.host", "must not be empty");
+                }
+                if !(1..=1024).contains(&u.max_inflight) {
+                    return err("uplink.max_inflight", "must be 1..=1024");
+                }
+                for (key, t) in [
+                    ("uplink.aggregate_topic", &u.aggregate_topic),
+                    ("uplink.alert_topic", &u.alert_topic),
+                ] {
+                    if !t.contains("{series}") || t.contains(['+', '#']) {
+                        return err(key, "must contain {series} and no '+' or '#'");
+                    }
+                }
+                u.connection(&self.agent_id)
+                    .validate()
+                    .map_err(|e| ConfigError(format!("uplink: {e}")))?;
+            }
+            (None, None) => {}
+        }
+        if self.output.mqtt.is_none() && !self.output.console && self.outbox.is_none() {
             return err(
                 "output",
                 "set [output.mqtt] or output.console = true, or records go nowhere",

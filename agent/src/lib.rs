@@ -9,6 +9,7 @@
 //! - [`outbox`]: the SQLite store-and-forward queue.
 //! - [`output`]: aggregate and alert records, and their delivery.
 //! - [`metrics`]: Prometheus `/metrics` and the periodic stats message.
+//! - [`uplink`]: the outbox writer and the uplink to the upstream broker.
 //! - [`pipeline`]: wiring and orderly shutdown.
 //! - [`demo`]: `sluice demo`, the pipeline on generated sensors.
 //!
@@ -21,4 +22,5 @@ pub mod outbox;
 pub mod output;
 pub mod pipeline;
 pub mod rules;
+pub mod uplink;
 pub mod worker;

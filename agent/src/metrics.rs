@@ -186,6 +186,47 @@ pub fn render(r: &Running) -> String {
         "Failed publishes.",
         &mut std::iter::once((String::new(), o.publish_errors.load(Relaxed).to_string())),
     );
+    let u = &r.uplink;
+    for (name, help, value) in [
+        (
+            "sluice_outbox_appended_total",
+            "Records committed to the outbox.",
+            u.appended.load(Relaxed),
+        ),
+        (
+            "sluice_outbox_append_errors_total",
+            "Outbox appends that failed and were retried (full disk, I/O).",
+            u.append_errors.load(Relaxed),
+        ),
+        (
+            "sluice_uplink_sent_total",
+            "Records published upstream, resends included.",
+            u.sent.load(Relaxed),
+        ),
+        (
+            "sluice_uplink_acked_total",
+            "Records acknowledged upstream and removed from the outbox.",
+            u.acked.load(Relaxed),
+        ),
+        (
+            "sluice_uplink_connects_total",
+            "Upstream connections.",
+            u.connects.load(Relaxed),
+        ),
+    ] {
+        family(
+            name,
+            "counter",
+            help,
+            &mut std::iter::once((String::new(), value.to_string())),
+        );
+    }
+    family(
+        "sluice_outbox_backlog",
+        "gauge",
+        "Records waiting in the outbox (at the uplink's last look).",
+        &mut std::iter::once((String::new(), u.backlog.load(Relaxed).to_string())),
+    );
     // Processing latency, all workers merged.
     let mut merged =
         hdrhistogram::Histogram::<u64>::new_with_bounds(1, 3_600_000, 3).expect("valid bounds");

@@ -276,6 +276,37 @@ impl MqttSink {
     }
 }
 
+/// Where records for the outbox go: the writer thread's channel, and the
+/// upstream topic templates.
+pub struct OutboxFeed {
+    /// The writer's channel: (topic, JSON payload).
+    pub records: mpsc::Sender<(String, Vec<u8>)>,
+    /// Upstream topic template for aggregates.
+    pub aggregate_topic: String,
+    /// Upstream topic template for alerts, if alerts are stored too.
+    pub alert_topic: Option<String>,
+}
+
+impl OutboxFeed {
+    /// Queues a record for the outbox (waiting while the writer is behind).
+    async fn store(&self, record: &Record, agent: &str) {
+        let item = match record {
+            Record::Aggregate(a) => (
+                topic(&self.aggregate_topic, agent, &a.series),
+                serde_json::to_vec(a),
+            ),
+            Record::Alert(e) => match &self.alert_topic {
+                Some(t) => (topic(t, agent, &e.series), serde_json::to_vec(e)),
+                None => return,
+            },
+            Record::Stats(_) => return,
+        };
+        if let (to, Ok(payload)) = item {
+            let _ = self.records.send((to, payload)).await;
+        }
+    }
+}
+
 /// Prints records on standard output, one line each.
 fn print(record: &Record) {
     match record {
@@ -318,6 +349,7 @@ pub async fn run(
     agent: Arc<str>,
     stats: Arc<OutputStats>,
     shutdown: CancellationToken,
+    outbox: Option<OutboxFeed>,
 ) -> Result<(), String> {
     let sink = mqtt
         .map(|m| MqttSink::connect(m, agent.clone()))
@@ -332,6 +364,9 @@ pub async fn run(
         };
         if console {
             print(&record);
+        }
+        if let Some(feed) = &outbox {
+            feed.store(&record, &agent).await;
         }
         if let Some(sink) = &sink {
             sink.publish(&record, &stats, &shutdown).await;

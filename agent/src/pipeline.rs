@@ -23,8 +23,10 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, Source};
-use crate::output::{self, OutputStats};
+use crate::outbox::Outbox;
+use crate::output::{self, OutboxFeed, OutputStats};
 use crate::rules::Rules;
+use crate::uplink::{self, UplinkStats};
 use crate::worker::{RulesSlot, Worker, WorkerStats};
 
 /// Records waiting for the output task, at most.
@@ -45,6 +47,8 @@ pub struct Running {
     pub udp_addrs: BTreeMap<String, SocketAddr>,
     /// Where `/metrics` is served, if it is.
     pub metrics_addr: Option<SocketAddr>,
+    /// Store-and-forward counters (zero without an outbox).
+    pub uplink: Arc<UplinkStats>,
 }
 
 /// Runs the pipeline for `config` until `shutdown` is cancelled. `started`
@@ -74,7 +78,56 @@ pub async fn run_with_reload(
     let (tx, rx) = mpsc::channel(OUTPUT_QUEUE);
     let stats_tx = tx.clone();
     let output_stats = Arc::new(OutputStats::default());
+    // Store-and-forward: the outbox writer and the uplink, on threads.
+    let mut store = None;
+    let mut outbox_feed = None;
+    let uplink_stats = Arc::new(UplinkStats::default());
+    if let (Some(o), Some(u)) = (&config.outbox, &config.uplink) {
+        let open = || {
+            Outbox::open(
+                &o.path,
+                o.durability,
+                o.on_corrupt,
+                o.max_records,
+                o.max_bytes,
+            )
+            .map_err(|e| anyhow::anyhow!("outbox: {e}"))
+        };
+        let (writer_box, note) = open()?;
+        if let Some(note) = note {
+            tracing::error!("{note}");
+        }
+        let (reader_box, _) = open()?;
+        let backlog = reader_box.status().map(|s| s.backlog).unwrap_or(0);
+        tracing::info!(path = %o.path.display(), backlog, "outbox open");
+        let stop = Arc::new(AtomicBool::new(false));
+        let uplink = {
+            let (u, agent, stats, stop) = (
+                u.clone(),
+                config.agent_id.clone(),
+                uplink_stats.clone(),
+                stop.clone(),
+            );
+            std::thread::Builder::new()
+                .name("sluice-uplink".into())
+                .spawn(move || uplink::run_uplink(reader_box, u, agent, stats, stop))?
+        };
+        let (feed_tx, feed_rx) = mpsc::channel(OUTPUT_QUEUE);
+        let writer = {
+            let (stats, wake) = (uplink_stats.clone(), uplink.thread().clone());
+            std::thread::Builder::new()
+                .name("sluice-outbox".into())
+                .spawn(move || uplink::run_writer(writer_box, feed_rx, stats, wake))?
+        };
+        outbox_feed = Some(OutboxFeed {
+            records: feed_tx,
+            aggregate_topic: u.aggregate_topic.clone(),
+            alert_topic: o.include_alerts.then(|| u.alert_topic.clone()),
+        });
+        store = Some((writer, uplink, stop));
+    }
     let output_task = {
+        let feed = outbox_feed.take();
         let (mqtt, console, agent, stats, stopping) = (
             config.output.mqtt.clone(),
             config.output.console,
@@ -83,7 +136,7 @@ pub async fn run_with_reload(
             shutdown.clone(),
         );
         tokio::spawn(async move {
-            output::run(rx, mqtt.as_ref(), console, agent, stats, stopping).await
+            output::run(rx, mqtt.as_ref(), console, agent, stats, stopping, feed).await
         })
     };
 
@@ -140,6 +193,7 @@ pub async fn run_with_reload(
         output: output_stats,
         udp_addrs: BTreeMap::new(),
         metrics_addr: None,
+        uplink: uplink_stats.clone(),
     };
     let sources_stop = shutdown.child_token();
     let mut source_tasks = Vec::new();
@@ -259,7 +313,21 @@ pub async fn run_with_reload(
         })
         .await
         .ok();
-        output_task.await
+        let delivered = output_task.await;
+        // The output task has dropped the writer's channel: the writer
+        // commits what it holds and ends; then the uplink stops (what it has
+        // not forwarded stays in the outbox for the next start).
+        if let Some((writer, uplink, stop)) = store {
+            tokio::task::spawn_blocking(move || {
+                let _ = writer.join();
+                stop.store(true, Relaxed);
+                uplink.thread().unpark();
+                let _ = uplink.join();
+            })
+            .await
+            .ok();
+        }
+        delivered
     })
     .await;
     match drained {

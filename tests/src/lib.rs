@@ -36,6 +36,20 @@ impl Broker {
         name: &str,
         tls: Option<(&std::path::Path, &std::path::Path, &std::path::Path)>,
     ) -> Broker {
+        Self::start_full(name, tls, false)
+    }
+
+    /// Starts a broker that keeps sessions and queued messages in a file
+    /// across a [`Broker::stop`] and [`Broker::restart`].
+    pub fn start_persistent(name: &str) -> Broker {
+        Self::start_full(name, None, true)
+    }
+
+    fn start_full(
+        name: &str,
+        tls: Option<(&std::path::Path, &std::path::Path, &std::path::Path)>,
+        persistent: bool,
+    ) -> Broker {
         let dir = std::env::temp_dir().join(format!("sluice-mqtt-{}-{name}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let mut broker = Broker {
@@ -44,8 +58,16 @@ impl Broker {
             dir,
             child: None,
         };
+        let persistence = if persistent {
+            format!(
+                "persistence true\npersistence_location {}/\n",
+                broker.dir.display()
+            )
+        } else {
+            "persistence false\n".to_string()
+        };
         let mut conf = format!(
-            "per_listener_settings false\nallow_anonymous true\npersistence false\nuser root\nlistener {} 127.0.0.1\n",
+            "per_listener_settings false\nallow_anonymous true\n{persistence}user root\nlistener {} 127.0.0.1\n",
             broker.port
         );
         if let (Some((ca, cert, key)), Some(port)) = (tls, broker.tls_port) {
@@ -86,6 +108,17 @@ impl Broker {
                 self.log()
             );
             std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Stops the broker the way its service would (SIGTERM: it saves its
+    /// persistence file, if it has one).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = std::process::Command::new("kill")
+                .arg(child.id().to_string())
+                .status();
+            let _ = child.wait();
         }
     }
 
