@@ -30,6 +30,15 @@ enum Command {
         #[arg(short, long)]
         config: PathBuf,
     },
+    /// Inspect the outbox named in a configuration file.
+    Outbox {
+        /// What to do.
+        #[command(subcommand)]
+        action: OutboxAction,
+        /// The TOML configuration file.
+        #[arg(short, long, global = true)]
+        config: Option<PathBuf>,
+    },
     /// Run the pipeline on generated sensors; nothing to install or configure.
     Demo {
         /// Stop after this many seconds (default: run until Ctrl-C).
@@ -39,6 +48,14 @@ enum Command {
         #[arg(long)]
         print_config: bool,
     },
+}
+
+#[derive(Subcommand)]
+enum OutboxAction {
+    /// Backlog, its bytes, the oldest record's age, the next seq, drops.
+    Status,
+    /// SQLite's full integrity check.
+    Verify,
 }
 
 fn main() -> ExitCode {
@@ -78,6 +95,7 @@ fn main() -> ExitCode {
                     .map(drop)
             })
         }
+        Command::Outbox { action, config } => outbox_command(action, config),
         Command::Demo {
             print_config: true, ..
         } => {
@@ -157,5 +175,70 @@ async fn reload_on_sighup(path: PathBuf, reload: tokio::sync::mpsc::Sender<Confi
                 tracing::error!("SIGHUP: new configuration rejected, keeping the current one: {e}")
             }
         }
+    }
+}
+
+/// `sluice outbox status|verify`.
+fn outbox_command(action: OutboxAction, config: Option<PathBuf>) -> ExitCode {
+    let Some(path) = config else {
+        eprintln!("error: --config FILE is required");
+        return ExitCode::from(2);
+    };
+    let config = match Config::load(&path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let Some(o) = config.outbox else {
+        eprintln!("error: {}: no [outbox] configured", path.display());
+        return ExitCode::from(2);
+    };
+    // Refuse rather than move aside: inspecting must not change anything.
+    let outbox = match sluice::outbox::Outbox::open(
+        &o.path,
+        o.durability,
+        sluice::outbox::OnCorrupt::Refuse,
+        o.max_records,
+        o.max_bytes,
+    ) {
+        Ok((outbox, _)) => outbox,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match action {
+        OutboxAction::Status => match outbox.status() {
+            Ok(s) => {
+                let age = s
+                    .oldest_created_ms
+                    .map(|t| sluice_collectors::reading::now_ms() - t);
+                println!("path: {}", o.path.display());
+                println!("backlog: {} records, {} bytes", s.backlog, s.backlog_bytes);
+                println!(
+                    "oldest: {}",
+                    age.map_or("-".into(), |a| format!("{:.1} s ago", a as f64 / 1000.0))
+                );
+                println!("next seq: {}", s.next_seq);
+                println!("dropped (outbox full): {}", s.dropped);
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        OutboxAction::Verify => match outbox.verify() {
+            Ok(()) => {
+                println!("{}: integrity ok", o.path.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{}: integrity check failed: {e}", o.path.display());
+                ExitCode::FAILURE
+            }
+        },
     }
 }

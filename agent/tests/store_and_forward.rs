@@ -205,6 +205,23 @@ reconnect_max_ms = 500
     }
     agent.kill().unwrap();
     agent.wait().unwrap();
+    // The operator's view of it.
+    let status = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["outbox", "status", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(status.status.success());
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(text.contains(&format!("next seq: {}", sent + 1)), "{text}");
+    let verify = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["outbox", "verify", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(
+        verify.status.success() && String::from_utf8_lossy(&verify.stdout).contains("integrity ok")
+    );
     drop(local);
     let _ = std::fs::remove_dir_all(&dir);
 }
