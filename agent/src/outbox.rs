@@ -17,7 +17,8 @@
 //!
 //! ```sql
 //! records(seq INTEGER PRIMARY KEY AUTOINCREMENT, topic TEXT, payload BLOB, created_ms INTEGER)
-//! counters(name TEXT PRIMARY KEY, value INTEGER)   -- dropped records, across restarts
+//! counters(name TEXT PRIMARY KEY, value INTEGER)   -- 'count', 'bytes' (running totals
+//!                                                    -- of records), 'dropped' (ever)
 //! ```
 //!
 //! `AUTOINCREMENT` makes `seq` strictly increasing for the life of the file,
@@ -180,6 +181,21 @@ impl Outbox {
                  created_ms INTEGER NOT NULL);
              CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);",
         )?;
+        // The running totals (kept in the same transactions as the records,
+        // so that every connection to the file sees the same ones); counted
+        // once if the file has none yet.
+        conn.execute(
+            "INSERT OR IGNORE INTO counters (name, value) SELECT 'count', COUNT(*) FROM records",
+            [],
+        )?;
+        conn.execute(
+            "INSERT OR IGNORE INTO counters (name, value) SELECT 'bytes', COALESCE(SUM(LENGTH(payload)), 0) FROM records",
+            [],
+        )?;
+        conn.execute(
+            "INSERT OR IGNORE INTO counters (name, value) VALUES ('dropped', 0)",
+            [],
+        )?;
         Ok(conn)
     }
 
@@ -189,7 +205,9 @@ impl Outbox {
     }
 
     /// Appends records in one transaction; returns their `seq`s. Past the
-    /// bound, the oldest records are dropped in the same transaction.
+    /// bound, the oldest records are dropped in the same transaction. The
+    /// bound is checked against running totals, so an append costs the same
+    /// whatever the backlog.
     pub fn append(
         &mut self,
         records: &[(String, Vec<u8>)],
@@ -197,6 +215,7 @@ impl Outbox {
     ) -> Result<Vec<i64>, OutboxError> {
         let tx = self.conn.transaction()?;
         let mut seqs = Vec::with_capacity(records.len());
+        let mut added_bytes = 0i64;
         {
             let mut insert = tx.prepare_cached(
                 "INSERT INTO records (topic, payload, created_ms) VALUES (?1, ?2, ?3)",
@@ -204,38 +223,30 @@ impl Outbox {
             for (topic, payload) in records {
                 insert.execute(params![topic, payload, now_ms])?;
                 seqs.push(tx.last_insert_rowid());
+                added_bytes += payload.len() as i64;
             }
         }
-        let (count, bytes): (u64, u64) = tx.query_row(
-            "SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0) FROM records",
-            [],
-            |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64)),
-        )?;
+        add_counter(&tx, "count", seqs.len() as i64)?;
+        add_counter(&tx, "bytes", added_bytes)?;
+        let (mut count, mut bytes) = (counter(&tx, "count")? as u64, counter(&tx, "bytes")? as u64);
         if count > self.max_records || bytes > self.max_bytes {
-            // Drop the oldest until both bounds hold: find the cut-off seq.
-            let mut drop_n = count.saturating_sub(self.max_records);
-            if bytes > self.max_bytes {
-                let mut excess = bytes - self.max_bytes;
-                let mut stmt =
-                    tx.prepare_cached("SELECT LENGTH(payload) FROM records ORDER BY seq")?;
-                let mut rows = stmt.query([])?;
-                let mut n = 0u64;
-                while excess > 0 {
-                    let Some(row) = rows.next()? else { break };
-                    excess = excess.saturating_sub(row.get::<_, i64>(0)? as u64);
-                    n += 1;
-                }
-                drop_n = drop_n.max(n);
+            // Drop the oldest, one at a time, until both bounds hold.
+            let mut dropped = 0i64;
+            let mut oldest = tx.prepare_cached(
+                "DELETE FROM records WHERE seq = (SELECT MIN(seq) FROM records) RETURNING LENGTH(payload)",
+            )?;
+            while count > self.max_records || bytes > self.max_bytes {
+                let Some(len) = oldest.query_row([], |r| r.get::<_, i64>(0)).optional()? else {
+                    break;
+                };
+                count -= 1;
+                bytes = bytes.saturating_sub(len as u64);
+                dropped += 1;
+                add_counter(&tx, "bytes", -len)?;
             }
-            let dropped = tx.execute(
-                "DELETE FROM records WHERE seq IN (SELECT seq FROM records ORDER BY seq LIMIT ?1)",
-                params![drop_n as i64],
-            )?;
-            tx.execute(
-                "INSERT INTO counters (name, value) VALUES ('dropped', ?1)
-                 ON CONFLICT(name) DO UPDATE SET value = value + ?1",
-                params![dropped as i64],
-            )?;
+            drop(oldest);
+            add_counter(&tx, "count", -dropped)?;
+            add_counter(&tx, "dropped", dropped)?;
         }
         tx.commit()?;
         Ok(seqs)
@@ -259,24 +270,36 @@ impl Outbox {
     /// Removes acknowledged records.
     pub fn ack(&mut self, seqs: &[i64]) -> Result<(), OutboxError> {
         let tx = self.conn.transaction()?;
+        let (mut removed, mut removed_bytes) = (0i64, 0i64);
         {
-            let mut delete = tx.prepare_cached("DELETE FROM records WHERE seq = ?1")?;
+            let mut delete =
+                tx.prepare_cached("DELETE FROM records WHERE seq = ?1 RETURNING LENGTH(payload)")?;
             for seq in seqs {
-                delete.execute(params![seq])?;
+                if let Some(len) = delete
+                    .query_row(params![seq], |r| r.get::<_, i64>(0))
+                    .optional()?
+                {
+                    removed += 1;
+                    removed_bytes += len;
+                }
             }
         }
+        add_counter(&tx, "count", -removed)?;
+        add_counter(&tx, "bytes", -removed_bytes)?;
         tx.commit()?;
         Ok(())
     }
 
-    /// The outbox's state.
+    /// The outbox's state (constant time: running totals and the oldest row).
     pub fn status(&self) -> Result<Status, OutboxError> {
-        let (backlog, backlog_bytes, oldest_created_ms): (i64, i64, Option<i64>) =
-            self.conn.query_row(
-                "SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0), MIN(created_ms) FROM records",
+        let oldest_created_ms: Option<i64> = self
+            .conn
+            .query_row(
+                "SELECT created_ms FROM records ORDER BY seq LIMIT 1",
                 [],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-            )?;
+                |r| r.get(0),
+            )
+            .optional()?;
         let last: Option<i64> = self
             .conn
             .query_row(
@@ -285,20 +308,12 @@ impl Outbox {
                 |r| r.get(0),
             )
             .optional()?;
-        let dropped: Option<i64> = self
-            .conn
-            .query_row(
-                "SELECT value FROM counters WHERE name = 'dropped'",
-                [],
-                |r| r.get(0),
-            )
-            .optional()?;
         Ok(Status {
-            backlog: backlog as u64,
-            backlog_bytes: backlog_bytes as u64,
+            backlog: counter(&self.conn, "count")? as u64,
+            backlog_bytes: counter(&self.conn, "bytes")? as u64,
             oldest_created_ms,
             next_seq: last.unwrap_or(0) + 1,
-            dropped: dropped.unwrap_or(0) as u64,
+            dropped: counter(&self.conn, "dropped")? as u64,
         })
     }
 
@@ -314,6 +329,22 @@ impl Outbox {
             Err(OutboxError(problems.join("; ")))
         }
     }
+}
+
+fn counter(conn: &Connection, name: &str) -> Result<i64, rusqlite::Error> {
+    conn.query_row(
+        "SELECT value FROM counters WHERE name = ?1",
+        params![name],
+        |r| r.get(0),
+    )
+}
+
+fn add_counter(conn: &Connection, name: &str, delta: i64) -> Result<(), rusqlite::Error> {
+    conn.execute(
+        "UPDATE counters SET value = value + ?2 WHERE name = ?1",
+        params![name, delta],
+    )?;
+    Ok(())
 }
 
 /// `seq` added to a record's JSON object, for the uplink: `{"seq":N,…}`

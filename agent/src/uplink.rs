@@ -100,17 +100,28 @@ pub fn run_uplink(
             return;
         }
     };
+    let max_delay = Duration::from_millis(config.reconnect_max_ms.max(200));
     let mut delay = Duration::from_millis(200);
+    let mut failures = 0u64;
     while !stop.load(Relaxed) {
+        let connects = stats.connects.load(Relaxed);
         match runtime.block_on(session(&mut outbox, &config, &agent, &stats, &stop)) {
             Ok(()) => return,
             Err(e) => {
-                tracing::warn!(error = %e, "uplink connection lost; reconnecting in {delay:?}");
+                if stats.connects.load(Relaxed) > connects {
+                    // It had connected: start the backoff afresh.
+                    delay = Duration::from_millis(200);
+                    failures = 0;
+                }
+                failures += 1;
+                // One warning per outage, not one per retry.
+                if failures == 1 {
+                    tracing::warn!(error = %e, "uplink unavailable; records wait in the outbox; retrying");
+                } else {
+                    tracing::debug!(error = %e, "uplink retry in {delay:?}");
+                }
                 std::thread::park_timeout(delay);
-                delay = (delay * 2).min(
-                    Duration::from_secs(config.reconnect_max_ms.max(200) / 1000)
-                        .max(Duration::from_millis(200)),
-                );
+                delay = (delay * 2).min(max_delay);
             }
         }
     }

@@ -225,3 +225,148 @@ reconnect_max_ms = 500
     drop(local);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+fn tls_config(
+    dir: &std::path::Path,
+    local: u16,
+    upstream_tls: u16,
+    ca: &std::path::Path,
+    metrics: u16,
+    name: &str,
+) -> std::path::PathBuf {
+    let config = dir.join(format!("{name}.toml"));
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+agent_id = "tls"
+[sources.plant]
+kind = "mqtt"
+host = "127.0.0.1"
+port = {local}
+client_id = "tls-in-{name}"
+topics = ["sensors/+"]
+
+[[rules]]
+match = "*"
+window = {{ kind = "count", size = 1 }}
+
+[outbox]
+path = "{db}"
+
+[uplink]
+host = "127.0.0.1"
+port = {upstream_tls}
+reconnect_max_ms = 500
+
+[uplink.tls]
+ca_file = "{ca}"
+
+[metrics]
+listen = "127.0.0.1:{metrics}"
+"#,
+            db = dir.join(format!("{name}.db")).display(),
+            ca = ca.display(),
+        ),
+    )
+    .unwrap();
+    config
+}
+
+fn metric(port: u16, name: &str) -> Option<u64> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    write!(s, "GET /metrics HTTP/1.1\r\n\r\n").ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} "))?.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_uplink_speaks_tls_and_refuses_a_broker_its_ca_did_not_sign() {
+    let dir = std::env::temp_dir().join(format!("sluice-sf-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (ca, cert, key) = sluice_tests::test_pki(&dir, "good");
+    let (other_ca, _, _) = sluice_tests::test_pki(&dir, "other");
+    let local = Broker::start("tls-local");
+    let upstream = Broker::start_with("tls-upstream", Some((&ca, &cert, &key)));
+    let tls_port = upstream.tls_port.unwrap();
+    let publisher = Publisher::connect(local.port, "tls-publisher");
+
+    // The right CA: records arrive upstream over TLS.
+    let got = {
+        let seqs = Arc::new(Mutex::new(Vec::new()));
+        let options = MqttOptions::new("tls-upstream-sub", "127.0.0.1", upstream.port);
+        let (client, mut events) = AsyncClient::new(options, 64);
+        client
+            .subscribe("sluice/tls/agg/#", QoS::AtLeastOnce)
+            .await
+            .unwrap();
+        let sink = seqs.clone();
+        tokio::spawn(async move {
+            let _client = client;
+            while let Ok(event) = events.poll().await {
+                if let Event::Incoming(Packet::Publish(p)) = event {
+                    let v: Value = serde_json::from_slice(&p.payload).unwrap();
+                    sink.lock().unwrap().push(v["seq"].as_i64().unwrap());
+                }
+            }
+        });
+        seqs
+    };
+    let metrics = sluice_tests::free_port();
+    let config = tls_config(&dir, local.port, tls_port, &ca, metrics, "good");
+    let log = dir.join("good.log");
+    let mut agent = start_agent(&config, &log);
+    let start = Instant::now();
+    while got.lock().unwrap().is_empty() {
+        assert!(
+            start.elapsed() < WAIT,
+            "{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        publisher
+            .publish(
+                "sensors/x",
+                QoS::AtLeastOnce,
+                format!(r#"{{"sensor":"a","ts":{},"value":1}}"#, now_ms()),
+            )
+            .await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    agent.kill().unwrap();
+    agent.wait().unwrap();
+
+    // A CA that did not sign the upstream broker: no connection, records
+    // wait in the outbox, and the log says why.
+    let metrics = sluice_tests::free_port();
+    let config = tls_config(&dir, local.port, tls_port, &other_ca, metrics, "wrong");
+    let log = dir.join("wrong.log");
+    let mut agent = start_agent(&config, &log);
+    let start = Instant::now();
+    while metric(metrics, "sluice_outbox_appended_total").unwrap_or(0) < 3 {
+        assert!(
+            start.elapsed() < WAIT,
+            "{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        publisher
+            .publish(
+                "sensors/x",
+                QoS::AtLeastOnce,
+                format!(r#"{{"sensor":"b","ts":{},"value":1}}"#, now_ms()),
+            )
+            .await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(metric(metrics, "sluice_uplink_connects_total"), Some(0));
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.contains("uplink unavailable") && text.to_lowercase().contains("certificate"),
+        "{text}"
+    );
+    agent.kill().unwrap();
+    agent.wait().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -11,7 +11,7 @@ use sluice_collectors::Reason;
 use sluice_collectors::decode::{JsonMapping, SeriesSource};
 use sluice_collectors::mqtt::{MqttSettings, MqttSource, TlsSettings};
 use sluice_core::shed::ShedPolicy;
-use sluice_tests::{Broker, Publisher};
+use sluice_tests::{Broker, Publisher, test_pki};
 use tokio_util::sync::CancellationToken;
 
 const WAIT: Duration = Duration::from_secs(15);
@@ -144,35 +144,6 @@ async fn readings_resume_after_the_broker_is_killed_and_restarted() {
         .await
         .expect("the source stops on shutdown")
         .unwrap();
-}
-
-/// A CA, and a server certificate for 127.0.0.1 signed by it, as PEM files.
-fn test_pki(
-    dir: &std::path::Path,
-    name: &str,
-) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
-    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
-    std::fs::create_dir_all(dir).unwrap();
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params
-        .distinguished_name
-        .push(DnType::CommonName, format!("{name} test CA"));
-    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
-    let server_key = KeyPair::generate().unwrap();
-    let server = CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])
-        .unwrap()
-        .signed_by(&server_key, &ca)
-        .unwrap();
-    let paths = (
-        dir.join(format!("{name}-ca.pem")),
-        dir.join(format!("{name}-server.pem")),
-        dir.join(format!("{name}-server.key")),
-    );
-    std::fs::write(&paths.0, ca.pem()).unwrap();
-    std::fs::write(&paths.1, server.pem()).unwrap();
-    std::fs::write(&paths.2, server_key.serialize_pem()).unwrap();
-    paths
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
