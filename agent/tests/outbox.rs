@@ -299,3 +299,46 @@ fn damaged_files_are_moved_aside_or_refused() {
     assert!(note.is_some());
     assert_eq!(outbox.status().unwrap().backlog, 0);
 }
+
+#[test]
+fn a_flipped_bit_in_a_page_header_is_detected() {
+    let path = temp_db("bitflip");
+    {
+        let mut outbox = open(&path, u64::MAX);
+        let batch: Vec<(String, Vec<u8>)> = (0..500)
+            .map(|i| {
+                (
+                    "t".to_string(),
+                    format!("{{\"i\":{i},\"pad\":\"{}\"}}", "p".repeat(100)).into_bytes(),
+                )
+            })
+            .collect();
+        outbox.append(&batch, 1).unwrap();
+        // Closing the last connection checkpoints the WAL into the file.
+    }
+    let mut bytes = std::fs::read(&path).unwrap();
+    let page = u16::from_be_bytes([bytes[16], bytes[17]]) as usize;
+    assert!(bytes.len() > 3 * page);
+    // Page 2's b-tree page type (0x02, 0x05, 0x0a or 0x0d) becomes invalid.
+    bytes[page] ^= 0xf0;
+    std::fs::write(&path, &bytes).unwrap();
+    let refused = Outbox::open(
+        &path,
+        Durability::Normal,
+        OnCorrupt::Refuse,
+        u64::MAX,
+        u64::MAX,
+    );
+    assert!(refused.is_err(), "a damaged page must be detected");
+    let (outbox, note) = Outbox::open(
+        &path,
+        Durability::Normal,
+        OnCorrupt::MoveAside,
+        u64::MAX,
+        u64::MAX,
+    )
+    .unwrap();
+    assert!(note.unwrap().contains("moved aside"));
+    assert_eq!(outbox.status().unwrap().backlog, 0);
+    outbox.verify().unwrap();
+}
