@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde_json::Value;
-use sluice_tests::{Broker, Publisher};
+use sluice_tests::{Broker, Publisher, http_get, metric};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -310,13 +310,7 @@ stats_interval_s = 1
     // SIGTERM: a window still open is flushed as partial, and the exit status
     // is 0. (A reading at a window's start needs a full second of silence
     // before the idle tick would close it.)
-    let processed = || -> u64 {
-        http_get(metrics_port, "/metrics")
-            .lines()
-            .filter_map(|l| l.strip_prefix("sluice_readings_processed_total{"))
-            .filter_map(|l| l.split_once(' ')?.1.parse::<u64>().ok())
-            .sum()
-    };
+    let processed = || metric(metrics_port, "sluice_readings_processed_total").unwrap_or(0);
     let before = processed();
     publisher
         .publish(
@@ -368,19 +362,6 @@ async fn await_agent(publisher: &Publisher, got: &Received, agent: &Agent, id: &
             .await;
         ts += 1000;
         tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-/// The body (or, for an error, the whole response) of a GET.
-fn http_get(port: u16, path: &str) -> String {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    match response.split_once("\r\n\r\n") {
-        Some((head, body)) if head.starts_with("HTTP/1.1 200") => body.to_owned(),
-        _ => response,
     }
 }
 
@@ -510,13 +491,7 @@ async fn sighup_changes_a_threshold_keeps_series_state_and_refuses_a_bad_file() 
     let mut agent = Agent::start(&config);
     let publisher = Publisher::connect(broker.port, "hup-publisher");
     await_agent(&publisher, &got, &agent, "hup").await;
-    let processed = || -> u64 {
-        http_get(metrics_port, "/metrics")
-            .lines()
-            .filter_map(|l| l.strip_prefix("sluice_readings_processed_total{"))
-            .filter_map(|l| l.split_once(' ')?.1.parse::<u64>().ok())
-            .sum()
-    };
+    let processed = || metric(metrics_port, "sluice_readings_processed_total").unwrap_or(0);
     let hup = |agent: &Agent| {
         // SAFETY: kill(2) on our own child's pid.
         unsafe { libc::kill(agent.child.id() as i32, libc::SIGHUP) };

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde_json::Value;
-use sluice_tests::{Broker, Publisher};
+use sluice_tests::{Broker, Publisher, metric};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -271,16 +271,6 @@ listen = "127.0.0.1:{metrics}"
     )
     .unwrap();
     config
-}
-
-fn metric(port: u16, name: &str) -> Option<u64> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    write!(s, "GET /metrics HTTP/1.1\r\n\r\n").ok()?;
-    let mut text = String::new();
-    s.read_to_string(&mut text).ok()?;
-    text.lines()
-        .find_map(|l| l.strip_prefix(&format!("{name} "))?.parse().ok())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -215,3 +215,34 @@ pub fn test_pki(
     std::fs::write(&paths.2, server_key.serialize_pem()).unwrap();
     paths
 }
+
+/// The body of `GET path` on 127.0.0.1:`port` (the whole response when the
+/// status is not 200).
+pub fn http_get(port: u16, path: &str) -> String {
+    use std::io::{Read, Write};
+    let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return String::new();
+    };
+    let _ = write!(stream, "GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n");
+    let mut response = String::new();
+    let _ = stream.read_to_string(&mut response);
+    match response.split_once("\r\n\r\n") {
+        Some((head, body)) if head.starts_with("HTTP/1.1 200") => body.to_owned(),
+        _ => response,
+    }
+}
+
+/// The sum over all label sets of the Prometheus metric `name` served on
+/// 127.0.0.1:`port`/metrics, or `None` if it is not there.
+pub fn metric(port: u16, name: &str) -> Option<u64> {
+    let text = http_get(port, "/metrics");
+    let values: Vec<u64> = text
+        .lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+        })
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse().ok())
+        .collect();
+    (!values.is_empty()).then(|| values.iter().sum())
+}
