@@ -54,6 +54,27 @@ pub struct Config {
     pub outbox: Option<OutboxConfig>,
     /// The upstream broker the outbox forwards to (needed with `outbox`).
     pub uplink: Option<UplinkConfig>,
+    /// Checkpoints of window, sketch and detector state, restored at start.
+    /// Absent: a restart starts every series afresh.
+    pub checkpoint: Option<CheckpointConfig>,
+}
+
+/// Checkpoints (see `checkpoint` in the crate docs).
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointConfig {
+    /// How often each worker saves its series' state, ms (it also saves on
+    /// shutdown). Default 10,000.
+    #[serde(default = "default_checkpoint_interval_ms")]
+    pub interval_ms: u64,
+    /// The SQLite file, needed only without an `[outbox]`: with one, the
+    /// checkpoints live in the outbox file, so that a checkpoint and the
+    /// records emitted before it commit in one transaction.
+    pub path: Option<PathBuf>,
+}
+
+const fn default_checkpoint_interval_ms() -> u64 {
+    10_000
 }
 
 /// The outbox.
@@ -586,6 +607,26 @@ impl Config {
                     .map_err(|e| ConfigError(format!("uplink: {e}")))?;
             }
             (None, None) => {}
+        }
+        if let Some(c) = &self.checkpoint {
+            if c.interval_ms < 100 {
+                return err("checkpoint.interval_ms", "must be at least 100");
+            }
+            match (&self.outbox, &c.path) {
+                (None, None) => {
+                    return err(
+                        "checkpoint.path",
+                        "needed without an [outbox] (with one, checkpoints live in its file)",
+                    );
+                }
+                (Some(o), Some(p)) if *p != o.path => {
+                    return err(
+                        "checkpoint.path",
+                        "with an [outbox], checkpoints live in its file (so that a checkpoint commits with the records before it): remove checkpoint.path",
+                    );
+                }
+                _ => {}
+            }
         }
         if self.output.mqtt.is_none() && !self.output.console && self.outbox.is_none() {
             return err(

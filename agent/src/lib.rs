@@ -15,6 +15,7 @@
 //!
 //! `main.rs` only parses the command line and calls into these.
 
+pub mod checkpoint;
 pub mod config;
 pub mod demo;
 pub mod metrics;

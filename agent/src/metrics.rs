@@ -161,6 +161,18 @@ pub fn render(r: &Running) -> String {
         "Readings waiting in a worker's rings.",
         &mut wk(|w| w.ring_depth.load(Relaxed)).into_iter(),
     );
+    family(
+        "sluice_checkpoint_restored_series_total",
+        "counter",
+        "Series whose state was restored from a checkpoint at start.",
+        &mut wk(|w| w.restored.load(Relaxed)).into_iter(),
+    );
+    family(
+        "sluice_checkpoint_restore_dropped_total",
+        "counter",
+        "Series in a checkpoint not restored (no rule matches, or the table is full).",
+        &mut wk(|w| w.restore_dropped.load(Relaxed)).into_iter(),
+    );
     let o = &r.output;
     family(
         "sluice_aggregates_total",
@@ -197,6 +209,11 @@ pub fn render(r: &Running) -> String {
             "sluice_outbox_append_errors_total",
             "Outbox appends that failed and were retried (full disk, I/O).",
             u.append_errors.load(Relaxed),
+        ),
+        (
+            "sluice_checkpoints_total",
+            "Worker checkpoints committed.",
+            u.checkpoints.load(Relaxed),
         ),
         (
             "sluice_uplink_sent_total",

@@ -179,7 +179,15 @@ impl Outbox {
                  topic TEXT NOT NULL,
                  payload BLOB NOT NULL,
                  created_ms INTEGER NOT NULL);
-             CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);",
+             CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+             CREATE TABLE IF NOT EXISTS checkpoints (
+                 worker INTEGER PRIMARY KEY,
+                 saved_ms INTEGER NOT NULL,
+                 checksum INTEGER NOT NULL,
+                 state BLOB NOT NULL);
+             CREATE TABLE IF NOT EXISTS window_marks (
+                 series TEXT PRIMARY KEY,
+                 end_ms INTEGER NOT NULL) WITHOUT ROWID;",
         )?;
         // The running totals (kept in the same transactions as the records,
         // so that every connection to the file sees the same ones); counted
@@ -213,7 +221,38 @@ impl Outbox {
         records: &[(String, Vec<u8>)],
         now_ms: i64,
     ) -> Result<Vec<i64>, OutboxError> {
+        self.commit(records, &[], &[], now_ms)
+    }
+
+    /// [`Self::append`], and in the same transaction: per series, the end of
+    /// the newest window emitted (`marks`), and worker checkpoints
+    /// (`(worker, state)`, each replacing that worker's last one). A
+    /// checkpoint thus commits together with every record emitted before it.
+    pub fn commit(
+        &mut self,
+        records: &[(String, Vec<u8>)],
+        marks: &[(String, i64)],
+        checkpoints: &[(usize, Vec<u8>)],
+        now_ms: i64,
+    ) -> Result<Vec<i64>, OutboxError> {
         let tx = self.conn.transaction()?;
+        if !marks.is_empty() {
+            let mut mark = tx.prepare_cached(
+                "INSERT INTO window_marks (series, end_ms) VALUES (?1, ?2)
+                 ON CONFLICT (series) DO UPDATE SET end_ms = MAX(end_ms, excluded.end_ms)",
+            )?;
+            for (series, end) in marks {
+                mark.execute(params![series, end])?;
+            }
+        }
+        if !checkpoints.is_empty() {
+            let mut save = tx.prepare_cached(
+                "INSERT OR REPLACE INTO checkpoints (worker, saved_ms, checksum, state) VALUES (?1, ?2, ?3, ?4)",
+            )?;
+            for (worker, state) in checkpoints {
+                save.execute(params![*worker as i64, now_ms, checksum(state), state])?;
+            }
+        }
         let mut seqs = Vec::with_capacity(records.len());
         let mut added_bytes = 0i64;
         {
@@ -345,6 +384,77 @@ fn add_counter(conn: &Connection, name: &str, delta: i64) -> Result<(), rusqlite
         params![name, delta],
     )?;
     Ok(())
+}
+
+/// A saved worker checkpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SavedCheckpoint {
+    /// The worker that saved it.
+    pub worker: usize,
+    /// When, ms since the epoch.
+    pub saved_ms: i64,
+    /// The state (`Err`: the checksum did not match).
+    pub state: Result<Vec<u8>, String>,
+}
+
+impl Outbox {
+    /// Every saved checkpoint, and the window marks (series → end of the
+    /// newest window emitted).
+    pub fn checkpoints(
+        &self,
+    ) -> Result<(Vec<SavedCheckpoint>, std::collections::HashMap<String, i64>), OutboxError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT worker, saved_ms, checksum, state FROM checkpoints ORDER BY worker")?;
+        let saved = stmt
+            .query_map([], |r| {
+                let (worker, saved_ms, sum, state): (i64, i64, i64, Vec<u8>) =
+                    (r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?);
+                Ok(SavedCheckpoint {
+                    worker: worker as usize,
+                    saved_ms,
+                    state: if checksum(&state) == sum {
+                        Ok(state)
+                    } else {
+                        Err(format!("checkpoint of worker {worker}: checksum mismatch"))
+                    },
+                })
+            })?
+            .collect::<Result<_, _>>()?;
+        let mut stmt = self
+            .conn
+            .prepare("SELECT series, end_ms FROM window_marks")?;
+        let marks = stmt
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<Result<_, _>>()?;
+        Ok((saved, marks))
+    }
+
+    /// Replaces every checkpoint with `checkpoints`, in one transaction (at
+    /// start, when the state was redistributed over a new number of workers).
+    pub fn replace_checkpoints(
+        &mut self,
+        checkpoints: &[(usize, Vec<u8>)],
+        now_ms: i64,
+    ) -> Result<(), OutboxError> {
+        let tx = self.conn.transaction()?;
+        tx.execute("DELETE FROM checkpoints", [])?;
+        {
+            let mut save = tx.prepare_cached(
+                "INSERT INTO checkpoints (worker, saved_ms, checksum, state) VALUES (?1, ?2, ?3, ?4)",
+            )?;
+            for (worker, state) in checkpoints {
+                save.execute(params![*worker as i64, now_ms, checksum(state), state])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+}
+
+/// A checkpoint's checksum: XXH3 (64 bits, stored as SQLite's signed integer).
+fn checksum(state: &[u8]) -> i64 {
+    sluice_core::hash::hash64(state, 0x5e55_10c4) as i64
 }
 
 /// `seq` added to a record's JSON object, for the uplink: `{"seq":N,…}`

@@ -12,6 +12,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{MqttOutput, topic};
+use crate::uplink::ToStore;
 
 /// A closed window of a series.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -103,6 +104,13 @@ pub enum Record {
     Alert(AlertEvent),
     /// A stats snapshot (see [`crate::metrics::snapshot`]).
     Stats(serde_json::Value),
+    /// A worker's checkpoint (for the store only; see `checkpoint`).
+    Checkpoint {
+        /// The worker.
+        worker: usize,
+        /// Its encoded state.
+        state: Vec<u8>,
+    },
 }
 
 /// What the output task delivered.
@@ -226,6 +234,7 @@ impl MqttSink {
     async fn publish(&self, record: &Record, stats: &OutputStats, shutdown: &CancellationToken) {
         let s = &self.settings;
         let result = match record {
+            Record::Checkpoint { .. } => return,
             Record::Aggregate(a) => {
                 let payload = serde_json::to_vec(a).unwrap_or_default();
                 let to = topic(&s.aggregate_topic, &self.agent, &a.series);
@@ -279,8 +288,10 @@ impl MqttSink {
 /// Where records for the outbox go: the writer thread's channel, and the
 /// upstream topic templates.
 pub struct OutboxFeed {
-    /// The writer's channel: (topic, JSON payload).
-    pub records: mpsc::Sender<(String, Vec<u8>)>,
+    /// The writer's channel.
+    pub items: mpsc::Sender<ToStore>,
+    /// Whether records are stored (false: the store holds checkpoints only).
+    pub records: bool,
     /// Upstream topic template for aggregates.
     pub aggregate_topic: String,
     /// Upstream topic template for alerts, if alerts are stored too.
@@ -291,18 +302,37 @@ impl OutboxFeed {
     /// Queues a record for the outbox (waiting while the writer is behind).
     async fn store(&self, record: &Record, agent: &str) {
         let item = match record {
+            Record::Checkpoint { worker, state } => {
+                let _ = self
+                    .items
+                    .send(ToStore::Checkpoint {
+                        worker: *worker,
+                        state: state.clone(),
+                    })
+                    .await;
+                return;
+            }
+            _ if !self.records => return,
             Record::Aggregate(a) => (
                 topic(&self.aggregate_topic, agent, &a.series),
                 serde_json::to_vec(a),
+                Some((a.series.clone(), a.end)),
             ),
             Record::Alert(e) => match &self.alert_topic {
-                Some(t) => (topic(t, agent, &e.series), serde_json::to_vec(e)),
+                Some(t) => (topic(t, agent, &e.series), serde_json::to_vec(e), None),
                 None => return,
             },
             Record::Stats(_) => return,
         };
-        if let (to, Ok(payload)) = item {
-            let _ = self.records.send((to, payload)).await;
+        if let (topic, Ok(payload), mark) = item {
+            let _ = self
+                .items
+                .send(ToStore::Record {
+                    topic,
+                    payload,
+                    mark,
+                })
+                .await;
         }
     }
 }
@@ -310,7 +340,7 @@ impl OutboxFeed {
 /// Prints records on standard output, one line each.
 fn print(record: &Record) {
     match record {
-        Record::Stats(_) => {}
+        Record::Stats(_) | Record::Checkpoint { .. } => {}
         Record::Aggregate(a) => {
             println!(
                 "agg   {:<24} [{} .. {})  n={:<4} mean={:>9.3}  min={:>9.3}  max={:>9.3}{}{}",
@@ -360,7 +390,7 @@ pub async fn run(
             Record::Aggregate(_) => stats.aggregates.fetch_add(1, Relaxed),
             Record::Alert(e) if e.state == "raised" => stats.alerts_raised.fetch_add(1, Relaxed),
             Record::Alert(_) => stats.alerts_cleared.fetch_add(1, Relaxed),
-            Record::Stats(_) => 0,
+            Record::Stats(_) | Record::Checkpoint { .. } => 0,
         };
         if console {
             print(&record);

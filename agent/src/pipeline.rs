@@ -22,8 +22,9 @@ use sluice_core::shed::Priority;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
+use crate::checkpoint;
 use crate::config::{Config, Source};
-use crate::outbox::Outbox;
+use crate::outbox::{Durability, OnCorrupt, Outbox};
 use crate::output::{self, OutboxFeed, OutputStats};
 use crate::rules::Rules;
 use crate::uplink::{self, UplinkStats};
@@ -78,51 +79,93 @@ pub async fn run_with_reload(
     let (tx, rx) = mpsc::channel(OUTPUT_QUEUE);
     let stats_tx = tx.clone();
     let output_stats = Arc::new(OutputStats::default());
-    // Store-and-forward: the outbox writer and the uplink, on threads.
+    // Store-and-forward and checkpoints: the writer and the uplink, on
+    // threads (SQLite calls block). One file holds the outbox and the
+    // checkpoints, so that they commit together.
     let mut store = None;
     let mut outbox_feed = None;
+    let mut restored = checkpoint::Restored::default();
     let uplink_stats = Arc::new(UplinkStats::default());
-    if let (Some(o), Some(u)) = (&config.outbox, &config.uplink) {
-        let open = || {
-            Outbox::open(
-                &o.path,
-                o.durability,
-                o.on_corrupt,
-                o.max_records,
-                o.max_bytes,
-            )
-            .map_err(|e| anyhow::anyhow!("outbox: {e}"))
+    let store_path = match (&config.outbox, &config.checkpoint) {
+        (Some(o), _) => Some(o.path.clone()),
+        (None, Some(c)) => c.path.clone(),
+        (None, None) => None,
+    };
+    if let Some(path) = store_path {
+        let (durability, on_corrupt, max_records, max_bytes) = match &config.outbox {
+            Some(o) => (o.durability, o.on_corrupt, o.max_records, o.max_bytes),
+            None => (Durability::Normal, OnCorrupt::MoveAside, u64::MAX, u64::MAX),
         };
-        let (writer_box, note) = open()?;
+        let open = || {
+            Outbox::open(&path, durability, on_corrupt, max_records, max_bytes)
+                .map_err(|e| anyhow::anyhow!("outbox: {e}"))
+        };
+        let (mut writer_box, note) = open()?;
         if let Some(note) = note {
             tracing::error!("{note}");
         }
-        let (reader_box, _) = open()?;
-        let backlog = reader_box.status().map(|s| s.backlog).unwrap_or(0);
-        tracing::info!(path = %o.path.display(), backlog, "outbox open");
+        if config.checkpoint.is_some() {
+            let (saved, marks) = writer_box
+                .checkpoints()
+                .map_err(|e| anyhow::anyhow!("checkpoints in {}: {e}", path.display()))?;
+            restored = checkpoint::distribute(saved, marks, config.workers);
+            for why in &restored.skipped {
+                tracing::error!("{why}; its series start afresh");
+            }
+            if restored.relayout {
+                let rows: Vec<(usize, Vec<u8>)> = restored
+                    .per_worker
+                    .iter()
+                    .enumerate()
+                    .map(|(w, series)| (w, checkpoint::encode(series.clone())))
+                    .collect();
+                writer_box
+                    .replace_checkpoints(&rows, sluice_collectors::reading::now_ms())
+                    .map_err(|e| anyhow::anyhow!("rewriting checkpoints: {e}"))?;
+            }
+        }
         let stop = Arc::new(AtomicBool::new(false));
-        let uplink = {
-            let (u, agent, stats, stop) = (
-                u.clone(),
-                config.agent_id.clone(),
-                uplink_stats.clone(),
-                stop.clone(),
-            );
-            std::thread::Builder::new()
-                .name("sluice-uplink".into())
-                .spawn(move || uplink::run_uplink(reader_box, u, agent, stats, stop))?
+        let uplink = match (&config.outbox, &config.uplink) {
+            (Some(o), Some(u)) => {
+                let (reader_box, _) = open()?;
+                let backlog = reader_box.status().map(|s| s.backlog).unwrap_or(0);
+                tracing::info!(path = %o.path.display(), backlog, "outbox open");
+                let (u, agent, stats, stop) = (
+                    u.clone(),
+                    config.agent_id.clone(),
+                    uplink_stats.clone(),
+                    stop.clone(),
+                );
+                Some(
+                    std::thread::Builder::new()
+                        .name("sluice-uplink".into())
+                        .spawn(move || uplink::run_uplink(reader_box, u, agent, stats, stop))?,
+                )
+            }
+            _ => None,
         };
         let (feed_tx, feed_rx) = mpsc::channel(OUTPUT_QUEUE);
         let writer = {
-            let (stats, wake) = (uplink_stats.clone(), uplink.thread().clone());
+            let (stats, wake) = (
+                uplink_stats.clone(),
+                uplink.as_ref().map(|u| u.thread().clone()),
+            );
             std::thread::Builder::new()
                 .name("sluice-outbox".into())
                 .spawn(move || uplink::run_writer(writer_box, feed_rx, stats, wake))?
         };
+        let (aggregate_topic, alert_topic) = match (&config.outbox, &config.uplink) {
+            (Some(o), Some(u)) => (
+                u.aggregate_topic.clone(),
+                o.include_alerts.then(|| u.alert_topic.clone()),
+            ),
+            _ => (String::new(), None),
+        };
         outbox_feed = Some(OutboxFeed {
-            records: feed_tx,
-            aggregate_topic: u.aggregate_topic.clone(),
-            alert_topic: o.include_alerts.then(|| u.alert_topic.clone()),
+            items: feed_tx,
+            records: config.outbox.is_some(),
+            aggregate_topic,
+            alert_topic,
         });
         store = Some((writer, uplink, stop));
     }
@@ -161,7 +204,7 @@ pub async fn run_with_reload(
     for (i, rings) in consumers.into_iter().enumerate() {
         let stats = Arc::new(WorkerStats::default());
         worker_stats.push(stats.clone());
-        let worker = Worker::new(
+        let mut worker = Worker::new(
             agent.clone(),
             rules.clone(),
             slot.clone(),
@@ -169,6 +212,11 @@ pub async fn run_with_reload(
             tx.clone(),
             stats,
         );
+        if let Some(c) = &config.checkpoint {
+            worker = worker.with_checkpoints(i, Duration::from_millis(c.interval_ms));
+            let saved = std::mem::take(&mut restored.per_worker[i]);
+            worker.restore(saved, &restored.marks);
+        }
         let stop = stop.clone();
         let handle = std::thread::Builder::new()
             .name(format!("sluice-worker-{i}"))
@@ -177,6 +225,14 @@ pub async fn run_with_reload(
         worker_threads.push(handle);
     }
     drop(tx);
+    if config.checkpoint.is_some() {
+        let sum = |f: fn(&WorkerStats) -> u64| -> u64 { worker_stats.iter().map(|w| f(w)).sum() };
+        tracing::info!(
+            series = sum(|w| w.restored.load(Relaxed)),
+            dropped = sum(|w| w.restore_dropped.load(Relaxed)),
+            "state restored from checkpoints"
+        );
+    }
     let wakeups: Vec<std::thread::Thread> =
         worker_threads.iter().map(|h| h.thread().clone()).collect();
 
@@ -321,8 +377,10 @@ pub async fn run_with_reload(
             tokio::task::spawn_blocking(move || {
                 let _ = writer.join();
                 stop.store(true, Relaxed);
-                uplink.thread().unpark();
-                let _ = uplink.join();
+                if let Some(uplink) = uplink {
+                    uplink.thread().unpark();
+                    let _ = uplink.join();
+                }
             })
             .await
             .ok();

@@ -12,6 +12,8 @@ use sluice_core::window::{
     Closed, CountWindow, DecayingStats, HoppingWindow, Rejection, TumblingWindow, WindowError,
 };
 
+use serde::{Deserialize, Serialize};
+
 use crate::config::{AnomalyRule, PriorityKind, RateRule, Rule, ThresholdRule, WindowRule};
 
 /// Panes of a tumbling window: lateness up to 3 windows.
@@ -25,7 +27,8 @@ const HOPPING_PANES: usize = 16;
 /// bytes), stays inline so that a reading does not chase a pointer; windows
 /// with more panes are boxed, so that every series does not pay for the
 /// largest.
-#[derive(Clone)]
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(bound(serialize = "A: Serialize", deserialize = "A: Deserialize<'de>"))]
 pub enum Window<A: Accumulator = Aggregate> {
     /// Tumbling on event time, no allowed lateness: one pane.
     Tumbling1(TumblingWindow<1, A>),
@@ -43,7 +46,8 @@ pub enum Window<A: Accumulator = Aggregate> {
 
 /// A decaying window, with the period's plain aggregates in a tumbling
 /// window of the report period (boxed in [`Window`]: rarely used).
-#[derive(Clone)]
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(bound(serialize = "A: Serialize", deserialize = "A: Deserialize<'de>"))]
 pub struct DecayingReport<A: Accumulator> {
     stats: DecayingStats,
     /// The statistics when the last report closed (before the reading that
@@ -180,6 +184,30 @@ pub const QUANTILE_ACCURACY: f64 = 0.01;
 #[derive(Clone, Default)]
 pub struct Quantiles(Option<Box<DdSketch<[u64; 2 * QUANTILE_BUCKETS]>>>);
 
+/// Checkpointed in the sketch's own versioned, checksummed encoding.
+impl Serialize for Quantiles {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let bytes = self.0.as_ref().map(|sketch| {
+            let mut buf = vec![0; sketch.serialized_len()];
+            let n = sketch.write_to(&mut buf).unwrap_or(0);
+            buf.truncate(n);
+            buf
+        });
+        bytes.serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for Quantiles {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        match Option::<Vec<u8>>::deserialize(d)? {
+            None => Ok(Quantiles(None)),
+            Some(bytes) => DdSketch::read_from(&bytes, [0; 2 * QUANTILE_BUCKETS])
+                .map(|s| Quantiles(Some(Box::new(s))))
+                .map_err(|e| serde::de::Error::custom(format!("quantile sketch: {e}"))),
+        }
+    }
+}
+
 impl Quantiles {
     /// The value at quantile `q`, within 1 % of the exact one.
     pub fn quantile(&self, q: f64) -> Option<f64> {
@@ -268,6 +296,17 @@ pub enum Detector {
     Rate(RateOfChangeDetector),
 }
 
+/// A detector's state without its name, for checkpoints.
+#[derive(Clone, Serialize, Deserialize)]
+pub enum DetectorState {
+    /// EWMA z-score.
+    ZScore(ZScoreDetector),
+    /// A threshold.
+    Threshold(ThresholdDetector),
+    /// Rate of change.
+    Rate(RateOfChangeDetector),
+}
+
 /// What one detector made of a reading, when it changed state.
 pub struct Change {
     /// The rule's name.
@@ -281,6 +320,27 @@ pub struct Change {
 }
 
 impl Detector {
+    /// Its state, for a checkpoint.
+    pub fn state(&self) -> DetectorState {
+        match self {
+            Detector::ZScore(d) => DetectorState::ZScore(*d),
+            Detector::Threshold(_, d) => DetectorState::Threshold(*d),
+            Detector::Rate(d) => DetectorState::Rate(*d),
+        }
+    }
+
+    /// Takes `state` back from a checkpoint; false (and no change) if it is
+    /// of another kind.
+    pub fn restore(&mut self, state: DetectorState) -> bool {
+        match (self, state) {
+            (Detector::ZScore(d), DetectorState::ZScore(s)) => *d = s,
+            (Detector::Threshold(_, d), DetectorState::Threshold(s)) => *d = s,
+            (Detector::Rate(d), DetectorState::Rate(s)) => *d = s,
+            _ => return false,
+        }
+        true
+    }
+
     /// Feeds a reading; returns the change of state it caused, if any.
     pub fn observe(&mut self, ts: Timestamp, value: f64) -> Option<Change> {
         let (rule, verdict) = match self {

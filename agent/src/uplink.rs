@@ -41,44 +41,92 @@ pub struct UplinkStats {
     pub connects: AtomicU64,
     /// Records waiting in the outbox (at the last look).
     pub backlog: AtomicU64,
+    /// Worker checkpoints committed.
+    pub checkpoints: AtomicU64,
 }
 
-/// Appends records from `records` until it closes, then returns.
+/// What the output task hands the writer, in the order the workers made it.
+#[derive(Debug)]
+pub enum ToStore {
+    /// A record to forward upstream.
+    Record {
+        /// Upstream topic.
+        topic: String,
+        /// JSON body.
+        payload: Vec<u8>,
+        /// For an aggregate: its series and window end (see `checkpoint`).
+        mark: Option<(String, i64)>,
+    },
+    /// A worker's checkpoint.
+    Checkpoint {
+        /// The worker.
+        worker: usize,
+        /// Its encoded state.
+        state: Vec<u8>,
+    },
+}
+
+/// Commits what arrives on `items` until it closes, then returns: records,
+/// window marks and checkpoints, up to 512 items per transaction.
 pub fn run_writer(
     mut outbox: Outbox,
-    mut records: mpsc::Receiver<(String, Vec<u8>)>,
+    mut items: mpsc::Receiver<ToStore>,
     stats: Arc<UplinkStats>,
-    wake: std::thread::Thread,
+    wake: Option<std::thread::Thread>,
 ) {
-    let mut batch = Vec::new();
-    while let Some(first) = records.blocking_recv() {
-        batch.push(first);
-        while batch.len() < 512 {
-            match records.try_recv() {
-                Ok(r) => batch.push(r),
-                Err(_) => break,
+    let (mut records, mut marks, mut checkpoints) = (Vec::new(), Vec::new(), Vec::new());
+    while let Some(first) = items.blocking_recv() {
+        let mut next = Some(first);
+        let mut taken = 0;
+        while let Some(item) = next.take() {
+            match item {
+                ToStore::Record {
+                    topic,
+                    payload,
+                    mark,
+                } => {
+                    records.push((topic, payload));
+                    marks.extend(mark);
+                }
+                ToStore::Checkpoint { worker, state } => checkpoints.push((worker, state)),
+            }
+            taken += 1;
+            if taken < 512 {
+                next = items.try_recv().ok();
             }
         }
         let mut delay = Duration::from_millis(50);
         loop {
-            match outbox.append(&batch, sluice_collectors::reading::now_ms()) {
+            match outbox.commit(
+                &records,
+                &marks,
+                &checkpoints,
+                sluice_collectors::reading::now_ms(),
+            ) {
                 Ok(seqs) => {
                     stats.appended.fetch_add(seqs.len() as u64, Relaxed);
-                    wake.unpark();
+                    stats
+                        .checkpoints
+                        .fetch_add(checkpoints.len() as u64, Relaxed);
+                    if let Some(wake) = &wake {
+                        wake.unpark();
+                    }
                     break;
                 }
                 Err(e) => {
                     if stats.append_errors.fetch_add(1, Relaxed) == 0
                         || delay >= Duration::from_secs(5)
                     {
-                        tracing::error!(error = %e, records = batch.len(), "outbox append failed; retrying (committed records are safe)");
+                        tracing::error!(error = %e, records = records.len(), "outbox append failed; retrying (committed records are safe)");
                     }
                     std::thread::sleep(delay);
                     delay = (delay * 2).min(Duration::from_secs(5));
                 }
             }
         }
-        batch.clear();
+        records.clear();
+        marks.clear();
+        checkpoints.clear();
     }
 }
 

@@ -24,6 +24,7 @@ use sluice_core::anomaly::Transition;
 use sluice_core::window::{Closed, DecayingStats, Rejection};
 use tokio::sync::mpsc;
 
+use crate::checkpoint::{self, SeriesState, WindowsState};
 use crate::output::{AggregateRecord, AlertEvent, DecayingSummary, Record};
 use crate::rules::{Detector, Quantiles, Rules, Window};
 
@@ -49,6 +50,11 @@ pub struct WorkerStats {
     pub output_closed: AtomicU64,
     /// Readings waiting in this worker's rings (at the last tick).
     pub ring_depth: AtomicU64,
+    /// Series restored from a checkpoint.
+    pub restored: AtomicU64,
+    /// Series in a checkpoint not restored (no rule matches them now, or
+    /// the series table is full).
+    pub restore_dropped: AtomicU64,
     /// Processing latency, ms: from a reading's ingest to the record it
     /// caused (a closed window or an alert) being handed to the outputs.
     pub latency_ms: Mutex<Histogram<u64>>,
@@ -64,6 +70,8 @@ impl Default for WorkerStats {
             series: AtomicU64::new(0),
             output_closed: AtomicU64::new(0),
             ring_depth: AtomicU64::new(0),
+            restored: AtomicU64::new(0),
+            restore_dropped: AtomicU64::new(0),
             // 1 ms to 1 hour, 3 significant digits: about 40 KiB.
             latency_ms: Mutex::new(
                 Histogram::new_with_bounds(1, 3_600_000, 3).expect("valid bounds"),
@@ -91,6 +99,8 @@ struct Windows {
     late: u64,
     /// Largest sampling weight since the last closed window.
     sampled_one_in: u32,
+    /// End of the newest window emitted (for checkpoints).
+    emitted_end: Option<Timestamp>,
 }
 
 /// A closed window on its way to becoming a record.
@@ -110,6 +120,27 @@ impl Windows {
             quantiles,
             late: 0,
             sampled_one_in: 1,
+            emitted_end: None,
+        }
+    }
+
+    fn save(&self) -> WindowsState {
+        WindowsState {
+            aggregate: self.aggregate.clone(),
+            quantiles: self.quantiles.clone(),
+            late: self.late,
+            sampled_one_in: self.sampled_one_in,
+            emitted_end: self.emitted_end,
+        }
+    }
+
+    fn restored(s: WindowsState) -> Windows {
+        Windows {
+            aggregate: s.aggregate,
+            quantiles: s.quantiles,
+            late: s.late,
+            sampled_one_in: s.sampled_one_in,
+            emitted_end: s.emitted_end,
         }
     }
 
@@ -128,6 +159,7 @@ impl Windows {
         }
         let mut sketches = sketches.into_iter();
         for c in closed {
+            self.emitted_end = Some(self.emitted_end.map_or(c.end, |e| e.max(c.end)));
             let q = sketches.next();
             debug_assert!(
                 q.as_ref()
@@ -214,6 +246,8 @@ pub struct Worker {
     max_series: usize,
     out: mpsc::Sender<Record>,
     stats: Arc<WorkerStats>,
+    /// This worker's index and checkpoint period, when checkpoints are on.
+    checkpoints: Option<(usize, Duration)>,
 }
 
 impl Worker {
@@ -235,13 +269,111 @@ impl Worker {
             max_series,
             out,
             stats,
+            checkpoints: None,
         }
+    }
+
+    /// Saves a checkpoint as worker `index` every `every` and at shutdown
+    /// (instead of closing open windows as partial).
+    pub fn with_checkpoints(mut self, index: usize, every: Duration) -> Worker {
+        self.checkpoints = Some((index, every));
+        self
+    }
+
+    /// Takes back series state from a checkpoint (see [`crate::checkpoint`]).
+    /// `marks` tells which windows were emitted after it.
+    pub fn restore(&mut self, saved: Vec<SeriesState>, marks: &HashMap<String, Timestamp>) {
+        let (mut restored, mut dropped) = (0u64, 0u64);
+        for s in saved {
+            let Ok(key) = SeriesKey::try_from(s.series.as_str()) else {
+                dropped += 1;
+                continue;
+            };
+            let Some(rule) = self.rules.find(&key) else {
+                dropped += 1;
+                continue;
+            };
+            if self.series.len() >= self.max_series {
+                dropped += 1;
+                continue;
+            }
+            let config = self.rules.config(rule);
+            let (window, quantiles, mut detectors) = self.rules.state(rule);
+            let fresh = || window.map(|w| Windows::new(w, quantiles));
+            let windows = match s.windows {
+                Some(saved) if s.window_fp == checkpoint::window_fingerprint(config) => {
+                    let mut w = Windows::restored(saved);
+                    let mark = marks.get(&s.series).copied();
+                    match (mark, config.window.as_ref().and_then(checkpoint::lateness)) {
+                        // Windows emitted after the checkpoint: close them
+                        // again, silently, as they were closed before.
+                        (Some(end), Some(lateness)) if Some(end) > w.emitted_end => {
+                            let mut discarded = Vec::new();
+                            w.advance_to(end.saturating_add(lateness), &mut discarded);
+                            w.emitted_end = Some(end);
+                            Some(w)
+                        }
+                        // A count window emitted after it: its readings are
+                        // in that record; start afresh.
+                        (Some(end), None) if Some(end) > w.emitted_end => fresh(),
+                        _ => Some(w),
+                    }
+                }
+                _ => fresh(),
+            };
+            if s.detector_fp == checkpoint::detector_fingerprint(config)
+                && s.detectors.len() == detectors.len()
+            {
+                for (d, saved) in detectors.iter_mut().zip(s.detectors) {
+                    d.restore(saved);
+                }
+            }
+            self.series.insert(
+                key,
+                Series {
+                    rule,
+                    windows,
+                    detectors,
+                    last_event: s.last_event,
+                    last_seen: s.last_seen,
+                },
+            );
+            restored += 1;
+        }
+        self.stats.series.store(self.series.len() as u64, Relaxed);
+        self.stats.restored.fetch_add(restored, Relaxed);
+        self.stats.restore_dropped.fetch_add(dropped, Relaxed);
+    }
+
+    /// Sends this worker's checkpoint to the store.
+    fn save(&self, index: usize) {
+        let series = self
+            .series
+            .iter()
+            .map(|(key, s)| {
+                let config = self.rules.config(s.rule);
+                SeriesState {
+                    series: key.to_string(),
+                    window_fp: checkpoint::window_fingerprint(config),
+                    detector_fp: checkpoint::detector_fingerprint(config),
+                    windows: s.windows.as_ref().map(Windows::save),
+                    detectors: s.detectors.iter().map(Detector::state).collect(),
+                    last_event: s.last_event,
+                    last_seen: s.last_seen,
+                }
+            })
+            .collect();
+        self.send(Record::Checkpoint {
+            worker: index,
+            state: checkpoint::encode(series),
+        });
     }
 
     /// Runs until `stop` is set, then drains the rings, closes every open
     /// window as partial, and returns.
     pub fn run(mut self, mut rings: Vec<ReadingConsumer>, stop: Arc<AtomicBool>) {
         let mut last_tick = Instant::now();
+        let mut last_save = Instant::now();
         loop {
             let stopping = stop.load(Relaxed);
             // New rules first, so that readings that arrive after a reload
@@ -263,11 +395,21 @@ impl Worker {
                 self.tick(now_ms());
                 last_tick = Instant::now();
             }
+            if let Some((index, every)) = self.checkpoints
+                && last_save.elapsed() >= every
+            {
+                self.save(index);
+                last_save = Instant::now();
+            }
             if taken == 0 {
                 std::thread::park_timeout(TICK);
             }
         }
-        self.flush();
+        match self.checkpoints {
+            // Open windows go on in the next run.
+            Some((index, _)) => self.save(index),
+            None => self.flush(),
+        }
     }
 
     fn send(&self, record: Record) {
@@ -517,6 +659,90 @@ mod tests {
             }
         }
         out
+    }
+
+    /// The checkpoint `w` sends.
+    fn saved(w: &Worker, rx: &mut mpsc::Receiver<Record>) -> Vec<SeriesState> {
+        w.save(0);
+        loop {
+            match rx.try_recv().unwrap() {
+                Record::Checkpoint { worker: 0, state } => {
+                    return checkpoint::decode(&state).unwrap();
+                }
+                _ => continue,
+            }
+        }
+    }
+
+    const CHECKPOINTED: &str = "[[rules]]\nmatch = \"*\"\nwindow = { kind = \"tumbling\", size_ms = 1000 }\nquantiles = [0.5]\nanomaly = { alpha = 0.1, k = 4.0, warmup = 50 }\n";
+
+    #[test]
+    fn a_restored_worker_goes_on_with_its_windows_and_baselines() {
+        let (mut a, mut rx, _) = worker(CHECKPOINTED);
+        for i in 0..100 {
+            a.process(reading("s", i * 5, 10.0 + (i % 3) as f64));
+        }
+        let state = saved(&a, &mut rx);
+        assert!(aggregates(&mut rx).is_empty());
+        let (mut b, mut rx, stats) = worker(CHECKPOINTED);
+        b.restore(state, &HashMap::new());
+        assert_eq!(stats.restored.load(Relaxed), 1);
+        // The baseline is warm (the warm-up is 50 readings): a spike right
+        // away is an alert.
+        b.process(reading("s", 500, 100.0));
+        // The window goes on: 100 + 1 + 99 readings in [0, 1000).
+        for i in 101..200 {
+            b.process(reading("s", i * 5, 10.0 + (i % 3) as f64));
+        }
+        b.process(reading("s", 1_000, 10.0));
+        let mut alerts = 0;
+        let mut got = Vec::new();
+        while let Ok(r) = rx.try_recv() {
+            match r {
+                Record::Alert(e) if e.state == "raised" => alerts += 1,
+                Record::Aggregate(a) => got.push(a),
+                _ => {}
+            }
+        }
+        assert_eq!(alerts, 1);
+        assert_eq!(got.len(), 1);
+        assert_eq!((got[0].start, got[0].end, got[0].count), (0, 1000, 200));
+        assert!((got[0].quantiles.as_ref().unwrap()["p50"] - 11.0).abs() < 0.2);
+    }
+
+    #[test]
+    fn a_window_emitted_after_the_checkpoint_is_not_emitted_again() {
+        let (mut a, mut rx, _) = worker(CHECKPOINTED);
+        a.process(reading("s", 10, 1.0));
+        let state = saved(&a, &mut rx);
+        // After the checkpoint, [0, 1000) closed and its record committed
+        // (the mark says so); then a crash.
+        let marks = HashMap::from([("s".to_string(), 1000)]);
+        let (mut b, mut rx, _) = worker(CHECKPOINTED);
+        b.restore(state.clone(), &marks);
+        b.process(reading("s", 1_500, 1.0));
+        b.process(reading("s", 2_000, 1.0));
+        let got = aggregates(&mut rx);
+        assert_eq!(got.len(), 1);
+        assert_eq!((got[0].start, got[0].count), (1000, 1));
+        // Without the mark the restored window closes as saved.
+        let (mut c, mut rx, _) = worker(CHECKPOINTED);
+        c.restore(state, &HashMap::new());
+        c.process(reading("s", 1_500, 1.0));
+        assert_eq!(aggregates(&mut rx)[0].count, 1);
+    }
+
+    #[test]
+    fn state_of_a_changed_rule_starts_afresh() {
+        let (mut a, mut rx, _) = worker(CHECKPOINTED);
+        a.process(reading("s", 10, 1.0));
+        let state = saved(&a, &mut rx);
+        let (mut b, mut rx, _) = worker(&CHECKPOINTED.replace("1000", "2000"));
+        b.restore(state, &HashMap::new());
+        b.process(reading("s", 20, 1.0));
+        b.process(reading("s", 2_000, 1.0));
+        let got = aggregates(&mut rx);
+        assert_eq!((got[0].start, got[0].end, got[0].count), (0, 2000, 1));
     }
 
     #[test]

@@ -35,6 +35,7 @@ pub trait Accumulator: Clone {
 
 /// A value with the event time at which it was observed.
 #[derive(Debug, Clone, Copy, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct Point {
     /// Event time.
     pub ts: Timestamp,
@@ -58,6 +59,7 @@ pub struct Point {
 /// assert_eq!(a.last().unwrap().value, 9.0);
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct Aggregate {
     count: u64,
     /// Neumaier sum: `sum + compensation` is the running total.

@@ -28,6 +28,7 @@ pub enum Transition {
 
 /// Raise and clear levels and their debounce counts.
 #[derive(Debug, Clone, Copy, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct Hysteresis {
     raise_at: f64,
     clear_below: f64,
@@ -99,6 +100,7 @@ impl Hysteresis {
 
 /// Whether an alert is active.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub enum AlertState {
     /// No alert.
     #[default]
@@ -120,6 +122,7 @@ pub enum AlertState {
 /// assert_eq!(m.observe(1.0), Some(Transition::Cleared));
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct AlertMachine {
     levels: Hysteresis,
     state: AlertState,
@@ -217,6 +220,7 @@ pub struct Verdict {
 /// assert!(spike.score.unwrap() > 10.0);
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct ZScoreDetector {
     baseline: DecayingStats,
     warmup: u64,
@@ -302,6 +306,7 @@ impl ZScoreDetector {
 /// assert_eq!(d.observe(4.0).unwrap().transition, Some(Transition::Cleared));
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct ThresholdDetector {
     /// +1 for an upper limit, −1 for a lower one: score = sign · value.
     sign: f64,
@@ -375,6 +380,7 @@ impl ThresholdDetector {
 /// A reading not newer than the previous one (out of order, or a duplicate
 /// time) is not scored, and does not replace the previous reading.
 #[derive(Debug, Clone, Copy, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct RateOfChangeDetector {
     unit: Timestamp,
     previous: Option<(Timestamp, f64)>,

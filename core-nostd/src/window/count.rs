@@ -20,6 +20,7 @@ use crate::aggregate::{Accumulator, Aggregate};
 /// assert_eq!(sums, [6.0, 10.0]);
 /// ```
 #[derive(Clone)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct CountWindow<A: Accumulator = Aggregate> {
     size: u64,
     filled: u64,

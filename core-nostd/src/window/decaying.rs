@@ -30,6 +30,7 @@ use super::{Rejection, WindowError, WindowStats, check_finite};
 /// assert!((d.mean().unwrap() - 8.0 / 3.0).abs() < 1e-12);
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct DecayingStats {
     lambda: f64,
     weight: f64,
@@ -122,6 +123,7 @@ impl DecayingStats {
 /// [`DecayingStats`] as a window: counts refused values like the other
 /// windows do. It never closes; read it whenever a result is wanted.
 #[derive(Debug, Clone, Copy, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct DecayingWindow {
     stats: DecayingStats,
     counts: WindowStats,

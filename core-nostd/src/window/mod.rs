@@ -81,6 +81,7 @@ impl core::error::Error for Rejection {}
 
 /// What a window has done with the values offered to it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct WindowStats {
     /// Values added to a window.
     pub accepted: u64,

@@ -18,6 +18,7 @@ use crate::{MAX_TIMESTAMP, Timestamp};
 
 /// A pane and the index it currently holds, or nothing.
 #[derive(Clone)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 struct Pane<A> {
     index: i64,
     acc: A,
@@ -40,11 +41,22 @@ struct Pane<A> {
 /// assert_eq!(closed, [(-5, 5, 1), (0, 10, 2), (5, 15, 2)]);
 /// ```
 #[derive(Clone)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct HoppingWindow<const P: usize, A: Accumulator = Aggregate> {
     slide: Timestamp,
     /// Panes per window (`L / S`).
     span: i64,
     lateness: Timestamp,
+    #[cfg_attr(
+        feature = "serde",
+        serde(
+            with = "option_array",
+            bound(
+                serialize = "A: serde::Serialize",
+                deserialize = "A: serde::Deserialize<'de>"
+            )
+        )
+    )]
     panes: [Option<Pane<A>>; P],
     /// The largest event time seen, if any.
     max_event: Option<Timestamp>,
@@ -257,6 +269,7 @@ impl<const P: usize, A: Accumulator> HoppingWindow<P, A> {
 /// assert_eq!(w.stats().late, 1);
 /// ```
 #[derive(Clone)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct TumblingWindow<const P: usize, A: Accumulator = Aggregate>(HoppingWindow<P, A>);
 
 impl<const P: usize, A: Accumulator> TumblingWindow<P, A> {
@@ -363,5 +376,51 @@ mod tests {
         });
         assert_eq!(got, [(0, 20, true), (10, 30, true)]);
         assert_eq!(w.push(16, 1.0, |_| ()), Err(Rejection::Late));
+    }
+}
+
+/// serde for `[Option<T>; P]` with a const generic `P`, which serde's own
+/// array impls (lengths 0 to 32, fixed) do not cover: a tuple of `P`
+/// elements, read back into an array of `None`s.
+#[cfg(feature = "serde")]
+mod option_array {
+    use core::fmt;
+    use core::marker::PhantomData;
+
+    use serde::de::{Deserializer, Error, SeqAccess, Visitor};
+    use serde::ser::{SerializeTuple, Serializer};
+    use serde::{Deserialize, Serialize};
+
+    pub fn serialize<S: Serializer, T: Serialize, const P: usize>(
+        array: &[Option<T>; P],
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        let mut t = s.serialize_tuple(P)?;
+        for item in array {
+            t.serialize_element(item)?;
+        }
+        t.end()
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>, T: Deserialize<'de>, const P: usize>(
+        d: D,
+    ) -> Result<[Option<T>; P], D::Error> {
+        struct Array<T, const P: usize>(PhantomData<T>);
+        impl<'de, T: Deserialize<'de>, const P: usize> Visitor<'de> for Array<T, P> {
+            type Value = [Option<T>; P];
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "an array of {P} optional panes")
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+                let mut out = [const { None }; P];
+                for (i, slot) in out.iter_mut().enumerate() {
+                    *slot = seq
+                        .next_element()?
+                        .ok_or_else(|| A::Error::invalid_length(i, &self))?;
+                }
+                Ok(out)
+            }
+        }
+        d.deserialize_tuple(P, Array::<T, P>(PhantomData))
     }
 }
