@@ -1,0 +1,338 @@
+//! Checkpoints and crashes, with the real binary, real UDP, a real SQLite file
+//! and a real upstream Mosquitto:
+//!
+//! * a restart (SIGTERM) keeps open windows and anomaly baselines: a window
+//!   spanning the restart is reported once, whole, and a spike right after
+//!   the restart raises an alert without a new warm-up;
+//! * `kill -9` at random moments, 20 times, under continuous load: every
+//!   `seq` committed to the outbox arrives upstream, and no window is
+//!   reported twice.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::UdpSocket;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use serde_json::Value;
+use sluice_tests::{Broker, free_port, metric};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+fn start_agent(config: &std::path::Path, log: &std::path::Path) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["run", "--config"])
+        .arg(config)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(log)
+                .unwrap(),
+        )
+        .spawn()
+        .unwrap()
+}
+
+fn terminate(agent: &mut Child) {
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(agent.id() as i32, libc::SIGTERM) };
+    let start = Instant::now();
+    while agent.try_wait().unwrap().is_none() {
+        assert!(start.elapsed() < WAIT, "the agent did not stop");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Everything the upstream broker receives under `sluice/<agent>/#`.
+async fn upstream(port: u16, agent: &str) -> Arc<Mutex<Vec<Value>>> {
+    let got = Arc::new(Mutex::new(Vec::new()));
+    let mut options = MqttOptions::new(format!("{agent}-upstream-sub"), "127.0.0.1", port);
+    options.set_max_packet_size(1 << 20, 1 << 20);
+    let (client, mut events) = AsyncClient::new(options, 256);
+    client
+        .subscribe(format!("sluice/{agent}/#"), QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    let sink = got.clone();
+    tokio::spawn(async move {
+        let _client = client;
+        loop {
+            match events.poll().await {
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    sink.lock()
+                        .unwrap()
+                        .push(serde_json::from_slice(&p.payload).unwrap());
+                }
+                Ok(_) => {}
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    got
+}
+
+async fn wait_until(what: &str, log: &std::path::Path, mut done: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !done() {
+        assert!(
+            start.elapsed() < WAIT,
+            "timed out waiting for {what}; agent log:\n{}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+fn config(
+    dir: &std::path::Path,
+    agent: &str,
+    udp: u16,
+    metrics: u16,
+    upstream: u16,
+    rules: &str,
+    interval_ms: u64,
+) -> std::path::PathBuf {
+    let path = dir.join(format!("{agent}.toml"));
+    std::fs::write(
+        &path,
+        format!(
+            r#"
+agent_id = "{agent}"
+workers = 2
+[sources.u]
+kind = "udp"
+bind = "127.0.0.1:{udp}"
+[metrics]
+listen = "127.0.0.1:{metrics}"
+stats_interval_s = 0
+{rules}
+[outbox]
+path = "{db}"
+include_alerts = true
+[uplink]
+host = "127.0.0.1"
+port = {upstream}
+max_inflight = 8
+reconnect_max_ms = 500
+[checkpoint]
+interval_ms = {interval_ms}
+"#,
+            db = dir.join(format!("{agent}.db")).display(),
+        ),
+    )
+    .unwrap();
+    path
+}
+
+fn send(socket: &UdpSocket, port: u16, sensor: &str, ts: i64, value: f64) {
+    let line = format!(r#"{{"sensor":"{sensor}","ts":{ts},"value":{value}}}"#);
+    // While the agent is down the datagram is refused: that is the load
+    // a crash loses, not the outbox's.
+    let _ = socket.send_to(line.as_bytes(), ("127.0.0.1", port));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_keeps_open_windows_and_anomaly_baselines() {
+    let broker = Broker::start("cp-upstream");
+    let dir = std::env::temp_dir().join(format!("sluice-cp-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (udp, metrics) = (free_port(), free_port());
+    let rules = r#"
+[[rules]]
+match = "*"
+window = { kind = "tumbling", size_ms = 600000 }
+anomaly = { alpha = 0.1, k = 4.0, warmup = 40 }
+"#;
+    let config = config(&dir, "cp", udp, metrics, broker.port, rules, 60_000);
+    let log = dir.join("cp.log");
+    let got = upstream(broker.port, "cp").await;
+    let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+    // A ten-minute window, from a round ten minutes ago (so that no wall
+    // clock tick closes it during the test).
+    let t0 = (now_ms() / 600_000 - 1) * 600_000;
+
+    let mut agent = start_agent(&config, &log);
+    // Metrics are served once every source is up.
+    wait_until("the agent", &log, || {
+        metric(metrics, "sluice_readings_processed_total").is_some()
+    })
+    .await;
+    for i in 0..50 {
+        send(&socket, udp, "a", t0 + i, 10.0 + (i % 3) as f64);
+    }
+    wait_until("the first 50 readings", &log, || {
+        metric(metrics, "sluice_readings_processed_total") == Some(50)
+    })
+    .await;
+    terminate(&mut agent);
+    // No partial window was reported at shutdown.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(got.lock().unwrap().is_empty(), "{:?}", got.lock().unwrap());
+
+    let mut agent = start_agent(&config, &log);
+    wait_until("restored", &log, || {
+        metric(metrics, "sluice_checkpoint_restored_series_total") == Some(1)
+    })
+    .await;
+    // A spike right away: the baseline came back warm.
+    send(&socket, udp, "a", t0 + 50, 100.0);
+    for i in 51..100 {
+        send(&socket, udp, "a", t0 + i, 10.0 + (i % 3) as f64);
+    }
+    wait_until("100 readings", &log, || {
+        metric(metrics, "sluice_readings_processed_total") == Some(50)
+    })
+    .await;
+    // The next window begins: the one spanning the restart closes.
+    send(&socket, udp, "a", t0 + 600_000, 10.0);
+    wait_until("the aggregate", &log, || {
+        got.lock().unwrap().iter().any(|v| v.get("count").is_some())
+    })
+    .await;
+    terminate(&mut agent);
+    let got = got.lock().unwrap().clone();
+    let aggregates: Vec<&Value> = got.iter().filter(|v| v.get("count").is_some()).collect();
+    assert_eq!(aggregates.len(), 1, "{aggregates:?}");
+    assert_eq!(aggregates[0]["start"], t0);
+    assert_eq!(aggregates[0]["count"], 100, "{:?}", aggregates[0]);
+    assert_eq!(aggregates[0]["partial"], false);
+    assert!(
+        got.iter()
+            .any(|v| v["state"] == "raised" && v["value"] == 100.0),
+        "{got:?}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_twenty_times_under_load_loses_no_committed_seq_and_reports_no_window_twice() {
+    let broker = Broker::start("crash-upstream");
+    let dir = std::env::temp_dir().join(format!("sluice-crash-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (udp, metrics) = (free_port(), free_port());
+    let rules = r#"
+[[rules]]
+match = "*"
+window = { kind = "tumbling", size_ms = 100 }
+anomaly = { alpha = 0.05, k = 3.0, warmup = 20 }
+"#;
+    let config = config(&dir, "crash", udp, metrics, broker.port, rules, 150);
+    let log = dir.join("crash.log");
+    let got = upstream(broker.port, "crash").await;
+
+    // Continuous load: 8 series, a reading each every 2 ms, event time now.
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+            let mut i = 0u64;
+            while !stop.load(Relaxed) {
+                for s in 0..8 {
+                    send(&socket, udp, &format!("s{s}"), now_ms(), (i % 5) as f64);
+                }
+                i += 1;
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        })
+    };
+
+    // Kill it at random moments (a seeded SplitMix64 for the delays).
+    let mut seed = 0x5eed_u64;
+    let mut next = || {
+        seed = seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = seed;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    };
+    let mut kills = 0;
+    while kills < 20 {
+        let mut agent = start_agent(&config, &log);
+        let delay = 150 + next() % 600;
+        tokio::time::sleep(Duration::from_millis(delay)).await;
+        agent.kill().unwrap();
+        agent.wait().unwrap();
+        kills += 1;
+    }
+    stop.store(true, Relaxed);
+    load.join().unwrap();
+
+    // The final run drains the backlog (once the restored windows, idle
+    // now, have closed).
+    let mut agent = start_agent(&config, &log);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    wait_until("the backlog to drain", &log, || {
+        metric(metrics, "sluice_outbox_backlog") == Some(0)
+            && metric(metrics, "sluice_uplink_acked_total").unwrap_or(0) > 0
+    })
+    .await;
+    terminate(&mut agent);
+    let status = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["outbox", "status", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&status.stdout).to_string();
+    let next_seq: i64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("next seq: "))
+        .unwrap_or_else(|| panic!("{text}"))
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(text.contains("backlog: 0 records"), "{text}");
+    wait_until("every seq upstream", &log, || {
+        let seqs: BTreeSet<i64> = got
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|v| v["seq"].as_i64())
+            .collect();
+        seqs.len() as i64 >= next_seq - 1
+    })
+    .await;
+    let got = got.lock().unwrap().clone();
+    let seqs: BTreeSet<i64> = got.iter().filter_map(|v| v["seq"].as_i64()).collect();
+    assert_eq!(
+        seqs.iter().copied().collect::<Vec<_>>(),
+        (1..next_seq).collect::<Vec<_>>(),
+        "every committed seq arrived, none missing"
+    );
+    // No window reported twice: one seq per (series, start).
+    let mut windows: BTreeMap<(String, i64), BTreeSet<i64>> = BTreeMap::new();
+    for v in got.iter().filter(|v| v.get("count").is_some()) {
+        windows
+            .entry((
+                v["series"].as_str().unwrap().into(),
+                v["start"].as_i64().unwrap(),
+            ))
+            .or_default()
+            .insert(v["seq"].as_i64().unwrap());
+    }
+    let twice: Vec<_> = windows.iter().filter(|(_, s)| s.len() > 1).collect();
+    assert!(twice.is_empty(), "windows reported twice: {twice:?}");
+    assert!(windows.len() > 100, "{} windows", windows.len());
+    let log_text = std::fs::read_to_string(&log).unwrap();
+    assert!(log_text.contains("state restored from checkpoints"));
+    eprintln!(
+        "{kills} kills: {} records committed, {} windows, {} duplicates resent",
+        next_seq - 1,
+        windows.len(),
+        got.iter().filter(|v| v["seq"].as_i64().is_some()).count() - seqs.len()
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
