@@ -97,6 +97,11 @@ pub struct OutboxConfig {
     /// Most payload bytes kept; past it the oldest are dropped. Default 256 MiB.
     #[serde(default = "default_outbox_bytes")]
     pub max_bytes: u64,
+    /// When full: `drop_oldest` (default) or `downsample` (merge the oldest
+    /// aggregates of a series pairwise into coarser windows; drop only what
+    /// cannot be merged).
+    #[serde(default)]
+    pub on_full: crate::outbox::OnFull,
     /// Also store and forward alert events. Default false.
     #[serde(default)]
     pub include_alerts: bool,

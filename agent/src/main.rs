@@ -223,6 +223,7 @@ fn outbox_command(action: OutboxAction, config: Option<PathBuf>) -> ExitCode {
                 );
                 println!("next seq: {}", s.next_seq);
                 println!("dropped (outbox full): {}", s.dropped);
+                println!("downsampled (outbox full): {}", s.downsampled);
                 ExitCode::SUCCESS
             }
             Err(e) => {

@@ -211,6 +211,16 @@ pub fn render(r: &Running) -> String {
             u.append_errors.load(Relaxed),
         ),
         (
+            "sluice_outbox_dropped_total",
+            "Records dropped because the outbox was full.",
+            u.dropped.load(Relaxed),
+        ),
+        (
+            "sluice_outbox_downsampled_total",
+            "Records merged into older ones because the outbox was full.",
+            u.downsampled.load(Relaxed),
+        ),
+        (
             "sluice_checkpoints_total",
             "Worker checkpoints committed.",
             u.checkpoints.load(Relaxed),

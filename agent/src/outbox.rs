@@ -56,6 +56,19 @@ pub enum OnCorrupt {
     Refuse,
 }
 
+/// What to do when the outbox is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum OnFull {
+    /// Drop the oldest records (counted as `dropped`).
+    #[default]
+    DropOldest,
+    /// Merge the oldest aggregate records of a series pairwise into coarser
+    /// ones (counted as `downsampled`), so that old data gets coarser rather
+    /// than vanishing; drop the oldest only when nothing is left to merge.
+    Downsample,
+}
+
 /// One queued record.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Queued {
@@ -80,6 +93,19 @@ pub struct Status {
     pub next_seq: i64,
     /// Records dropped because the outbox was full, ever.
     pub dropped: u64,
+    /// Records merged into an older one because the outbox was full, ever.
+    pub downsampled: u64,
+}
+
+/// What a [`Outbox::commit`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Committed {
+    /// The `seq`s of the appended records.
+    pub seqs: Vec<i64>,
+    /// Records dropped to stay within the bounds.
+    pub dropped: u64,
+    /// Records merged into older ones to stay within the bounds.
+    pub downsampled: u64,
 }
 
 /// An outbox error.
@@ -106,6 +132,9 @@ pub struct Outbox {
     path: PathBuf,
     max_records: u64,
     max_bytes: u64,
+    on_full: OnFull,
+    /// Oldest records never downsampled: the uplink may have them in flight.
+    in_flight: u64,
 }
 
 impl Outbox {
@@ -149,9 +178,21 @@ impl Outbox {
                 path: path.to_owned(),
                 max_records,
                 max_bytes,
+                on_full: OnFull::DropOldest,
+                in_flight: 0,
             },
             note,
         ))
+    }
+
+    /// What to do when full. With [`OnFull::Downsample`], the `in_flight`
+    /// oldest records are left alone: the uplink sends in `seq` order with at
+    /// most that many unacknowledged, so only they can be on their way, and
+    /// merging into a record already sent could lose the merged one's data.
+    pub fn with_on_full(mut self, on_full: OnFull, in_flight: u64) -> Outbox {
+        self.on_full = on_full;
+        self.in_flight = in_flight;
+        self
     }
 
     fn open_checked(path: &Path, durability: Durability) -> Result<Connection, OutboxError> {
@@ -201,7 +242,7 @@ impl Outbox {
             [],
         )?;
         conn.execute(
-            "INSERT OR IGNORE INTO counters (name, value) VALUES ('dropped', 0)",
+            "INSERT OR IGNORE INTO counters (name, value) VALUES ('dropped', 0), ('downsampled', 0)",
             [],
         )?;
         Ok(conn)
@@ -221,7 +262,7 @@ impl Outbox {
         records: &[(String, Vec<u8>)],
         now_ms: i64,
     ) -> Result<Vec<i64>, OutboxError> {
-        self.commit(records, &[], &[], now_ms)
+        Ok(self.commit(records, &[], &[], now_ms)?.seqs)
     }
 
     /// [`Self::append`], and in the same transaction: per series, the end of
@@ -234,7 +275,7 @@ impl Outbox {
         marks: &[(String, i64)],
         checkpoints: &[(usize, Vec<u8>)],
         now_ms: i64,
-    ) -> Result<Vec<i64>, OutboxError> {
+    ) -> Result<Committed, OutboxError> {
         let tx = self.conn.transaction()?;
         if !marks.is_empty() {
             let mut mark = tx.prepare_cached(
@@ -268,9 +309,23 @@ impl Outbox {
         add_counter(&tx, "count", seqs.len() as i64)?;
         add_counter(&tx, "bytes", added_bytes)?;
         let (mut count, mut bytes) = (counter(&tx, "count")? as u64, counter(&tx, "bytes")? as u64);
+        let mut downsampled = 0;
+        if self.on_full == OnFull::Downsample
+            && (count > self.max_records || bytes > self.max_bytes)
+        {
+            downsampled = downsample(
+                &tx,
+                self.in_flight,
+                &mut count,
+                &mut bytes,
+                self.max_records,
+                self.max_bytes,
+            )?;
+            add_counter(&tx, "downsampled", downsampled as i64)?;
+        }
+        let mut dropped = 0i64;
         if count > self.max_records || bytes > self.max_bytes {
             // Drop the oldest, one at a time, until both bounds hold.
-            let mut dropped = 0i64;
             let mut oldest = tx.prepare_cached(
                 "DELETE FROM records WHERE seq = (SELECT MIN(seq) FROM records) RETURNING LENGTH(payload)",
             )?;
@@ -288,7 +343,11 @@ impl Outbox {
             add_counter(&tx, "dropped", dropped)?;
         }
         tx.commit()?;
-        Ok(seqs)
+        Ok(Committed {
+            seqs,
+            dropped: dropped as u64,
+            downsampled,
+        })
     }
 
     /// Up to `limit` waiting records with `seq > after`, in `seq` order.
@@ -353,6 +412,7 @@ impl Outbox {
             oldest_created_ms,
             next_seq: last.unwrap_or(0) + 1,
             dropped: counter(&self.conn, "dropped")? as u64,
+            downsampled: counter(&self.conn, "downsampled")? as u64,
         })
     }
 
@@ -368,6 +428,164 @@ impl Outbox {
             Err(OutboxError(problems.join("; ")))
         }
     }
+}
+
+/// Merges the oldest aggregate records (after the first `skip`) pairwise per
+/// topic, in passes, until the bounds hold or nothing is left to merge.
+/// Returns the number of records merged away.
+fn downsample(
+    tx: &Connection,
+    skip: u64,
+    count: &mut u64,
+    bytes: &mut u64,
+    max_records: u64,
+    max_bytes: u64,
+) -> Result<u64, rusqlite::Error> {
+    let mut merged_away = 0;
+    let mut select = tx.prepare_cached(
+        "SELECT seq, topic, payload FROM records ORDER BY seq LIMIT 256 OFFSET ?1",
+    )?;
+    let mut update = tx.prepare_cached("UPDATE records SET payload = ?2 WHERE seq = ?1")?;
+    let mut delete = tx.prepare_cached("DELETE FROM records WHERE seq = ?1")?;
+    // Each pass halves (at best) the records it looks at; past a few
+    // passes without progress, give up and let the caller drop.
+    while *count > max_records || *bytes > max_bytes {
+        let rows: Vec<(i64, String, Vec<u8>)> = select
+            .query_map(params![skip as i64], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })?
+            .collect::<Result<_, _>>()?;
+        // The first unpaired record of each topic, waiting for its partner.
+        let mut waiting: std::collections::HashMap<&str, (i64, &[u8])> = Default::default();
+        let mut progress = false;
+        for (seq, topic, payload) in &rows {
+            if *count <= max_records && *bytes <= max_bytes {
+                break;
+            }
+            match waiting.remove(topic.as_str()) {
+                None => {
+                    waiting.insert(topic, (*seq, payload));
+                }
+                Some((first_seq, first)) => match merge_aggregates(first, payload) {
+                    Some(merged) => {
+                        update.execute(params![first_seq, merged])?;
+                        delete.execute(params![seq])?;
+                        let before = (first.len() + payload.len()) as i64;
+                        let delta = merged.len() as i64 - before;
+                        add_counter(tx, "bytes", delta)?;
+                        add_counter(tx, "count", -1)?;
+                        *bytes = (*bytes as i64 + delta).max(0) as u64;
+                        *count -= 1;
+                        merged_away += 1;
+                        progress = true;
+                    }
+                    // Not two aggregates: start a new pair from this one.
+                    None => {
+                        waiting.insert(topic, (*seq, payload));
+                    }
+                },
+            }
+        }
+        if !progress {
+            break;
+        }
+    }
+    Ok(merged_away)
+}
+
+/// Two aggregate records of one series (JSON, as the workers write them),
+/// `a` older than `b`, merged into one over both windows: counts and sums
+/// add, min and max combine, mean and standard deviation by Chan's parallel
+/// formulas, first from `a` and last from `b`. Quantiles cannot be merged
+/// from their values and are left out; `downsampled` counts the original
+/// windows in it. `None` unless both are aggregates.
+pub fn merge_aggregates(a: &[u8], b: &[u8]) -> Option<Vec<u8>> {
+    use serde_json::{Map, Value};
+    let parse = |bytes: &[u8]| -> Option<Map<String, Value>> {
+        match serde_json::from_slice(bytes).ok()? {
+            Value::Object(m) if m.contains_key("count") && m.contains_key("start") => Some(m),
+            _ => None,
+        }
+    };
+    let (a, b) = (parse(a)?, parse(b)?);
+    if a.get("series") != b.get("series") {
+        return None;
+    }
+    let f = |m: &Map<String, Value>, k: &str| m.get(k).and_then(Value::as_f64);
+    let (na, nb) = (f(&a, "count")?, f(&b, "count")?);
+    let n = na + nb;
+    let mut out = b.clone();
+    let num = |x: f64| serde_json::Number::from_f64(x).map_or(Value::Null, Value::Number);
+    let (ma, mb) = (f(&a, "mean").unwrap_or(0.0), f(&b, "mean").unwrap_or(0.0));
+    let m2 = |m: &Map<String, Value>, cnt: f64| f(m, "stddev").map_or(0.0, |s| s * s * (cnt - 1.0));
+    let delta = mb - ma;
+    let mean = if n > 0.0 {
+        ma + delta * nb / n
+    } else {
+        f64::NAN
+    };
+    let total_m2 = m2(&a, na)
+        + m2(&b, nb)
+        + if n > 0.0 {
+            delta * delta * na * nb / n
+        } else {
+            0.0
+        };
+    out.insert("count".into(), Value::from((na + nb) as u64));
+    out.insert(
+        "sum".into(),
+        num(f(&a, "sum").unwrap_or(0.0) + f(&b, "sum").unwrap_or(0.0)),
+    );
+    out.insert("mean".into(), num(mean));
+    out.insert(
+        "stddev".into(),
+        if n > 1.0 {
+            num((total_m2 / (n - 1.0)).sqrt())
+        } else {
+            Value::Null
+        },
+    );
+    let pick = |k: &str, better: fn(f64, f64) -> f64| match (f(&a, k), f(&b, k)) {
+        (Some(x), Some(y)) => num(better(x, y)),
+        (x, y) => num(x.or(y).unwrap_or(f64::NAN)),
+    };
+    out.insert("min".into(), pick("min", f64::min));
+    out.insert("max".into(), pick("max", f64::max));
+    out.insert(
+        "start".into(),
+        pick("start", f64::min)
+            .as_f64()
+            .map_or(Value::Null, |x| Value::from(x as i64)),
+    );
+    out.insert(
+        "end".into(),
+        pick("end", f64::max)
+            .as_f64()
+            .map_or(Value::Null, |x| Value::from(x as i64)),
+    );
+    if let Some(first) = a.get("first") {
+        out.insert("first".into(), first.clone());
+    }
+    out.insert(
+        "late".into(),
+        Value::from((f(&a, "late").unwrap_or(0.0) + f(&b, "late").unwrap_or(0.0)) as u64),
+    );
+    let flag = |m: &Map<String, Value>, k: &str| m.get(k).and_then(Value::as_bool).unwrap_or(false);
+    out.insert(
+        "partial".into(),
+        Value::Bool(flag(&a, "partial") || flag(&b, "partial")),
+    );
+    if let Some(k) = pick("sampled_one_in", f64::max)
+        .as_f64()
+        .filter(|k| k.is_finite())
+    {
+        out.insert("sampled_one_in".into(), Value::from(k as u64));
+    }
+    out.remove("quantiles");
+    let windows =
+        |m: &Map<String, Value>| m.get("downsampled").and_then(Value::as_u64).unwrap_or(1);
+    out.insert("downsampled".into(), Value::from(windows(&a) + windows(&b)));
+    serde_json::to_vec(&Value::Object(out)).ok()
 }
 
 fn counter(conn: &Connection, name: &str) -> Result<i64, rusqlite::Error> {

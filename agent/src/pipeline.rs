@@ -100,7 +100,11 @@ pub async fn run_with_reload(
             Outbox::open(&path, durability, on_corrupt, max_records, max_bytes)
                 .map_err(|e| anyhow::anyhow!("outbox: {e}"))
         };
-        let (mut writer_box, note) = open()?;
+        let (writer_box, note) = open()?;
+        let mut writer_box = match (&config.outbox, &config.uplink) {
+            (Some(o), Some(u)) => writer_box.with_on_full(o.on_full, u64::from(u.max_inflight)),
+            _ => writer_box,
+        };
         if let Some(note) = note {
             tracing::error!("{note}");
         }

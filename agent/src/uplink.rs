@@ -43,6 +43,10 @@ pub struct UplinkStats {
     pub backlog: AtomicU64,
     /// Worker checkpoints committed.
     pub checkpoints: AtomicU64,
+    /// Records dropped because the outbox was full.
+    pub dropped: AtomicU64,
+    /// Records merged into older ones because the outbox was full.
+    pub downsampled: AtomicU64,
 }
 
 /// What the output task hands the writer, in the order the workers made it.
@@ -103,8 +107,10 @@ pub fn run_writer(
                 &checkpoints,
                 sluice_collectors::reading::now_ms(),
             ) {
-                Ok(seqs) => {
-                    stats.appended.fetch_add(seqs.len() as u64, Relaxed);
+                Ok(done) => {
+                    stats.appended.fetch_add(done.seqs.len() as u64, Relaxed);
+                    stats.dropped.fetch_add(done.dropped, Relaxed);
+                    stats.downsampled.fetch_add(done.downsampled, Relaxed);
                     stats
                         .checkpoints
                         .fetch_add(checkpoints.len() as u64, Relaxed);

@@ -8,7 +8,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use proptest::prelude::*;
-use sluice::outbox::{Durability, OnCorrupt, Outbox};
+use sluice::outbox::{Durability, OnCorrupt, OnFull, Outbox};
 
 fn temp_db(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("sluice-outbox-{}-{name}", std::process::id()));
@@ -341,4 +341,122 @@ fn a_flipped_bit_in_a_page_header_is_detected() {
     assert!(note.unwrap().contains("moved aside"));
     assert_eq!(outbox.status().unwrap().backlog, 0);
     outbox.verify().unwrap();
+}
+
+/// The JSON a worker writes for window `i` (1 s) of `series`, over the
+/// values `100·i + j` for `j` in 0..10.
+fn window_record(series: &str, i: i64) -> (String, Vec<u8>) {
+    let values: Vec<f64> = (0..10).map(|j| (100 * i + j) as f64).collect();
+    let n = values.len() as f64;
+    let mean = values.iter().sum::<f64>() / n;
+    let var = values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0);
+    let record = serde_json::json!({
+        "agent": "t", "series": series, "start": i * 1000, "end": (i + 1) * 1000,
+        "count": 10, "sum": values.iter().sum::<f64>(), "mean": mean,
+        "min": values[0], "max": values[9], "stddev": var.sqrt(),
+        "first": values[0], "last": values[9], "quantiles": {"p50": mean},
+        "late": 1, "partial": false,
+    });
+    (
+        format!("sluice/t/agg/{series}"),
+        serde_json::to_vec(&record).unwrap(),
+    )
+}
+
+#[test]
+fn downsampling_keeps_every_reading_in_coarser_windows() {
+    let path = temp_db("downsample");
+    let mut outbox = Outbox::open(&path, Durability::Normal, OnCorrupt::Refuse, 30, 1 << 20)
+        .unwrap()
+        .0
+        .with_on_full(OnFull::Downsample, 4);
+    let mut originals = Vec::new();
+    for batch in 0..12 {
+        let records: Vec<(String, Vec<u8>)> = (0..10)
+            .map(|k| {
+                let n = batch * 10 + k;
+                let (series, i) = (["a", "b", "c"][n % 3], (n / 3) as i64);
+                window_record(series, i)
+            })
+            .collect();
+        originals.extend(records.clone());
+        outbox.append(&records, 1).unwrap();
+    }
+    let status = outbox.status().unwrap();
+    assert!(status.backlog <= 30, "{status:?}");
+    assert_eq!(status.dropped, 0, "{status:?}");
+    assert_eq!(status.downsampled, 120 - status.backlog);
+    let left = outbox.peek(0, 1000).unwrap();
+    // The 4 oldest (perhaps in flight) are untouched.
+    for (r, o) in left.iter().zip(&originals).take(4) {
+        assert_eq!(r.payload, o.1);
+    }
+    let mut per_series: std::collections::BTreeMap<String, Vec<serde_json::Value>> =
+        Default::default();
+    for r in &left {
+        let v: serde_json::Value = serde_json::from_slice(&r.payload).unwrap();
+        per_series
+            .entry(v["series"].as_str().unwrap().into())
+            .or_default()
+            .push(v);
+    }
+    for (series, records) in &per_series {
+        // Every reading is still counted, in windows that tile the time, in
+        // seq order.
+        let total: u64 = records.iter().map(|v| v["count"].as_u64().unwrap()).sum();
+        assert_eq!(total, 400, "{series}");
+        let mut expected_start = 0;
+        for v in records {
+            let (start, end) = (v["start"].as_i64().unwrap(), v["end"].as_i64().unwrap());
+            assert_eq!(start, expected_start, "{series}: {v}");
+            expected_start = end;
+            // Mean, stddev, min, max, first and last are those of every
+            // value the windows held.
+            let values: Vec<f64> = (start / 1000..end / 1000)
+                .flat_map(|i| (0..10).map(move |j| (100 * i + j) as f64))
+                .collect();
+            let n = values.len() as f64;
+            let mean = values.iter().sum::<f64>() / n;
+            let sd = (values.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0)).sqrt();
+            assert_eq!(v["count"].as_u64().unwrap() as usize, values.len());
+            assert!((v["mean"].as_f64().unwrap() - mean).abs() < 1e-9, "{v}");
+            assert!((v["stddev"].as_f64().unwrap() - sd).abs() < 1e-9, "{v}");
+            assert_eq!(v["min"].as_f64().unwrap(), values[0]);
+            assert_eq!(v["max"].as_f64().unwrap(), *values.last().unwrap());
+            assert_eq!(v["first"].as_f64().unwrap(), values[0]);
+            assert_eq!(v["last"].as_f64().unwrap(), *values.last().unwrap());
+            let windows = values.len() as u64 / 10;
+            assert_eq!(v["late"].as_u64().unwrap(), windows);
+            if windows > 1 {
+                assert_eq!(v["downsampled"].as_u64().unwrap(), windows);
+                assert!(v.get("quantiles").is_none());
+            }
+        }
+        assert_eq!(expected_start, 40_000);
+    }
+    // Records that are not aggregates cannot be merged: they are dropped.
+    let mut alerts = Outbox::open(
+        &temp_db("ds-alerts"),
+        Durability::Normal,
+        OnCorrupt::Refuse,
+        5,
+        1 << 20,
+    )
+    .unwrap()
+    .0
+    .with_on_full(OnFull::Downsample, 0);
+    let batch: Vec<(String, Vec<u8>)> = (0..8)
+        .map(|i| {
+            (
+                "t".to_string(),
+                format!("{{\"state\":\"raised\",\"i\":{i}}}").into_bytes(),
+            )
+        })
+        .collect();
+    alerts.append(&batch, 1).unwrap();
+    let status = alerts.status().unwrap();
+    assert_eq!(
+        (status.backlog, status.dropped, status.downsampled),
+        (5, 3, 0)
+    );
 }
