@@ -59,6 +59,12 @@ enum OutboxAction {
 }
 
 fn main() -> ExitCode {
+    // A file size limit (`ulimit -f`, systemd's `LimitFSIZE=`) must show as a
+    // failed write, handled like a full disk (appends pause, nothing
+    // committed is lost), not kill the agent with SIGXFSZ.
+    // SAFETY: signal(2) with SIG_IGN, before any other thread exists; no
+    // handler runs.
+    unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) };
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)

@@ -360,3 +360,154 @@ async fn the_uplink_speaks_tls_and_refuses_a_broker_its_ca_did_not_sign() {
     agent.wait().unwrap();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_pauses_appends_and_they_resume_when_space_returns() {
+    use std::os::unix::process::CommandExt;
+    let upstream = Broker::start("full-upstream");
+    let dir = std::env::temp_dir().join(format!("sluice-full-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (udp, metrics) = (sluice_tests::free_port(), sluice_tests::free_port());
+    let config = dir.join("full.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+agent_id = "full"
+[sources.u]
+kind = "udp"
+bind = "127.0.0.1:{udp}"
+[metrics]
+listen = "127.0.0.1:{metrics}"
+[[rules]]
+match = "*"
+window = {{ kind = "count", size = 1 }}
+[outbox]
+path = "{db}"
+[uplink]
+host = "127.0.0.1"
+port = {up}
+"#,
+            db = dir.join("full.db").display(),
+            up = upstream.port,
+        ),
+    )
+    .unwrap();
+    let log = dir.join("full.log");
+    let seqs = Arc::new(Mutex::new(BTreeSet::new()));
+    {
+        let options = MqttOptions::new("full-upstream-sub", "127.0.0.1", upstream.port);
+        let (client, mut events) = AsyncClient::new(options, 256);
+        client
+            .subscribe("sluice/full/agg/#", QoS::AtLeastOnce)
+            .await
+            .unwrap();
+        let sink = seqs.clone();
+        tokio::spawn(async move {
+            let _client = client;
+            while let Ok(event) = events.poll().await {
+                if let Event::Incoming(Packet::Publish(p)) = event {
+                    let v: Value = serde_json::from_slice(&p.payload).unwrap();
+                    sink.lock().unwrap().insert(v["seq"].as_i64().unwrap());
+                }
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    // The disk is "full" past 256 KiB per file: RLIMIT_FSIZE makes writes
+    // beyond it fail (EFBIG), as a full disk makes them fail (ENOSPC).
+    let mut command = Command::new(env!("CARGO_BIN_EXE_sluice"));
+    command
+        .args(["run", "--config"])
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap());
+    // SAFETY: setrlimit(2) is async-signal-safe; it runs in the child
+    // between fork and exec.
+    unsafe {
+        command.pre_exec(|| {
+            let limit = libc::rlimit {
+                rlim_cur: 256 << 10,
+                rlim_max: libc::RLIM_INFINITY,
+            };
+            if libc::setrlimit(libc::RLIMIT_FSIZE, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut agent = command.spawn().unwrap();
+    wait_until("the agent", &log, || {
+        metric(metrics, "sluice_outbox_appended_total").is_some()
+    })
+    .await;
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let mut sent = 0u64;
+    let start = Instant::now();
+    while metric(metrics, "sluice_outbox_append_errors_total").unwrap_or(0) == 0 {
+        assert!(
+            start.elapsed() < WAIT,
+            "{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        for _ in 0..50 {
+            let line = format!(
+                r#"{{"sensor":"s-{}","ts":{},"value":{sent}}}"#,
+                sent % 10,
+                now_ms()
+            );
+            socket.send_to(line.as_bytes(), ("127.0.0.1", udp)).unwrap();
+            sent += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let committed_before = metric(metrics, "sluice_outbox_appended_total").unwrap();
+    assert!(committed_before > 0);
+    // Readings keep coming while appends are paused; the agent lives on.
+    for _ in 0..20 {
+        for _ in 0..20 {
+            let line = format!(r#"{{"sensor":"s-x","ts":{},"value":1}}"#, now_ms());
+            socket.send_to(line.as_bytes(), ("127.0.0.1", udp)).unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(agent.try_wait().unwrap().is_none(), "the agent died");
+    assert_eq!(
+        metric(metrics, "sluice_outbox_appended_total"),
+        Some(committed_before),
+        "appends paused"
+    );
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("outbox append failed"), "{text}");
+    // Space returns.
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: prlimit(2) on our own child, with a valid limit and no old value.
+    let raised = unsafe {
+        libc::prlimit(
+            agent.id() as i32,
+            libc::RLIMIT_FSIZE,
+            &unlimited,
+            std::ptr::null_mut(),
+        )
+    };
+    assert_eq!(raised, 0, "{}", std::io::Error::last_os_error());
+    wait_until("appends to resume and the backlog to drain", &log, || {
+        let appended = metric(metrics, "sluice_outbox_appended_total").unwrap_or(0);
+        appended > committed_before
+            && metric(metrics, "sluice_outbox_backlog") == Some(0)
+            && seqs.lock().unwrap().len() as u64 == appended
+    })
+    .await;
+    // Every committed record arrived: seqs 1..=appended, no gap.
+    let appended = metric(metrics, "sluice_outbox_appended_total").unwrap() as i64;
+    assert!(
+        seqs.lock().unwrap().iter().copied().eq(1..=appended),
+        "a gap in the seqs"
+    );
+    agent.kill().unwrap();
+    agent.wait().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
