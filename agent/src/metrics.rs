@@ -251,7 +251,7 @@ pub fn render(r: &Running) -> String {
     family(
         "sluice_outbox_backlog",
         "gauge",
-        "Records waiting in the outbox (at the uplink's last look).",
+        "Records waiting in the outbox (after the last commit or acknowledgement).",
         &mut std::iter::once((String::new(), u.backlog.load(Relaxed).to_string())),
     );
     // Processing latency, all workers merged.

@@ -133,9 +133,17 @@ pub struct Outbox {
     max_records: u64,
     max_bytes: u64,
     on_full: OnFull,
-    /// Oldest records never downsampled: the uplink may have them in flight.
-    in_flight: u64,
+    /// Records the uplink has read and not had acknowledged: never merged.
+    claimed: Claimed,
 }
+
+/// The `seq`s the uplink has read (to send, or sent) and not had
+/// acknowledged. The uplink reads records and claims them under this lock;
+/// downsampling takes it for its whole transaction and leaves claimed
+/// records alone. So a record is never merged after the uplink read it:
+/// merging into a record already sent could lose the merged one's data when
+/// the old version's PUBACK deletes the row.
+pub type Claimed = std::sync::Arc<std::sync::Mutex<std::collections::HashSet<i64>>>;
 
 impl Outbox {
     /// Opens (or creates) the outbox at `path`. A damaged file is handled as
@@ -179,20 +187,46 @@ impl Outbox {
                 max_records,
                 max_bytes,
                 on_full: OnFull::DropOldest,
-                in_flight: 0,
+                claimed: Claimed::default(),
             },
             note,
         ))
     }
 
-    /// What to do when full. With [`OnFull::Downsample`], the `in_flight`
-    /// oldest records are left alone: the uplink sends in `seq` order with at
-    /// most that many unacknowledged, so only they can be on their way, and
-    /// merging into a record already sent could lose the merged one's data.
-    pub fn with_on_full(mut self, on_full: OnFull, in_flight: u64) -> Outbox {
+    /// What to do when full; `claimed` is shared with the uplink's outbox
+    /// (see [`Claimed`]).
+    pub fn with_on_full(mut self, on_full: OnFull, claimed: Claimed) -> Outbox {
         self.on_full = on_full;
-        self.in_flight = in_flight;
+        self.claimed = claimed;
         self
+    }
+
+    /// Up to `limit` waiting records with `after < seq < before`, in `seq`
+    /// order, claimed in `claimed` under its lock (see [`Claimed`]).
+    pub fn peek_claim(
+        &self,
+        after: i64,
+        before: i64,
+        limit: usize,
+        claimed: &Claimed,
+    ) -> Result<Vec<Queued>, OutboxError> {
+        let mut claimed = claimed
+            .lock()
+            .map_err(|_| OutboxError("claimed set poisoned".into()))?;
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT seq, topic, payload FROM records WHERE seq > ?1 AND seq < ?2 ORDER BY seq LIMIT ?3",
+        )?;
+        let rows: Vec<Queued> = stmt
+            .query_map(params![after, before, limit as i64], |r| {
+                Ok(Queued {
+                    seq: r.get(0)?,
+                    topic: r.get(1)?,
+                    payload: r.get(2)?,
+                })
+            })?
+            .collect::<Result<_, _>>()?;
+        claimed.extend(rows.iter().map(|r| r.seq));
+        Ok(rows)
     }
 
     fn open_checked(path: &Path, durability: Durability) -> Result<Connection, OutboxError> {
@@ -310,12 +344,20 @@ impl Outbox {
         add_counter(&tx, "bytes", added_bytes)?;
         let (mut count, mut bytes) = (counter(&tx, "count")? as u64, counter(&tx, "bytes")? as u64);
         let mut downsampled = 0;
+        // Held until the commit, so that the uplink cannot read a record
+        // this transaction merges before the merge is visible.
+        let mut claimed_guard = None;
         if self.on_full == OnFull::Downsample
             && (count > self.max_records || bytes > self.max_bytes)
         {
+            let claimed = claimed_guard.insert(
+                self.claimed
+                    .lock()
+                    .map_err(|_| OutboxError("claimed set poisoned".into()))?,
+            );
             downsampled = downsample(
                 &tx,
-                self.in_flight,
+                claimed,
                 &mut count,
                 &mut bytes,
                 self.max_records,
@@ -343,6 +385,7 @@ impl Outbox {
             add_counter(&tx, "dropped", dropped)?;
         }
         tx.commit()?;
+        drop(claimed_guard);
         Ok(Committed {
             seqs,
             dropped: dropped as u64,
@@ -365,21 +408,36 @@ impl Outbox {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
-    /// Removes acknowledged records.
+    /// Removes acknowledged records: one range delete per run of
+    /// consecutive `seq`s (PUBACKs come nearly in order, so a batch is
+    /// usually one run).
     pub fn ack(&mut self, seqs: &[i64]) -> Result<(), OutboxError> {
+        let mut sorted = seqs.to_vec();
+        sorted.sort_unstable();
+        sorted.dedup();
         let tx = self.conn.transaction()?;
         let (mut removed, mut removed_bytes) = (0i64, 0i64);
         {
+            let mut measure = tx.prepare_cached(
+                "SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0) FROM records WHERE seq BETWEEN ?1 AND ?2",
+            )?;
             let mut delete =
-                tx.prepare_cached("DELETE FROM records WHERE seq = ?1 RETURNING LENGTH(payload)")?;
-            for seq in seqs {
-                if let Some(len) = delete
-                    .query_row(params![seq], |r| r.get::<_, i64>(0))
-                    .optional()?
-                {
-                    removed += 1;
-                    removed_bytes += len;
+                tx.prepare_cached("DELETE FROM records WHERE seq BETWEEN ?1 AND ?2")?;
+            let mut i = 0;
+            while i < sorted.len() {
+                let mut j = i;
+                while j + 1 < sorted.len() && sorted[j + 1] == sorted[j] + 1 {
+                    j += 1;
                 }
+                let (from, to) = (sorted[i], sorted[j]);
+                let (n, bytes): (i64, i64) =
+                    measure.query_row(params![from, to], |r| Ok((r.get(0)?, r.get(1)?)))?;
+                if n > 0 {
+                    delete.execute(params![from, to])?;
+                    removed += n;
+                    removed_bytes += bytes;
+                }
+                i = j + 1;
             }
         }
         add_counter(&tx, "count", -removed)?;
@@ -416,6 +474,11 @@ impl Outbox {
         })
     }
 
+    /// Records waiting (one lookup of the running total).
+    pub fn backlog(&self) -> Result<u64, OutboxError> {
+        Ok(counter(&self.conn, "count")? as u64)
+    }
+
     /// SQLite's full `integrity_check`: `Ok(())` or the problems it found.
     pub fn verify(&self) -> Result<(), OutboxError> {
         let mut stmt = self.conn.prepare("PRAGMA integrity_check")?;
@@ -430,28 +493,28 @@ impl Outbox {
     }
 }
 
-/// Merges the oldest aggregate records (after the first `skip`) pairwise per
-/// topic, in passes, until the bounds hold or nothing is left to merge.
-/// Returns the number of records merged away.
+/// Merges the oldest unclaimed aggregate records pairwise per topic, in
+/// passes, until the bounds hold or nothing is left to merge. A claimed
+/// record is a barrier: records of its topic on either side of it are not
+/// merged across it. Returns the number of records merged away.
 fn downsample(
     tx: &Connection,
-    skip: u64,
+    claimed: &std::collections::HashSet<i64>,
     count: &mut u64,
     bytes: &mut u64,
     max_records: u64,
     max_bytes: u64,
 ) -> Result<u64, rusqlite::Error> {
     let mut merged_away = 0;
-    let mut select = tx.prepare_cached(
-        "SELECT seq, topic, payload FROM records ORDER BY seq LIMIT 256 OFFSET ?1",
-    )?;
+    let mut select =
+        tx.prepare_cached("SELECT seq, topic, payload FROM records ORDER BY seq LIMIT ?1")?;
     let mut update = tx.prepare_cached("UPDATE records SET payload = ?2 WHERE seq = ?1")?;
     let mut delete = tx.prepare_cached("DELETE FROM records WHERE seq = ?1")?;
     // Each pass halves (at best) the records it looks at; past a few
     // passes without progress, give up and let the caller drop.
     while *count > max_records || *bytes > max_bytes {
         let rows: Vec<(i64, String, Vec<u8>)> = select
-            .query_map(params![skip as i64], |r| {
+            .query_map(params![256 + claimed.len() as i64], |r| {
                 Ok((r.get(0)?, r.get(1)?, r.get(2)?))
             })?
             .collect::<Result<_, _>>()?;
@@ -461,6 +524,10 @@ fn downsample(
         for (seq, topic, payload) in &rows {
             if *count <= max_records && *bytes <= max_bytes {
                 break;
+            }
+            if claimed.contains(seq) {
+                waiting.remove(topic.as_str());
+                continue;
             }
             match waiting.remove(topic.as_str()) {
                 None => {

@@ -162,6 +162,7 @@ impl MqttSink {
         // makes `publish` wait, which holds the workers back instead of
         // growing memory.
         let (client, mut events) = AsyncClient::new(options, 1024);
+        events.set_network_options(sluice_collectors::mqtt::network_options());
         let events = tokio::spawn(async move {
             let mut delay = Duration::from_millis(200);
             let mut disconnecting = false;

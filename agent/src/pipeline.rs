@@ -100,9 +100,10 @@ pub async fn run_with_reload(
             Outbox::open(&path, durability, on_corrupt, max_records, max_bytes)
                 .map_err(|e| anyhow::anyhow!("outbox: {e}"))
         };
+        let claimed = crate::outbox::Claimed::default();
         let (writer_box, note) = open()?;
         let mut writer_box = match (&config.outbox, &config.uplink) {
-            (Some(o), Some(u)) => writer_box.with_on_full(o.on_full, u64::from(u.max_inflight)),
+            (Some(o), Some(_)) => writer_box.with_on_full(o.on_full, claimed.clone()),
             _ => writer_box,
         };
         if let Some(note) = note {
@@ -134,16 +135,19 @@ pub async fn run_with_reload(
                 let (reader_box, _) = open()?;
                 let backlog = reader_box.status().map(|s| s.backlog).unwrap_or(0);
                 tracing::info!(path = %o.path.display(), backlog, "outbox open");
-                let (u, agent, stats, stop) = (
+                let (u, agent, stats, stop, claimed) = (
                     u.clone(),
                     config.agent_id.clone(),
                     uplink_stats.clone(),
                     stop.clone(),
+                    claimed.clone(),
                 );
                 Some(
                     std::thread::Builder::new()
                         .name("sluice-uplink".into())
-                        .spawn(move || uplink::run_uplink(reader_box, u, agent, stats, stop))?,
+                        .spawn(move || {
+                            uplink::run_uplink(reader_box, u, agent, stats, stop, claimed)
+                        })?,
                 )
             }
             _ => None,

@@ -18,13 +18,16 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rumqttc::{AsyncClient, Event, Outgoing, Packet, QoS};
 use tokio::sync::mpsc;
 
 use crate::config::UplinkConfig;
-use crate::outbox::{Outbox, with_seq};
+use crate::outbox::{Claimed, Outbox, with_seq};
+
+/// How often the live lane looks for new records when it has none.
+const LIVE_LOOK: Duration = Duration::from_millis(20);
 
 /// What store-and-forward counts.
 #[derive(Debug, Default)]
@@ -39,7 +42,7 @@ pub struct UplinkStats {
     pub acked: AtomicU64,
     /// Upstream connections made.
     pub connects: AtomicU64,
-    /// Records waiting in the outbox (at the last look).
+    /// Records waiting in the outbox (after the last commit or ack).
     pub backlog: AtomicU64,
     /// Worker checkpoints committed.
     pub checkpoints: AtomicU64,
@@ -111,6 +114,9 @@ pub fn run_writer(
                     stats.appended.fetch_add(done.seqs.len() as u64, Relaxed);
                     stats.dropped.fetch_add(done.dropped, Relaxed);
                     stats.downsampled.fetch_add(done.downsampled, Relaxed);
+                    if let Ok(backlog) = outbox.backlog() {
+                        stats.backlog.store(backlog, Relaxed);
+                    }
                     stats
                         .checkpoints
                         .fetch_add(checkpoints.len() as u64, Relaxed);
@@ -143,6 +149,7 @@ pub fn run_uplink(
     agent: String,
     stats: Arc<UplinkStats>,
     stop: Arc<AtomicBool>,
+    claimed: Claimed,
 ) {
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -159,7 +166,19 @@ pub fn run_uplink(
     let mut failures = 0u64;
     while !stop.load(Relaxed) {
         let connects = stats.connects.load(Relaxed);
-        match runtime.block_on(session(&mut outbox, &config, &agent, &stats, &stop)) {
+        let result = runtime.block_on(session(
+            &mut outbox,
+            &config,
+            &agent,
+            &stats,
+            &stop,
+            &claimed,
+        ));
+        // Whatever was read and not acknowledged is read again next time.
+        if let Ok(mut c) = claimed.lock() {
+            c.clear();
+        }
+        match result {
             Ok(()) => return,
             Err(e) => {
                 if stats.connects.load(Relaxed) > connects {
@@ -182,12 +201,19 @@ pub fn run_uplink(
 }
 
 /// One connection: send, collect acknowledgements, until it fails or `stop`.
+///
+/// Two lanes share the in-flight window: the *backlog* (records committed
+/// before this connection, oldest first) and *live* records (committed
+/// since, also in `seq` order), which may use up to half the window while a
+/// backlog drains, so that fresh data is not held back behind an outage's
+/// worth of old data. With no backlog, everything goes through the live lane.
 async fn session(
     outbox: &mut Outbox,
     config: &UplinkConfig,
     agent: &str,
     stats: &UplinkStats,
     stop: &AtomicBool,
+    claimed: &Claimed,
 ) -> Result<(), String> {
     let mut settings = config.connection(agent);
     settings
@@ -196,6 +222,7 @@ async fn session(
     let mut options = settings.options().map_err(|e| format!("uplink.{e}"))?;
     options.set_inflight(config.max_inflight);
     let (client, mut events) = AsyncClient::new(options, usize::from(config.max_inflight) * 2);
+    events.set_network_options(sluice_collectors::mqtt::network_options());
     // Wait for the connection before sending anything.
     loop {
         match events.poll().await.map_err(|e| e.to_string())? {
@@ -204,39 +231,88 @@ async fn session(
         }
     }
     stats.connects.fetch_add(1, Relaxed);
-    tracing::info!(broker = %config.host, "uplink connected");
+    // Records from here on are live.
+    let status = outbox.status().map_err(|e| e.to_string())?;
+    stats.backlog.store(status.backlog, Relaxed);
+    let live_from = status.next_seq;
+    tracing::info!(broker = %config.host, backlog_below_seq = live_from, "uplink connected");
+    let window = usize::from(config.max_inflight);
     // Sent in order, waiting for their packet id; then by packet id.
     let mut unassigned: VecDeque<i64> = VecDeque::new();
     let mut inflight: HashMap<u16, i64> = HashMap::new();
-    let mut last_sent = 0i64;
+    // Per lane: records read ahead and not yet sent, and the newest seq read
+    // (one query a window, not one per PUBACK).
+    let (mut backlog, mut backlog_read, mut backlog_done) = (VecDeque::new(), 0i64, false);
+    let (mut live, mut live_read) = (VecDeque::new(), live_from - 1);
+    let mut live_in_flight = 0usize;
+    let mut last_live_look = Instant::now() - LIVE_LOOK;
     let mut acked = Vec::new();
     loop {
         if stop.load(Relaxed) {
             let _ = client.try_disconnect();
             return Ok(());
         }
-        // Top up the in-flight window from the outbox.
-        let room =
-            usize::from(config.max_inflight).saturating_sub(unassigned.len() + inflight.len());
-        if room > 0 {
-            let records = outbox.peek(last_sent, room).map_err(|e| e.to_string())?;
-            for r in records {
-                client
-                    .try_publish(
-                        r.topic,
-                        QoS::AtLeastOnce,
-                        false,
-                        with_seq(r.seq, &r.payload),
-                    )
-                    .map_err(|e| e.to_string())?;
-                unassigned.push_back(r.seq);
-                last_sent = r.seq;
-                stats.sent.fetch_add(1, Relaxed);
+        // Top up the in-flight window as each PUBACK frees a slot: a steady
+        // stream of publishes also carries the TCP ACKs for the broker's
+        // PUBACKs, which would otherwise wait out a delayed ACK when the
+        // broker leaves Nagle on, as Mosquitto does by default.
+        let mut room = window.saturating_sub(unassigned.len() + inflight.len());
+        while room > 0 {
+            let mut next = None;
+            if backlog_done || live_in_flight < window / 2 {
+                if live.is_empty() && last_live_look.elapsed() >= LIVE_LOOK {
+                    live.extend(
+                        outbox
+                            .peek_claim(live_read, i64::MAX, window, claimed)
+                            .map_err(|e| e.to_string())?,
+                    );
+                    last_live_look = Instant::now();
+                    if let Some(r) = live.back() {
+                        live_read = r.seq;
+                    }
+                }
+                next = live.pop_front();
+                if next.is_some() {
+                    live_in_flight += 1;
+                }
             }
+            if next.is_none() && !backlog_done {
+                if backlog.is_empty() {
+                    backlog.extend(
+                        outbox
+                            .peek_claim(backlog_read, live_from, window, claimed)
+                            .map_err(|e| e.to_string())?,
+                    );
+                    match backlog.back() {
+                        Some(r) => backlog_read = r.seq,
+                        None => {
+                            backlog_done = true;
+                            continue;
+                        }
+                    }
+                }
+                next = backlog.pop_front();
+            }
+            let Some(r) = next else { break };
+            client
+                .try_publish(
+                    r.topic,
+                    QoS::AtLeastOnce,
+                    false,
+                    with_seq(r.seq, &r.payload),
+                )
+                .map_err(|e| e.to_string())?;
+            unassigned.push_back(r.seq);
+            stats.sent.fetch_add(1, Relaxed);
+            room -= 1;
         }
         let idle = unassigned.is_empty() && inflight.is_empty();
         let event = tokio::time::timeout(
-            Duration::from_millis(if idle { 100 } else { 1000 }),
+            if idle {
+                LIVE_LOOK
+            } else {
+                Duration::from_secs(1)
+            },
             events.poll(),
         )
         .await;
@@ -250,17 +326,25 @@ async fn session(
             }
             Ok(Ok(Event::Incoming(Packet::PubAck(ack)))) => {
                 if let Some(seq) = inflight.remove(&ack.pkid) {
+                    if seq >= live_from {
+                        live_in_flight -= 1;
+                    }
                     acked.push(seq);
                 }
             }
             Ok(Ok(_)) => {}
         }
-        if !acked.is_empty() && (acked.len() >= 64 || inflight.is_empty()) {
+        if !acked.is_empty() && (acked.len() >= window.max(64) || inflight.is_empty()) {
             outbox.ack(&acked).map_err(|e| e.to_string())?;
+            if let Ok(mut c) = claimed.lock() {
+                for seq in &acked {
+                    c.remove(seq);
+                }
+            }
             stats.acked.fetch_add(acked.len() as u64, Relaxed);
             acked.clear();
-            if let Ok(s) = outbox.status() {
-                stats.backlog.store(s.backlog, Relaxed);
+            if let Ok(backlog) = outbox.backlog() {
+                stats.backlog.store(backlog, Relaxed);
             }
         }
     }

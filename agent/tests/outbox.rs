@@ -366,10 +366,13 @@ fn window_record(series: &str, i: i64) -> (String, Vec<u8>) {
 #[test]
 fn downsampling_keeps_every_reading_in_coarser_windows() {
     let path = temp_db("downsample");
+    // The uplink has claimed (read, perhaps sent) the 4 oldest.
+    let claimed = sluice::outbox::Claimed::default();
+    claimed.lock().unwrap().extend(1..=4);
     let mut outbox = Outbox::open(&path, Durability::Normal, OnCorrupt::Refuse, 30, 1 << 20)
         .unwrap()
         .0
-        .with_on_full(OnFull::Downsample, 4);
+        .with_on_full(OnFull::Downsample, claimed.clone());
     let mut originals = Vec::new();
     for batch in 0..12 {
         let records: Vec<(String, Vec<u8>)> = (0..10)
@@ -444,7 +447,7 @@ fn downsampling_keeps_every_reading_in_coarser_windows() {
     )
     .unwrap()
     .0
-    .with_on_full(OnFull::Downsample, 0);
+    .with_on_full(OnFull::Downsample, Default::default());
     let batch: Vec<(String, Vec<u8>)> = (0..8)
         .map(|i| {
             (

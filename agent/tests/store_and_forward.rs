@@ -511,3 +511,111 @@ port = {up}
     agent.wait().unwrap();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_records_are_not_held_behind_a_draining_backlog() {
+    use sluice::outbox::{Durability, OnCorrupt, Outbox};
+    let upstream = Broker::start("live-upstream");
+    let dir = std::env::temp_dir().join(format!("sluice-live-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    // An outage's worth of backlog: 100,000 records.
+    let db = dir.join("live.db");
+    let backlog = 100_000usize;
+    {
+        let mut outbox = Outbox::open(
+            &db,
+            Durability::Normal,
+            OnCorrupt::Refuse,
+            u64::MAX,
+            u64::MAX,
+        )
+        .unwrap()
+        .0;
+        let batch: Vec<(String, Vec<u8>)> = (0..1000)
+            .map(|_| {
+                (
+                    "sluice/live/agg/old".to_string(),
+                    br#"{"agent":"live","series":"old","count":1}"#.to_vec(),
+                )
+            })
+            .collect();
+        for _ in 0..backlog / 1000 {
+            outbox.append(&batch, 0).unwrap();
+        }
+    }
+    let (udp, metrics) = (sluice_tests::free_port(), sluice_tests::free_port());
+    let config = dir.join("live.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+agent_id = "live"
+[sources.u]
+kind = "udp"
+bind = "127.0.0.1:{udp}"
+[metrics]
+listen = "127.0.0.1:{metrics}"
+[[rules]]
+match = "*"
+window = {{ kind = "count", size = 1 }}
+[outbox]
+path = "{db}"
+[uplink]
+host = "127.0.0.1"
+port = {up}
+"#,
+            db = db.display(),
+            up = upstream.port,
+        ),
+    )
+    .unwrap();
+    // Upstream: how many old records had arrived when the live one did.
+    let old = Arc::new(Mutex::new(0usize));
+    let live_at = Arc::new(Mutex::new(None));
+    {
+        let mut options = MqttOptions::new("live-upstream-sub", "127.0.0.1", upstream.port);
+        options.set_max_packet_size(1 << 20, 1 << 20);
+        let (client, mut events) = AsyncClient::new(options, 1024);
+        client
+            .subscribe("sluice/live/agg/#", QoS::AtMostOnce)
+            .await
+            .unwrap();
+        let (old, live_at) = (old.clone(), live_at.clone());
+        tokio::spawn(async move {
+            let _client = client;
+            while let Ok(event) = events.poll().await {
+                if let Event::Incoming(Packet::Publish(p)) = event {
+                    if p.topic.ends_with("/old") {
+                        *old.lock().unwrap() += 1;
+                    } else {
+                        live_at.lock().unwrap().get_or_insert(*old.lock().unwrap());
+                    }
+                }
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let log = dir.join("live.log");
+    let mut agent = start_agent(&config, &log);
+    wait_until("the drain to start", &log, || *old.lock().unwrap() > 0).await;
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let line = format!(r#"{{"sensor":"fresh","ts":{},"value":1}}"#, now_ms());
+    socket.send_to(line.as_bytes(), ("127.0.0.1", udp)).unwrap();
+    wait_until("the live record", &log, || {
+        live_at.lock().unwrap().is_some()
+    })
+    .await;
+    let before = live_at.lock().unwrap().unwrap();
+    wait_until("the backlog to drain", &log, || {
+        metric(metrics, "sluice_outbox_backlog") == Some(0)
+    })
+    .await;
+    eprintln!("the live record arrived after {before} of {backlog} backlog records");
+    assert!(
+        before < backlog / 2,
+        "the live record waited for {before} of {backlog} backlog records"
+    );
+    agent.kill().unwrap();
+    agent.wait().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -207,6 +207,15 @@ impl MqttSettings {
     }
 }
 
+/// Network options for every Sluice MQTT connection: `TCP_NODELAY`, so
+/// that a small publish or PUBACK leaves at once instead of waiting for
+/// Nagle's algorithm to meet the peer's delayed ACK (up to 40 ms a stall).
+pub fn network_options() -> rumqttc::NetworkOptions {
+    let mut n = rumqttc::NetworkOptions::new();
+    n.set_tcp_nodelay(true);
+    n
+}
+
 /// A secret from the first line of `file`, or from the environment variable
 /// `env`; `None` when neither is given. Errors name the key.
 pub fn resolve_secret(
@@ -296,6 +305,7 @@ impl MqttSource {
     /// reconnecting after every failure.
     pub async fn run(mut self, shutdown: CancellationToken) {
         let (client, mut events) = AsyncClient::new(self.options.clone(), 64);
+        events.set_network_options(network_options());
         let mut backoff = Backoff::new(
             Duration::from_millis(self.settings.reconnect_min_ms),
             Duration::from_millis(self.settings.reconnect_max_ms),

@@ -1,0 +1,137 @@
+//! Drain rate: how fast the uplink empties an outbox backlog into a local
+//! Mosquitto (QoS 1, a record leaves the outbox only on its PUBACK), against
+//! the broker-limited ceiling measured in the same run: a bare rumqttc client
+//! publishing the same payloads with the same in-flight window, no SQLite.
+//!
+//! `cargo bench -p sluice-benches --bench outbox_drain` (`RECORDS` changes
+//! the default of 50,000 per run; needs `mosquitto` on the PATH).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::time::{Duration, Instant};
+
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use sluice::config::UplinkConfig;
+use sluice::outbox::{Durability, OnCorrupt, Outbox};
+use sluice::uplink::{UplinkStats, run_uplink};
+use sluice_tests::Broker;
+
+const PAYLOAD: &[u8] = br#"{"agent":"gateway-01","series":"s-0042","start":1732600000000,"end":1732600001000,"count":20,"sum":427.4,"mean":21.37,"min":19.8,"max":23.1,"stddev":0.92,"first":21.1,"last":20.9,"late":0,"partial":false}"#;
+
+fn drain(broker: &Broker, n: usize, inflight: u16, dir: &std::path::Path) -> f64 {
+    let path = dir.join(format!("drain-{inflight}.db"));
+    let _ = std::fs::remove_file(&path);
+    let open = || {
+        Outbox::open(
+            &path,
+            Durability::Normal,
+            OnCorrupt::Refuse,
+            u64::MAX,
+            u64::MAX,
+        )
+        .unwrap()
+        .0
+    };
+    let mut writer = open();
+    let batch: Vec<(String, Vec<u8>)> = (0..512)
+        .map(|_| ("sluice/gateway-01/agg/s-0042".to_string(), PAYLOAD.to_vec()))
+        .collect();
+    let mut filled = 0;
+    while filled < n {
+        writer.append(&batch[..512.min(n - filled)], 0).unwrap();
+        filled += 512.min(n - filled);
+    }
+    let config: UplinkConfig = serde_json::from_value(serde_json::json!({
+        "host": "127.0.0.1", "port": broker.port, "max_inflight": inflight,
+        "client_id": format!("drain-{inflight}"),
+    }))
+    .unwrap();
+    let (stats, stop) = (
+        Arc::new(UplinkStats::default()),
+        Arc::new(AtomicBool::new(false)),
+    );
+    let start = Instant::now();
+    let uplink = {
+        let (reader, stats, stop) = (open(), stats.clone(), stop.clone());
+        std::thread::spawn(move || {
+            run_uplink(
+                reader,
+                config,
+                "gateway-01".into(),
+                stats,
+                stop,
+                Default::default(),
+            )
+        })
+    };
+    while (stats.acked.load(Relaxed) as usize) < n {
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let rate = n as f64 / start.elapsed().as_secs_f64();
+    stop.store(true, Relaxed);
+    uplink.thread().unpark();
+    uplink.join().unwrap();
+    assert_eq!(writer.status().unwrap().backlog, 0);
+    rate
+}
+
+fn bare_client(broker: &Broker, n: usize, inflight: u16) -> f64 {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let mut options = MqttOptions::new(format!("bare-{inflight}"), "127.0.0.1", broker.port);
+        options.set_inflight(inflight);
+        let (client, mut events) = AsyncClient::new(options, usize::from(inflight) * 2);
+        events.set_network_options(sluice_collectors::mqtt::network_options());
+        loop {
+            if let Event::Incoming(Packet::ConnAck(_)) = events.poll().await.unwrap() {
+                break;
+            }
+        }
+        let start = Instant::now();
+        let (mut sent, mut acked) = (0, 0);
+        while acked < n {
+            // Keep the request queue topped up, as the uplink does.
+            while sent < n && sent - acked < usize::from(inflight) {
+                client
+                    .try_publish(
+                        "sluice/gateway-01/agg/s-0042",
+                        QoS::AtLeastOnce,
+                        false,
+                        PAYLOAD,
+                    )
+                    .unwrap();
+                sent += 1;
+            }
+            if let Event::Incoming(Packet::PubAck(_)) = events.poll().await.unwrap() {
+                acked += 1;
+            }
+        }
+        n as f64 / start.elapsed().as_secs_f64()
+    })
+}
+
+fn main() {
+    let n: usize = std::env::var("RECORDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(50_000);
+    let dir = std::env::temp_dir().join(format!("sluice-drain-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let broker = Broker::start("drain-bench");
+    println!(
+        "{n} records of {} bytes per run, QoS 1 to a local Mosquitto",
+        PAYLOAD.len()
+    );
+    for inflight in [64u16, 256, 1024] {
+        let outbox = drain(&broker, n, inflight, &dir);
+        let bare = bare_client(&broker, n, inflight);
+        println!(
+            "in flight {inflight:>4}: outbox drain {outbox:>8.0} records/s, bare client {bare:>8.0} msgs/s, ratio {:.2}",
+            outbox / bare
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
