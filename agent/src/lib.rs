@@ -23,5 +23,6 @@ pub mod outbox;
 pub mod output;
 pub mod pipeline;
 pub mod rules;
+pub mod service;
 pub mod uplink;
 pub mod worker;

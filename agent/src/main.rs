@@ -96,9 +96,22 @@ fn main() -> ExitCode {
             block_on_until_signal(|shutdown| async move {
                 let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(4);
                 tokio::spawn(reload_on_sighup(path, reload_tx));
-                sluice::pipeline::run_with_reload(config, shutdown, None, Some(reload_rx))
-                    .await
-                    .map(drop)
+                // Readiness and the watchdog, once every source is up.
+                let (started_tx, started_rx) = tokio::sync::oneshot::channel();
+                let watch = shutdown.clone();
+                tokio::spawn(async move {
+                    if let Ok(running) = started_rx.await {
+                        sluice::service::ready_and_watchdog(running, watch).await;
+                    }
+                });
+                sluice::pipeline::run_with_reload(
+                    config,
+                    shutdown,
+                    Some(started_tx),
+                    Some(reload_rx),
+                )
+                .await
+                .map(drop)
             })
         }
         Command::Outbox { action, config } => outbox_command(action, config),

@@ -50,6 +50,11 @@ pub struct WorkerStats {
     pub output_closed: AtomicU64,
     /// Readings waiting in this worker's rings (at the last tick).
     pub ring_depth: AtomicU64,
+    /// Passes of the worker's loop (at least ten a second while it runs): the
+    /// systemd watchdog is pinged only while it moves.
+    pub heartbeat: AtomicU64,
+    /// Whether the worker is waiting for room in the output channel.
+    pub waiting_on_output: AtomicBool,
     /// Series restored from a checkpoint.
     pub restored: AtomicU64,
     /// Series in a checkpoint not restored (no rule matches them now, or
@@ -70,6 +75,8 @@ impl Default for WorkerStats {
             series: AtomicU64::new(0),
             output_closed: AtomicU64::new(0),
             ring_depth: AtomicU64::new(0),
+            heartbeat: AtomicU64::new(0),
+            waiting_on_output: AtomicBool::new(false),
             restored: AtomicU64::new(0),
             restore_dropped: AtomicU64::new(0),
             // 1 ms to 1 hour, 3 significant digits: about 40 KiB.
@@ -375,6 +382,7 @@ impl Worker {
         let mut last_tick = Instant::now();
         let mut last_save = Instant::now();
         loop {
+            self.stats.heartbeat.fetch_add(1, Relaxed);
             let stopping = stop.load(Relaxed);
             // New rules first, so that readings that arrive after a reload
             // are judged by them.
@@ -413,9 +421,13 @@ impl Worker {
     }
 
     fn send(&self, record: Record) {
+        // Waiting on a slow output (a full disk, say) is back-pressure, not
+        // a stall: the watchdog does not count it against the heartbeat.
+        self.stats.waiting_on_output.store(true, Relaxed);
         if self.out.blocking_send(record).is_err() {
             self.stats.output_closed.fetch_add(1, Relaxed);
         }
+        self.stats.waiting_on_output.store(false, Relaxed);
     }
 
     /// The record of a closed window of `series`, whose state was built by

@@ -1,0 +1,70 @@
+//! systemd integration: readiness and the watchdog (`Type=notify`,
+//! `WatchdogSec=`), through `$NOTIFY_SOCKET`. Outside systemd (no socket in
+//! the environment) every call here does nothing.
+//!
+//! Readiness (`READY=1`) is sent once every source is up. The watchdog is
+//! pinged at half its period, but only while every worker thread's
+//! heartbeat (bumped on every pass of its loop, at least ten times a second
+//! even when idle) keeps moving, or it is waiting for room in the output
+//! channel (back-pressure from a slow output or a full disk is not a
+//! stall): a wedged worker stops the pings, and systemd restarts the agent
+//! (`Restart=on-failure`).
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+
+use sd_notify::NotifyState;
+use tokio_util::sync::CancellationToken;
+
+use crate::pipeline::Running;
+
+/// Tells systemd the agent is ready, then pings its watchdog (if enabled)
+/// while the workers are alive, until `stop`.
+pub async fn ready_and_watchdog(running: Running, stop: CancellationToken) {
+    let status = format!(
+        "running: {} sources, {} workers",
+        running.sources.len(),
+        running.workers.len()
+    );
+    if let Err(e) = sd_notify::notify(&[NotifyState::Ready, NotifyState::Status(&status)]) {
+        tracing::warn!(error = %e, "cannot notify systemd of readiness");
+    }
+    let Some(period) = sd_notify::watchdog_enabled() else {
+        return;
+    };
+    let every = (period / 2).max(Duration::from_millis(100));
+    tracing::info!(?period, "systemd watchdog enabled");
+    let beats = |r: &Running| -> Vec<u64> {
+        r.workers
+            .iter()
+            .map(|w| w.heartbeat.load(Relaxed))
+            .collect()
+    };
+    let mut last = beats(&running);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => {
+                let _ = sd_notify::notify(&[NotifyState::Stopping]);
+                return;
+            }
+            _ = tokio::time::sleep(every) => {}
+        }
+        let now = beats(&running);
+        let stalled: Vec<usize> = now
+            .iter()
+            .zip(&last)
+            .enumerate()
+            .filter(|(i, (a, b))| a == b && !running.workers[*i].waiting_on_output.load(Relaxed))
+            .map(|(i, _)| i)
+            .collect();
+        if stalled.is_empty() {
+            let _ = sd_notify::notify(&[NotifyState::Watchdog]);
+        } else {
+            tracing::error!(
+                ?stalled,
+                "workers stalled; not pinging the systemd watchdog"
+            );
+        }
+        last = now;
+    }
+}
