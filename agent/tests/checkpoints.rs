@@ -10,7 +10,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::UdpSocket;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -29,7 +29,7 @@ fn now_ms() -> i64 {
 }
 
 fn start_agent(config: &std::path::Path, log: &std::path::Path) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_sluice"))
+    sluice_tests::own_binary(env!("CARGO_BIN_EXE_sluice"))
         .args(["run", "--config"])
         .arg(config)
         .env("RUST_LOG", "info")
@@ -280,7 +280,7 @@ anomaly = { alpha = 0.05, k = 3.0, warmup = 20 }
     })
     .await;
     terminate(&mut agent);
-    let status = Command::new(env!("CARGO_BIN_EXE_sluice"))
+    let status = sluice_tests::own_binary(env!("CARGO_BIN_EXE_sluice"))
         .args(["outbox", "status", "--config"])
         .arg(&config)
         .output()

@@ -1,7 +1,7 @@
 //! End to end: the `sluice` binary against a real Mosquitto broker.
 
 use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -34,7 +34,7 @@ struct Agent {
 
 impl Agent {
     fn start(config: &std::path::Path) -> Agent {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        let mut child = sluice_tests::own_binary(env!("CARGO_BIN_EXE_sluice"))
             .args(["run", "--config"])
             .arg(config)
             .env("RUST_LOG", "info")
@@ -389,7 +389,7 @@ fn a_config_error_names_the_key_and_the_line_and_fails() {
         "agent_id = \"x\"\n[sources.u]\nkind = \"udp\"\nbind = \"127.0.0.1:0\"\n[[rules]]\nmatch = \"*\"\nwindow = { kind = \"tumbling\", size_ms = -5 }\n[output]\nconsole = true\n",
     );
     for command in ["check", "run"] {
-        let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        let out = sluice_tests::own_binary(env!("CARGO_BIN_EXE_sluice"))
             .args([command, "--config"])
             .arg(&config)
             .output()
@@ -416,7 +416,7 @@ fn every_shipped_config_parses() {
     }
     assert!(n >= 1);
     sluice::config::Config::parse(sluice::demo::CONFIG).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
+    let out = sluice_tests::own_binary(env!("CARGO_BIN_EXE_sluice"))
         .args(["check", "--config"])
         .arg(dir.join("sluice.example.toml"))
         .output()
@@ -430,7 +430,7 @@ fn every_shipped_config_parses() {
 
 #[test]
 fn the_demo_prints_aggregates_and_an_alert_and_stops() {
-    let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
+    let out = sluice_tests::own_binary(env!("CARGO_BIN_EXE_sluice"))
         .args(["demo", "--seconds", "9"])
         .output()
         .unwrap();
@@ -631,4 +631,38 @@ fn sigterm_is_bounded_when_the_output_broker_is_gone() {
     );
     // One warning line for all the failed publishes, not one per record.
     assert!(log.matches("publish failed").count() <= 1, "{log}");
+}
+
+/// The `--help` text shipped in the package's docs
+/// (`/usr/share/doc/sluice/sluice-help.txt`) is the binary's own;
+/// `SLUICE_BLESS=1` rewrites the file.
+#[test]
+fn the_packaged_help_text_is_current() {
+    let mut text = String::new();
+    for args in [
+        &["--help"][..],
+        &["run", "--help"],
+        &["check", "--help"],
+        &["outbox", "--help"],
+        &["demo", "--help"],
+    ] {
+        let out = sluice_tests::own_binary(env!("CARGO_BIN_EXE_sluice"))
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        text.push_str(&format!("$ sluice {}\n", args.join(" ")));
+        text.push_str(&String::from_utf8_lossy(&out.stdout));
+        text.push('\n');
+    }
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/deb/sluice-help.txt");
+    if std::env::var_os("SLUICE_BLESS").is_some() {
+        std::fs::write(&path, &text).unwrap();
+    }
+    assert_eq!(
+        std::fs::read_to_string(&path).unwrap_or_default(),
+        text,
+        "packaging/deb/sluice-help.txt is stale: rerun with SLUICE_BLESS=1"
+    );
 }

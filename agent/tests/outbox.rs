@@ -4,7 +4,7 @@
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use proptest::prelude::*;
@@ -139,7 +139,7 @@ fn kill_9_never_loses_a_commit() {
     let mut committed = 0i64;
     let mut rng = 0x2545_F491_4F6C_DD1Du64;
     for round in 0..20 {
-        let mut child = Command::new(std::env::current_exe().unwrap())
+        let mut child = sluice_tests::own_binary(std::env::current_exe().unwrap())
             .args([
                 "--exact",
                 "writer_child",

@@ -3,7 +3,7 @@
 //! `kill -9` of the agent.
 
 use std::collections::BTreeSet;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -21,7 +21,7 @@ fn now_ms() -> i64 {
 }
 
 fn start_agent(config: &std::path::Path, log: &std::path::Path) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_sluice"))
+    sluice_tests::own_binary(env!("CARGO_BIN_EXE_sluice"))
         .args(["run", "--config"])
         .arg(config)
         .stdout(Stdio::null())
@@ -206,7 +206,7 @@ reconnect_max_ms = 500
     agent.kill().unwrap();
     agent.wait().unwrap();
     // The operator's view of it.
-    let status = Command::new(env!("CARGO_BIN_EXE_sluice"))
+    let status = sluice_tests::own_binary(env!("CARGO_BIN_EXE_sluice"))
         .args(["outbox", "status", "--config"])
         .arg(&config)
         .output()
@@ -214,7 +214,7 @@ reconnect_max_ms = 500
     assert!(status.status.success());
     let text = String::from_utf8_lossy(&status.stdout);
     assert!(text.contains(&format!("next seq: {}", sent + 1)), "{text}");
-    let verify = Command::new(env!("CARGO_BIN_EXE_sluice"))
+    let verify = sluice_tests::own_binary(env!("CARGO_BIN_EXE_sluice"))
         .args(["outbox", "verify", "--config"])
         .arg(&config)
         .output()
@@ -416,7 +416,7 @@ port = {up}
     }
     // The disk is "full" past 256 KiB per file: RLIMIT_FSIZE makes writes
     // beyond it fail (EFBIG), as a full disk makes them fail (ENOSPC).
-    let mut command = Command::new(env!("CARGO_BIN_EXE_sluice"));
+    let mut command = sluice_tests::own_binary(env!("CARGO_BIN_EXE_sluice"));
     command
         .args(["run", "--config"])
         .arg(&config)

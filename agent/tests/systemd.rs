@@ -4,7 +4,7 @@
 //! `STOPPING=1` on SIGTERM; all over a real Unix datagram socket.
 
 use std::os::unix::net::UnixDatagram;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 #[test]
@@ -22,7 +22,7 @@ fn ready_watchdog_pings_and_stopping_reach_the_notify_socket() {
         "agent_id = \"n\"\n[sources.u]\nkind = \"udp\"\nbind = \"127.0.0.1:0\"\n[[rules]]\nmatch = \"*\"\nwindow = { kind = \"count\", size = 1 }\n[output]\nconsole = true\n",
     )
     .unwrap();
-    let mut agent = Command::new(env!("CARGO_BIN_EXE_sluice"))
+    let mut agent = sluice_tests::own_binary(env!("CARGO_BIN_EXE_sluice"))
         .args(["run", "--config"])
         .arg(&config)
         .env("NOTIFY_SOCKET", &socket_path)

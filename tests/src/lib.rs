@@ -246,3 +246,21 @@ pub fn metric(port: u16, name: &str) -> Option<u64> {
         .collect();
     (!values.is_empty()).then(|| values.iter().sum())
 }
+
+/// A command for one of our own binaries (`env!("CARGO_BIN_EXE_…")`, or the
+/// test binary itself). When the tests run under emulation (another
+/// architecture's binaries through `qemu-user`, with no binfmt handler
+/// registered), `SLUICE_TEST_RUNNER` holds the runner, e.g.
+/// `qemu-aarch64 -L /usr/aarch64-linux-gnu`, and the binary is started
+/// through it.
+pub fn own_binary(path: impl AsRef<std::ffi::OsStr>) -> std::process::Command {
+    match std::env::var("SLUICE_TEST_RUNNER") {
+        Ok(runner) if !runner.trim().is_empty() => {
+            let mut words = runner.split_whitespace();
+            let mut command = std::process::Command::new(words.next().unwrap_or_default());
+            command.args(words).arg(path);
+            command
+        }
+        _ => std::process::Command::new(path),
+    }
+}

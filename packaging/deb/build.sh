@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Builds sluice_<version>-1_{amd64,arm64,armhf}.deb into target/debian/ with
+# cargo-deb (metadata in agent/Cargo.toml), then sets Depends to what the
+# packaged binary really needs: libc6 at least the newest GLIBC_ symbol
+# version it links against (for cross builds, dpkg-shlibdeps would claim the
+# build host's libc6 instead), libgcc-s1 likewise, and procps (the unit's
+# ExecReload runs /bin/kill).
+#
+#   packaging/deb/build.sh [TARGET ...]   (default: all three)
+#
+# Needs cargo-deb (cargo install cargo-deb --locked) and, for the ARM
+# targets, Debian's cross toolchains (see packaging/cross/README.md).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+targets=("$@")
+if [ ${#targets[@]} -eq 0 ]; then
+    targets=(x86_64-unknown-linux-gnu aarch64-unknown-linux-gnu armv7-unknown-linux-gnueabihf)
+fi
+
+for target in "${targets[@]}"; do
+    deb=$(cargo deb -p sluice --profile dist --target "$target" | tail -n 1)
+    work=$(mktemp -d)
+    dpkg-deb -R "$deb" "$work"
+    bin="$work/usr/bin/sluice"
+    depends=()
+    for lib in $(readelf -d "$bin" | sed -n 's/.*Shared library: \[\(.*\)\]/\1/p'); do
+        case "$lib" in
+            libc.so.6 | libm.so.6 | libpthread.so.0 | libdl.so.2 | librt.so.1 | ld-linux*)
+                glibc=$(readelf -V --wide "$bin" | grep -o 'GLIBC_[0-9][0-9.]*' | sed 's/GLIBC_//' | sort -uV | tail -n 1)
+                depends+=("libc6 (>= $glibc)")
+                ;;
+            libgcc_s.so.1)
+                gcc=$(readelf -V --wide "$bin" | grep -o 'GCC_[0-9][0-9.]*' | sed 's/GCC_//' | sort -uV | tail -n 1)
+                depends+=("libgcc-s1 (>= ${gcc:-3.0})")
+                ;;
+            *)
+                echo "error: $target: unexpected shared library $lib; add its package to build.sh" >&2
+                exit 1
+                ;;
+        esac
+    done
+    # The unit's ExecReload runs /bin/kill.
+    depends+=("procps")
+    line=$(printf '%s\n' "${depends[@]}" | sort -u | paste -sd, - | sed 's/,/, /g')
+    sed -i -E "s/^Depends:.*/Depends: $line/" "$work/DEBIAN/control"
+    dpkg-deb --root-owner-group -Zxz -b "$work" "$deb" > /dev/null
+    rm -rf "$work"
+    echo "$deb: Depends: $line; /usr/bin/sluice $(dpkg-deb --fsys-tarfile "$deb" | tar -tvf - ./usr/bin/sluice | awk '{print $3}') bytes"
+done
