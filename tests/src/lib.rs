@@ -45,10 +45,25 @@ impl Broker {
         Self::start_full(name, None, true)
     }
 
+    /// Starts a plain broker with `extra` lines appended to its
+    /// configuration (e.g. `set_tcp_nodelay true` for latency benchmarks).
+    pub fn start_configured(name: &str, extra: &str) -> Broker {
+        Self::start_full_with(name, None, false, extra)
+    }
+
     fn start_full(
         name: &str,
         tls: Option<(&std::path::Path, &std::path::Path, &std::path::Path)>,
         persistent: bool,
+    ) -> Broker {
+        Self::start_full_with(name, tls, persistent, "")
+    }
+
+    fn start_full_with(
+        name: &str,
+        tls: Option<(&std::path::Path, &std::path::Path, &std::path::Path)>,
+        persistent: bool,
+        extra: &str,
     ) -> Broker {
         let dir = std::env::temp_dir().join(format!("sluice-mqtt-{}-{name}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -78,6 +93,7 @@ impl Broker {
                 key.display()
             );
         }
+        conf += extra;
         std::fs::write(broker.dir.join("mosquitto.conf"), conf).unwrap();
         broker.restart();
         broker

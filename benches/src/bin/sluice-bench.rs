@@ -1,0 +1,923 @@
+//! `sluice-bench`: the end-to-end load benchmark (workload W1 of
+//! `WORKLOADS.md`), reproducible with one command:
+//!
+//! ```sh
+//! cargo build --release -p sluice --bin sluice
+//! cargo run --release -p sluice-benches --bin sluice-bench -- --rate 20000
+//! ```
+//!
+//! It starts a private Mosquitto on a loopback port and, in one run:
+//!
+//! 1. **broker only**: N sensors publish JSON readings to `sensors/<id>`
+//!    (QoS 0, several connections, a fixed rate) and a subscriber receives
+//!    them; the latency of every reading, publish to arrival;
+//! 2. **through the agent**: the same workload, with the `sluice` binary
+//!    subscribed (1-second tumbling windows, EWMA z-score alerts): latency
+//!    from the publish of each injected spike to the arrival of the alert it
+//!    raises, and from each window's end to the arrival of its aggregate;
+//!    the agent's CPU and RSS from `/proc`; its shed and late counts.
+//!
+//! Latencies are measured from each reading's *intended* send time (the
+//! fixed-rate schedule), not from when it was actually sent, so a stalled
+//! generator or agent shows up in the figures instead of hiding (coordinated
+//! omission). It prints p50/p90/p99/p99.9/max, writes `.hgrm` percentile
+//! files and an SVG plot of the distributions, and a JSON summary.
+//! `--find-max` raises the rate until the agent falls behind.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use clap::Parser;
+use hdrhistogram::Histogram;
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use sluice_core::rng::SplitMix64;
+use sluice_tests::Broker;
+
+/// Command-line options.
+#[derive(Parser, Debug, Clone)]
+#[command(about = "End-to-end latency and throughput benchmark of the sluice agent (W1)")]
+struct Args {
+    /// Readings per second, all sensors together.
+    #[arg(long, default_value_t = 20_000)]
+    rate: u64,
+    /// Sensors (series), `s-0000` …
+    #[arg(long, default_value_t = 1_000)]
+    sensors: u32,
+    /// Seconds of load per phase.
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    /// Publishing connections.
+    #[arg(long, default_value_t = 4)]
+    connections: u32,
+    /// Every this many readings of a sensor, a +15 spike (an anomaly).
+    #[arg(long, default_value_t = 500)]
+    spike_every: u64,
+    /// Agent worker threads.
+    #[arg(long, default_value_t = 1)]
+    workers: usize,
+    /// The `sluice` binary (default: next to this one).
+    #[arg(long)]
+    agent: Option<PathBuf>,
+    /// Where the .hgrm, .svg and .json results go.
+    #[arg(long, default_value = "benches/results")]
+    out: PathBuf,
+    /// Raise the rate (×1.25 per step, from --rate) until the agent falls
+    /// behind; report the highest rate it sustained.
+    #[arg(long)]
+    find_max: bool,
+    /// Skip the broker-only phase.
+    #[arg(long)]
+    no_baseline: bool,
+    /// Exit non-zero unless the counts are right: every reading the agent
+    /// processed is in an aggregate, none shed, and every spike after the
+    /// warm-up raised an alert (for CI; never asserts on timings).
+    #[arg(long)]
+    check: bool,
+}
+
+/// What one phase measured.
+#[derive(Debug, Default, serde::Serialize)]
+struct Phase {
+    rate: u64,
+    sent: u64,
+    achieved_rate: f64,
+    /// Broker only: readings received. Agent: readings it processed.
+    received: u64,
+    shed: u64,
+    late: u64,
+    aggregates: u64,
+    aggregate_readings: u64,
+    spikes: u64,
+    spikes_after_warmup: u64,
+    alerts: u64,
+    spikes_alerted: u64,
+    cpu_percent: f64,
+    rss_max_kib: u64,
+    latency_ms: HashMap<String, Percentiles>,
+    #[serde(skip)]
+    histograms: Vec<(String, Histogram<u64>)>,
+}
+
+#[derive(Debug, Default, Clone, Copy, serde::Serialize)]
+struct Percentiles {
+    count: u64,
+    p50: f64,
+    p90: f64,
+    p99: f64,
+    p999: f64,
+    max: f64,
+}
+
+fn percentiles(h: &Histogram<u64>) -> Percentiles {
+    let ms = |v: u64| v as f64 / 1000.0;
+    Percentiles {
+        count: h.len(),
+        p50: ms(h.value_at_quantile(0.5)),
+        p90: ms(h.value_at_quantile(0.9)),
+        p99: ms(h.value_at_quantile(0.99)),
+        p999: ms(h.value_at_quantile(0.999)),
+        max: ms(h.max()),
+    }
+}
+
+/// Latency histogram in µs, 1 µs to 10 minutes, 3 significant digits.
+fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 600_000_000, 3).expect("valid bounds")
+}
+
+fn epoch_us() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as i64)
+}
+
+/// The fixed-rate workload: which reading goes when, with which value.
+#[derive(Clone)]
+struct Workload {
+    rate: u64,
+    sensors: u32,
+    connections: u32,
+    spike_every: u64,
+    duration: Duration,
+    /// Wall clock at the schedule's start, µs since the epoch.
+    epoch_start_us: i64,
+    start: Instant,
+}
+
+/// Spikes sent: (sensor, ts ms) → intended send time, µs since the epoch.
+type Spikes = Arc<Mutex<HashMap<(u32, i64), i64>>>;
+
+struct Sent {
+    readings: u64,
+    spikes: u64,
+    spikes_after_warmup: u64,
+}
+
+/// Publishes connection `c`'s share of the workload: sensors `c, c+C, …`,
+/// each reading at its intended time, ts = the intended time.
+async fn publish(w: Workload, port: u16, c: u32, topic_prefix: &str, spikes: Spikes) -> Sent {
+    let mut options = MqttOptions::new(
+        format!("bench-pub-{c}-{}", std::process::id()),
+        "127.0.0.1",
+        port,
+    );
+    options.set_max_packet_size(1 << 16, 1 << 16);
+    let (client, mut events) = AsyncClient::new(options, 10_000);
+    events.set_network_options(sluice_collectors::mqtt::network_options());
+    let driver = tokio::spawn(async move { while events.poll().await.is_ok() {} });
+    let mine: Vec<u32> = (c..w.sensors).step_by(w.connections as usize).collect();
+    if mine.is_empty() {
+        return Sent {
+            readings: 0,
+            spikes: 0,
+            spikes_after_warmup: 0,
+        };
+    }
+    // This connection's rate and the interval between its readings.
+    let share = w.rate as f64 * mine.len() as f64 / f64::from(w.sensors);
+    let interval_ns = 1e9 / share;
+    let total = (share * w.duration.as_secs_f64()) as u64;
+    let mut rng = SplitMix64::new(0x5eed ^ u64::from(c));
+    let mut per_sensor = vec![0u64; mine.len()];
+    let mut sent = Sent {
+        readings: 0,
+        spikes: 0,
+        spikes_after_warmup: 0,
+    };
+    let mut k = 0u64;
+    while k < total {
+        let now = w.start.elapsed().as_nanos() as f64;
+        while k < total && (k as f64) * interval_ns <= now {
+            let i = (k % mine.len() as u64) as usize;
+            let sensor = mine[i];
+            let n = per_sensor[i];
+            per_sensor[i] += 1;
+            let intended_us = w.epoch_start_us + ((k as f64) * interval_ns / 1000.0) as i64;
+            let ts = intended_us / 1000;
+            // Gaussian noise, σ = 1 (Box-Muller).
+            let (u1, u2) = (rng.next_f64().max(1e-12), rng.next_f64());
+            let noise = (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos();
+            let spike = n > 0 && n.is_multiple_of(w.spike_every);
+            let value = 20.0 + f64::from(sensor % 10) + noise + if spike { 15.0 } else { 0.0 };
+            if spike {
+                sent.spikes += 1;
+                // The detector is active after 30 readings.
+                if n >= 30 {
+                    sent.spikes_after_warmup += 1;
+                }
+                spikes.lock().unwrap().insert((sensor, ts), intended_us);
+            }
+            let payload = format!(
+                r#"{{"sensor":"s-{sensor:04}","ts":{ts},"value":{value:.3},"t":{intended_us}}}"#
+            );
+            if client
+                .publish(
+                    format!("{topic_prefix}/s-{sensor:04}"),
+                    QoS::AtMostOnce,
+                    false,
+                    payload,
+                )
+                .await
+                .is_err()
+            {
+                break;
+            }
+            sent.readings += 1;
+            k += 1;
+        }
+        if k < total {
+            let next = Duration::from_nanos(((k as f64) * interval_ns) as u64);
+            tokio::time::sleep_until((w.start + next).into()).await;
+        }
+    }
+    let _ = client.disconnect().await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), driver).await;
+    sent
+}
+
+/// Publishes the whole workload; returns what was sent.
+async fn publish_all(w: &Workload, port: u16, topic_prefix: &str, spikes: &Spikes) -> Sent {
+    let tasks: Vec<_> = (0..w.connections)
+        .map(|c| {
+            let (w, spikes, prefix) = (w.clone(), spikes.clone(), topic_prefix.to_string());
+            tokio::spawn(async move { publish(w, port, c, &prefix, spikes).await })
+        })
+        .collect();
+    let mut total = Sent {
+        readings: 0,
+        spikes: 0,
+        spikes_after_warmup: 0,
+    };
+    for t in tasks {
+        let s = t.await.expect("publisher task");
+        total.readings += s.readings;
+        total.spikes += s.spikes;
+        total.spikes_after_warmup += s.spikes_after_warmup;
+    }
+    total
+}
+
+/// A subscriber that hands every message to `on` with its arrival time (µs
+/// since the epoch); stops when `stop` is set.
+async fn subscribe(
+    port: u16,
+    id: &str,
+    filters: &[&str],
+    stop: Arc<AtomicBool>,
+    mut on: impl FnMut(&str, &[u8], i64) + Send + 'static,
+) -> tokio::task::JoinHandle<()> {
+    let mut options = MqttOptions::new(format!("{id}-{}", std::process::id()), "127.0.0.1", port);
+    options.set_max_packet_size(1 << 20, 1 << 20);
+    let (client, mut events) = AsyncClient::new(options, 1024);
+    events.set_network_options(sluice_collectors::mqtt::network_options());
+    for f in filters {
+        client
+            .subscribe(*f, QoS::AtMostOnce)
+            .await
+            .expect("subscribe");
+    }
+    let mut acked = 0;
+    while acked < filters.len() {
+        if let Ok(Event::Incoming(Packet::SubAck(_))) = events.poll().await {
+            acked += 1;
+        }
+    }
+    tokio::spawn(async move {
+        let _client = client;
+        while !stop.load(Relaxed) {
+            match tokio::time::timeout(Duration::from_millis(100), events.poll()).await {
+                Ok(Ok(Event::Incoming(Packet::Publish(p)))) => on(&p.topic, &p.payload, epoch_us()),
+                Ok(Err(_)) => tokio::time::sleep(Duration::from_millis(50)).await,
+                _ => {}
+            }
+        }
+    })
+}
+
+fn field_i64(payload: &[u8], key: &str) -> Option<i64> {
+    let text = std::str::from_utf8(payload).ok()?;
+    let at = text.find(&format!("\"{key}\":"))? + key.len() + 3;
+    let rest = &text[at..];
+    let end = rest
+        .find(|c: char| !(c.is_ascii_digit() || c == '-'))
+        .unwrap_or(rest.len());
+    rest[..end].parse().ok()
+}
+
+/// Phase 1: publisher → broker → subscriber.
+async fn broker_only(w: Workload, port: u16) -> Phase {
+    let hist = Arc::new(Mutex::new(histogram()));
+    let received = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let task = {
+        let (hist, received) = (hist.clone(), received.clone());
+        subscribe(
+            port,
+            "bench-baseline",
+            &["baseline/#"],
+            stop.clone(),
+            move |_, payload, now| {
+                if let Some(t) = field_i64(payload, "t") {
+                    let _ = hist.lock().unwrap().record((now - t).max(1) as u64);
+                    received.fetch_add(1, Relaxed);
+                }
+            },
+        )
+        .await
+    };
+    let w = Workload {
+        start: Instant::now(),
+        epoch_start_us: epoch_us(),
+        ..w
+    };
+    let sent = publish_all(&w, port, "baseline", &Spikes::default()).await;
+    let elapsed = w.start.elapsed();
+    // Until every reading has arrived, or a second of silence.
+    let mut last = (received.load(Relaxed), Instant::now());
+    while received.load(Relaxed) < sent.readings && last.1.elapsed() < Duration::from_secs(1) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let now = received.load(Relaxed);
+        if now != last.0 {
+            last = (now, Instant::now());
+        }
+    }
+    stop.store(true, Relaxed);
+    let _ = task.await;
+    let hist = hist.lock().unwrap().clone();
+    let mut phase = Phase {
+        rate: w.rate,
+        sent: sent.readings,
+        achieved_rate: sent.readings as f64 / elapsed.as_secs_f64(),
+        received: received.load(Relaxed),
+        ..Phase::default()
+    };
+    phase.latency_ms.insert("broker".into(), percentiles(&hist));
+    phase.histograms.push(("broker".into(), hist));
+    phase
+}
+
+const AGENT_CONFIG: &str = r#"
+agent_id = "bench"
+workers = {workers}
+max_series = 20000
+[sources.sensors]
+kind = "mqtt"
+host = "127.0.0.1"
+port = {port}
+client_id = "bench-agent-{pid}"
+topics = ["sensors/+"]
+[[rules]]
+match = "*"
+window = { kind = "tumbling", size_ms = 1000 }
+anomaly = { alpha = 0.01, k = 4.0, warmup = 30 }
+[output.mqtt]
+host = "127.0.0.1"
+port = {port}
+aggregate_topic = "agg/{series}"
+alert_topic = "alerts/{series}"
+state_topic = "state/{series}"
+[metrics]
+listen = "127.0.0.1:{metrics}"
+stats_interval_s = 0
+"#;
+
+fn metric(port: u16, name: &str) -> u64 {
+    sluice_tests::metric(port, name).unwrap_or(0)
+}
+
+/// CPU ticks (user + system) and RSS (KiB) of `pid`.
+fn proc_sample(pid: u32) -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let rss = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some((ticks, rss))
+}
+
+fn clock_ticks_per_second() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 { t as f64 } else { 100.0 }
+}
+
+fn terminate(child: &mut Child) {
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let start = Instant::now();
+    while child.try_wait().ok().flatten().is_none() {
+        if start.elapsed() > Duration::from_secs(15) {
+            let _ = child.kill();
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Phase 2: publisher → broker → agent → broker → subscriber.
+async fn through_agent(w: Workload, port: u16, args: &Args, agent_bin: &Path) -> Phase {
+    let metrics_port = sluice_tests::free_port();
+    let dir = std::env::temp_dir().join(format!("sluice-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let config = dir.join("agent.toml");
+    std::fs::write(
+        &config,
+        AGENT_CONFIG
+            .replace("{workers}", &args.workers.to_string())
+            .replace("{port}", &port.to_string())
+            .replace("{metrics}", &metrics_port.to_string())
+            .replace("{pid}", &std::process::id().to_string()),
+    )
+    .expect("config");
+    let mut agent = std::process::Command::new(agent_bin)
+        .args(["run", "--config"])
+        .arg(&config)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("agent.log")).expect("log"))
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {}: {e}", agent_bin.display()));
+    // Up once its metrics answer (they start after every source), plus a
+    // moment for its subscription.
+    let start = Instant::now();
+    while sluice_tests::metric(metrics_port, "sluice_readings_processed_total").is_none() {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the agent did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let spikes = Spikes::default();
+    let alert_hist = Arc::new(Mutex::new(histogram()));
+    let agg_hist = Arc::new(Mutex::new(histogram()));
+    let counts = Arc::new(Mutex::new((0u64, 0u64, 0u64, 0u64))); // aggregates, their readings, alerts, spikes alerted
+    let stop = Arc::new(AtomicBool::new(false));
+    let task = {
+        let (spikes, alert_hist, agg_hist, counts) = (
+            spikes.clone(),
+            alert_hist.clone(),
+            agg_hist.clone(),
+            counts.clone(),
+        );
+        subscribe(
+            port,
+            "bench-results",
+            &["agg/#", "alerts/#"],
+            stop.clone(),
+            move |topic, payload, now| {
+                let mut c = counts.lock().unwrap();
+                if topic.starts_with("agg/") {
+                    c.0 += 1;
+                    c.1 += field_i64(payload, "count").unwrap_or(0) as u64;
+                    // Windows closed early by the agent's shutdown are partial:
+                    // they did not close on time, so they have no latency.
+                    let partial = payload.windows(14).any(|w| w == b"\"partial\":true");
+                    if let Some(end) = field_i64(payload, "end").filter(|_| !partial) {
+                        let _ = agg_hist
+                            .lock()
+                            .unwrap()
+                            .record((now - end * 1000).max(1) as u64);
+                    }
+                } else if payload.windows(8).any(|w| w == b"\"raised\"") {
+                    c.2 += 1;
+                    let sensor = topic
+                        .rsplit('/')
+                        .next()
+                        .and_then(|s| s.strip_prefix("s-"))
+                        .and_then(|s| s.parse::<u32>().ok());
+                    if let (Some(sensor), Some(ts)) = (sensor, field_i64(payload, "event_ts"))
+                        && let Some(intended) = spikes.lock().unwrap().get(&(sensor, ts))
+                    {
+                        c.3 += 1;
+                        let _ = alert_hist
+                            .lock()
+                            .unwrap()
+                            .record((now - intended).max(1) as u64);
+                    }
+                }
+            },
+        )
+        .await
+    };
+    let pid = agent.id();
+    let sampling = Arc::new(AtomicBool::new(true));
+    let sampler = {
+        let sampling = sampling.clone();
+        tokio::spawn(async move {
+            let first = proc_sample(pid);
+            let t0 = Instant::now();
+            let mut rss_max = first.map_or(0, |s| s.1);
+            let mut last = first;
+            while sampling.load(Relaxed) {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+                if let Some(s) = proc_sample(pid) {
+                    rss_max = rss_max.max(s.1);
+                    last = Some(s);
+                }
+            }
+            let ticks = match (first, last) {
+                (Some(a), Some(b)) => (b.0 - a.0) as f64,
+                _ => 0.0,
+            };
+            (
+                100.0 * ticks / clock_ticks_per_second() / t0.elapsed().as_secs_f64(),
+                rss_max,
+            )
+        })
+    };
+    let w = Workload {
+        start: Instant::now(),
+        epoch_start_us: epoch_us(),
+        ..w
+    };
+    let sent = publish_all(&w, port, "sensors", &spikes).await;
+    let elapsed = w.start.elapsed();
+    sampling.store(false, Relaxed);
+    let (cpu_percent, rss_max_kib) = sampler.await.unwrap_or((0.0, 0));
+    // Let the agent take in what is queued and close the last windows (an
+    // idle series' window closes within ~1.1 s), then stop it: SIGTERM
+    // closes what is still open as partial, so every reading is counted.
+    let mut last = (
+        metric(metrics_port, "sluice_readings_processed_total"),
+        Instant::now(),
+    );
+    while last.1.elapsed() < Duration::from_millis(1500) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let now = metric(metrics_port, "sluice_readings_processed_total");
+        if now != last.0 {
+            last = (now, Instant::now());
+        }
+    }
+    let processed = last.0;
+    let shed = metric(metrics_port, "sluice_readings_shed_total");
+    let late = metric(metrics_port, "sluice_readings_late_total");
+    terminate(&mut agent);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Relaxed);
+    let _ = task.await;
+    let (aggregates, aggregate_readings, alerts, spikes_alerted) = *counts.lock().unwrap();
+    let mut phase = Phase {
+        rate: w.rate,
+        sent: sent.readings,
+        achieved_rate: sent.readings as f64 / elapsed.as_secs_f64(),
+        received: processed,
+        shed,
+        late,
+        aggregates,
+        aggregate_readings,
+        spikes: sent.spikes,
+        spikes_after_warmup: sent.spikes_after_warmup,
+        alerts,
+        spikes_alerted,
+        cpu_percent,
+        rss_max_kib,
+        ..Phase::default()
+    };
+    for (name, h) in [("alert", alert_hist), ("aggregate", agg_hist)] {
+        let h = h.lock().unwrap().clone();
+        phase.latency_ms.insert(name.into(), percentiles(&h));
+        phase.histograms.push((name.into(), h));
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    phase
+}
+
+/// The percentile distribution in HdrHistogram's `.hgrm` text format (ms).
+fn hgrm(h: &Histogram<u64>) -> String {
+    let mut out = format!(
+        "{:>12} {:>14} {:>10} {:>14}\n\n",
+        "Value", "Percentile", "TotalCount", "1/(1-Percentile)"
+    );
+    for v in h.iter_quantiles(5) {
+        let q = v.quantile_iterated_to();
+        let inverse = if q < 1.0 {
+            format!("{:.2}", 1.0 / (1.0 - q))
+        } else {
+            "inf".into()
+        };
+        out += &format!(
+            "{:>12.3} {:>14.12} {:>10} {:>14}\n",
+            h.highest_equivalent(v.value_iterated_to()) as f64 / 1000.0,
+            q,
+            v.count_since_last_iteration(),
+            inverse
+        );
+    }
+    out += &format!(
+        "#[Mean    = {:>12.3}, StdDeviation   = {:>12.3}]\n#[Max     = {:>12.3}, Total count    = {:>12}]\n",
+        h.mean() / 1000.0,
+        h.stdev() / 1000.0,
+        h.max() as f64 / 1000.0,
+        h.len()
+    );
+    out
+}
+
+/// A percentile-distribution plot (latency against percentile on the usual
+/// log scale of 1/(1−p)), as SVG.
+fn svg(title: &str, series: &[(&str, &Histogram<u64>)]) -> String {
+    let (w, h, left, bottom, top, right) = (760.0, 440.0, 70.0, 50.0, 40.0, 20.0);
+    let (pw, ph) = (w - left - right, h - top - bottom);
+    let max_x = 5.0; // 99.999 %
+    let max_ms = series
+        .iter()
+        .map(|(_, h)| h.value_at_quantile(0.99999) as f64 / 1000.0)
+        .fold(0.0f64, f64::max)
+        .max(0.001);
+    // A round top for the y axis.
+    let step = 10f64.powf((max_ms / 5.0).log10().ceil());
+    let y_top = (max_ms / step).ceil() * step;
+    let x = |q: f64| left + pw * (-(1.0 - q).max(1e-5).log10() / max_x).min(1.0);
+    let y = |ms: f64| top + ph * (1.0 - (ms / y_top).min(1.0));
+    let mut s = format!(
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">
+<rect width="100%" height="100%" fill="white"/>
+<text x="{}" y="22" text-anchor="middle" font-size="14">{title}</text>
+"#,
+        w / 2.0
+    );
+    for (i, label) in ["0%", "90%", "99%", "99.9%", "99.99%", "99.999%"]
+        .iter()
+        .enumerate()
+    {
+        let q = 1.0 - 10f64.powi(-(i as i32));
+        let px = x(if i == 0 { 0.0 } else { q });
+        s += &format!(
+            "<line x1=\"{px:.1}\" y1=\"{top}\" x2=\"{px:.1}\" y2=\"{}\" stroke=\"#ddd\"/>\n<text x=\"{px:.1}\" y=\"{}\" text-anchor=\"middle\">{label}</text>\n",
+            top + ph,
+            top + ph + 18.0
+        );
+    }
+    for i in 0..=5 {
+        let ms = y_top * f64::from(i) / 5.0;
+        let py = y(ms);
+        s += &format!(
+            "<line x1=\"{left}\" y1=\"{py:.1}\" x2=\"{}\" y2=\"{py:.1}\" stroke=\"#ddd\"/>\n<text x=\"{}\" y=\"{:.1}\" text-anchor=\"end\">{ms}</text>\n",
+            left + pw,
+            left - 6.0,
+            py + 4.0
+        );
+    }
+    s += &format!(
+        "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">percentile</text>\n<text x=\"16\" y=\"{}\" transform=\"rotate(-90 16 {})\" text-anchor=\"middle\">latency, ms</text>\n",
+        left + pw / 2.0,
+        h - 8.0,
+        top + ph / 2.0,
+        top + ph / 2.0
+    );
+    let colours = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"];
+    for (i, (name, hist)) in series.iter().enumerate() {
+        let colour = colours[i % colours.len()];
+        let points: Vec<String> = (0..=500)
+            .map(|k| {
+                let q = 1.0 - 10f64.powf(-max_x * f64::from(k) / 500.0);
+                let q = if k == 0 { 0.0 } else { q };
+                let v = hist.value_at_quantile(q) as f64 / 1000.0;
+                format!("{:.1},{:.1}", x(q), y(v))
+            })
+            .collect();
+        s += &format!(
+            "<polyline fill=\"none\" stroke=\"{colour}\" stroke-width=\"2\" points=\"{}\"/>\n<text x=\"{}\" y=\"{}\" fill=\"{colour}\">{name}</text>\n",
+            points.join(" "),
+            left + 10.0,
+            top + 16.0 + 16.0 * i as f64
+        );
+    }
+    s + "</svg>\n"
+}
+
+fn print_phase(label: &str, p: &Phase) {
+    println!(
+        "{label}: rate {} /s target, {:.0} /s achieved, {} sent, {} received/processed",
+        p.rate, p.achieved_rate, p.sent, p.received
+    );
+    if label == "agent" {
+        println!(
+            "  shed {}, late {}, aggregates {} holding {} readings, spikes {} ({} after warm-up), alerts {} ({} matched to a spike), CPU {:.1} %, RSS max {:.1} MiB",
+            p.shed,
+            p.late,
+            p.aggregates,
+            p.aggregate_readings,
+            p.spikes,
+            p.spikes_after_warmup,
+            p.alerts,
+            p.spikes_alerted,
+            p.cpu_percent,
+            p.rss_max_kib as f64 / 1024.0
+        );
+    }
+    let mut names: Vec<_> = p.latency_ms.keys().collect();
+    names.sort();
+    for name in names {
+        let l = p.latency_ms[name];
+        println!(
+            "  {name:<10} latency ms: p50 {:>8.3}  p90 {:>8.3}  p99 {:>8.3}  p99.9 {:>8.3}  max {:>8.3}  (n={})",
+            l.p50, l.p90, l.p99, l.p999, l.max, l.count
+        );
+    }
+}
+
+/// Whether the agent kept up: no shedding, every reading the broker got
+/// processed, aggregates not later than a window.
+fn kept_up(p: &Phase) -> bool {
+    p.shed == 0
+        && p.received as f64 >= 0.999 * p.sent as f64
+        && p.achieved_rate >= 0.97 * p.rate as f64
+        && p.latency_ms
+            .get("aggregate")
+            .is_some_and(|l| l.p99 < 1000.0)
+}
+
+fn main() {
+    let args = Args::parse();
+    let agent_bin = args.agent.clone().unwrap_or_else(|| {
+        let me = std::env::current_exe().expect("current exe");
+        me.with_file_name("sluice")
+    });
+    assert!(
+        agent_bin.exists(),
+        "{} not found: build it first (cargo build --release -p sluice --bin sluice) or pass --agent",
+        agent_bin.display()
+    );
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    // Nagle off on the broker's side too (Mosquitto leaves it on by
+    // default): otherwise a quiet subscriber's delayed ACKs hold back small
+    // messages by up to 40 ms, and that would be measured, not Sluice.
+    let broker = Broker::start_configured("bench", "set_tcp_nodelay true\n");
+    std::fs::create_dir_all(&args.out).expect("out dir");
+    let workload = |rate: u64| Workload {
+        rate,
+        sensors: args.sensors,
+        connections: args.connections,
+        spike_every: args.spike_every,
+        duration: Duration::from_secs(args.seconds),
+        epoch_start_us: 0,
+        start: Instant::now(),
+    };
+    println!(
+        "W1: {} sensors, {} s per phase, {} connections, spike every {} readings per sensor, agent {} worker(s)",
+        args.sensors, args.seconds, args.connections, args.spike_every, args.workers
+    );
+    if args.find_max {
+        let mut rate = args.rate;
+        let mut best = None;
+        loop {
+            let p = runtime.block_on(through_agent(
+                workload(rate),
+                broker.port,
+                &args,
+                &agent_bin,
+            ));
+            print_phase("agent", &p);
+            if !kept_up(&p) {
+                break;
+            }
+            best = Some(rate);
+            rate = rate * 5 / 4;
+        }
+        let mut rate = args.rate;
+        let mut broker_best = None;
+        loop {
+            let p = runtime.block_on(broker_only(workload(rate), broker.port));
+            print_phase("broker", &p);
+            if (p.received as f64) < 0.999 * p.sent as f64 || p.achieved_rate < 0.97 * rate as f64 {
+                break;
+            }
+            broker_best = Some(rate);
+            rate = rate * 5 / 4;
+        }
+        println!(
+            "highest sustained rate: agent {}, broker only {} readings/s",
+            best.map_or("none".into(), |r| r.to_string()),
+            broker_best.map_or("none".into(), |r| r.to_string())
+        );
+        return;
+    }
+    let baseline = (!args.no_baseline)
+        .then(|| runtime.block_on(broker_only(workload(args.rate), broker.port)));
+    if let Some(b) = &baseline {
+        print_phase("broker", b);
+    }
+    let agent = runtime.block_on(through_agent(
+        workload(args.rate),
+        broker.port,
+        &args,
+        &agent_bin,
+    ));
+    print_phase("agent", &agent);
+    if let (Some(b), Some(a)) = (
+        baseline.as_ref().and_then(|b| b.latency_ms.get("broker")),
+        agent.latency_ms.get("alert"),
+    ) {
+        println!(
+            "  added by the agent (alert − broker only): p50 {:.3} ms, p99 {:.3} ms, p99.9 {:.3} ms",
+            a.p50 - b.p50,
+            a.p99 - b.p99,
+            a.p999 - b.p999
+        );
+    }
+    // Results.
+    let stem = format!("w1-{}s-{}", args.sensors, args.rate);
+    let mut all: Vec<(&str, &Histogram<u64>)> = Vec::new();
+    if let Some(b) = &baseline {
+        for (name, h) in &b.histograms {
+            all.push((name.as_str(), h));
+        }
+    }
+    for (name, h) in &agent.histograms {
+        all.push((name.as_str(), h));
+    }
+    for (name, h) in &all {
+        std::fs::write(args.out.join(format!("{stem}-{name}.hgrm")), hgrm(h)).expect("hgrm");
+    }
+    let plotted: Vec<(&str, &Histogram<u64>)> = all
+        .iter()
+        .copied()
+        .filter(|(n, _)| *n != "aggregate")
+        .map(|(n, h)| {
+            (
+                if n == "broker" {
+                    "broker only: reading"
+                } else {
+                    "agent: spike → alert"
+                },
+                h,
+            )
+        })
+        .collect();
+    std::fs::write(
+        args.out.join(format!("{stem}.svg")),
+        svg(
+            &format!(
+                "W1, {} sensors, {} readings/s: publish → arrival",
+                args.sensors, args.rate
+            ),
+            &plotted,
+        ),
+    )
+    .expect("svg");
+    let summary = serde_json::json!({ "broker_only": baseline, "agent": agent });
+    std::fs::write(
+        args.out.join(format!("{stem}.json")),
+        serde_json::to_string_pretty(&summary).expect("json"),
+    )
+    .expect("json");
+    println!(
+        "results: {}/{stem}.{{svg,json}} and .hgrm files",
+        args.out.display()
+    );
+    if args.check {
+        let mut problems = Vec::new();
+        if agent.shed != 0 {
+            problems.push(format!("{} readings shed", agent.shed));
+        }
+        if agent.aggregate_readings != agent.received {
+            problems.push(format!(
+                "aggregates hold {} readings, the agent processed {}",
+                agent.aggregate_readings, agent.received
+            ));
+        }
+        if agent.received != agent.sent {
+            problems.push(format!(
+                "sent {}, the agent processed {}",
+                agent.sent, agent.received
+            ));
+        }
+        if agent.spikes_alerted < agent.spikes_after_warmup {
+            problems.push(format!(
+                "{} spikes after warm-up, {} alerts matched to one",
+                agent.spikes_after_warmup, agent.spikes_alerted
+            ));
+        }
+        if let Some(b) = &baseline
+            && b.received != b.sent
+        {
+            problems.push(format!(
+                "broker only: sent {}, received {}",
+                b.sent, b.received
+            ));
+        }
+        if !problems.is_empty() {
+            eprintln!("check failed: {}", problems.join("; "));
+            std::process::exit(1);
+        }
+        println!("check: counts are right");
+    }
+}
