@@ -72,6 +72,12 @@ struct Args {
     /// Skip the broker-only phase.
     #[arg(long)]
     no_baseline: bool,
+    /// W3: the agent stores aggregates in its SQLite outbox and forwards them
+    /// to a second (upstream) broker, which is stopped this many seconds,
+    /// from 5 s into the load; reports the outbox's peak, the drain time,
+    /// and seqs missing or duplicated upstream. Needs --seconds ≥ this + 10.
+    #[arg(long)]
+    outage_seconds: Option<u64>,
     /// Exit non-zero unless the counts are right: every reading the agent
     /// processed is in an aggregate, none shed, and every spike after the
     /// warm-up raised an alert (for CI; never asserts on timings).
@@ -97,9 +103,31 @@ struct Phase {
     spikes_alerted: u64,
     cpu_percent: f64,
     rss_max_kib: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    outage: Option<Outage>,
     latency_ms: HashMap<String, Percentiles>,
     #[serde(skip)]
     histograms: Vec<(String, Histogram<u64>)>,
+}
+
+/// What W3 measured.
+#[derive(Debug, Default, Clone, Copy, serde::Serialize)]
+struct Outage {
+    seconds: u64,
+    /// Records in the outbox at most (sampled every 250 ms).
+    backlog_peak: u64,
+    /// Records committed when the upstream broker came back.
+    backlog_at_restart: u64,
+    /// From the restart until every record committed before it had arrived
+    /// upstream.
+    drain_seconds: f64,
+    /// Records committed in all.
+    committed: u64,
+    /// Distinct seqs upstream, seqs committed but never arrived, and
+    /// arrivals beyond one per seq.
+    upstream_distinct: u64,
+    missing: u64,
+    duplicates: u64,
 }
 
 #[derive(Debug, Default, Clone, Copy, serde::Serialize)]
@@ -431,15 +459,27 @@ async fn through_agent(w: Workload, port: u16, args: &Args, agent_bin: &Path) ->
     let dir = std::env::temp_dir().join(format!("sluice-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
     let config = dir.join("agent.toml");
-    std::fs::write(
-        &config,
-        AGENT_CONFIG
-            .replace("{workers}", &args.workers.to_string())
-            .replace("{port}", &port.to_string())
-            .replace("{metrics}", &metrics_port.to_string())
-            .replace("{pid}", &std::process::id().to_string()),
-    )
-    .expect("config");
+    let mut text = AGENT_CONFIG
+        .replace("{workers}", &args.workers.to_string())
+        .replace("{port}", &port.to_string())
+        .replace("{metrics}", &metrics_port.to_string())
+        .replace("{pid}", &std::process::id().to_string());
+    // W3: an upstream broker, an outbox, and a persistent-session
+    // subscriber upstream that sees every seq the uplink got acknowledged.
+    let upstream = args
+        .outage_seconds
+        .map(|_| Broker::start_persistent("bench-upstream"));
+    let seqs = Arc::new(Mutex::new(Vec::<i64>::new()));
+    if let Some(up) = &upstream {
+        text += &format!(
+            "[outbox]\npath = \"{}\"\n[uplink]\nhost = \"127.0.0.1\"\nport = {}\nreconnect_max_ms = 1000\n",
+            dir.join("outbox.db").display(),
+            up.port
+        );
+        let _ = std::fs::remove_file(dir.join("outbox.db"));
+        upstream_subscriber(up.port, seqs.clone()).await;
+    }
+    std::fs::write(&config, text).expect("config");
     let mut agent = std::process::Command::new(agent_bin)
         .args(["run", "--config"])
         .arg(&config)
@@ -543,6 +583,53 @@ async fn through_agent(w: Workload, port: u16, args: &Args, agent_bin: &Path) ->
         epoch_start_us: epoch_us(),
         ..w
     };
+    // W3: stop the upstream broker 5 s in, for outage_seconds; watch the
+    // outbox meanwhile.
+    let outage_task = upstream.map(|mut up| {
+        let (outage, seqs) = (
+            Duration::from_secs(args.outage_seconds.unwrap_or(0)),
+            seqs.clone(),
+        );
+        tokio::spawn(async move {
+            let peak = Arc::new(AtomicU64::new(0));
+            let watching = Arc::new(AtomicBool::new(true));
+            let watch = {
+                let (peak, watching) = (peak.clone(), watching.clone());
+                tokio::spawn(async move {
+                    while watching.load(Relaxed) {
+                        peak.fetch_max(metric(metrics_port, "sluice_outbox_backlog"), Relaxed);
+                        tokio::time::sleep(Duration::from_millis(250)).await;
+                    }
+                })
+            };
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            up = tokio::task::spawn_blocking(move || {
+                up.stop();
+                up
+            })
+            .await
+            .expect("stop upstream");
+            tokio::time::sleep(outage).await;
+            let at_restart = metric(metrics_port, "sluice_outbox_appended_total");
+            up = tokio::task::spawn_blocking(move || {
+                up.restart();
+                up
+            })
+            .await
+            .expect("restart upstream");
+            let restarted = Instant::now();
+            let drained = |upto: u64| {
+                let got: std::collections::BTreeSet<i64> =
+                    seqs.lock().unwrap().iter().copied().collect();
+                got.range(1..=upto as i64).count() as u64 >= upto
+            };
+            while !drained(at_restart) && restarted.elapsed() < Duration::from_secs(600) {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            let drain_seconds = restarted.elapsed().as_secs_f64();
+            (up, peak, watching, watch, at_restart, drain_seconds)
+        })
+    });
     let sent = publish_all(&w, port, "sensors", &spikes).await;
     let elapsed = w.start.elapsed();
     sampling.store(false, Relaxed);
@@ -564,6 +651,37 @@ async fn through_agent(w: Workload, port: u16, args: &Args, agent_bin: &Path) ->
     let processed = last.0;
     let shed = metric(metrics_port, "sluice_readings_shed_total");
     let late = metric(metrics_port, "sluice_readings_late_total");
+    let mut outage = None;
+    if let Some(task) = outage_task {
+        let (up, peak, watching, watch, at_restart, drain_seconds) =
+            task.await.expect("outage task");
+        // Everything committed arrives upstream: wait for the backlog to empty.
+        let start = Instant::now();
+        while metric(metrics_port, "sluice_outbox_backlog") > 0
+            && start.elapsed() < Duration::from_secs(120)
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        watching.store(false, Relaxed);
+        let _ = watch.await;
+        let committed = metric(metrics_port, "sluice_outbox_appended_total");
+        let got = seqs.lock().unwrap().clone();
+        let distinct: std::collections::BTreeSet<i64> = got.iter().copied().collect();
+        outage = Some(Outage {
+            seconds: args.outage_seconds.unwrap_or(0),
+            backlog_peak: peak.load(Relaxed),
+            backlog_at_restart: at_restart,
+            drain_seconds,
+            committed,
+            upstream_distinct: distinct.len() as u64,
+            missing: (1..=committed as i64)
+                .filter(|s| !distinct.contains(s))
+                .count() as u64,
+            duplicates: (got.len() - distinct.len()) as u64,
+        });
+        drop(up);
+    }
     terminate(&mut agent);
     tokio::time::sleep(Duration::from_millis(500)).await;
     stop.store(true, Relaxed);
@@ -584,6 +702,7 @@ async fn through_agent(w: Workload, port: u16, args: &Args, agent_bin: &Path) ->
         spikes_alerted,
         cpu_percent,
         rss_max_kib,
+        outage,
         ..Phase::default()
     };
     for (name, h) in [("alert", alert_hist), ("aggregate", agg_hist)] {
@@ -593,6 +712,42 @@ async fn through_agent(w: Workload, port: u16, args: &Args, agent_bin: &Path) ->
     }
     let _ = std::fs::remove_dir_all(&dir);
     phase
+}
+
+/// A persistent-session subscriber to the upstream broker's aggregates: it
+/// collects every `seq`, including those queued for it while it was away.
+async fn upstream_subscriber(port: u16, seqs: Arc<Mutex<Vec<i64>>>) {
+    let mut options = MqttOptions::new(
+        format!("bench-upstream-{}", std::process::id()),
+        "127.0.0.1",
+        port,
+    );
+    options.set_clean_session(false);
+    options.set_max_packet_size(1 << 20, 1 << 20);
+    let (client, mut events) = AsyncClient::new(options, 1024);
+    client
+        .subscribe("sluice/bench/agg/#", QoS::AtLeastOnce)
+        .await
+        .expect("subscribe upstream");
+    loop {
+        if let Ok(Event::Incoming(Packet::SubAck(_))) = events.poll().await {
+            break;
+        }
+    }
+    tokio::spawn(async move {
+        let _client = client;
+        loop {
+            match events.poll().await {
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    if let Some(seq) = field_i64(&p.payload, "seq") {
+                        seqs.lock().unwrap().push(seq);
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    });
 }
 
 /// The percentile distribution in HdrHistogram's `.hgrm` text format (ms).
@@ -704,6 +859,19 @@ fn print_phase(label: &str, p: &Phase) {
         "{label}: rate {} /s target, {:.0} /s achieved, {} sent, {} received/processed",
         p.rate, p.achieved_rate, p.sent, p.received
     );
+    if let Some(o) = &p.outage {
+        println!(
+            "  W3 outage {} s: outbox peak {} records, {} committed at restart, drained in {:.2} s; {} committed, {} distinct upstream, {} missing, {} duplicates",
+            o.seconds,
+            o.backlog_peak,
+            o.backlog_at_restart,
+            o.drain_seconds,
+            o.committed,
+            o.upstream_distinct,
+            o.missing,
+            o.duplicates
+        );
+    }
     if label == "agent" {
         println!(
             "  shed {}, late {}, aggregates {} holding {} readings, spikes {} ({} after warm-up), alerts {} ({} matched to a spike), CPU {:.1} %, RSS max {:.1} MiB",
