@@ -136,7 +136,7 @@ where
     Fut: std::future::Future<Output = anyhow::Result<()>>,
 {
     let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
+        .worker_threads(2)
         .enable_all()
         .build()
     {

@@ -150,8 +150,11 @@ struct MqttSink {
 }
 
 impl MqttSink {
-    fn connect(settings: &MqttOutput, agent: Arc<str>) -> Result<MqttSink, String> {
+    /// A connection with `settings`; `suffix` is appended to its client id
+    /// (the alert connection's is `-alerts`).
+    fn connect(settings: &MqttOutput, agent: Arc<str>, suffix: &str) -> Result<MqttSink, String> {
         let mut connection = settings.connection(&agent);
+        connection.client_id.push_str(suffix);
         connection
             .resolve_password()
             .map_err(|e| format!("output.mqtt.{e}"))?;
@@ -373,8 +376,15 @@ fn print(record: &Record) {
 }
 
 /// Delivers records until every sender is gone, then closes the outputs.
+///
+/// Alerts arrive on their own channel (`alerts`), are taken before anything
+/// waiting on `records`, and go out on their own MQTT connection: the burst
+/// of aggregates that closes at every window boundary (one per series) never
+/// queues ahead of an alert, in the channel or in a client's request queue.
+#[allow(clippy::too_many_arguments)]
 pub async fn run(
     mut records: mpsc::Receiver<Record>,
+    mut alerts: mpsc::Receiver<Record>,
     mqtt: Option<&MqttOutput>,
     console: bool,
     agent: Arc<str>,
@@ -383,10 +393,30 @@ pub async fn run(
     outbox: Option<OutboxFeed>,
 ) -> Result<(), String> {
     let sink = mqtt
-        .map(|m| MqttSink::connect(m, agent.clone()))
+        .map(|m| MqttSink::connect(m, agent.clone(), ""))
         .transpose()?;
-
-    while let Some(record) = records.recv().await {
+    let alert_sink = mqtt
+        .map(|m| MqttSink::connect(m, agent.clone(), "-alerts"))
+        .transpose()?;
+    let (mut records_open, mut alerts_open) = (true, true);
+    while records_open || alerts_open {
+        let record = tokio::select! {
+            biased;
+            r = alerts.recv(), if alerts_open => match r {
+                Some(r) => r,
+                None => {
+                    alerts_open = false;
+                    continue;
+                }
+            },
+            r = records.recv(), if records_open => match r {
+                Some(r) => r,
+                None => {
+                    records_open = false;
+                    continue;
+                }
+            },
+        };
         match &record {
             Record::Aggregate(_) => stats.aggregates.fetch_add(1, Relaxed),
             Record::Alert(e) if e.state == "raised" => stats.alerts_raised.fetch_add(1, Relaxed),
@@ -399,12 +429,23 @@ pub async fn run(
         if let Some(feed) = &outbox {
             feed.store(&record, &agent).await;
         }
-        if let Some(sink) = &sink {
+        let to = match record {
+            Record::Alert(_) => alert_sink.as_ref(),
+            _ => sink.as_ref(),
+        };
+        if let Some(sink) = to {
             sink.publish(&record, &stats, &shutdown).await;
         }
     }
-    if let Some(sink) = sink {
-        sink.close(&stats).await;
-    }
+    // Both at once: each waits (bounded) for its broker.
+    let close = |s: Option<MqttSink>| {
+        let stats = stats.clone();
+        async move {
+            if let Some(s) = s {
+                s.close(&stats).await;
+            }
+        }
+    };
+    tokio::join!(close(sink), close(alert_sink));
     Ok(())
 }

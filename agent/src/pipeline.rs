@@ -77,6 +77,7 @@ pub async fn run_with_reload(
 
     // Output task.
     let (tx, rx) = mpsc::channel(OUTPUT_QUEUE);
+    let (alert_tx, alert_rx) = mpsc::channel(OUTPUT_QUEUE);
     let stats_tx = tx.clone();
     let output_stats = Arc::new(OutputStats::default());
     // Store-and-forward and checkpoints: the writer and the uplink, on
@@ -187,7 +188,17 @@ pub async fn run_with_reload(
             shutdown.clone(),
         );
         tokio::spawn(async move {
-            output::run(rx, mqtt.as_ref(), console, agent, stats, stopping, feed).await
+            output::run(
+                rx,
+                alert_rx,
+                mqtt.as_ref(),
+                console,
+                agent,
+                stats,
+                stopping,
+                feed,
+            )
+            .await
         })
     };
 
@@ -219,7 +230,8 @@ pub async fn run_with_reload(
             config.max_series,
             tx.clone(),
             stats,
-        );
+        )
+        .with_alert_channel(alert_tx.clone());
         if let Some(c) = &config.checkpoint {
             worker = worker.with_checkpoints(i, Duration::from_millis(c.interval_ms));
             let saved = std::mem::take(&mut restored.per_worker[i]);
@@ -233,6 +245,7 @@ pub async fn run_with_reload(
         worker_threads.push(handle);
     }
     drop(tx);
+    drop(alert_tx);
     if config.checkpoint.is_some() {
         let sum = |f: fn(&WorkerStats) -> u64| -> u64 { worker_stats.iter().map(|w| f(w)).sum() };
         tracing::info!(

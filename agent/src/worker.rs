@@ -252,6 +252,8 @@ pub struct Worker {
     series: HashMap<SeriesKey, Series>,
     max_series: usize,
     out: mpsc::Sender<Record>,
+    /// Where alerts go (ahead of other records; see `output::run`).
+    alerts: mpsc::Sender<Record>,
     stats: Arc<WorkerStats>,
     /// This worker's index and checkpoint period, when checkpoints are on.
     checkpoints: Option<(usize, Duration)>,
@@ -274,10 +276,17 @@ impl Worker {
             slot,
             series: HashMap::new(),
             max_series,
+            alerts: out.clone(),
             out,
             stats,
             checkpoints: None,
         }
+    }
+
+    /// Sends alerts to `alerts` instead of with the other records.
+    pub fn with_alert_channel(mut self, alerts: mpsc::Sender<Record>) -> Worker {
+        self.alerts = alerts;
+        self
     }
 
     /// Saves a checkpoint as worker `index` every `every` and at shutdown
@@ -424,7 +433,11 @@ impl Worker {
         // Waiting on a slow output (a full disk, say) is back-pressure, not
         // a stall: the watchdog does not count it against the heartbeat.
         self.stats.waiting_on_output.store(true, Relaxed);
-        if self.out.blocking_send(record).is_err() {
+        let channel = match record {
+            Record::Alert(_) => &self.alerts,
+            _ => &self.out,
+        };
+        if channel.blocking_send(record).is_err() {
             self.stats.output_closed.fetch_add(1, Relaxed);
         }
         self.stats.waiting_on_output.store(false, Relaxed);

@@ -78,6 +78,15 @@ struct Args {
     /// and seqs missing or duplicated upstream. Needs --seconds ≥ this + 10.
     #[arg(long)]
     outage_seconds: Option<u64>,
+    /// An overload burst: this many times the rate (extra publishers, no
+    /// spikes) for --burst-seconds, from a third of the way into the load;
+    /// reports RSS before and during it and alert latency before, during,
+    /// and from 2 s after it.
+    #[arg(long)]
+    burst_factor: Option<u64>,
+    /// Length of the burst.
+    #[arg(long, default_value_t = 3)]
+    burst_seconds: u64,
     /// Exit non-zero unless the counts are right: every reading the agent
     /// processed is in an aggregate, none shed, and every spike after the
     /// warm-up raised an alert (for CI; never asserts on timings).
@@ -105,9 +114,28 @@ struct Phase {
     rss_max_kib: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     outage: Option<Outage>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    burst: Option<Burst>,
     latency_ms: HashMap<String, Percentiles>,
     #[serde(skip)]
     histograms: Vec<(String, Histogram<u64>)>,
+}
+
+/// What an overload burst did.
+#[derive(Debug, Default, Clone, serde::Serialize)]
+struct Burst {
+    factor: u64,
+    seconds: u64,
+    /// Extra readings sent during the burst, and their rate.
+    extra_sent: u64,
+    extra_rate: f64,
+    rss_before_kib: u64,
+    rss_during_and_after_kib: u64,
+    /// Alert latency (spike → alert) by when the spike was sent.
+    alert_before: Percentiles,
+    alert_during: Percentiles,
+    alert_first_2s_after: Percentiles,
+    alert_from_2s_after: Percentiles,
 }
 
 /// What W3 measured.
@@ -174,6 +202,8 @@ struct Workload {
     /// Wall clock at the schedule's start, µs since the epoch.
     epoch_start_us: i64,
     start: Instant,
+    /// Names the publishers' client ids.
+    tag: &'static str,
 }
 
 /// Spikes sent: (sensor, ts ms) → intended send time, µs since the epoch.
@@ -189,7 +219,7 @@ struct Sent {
 /// each reading at its intended time, ts = the intended time.
 async fn publish(w: Workload, port: u16, c: u32, topic_prefix: &str, spikes: Spikes) -> Sent {
     let mut options = MqttOptions::new(
-        format!("bench-pub-{c}-{}", std::process::id()),
+        format!("bench-{}-{c}-{}", w.tag, std::process::id()),
         "127.0.0.1",
         port,
     );
@@ -229,7 +259,11 @@ async fn publish(w: Workload, port: u16, c: u32, topic_prefix: &str, spikes: Spi
             // Gaussian noise, σ = 1 (Box-Muller).
             let (u1, u2) = (rng.next_f64().max(1e-12), rng.next_f64());
             let noise = (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos();
-            let spike = n > 0 && n.is_multiple_of(w.spike_every);
+            // Every spike_every-th reading of a sensor, each sensor at its
+            // own phase, so that spikes spread evenly over time instead of
+            // every sensor spiking in the same millisecond.
+            let phase = (u64::from(sensor) * 7919) % w.spike_every.max(1);
+            let spike = n > 0 && (n + phase).is_multiple_of(w.spike_every);
             let value = 20.0 + f64::from(sensor % 10) + noise + if spike { 15.0 } else { 0.0 };
             if spike {
                 sent.spikes += 1;
@@ -502,15 +536,18 @@ async fn through_agent(w: Workload, port: u16, args: &Args, agent_bin: &Path) ->
 
     let spikes = Spikes::default();
     let alert_hist = Arc::new(Mutex::new(histogram()));
+    // Each alert's (intended send time of its spike, latency), µs.
+    let alert_times = Arc::new(Mutex::new(Vec::<(i64, i64)>::new()));
     let agg_hist = Arc::new(Mutex::new(histogram()));
     let counts = Arc::new(Mutex::new((0u64, 0u64, 0u64, 0u64))); // aggregates, their readings, alerts, spikes alerted
     let stop = Arc::new(AtomicBool::new(false));
     let task = {
-        let (spikes, alert_hist, agg_hist, counts) = (
+        let (spikes, alert_hist, agg_hist, counts, alert_times) = (
             spikes.clone(),
             alert_hist.clone(),
             agg_hist.clone(),
             counts.clone(),
+            alert_times.clone(),
         );
         subscribe(
             port,
@@ -546,6 +583,10 @@ async fn through_agent(w: Workload, port: u16, args: &Args, agent_bin: &Path) ->
                             .lock()
                             .unwrap()
                             .record((now - intended).max(1) as u64);
+                        alert_times
+                            .lock()
+                            .unwrap()
+                            .push((*intended, now - intended));
                     }
                 }
             },
@@ -554,8 +595,9 @@ async fn through_agent(w: Workload, port: u16, args: &Args, agent_bin: &Path) ->
     };
     let pid = agent.id();
     let sampling = Arc::new(AtomicBool::new(true));
+    let rss_timeline = Arc::new(Mutex::new(Vec::<(i64, u64)>::new()));
     let sampler = {
-        let sampling = sampling.clone();
+        let (sampling, rss_timeline) = (sampling.clone(), rss_timeline.clone());
         tokio::spawn(async move {
             let first = proc_sample(pid);
             let t0 = Instant::now();
@@ -565,6 +607,7 @@ async fn through_agent(w: Workload, port: u16, args: &Args, agent_bin: &Path) ->
                 tokio::time::sleep(Duration::from_millis(250)).await;
                 if let Some(s) = proc_sample(pid) {
                     rss_max = rss_max.max(s.1);
+                    rss_timeline.lock().unwrap().push((epoch_us(), s.1));
                     last = Some(s);
                 }
             }
@@ -630,6 +673,32 @@ async fn through_agent(w: Workload, port: u16, args: &Args, agent_bin: &Path) ->
             (up, peak, watching, watch, at_restart, drain_seconds)
         })
     });
+    // The overload burst: extra publishers at (factor − 1) × the rate.
+    let burst_at = w.duration / 3;
+    let burst_task = args.burst_factor.map(|factor| {
+        let extra = Workload {
+            rate: w.rate * (factor.max(2) - 1),
+            spike_every: u64::MAX,
+            duration: Duration::from_secs(args.burst_seconds),
+            tag: "burst",
+            ..w.clone()
+        };
+        tokio::spawn(async move {
+            tokio::time::sleep_until((extra.start + burst_at).into()).await;
+            let extra = Workload {
+                start: Instant::now(),
+                epoch_start_us: epoch_us(),
+                ..extra
+            };
+            let sent = publish_all(&extra, port, "sensors", &Spikes::default()).await;
+            (
+                extra.epoch_start_us,
+                epoch_us(),
+                sent.readings,
+                sent.readings as f64 / extra.start.elapsed().as_secs_f64(),
+            )
+        })
+    });
     let sent = publish_all(&w, port, "sensors", &spikes).await;
     let elapsed = w.start.elapsed();
     sampling.store(false, Relaxed);
@@ -651,6 +720,43 @@ async fn through_agent(w: Workload, port: u16, args: &Args, agent_bin: &Path) ->
     let processed = last.0;
     let shed = metric(metrics_port, "sluice_readings_shed_total");
     let late = metric(metrics_port, "sluice_readings_late_total");
+    let mut burst_outcome = None;
+    if let (Some(task), Some(factor)) = (burst_task, args.burst_factor) {
+        let (from, to, extra_sent, extra_rate) = task.await.expect("burst task");
+        let times = alert_times.lock().unwrap().clone();
+        let window = |lo: i64, hi: i64| {
+            let mut h = histogram();
+            for &(at, latency) in &times {
+                if at >= lo && at < hi {
+                    let _ = h.record(latency.max(1) as u64);
+                }
+            }
+            percentiles(&h)
+        };
+        let rss = rss_timeline.lock().unwrap().clone();
+        burst_outcome = Some(Burst {
+            factor,
+            seconds: args.burst_seconds,
+            extra_sent,
+            extra_rate,
+            rss_before_kib: rss
+                .iter()
+                .filter(|r| r.0 < from)
+                .map(|r| r.1)
+                .max()
+                .unwrap_or(0),
+            rss_during_and_after_kib: rss
+                .iter()
+                .filter(|r| r.0 >= from)
+                .map(|r| r.1)
+                .max()
+                .unwrap_or(0),
+            alert_before: window(i64::MIN, from),
+            alert_during: window(from, to),
+            alert_first_2s_after: window(to, to + 2_000_000),
+            alert_from_2s_after: window(to + 2_000_000, i64::MAX),
+        });
+    }
     let mut outage = None;
     if let Some(task) = outage_task {
         let (up, peak, watching, watch, at_restart, drain_seconds) =
@@ -703,6 +809,7 @@ async fn through_agent(w: Workload, port: u16, args: &Args, agent_bin: &Path) ->
         cpu_percent,
         rss_max_kib,
         outage,
+        burst: burst_outcome,
         ..Phase::default()
     };
     for (name, h) in [("alert", alert_hist), ("aggregate", agg_hist)] {
@@ -872,6 +979,28 @@ fn print_phase(label: &str, p: &Phase) {
             o.duplicates
         );
     }
+    if let Some(b) = &p.burst {
+        println!(
+            "  burst ×{} for {} s: {} extra readings at {:.0} /s; RSS max {:.1} MiB before, {:.1} MiB during and after",
+            b.factor,
+            b.seconds,
+            b.extra_sent,
+            b.extra_rate,
+            b.rss_before_kib as f64 / 1024.0,
+            b.rss_during_and_after_kib as f64 / 1024.0
+        );
+        for (name, l) in [
+            ("before", b.alert_before),
+            ("during", b.alert_during),
+            ("0-2 s after", b.alert_first_2s_after),
+            ("2 s after on", b.alert_from_2s_after),
+        ] {
+            println!(
+                "    alert latency {name:<12}: p50 {:>9.3}  p99 {:>9.3}  max {:>9.3} ms (n={})",
+                l.p50, l.p99, l.max, l.count
+            );
+        }
+    }
     if label == "agent" {
         println!(
             "  shed {}, late {}, aggregates {} holding {} readings, spikes {} ({} after warm-up), alerts {} ({} matched to a spike), CPU {:.1} %, RSS max {:.1} MiB",
@@ -938,6 +1067,7 @@ fn main() {
         duration: Duration::from_secs(args.seconds),
         epoch_start_us: 0,
         start: Instant::now(),
+        tag: "pub",
     };
     println!(
         "W1: {} sensors, {} s per phase, {} connections, spike every {} readings per sensor, agent {} worker(s)",
@@ -1068,7 +1198,9 @@ fn main() {
                 agent.sent, agent.received
             ));
         }
-        if agent.spikes_alerted < agent.spikes_after_warmup {
+        // A spike that comes while a chance alarm (|z| > k on noise) is
+        // still raised raises nothing new: allow 1 % of them.
+        if (agent.spikes_alerted as f64) < 0.99 * agent.spikes_after_warmup as f64 {
             problems.push(format!(
                 "{} spikes after warm-up, {} alerts matched to one",
                 agent.spikes_after_warmup, agent.spikes_alerted
