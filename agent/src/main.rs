@@ -65,6 +65,15 @@ fn main() -> ExitCode {
     // SAFETY: signal(2) with SIG_IGN, before any other thread exists; no
     // handler runs.
     unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) };
+    // glibc gives each thread that allocates its own malloc arena (up to 8
+    // per core), each holding on to freed memory; two keep the agent's RSS
+    // within its 20 MiB budget at 10,000 series (see benches/README.md).
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt(3) before any other thread exists; it only tunes the
+    // allocator.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
