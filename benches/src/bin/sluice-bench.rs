@@ -204,6 +204,10 @@ struct Workload {
     start: Instant,
     /// Names the publishers' client ids.
     tag: &'static str,
+    /// Event time from the actual send time instead of the schedule (for a
+    /// burst, which may fall behind its schedule: old event times would be
+    /// refused as late instead of loading the agent).
+    ts_now: bool,
 }
 
 /// Spikes sent: (sensor, ts ms) → intended send time, µs since the epoch.
@@ -224,7 +228,9 @@ async fn publish(w: Workload, port: u16, c: u32, topic_prefix: &str, spikes: Spi
         port,
     );
     options.set_max_packet_size(1 << 16, 1 << 16);
-    let (client, mut events) = AsyncClient::new(options, 10_000);
+    // A short request queue: a reading waits to be made rather than queued
+    // (its event time would age in the queue).
+    let (client, mut events) = AsyncClient::new(options, 64);
     events.set_network_options(sluice_collectors::mqtt::network_options());
     let driver = tokio::spawn(async move { while events.poll().await.is_ok() {} });
     let mine: Vec<u32> = (c..w.sensors).step_by(w.connections as usize).collect();
@@ -255,7 +261,11 @@ async fn publish(w: Workload, port: u16, c: u32, topic_prefix: &str, spikes: Spi
             let n = per_sensor[i];
             per_sensor[i] += 1;
             let intended_us = w.epoch_start_us + ((k as f64) * interval_ns / 1000.0) as i64;
-            let ts = intended_us / 1000;
+            let ts = if w.ts_now {
+                epoch_us() / 1000
+            } else {
+                intended_us / 1000
+            };
             // Gaussian noise, σ = 1 (Box-Muller).
             let (u1, u2) = (rng.next_f64().max(1e-12), rng.next_f64());
             let noise = (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos();
@@ -681,6 +691,7 @@ async fn through_agent(w: Workload, port: u16, args: &Args, agent_bin: &Path) ->
             spike_every: u64::MAX,
             duration: Duration::from_secs(args.burst_seconds),
             tag: "burst",
+            ts_now: true,
             ..w.clone()
         };
         tokio::spawn(async move {
@@ -1068,6 +1079,7 @@ fn main() {
         epoch_start_us: 0,
         start: Instant::now(),
         tag: "pub",
+        ts_now: false,
     };
     println!(
         "W1: {} sensors, {} s per phase, {} connections, spike every {} readings per sensor, agent {} worker(s)",
