@@ -310,7 +310,7 @@ impl Outbox {
         checkpoints: &[(usize, Vec<u8>)],
         now_ms: i64,
     ) -> Result<Committed, OutboxError> {
-        let tx = self.conn.transaction()?;
+        let tx = write_transaction(&mut self.conn)?;
         if !marks.is_empty() {
             let mut mark = tx.prepare_cached(
                 "INSERT INTO window_marks (series, end_ms) VALUES (?1, ?2)
@@ -415,7 +415,7 @@ impl Outbox {
         let mut sorted = seqs.to_vec();
         sorted.sort_unstable();
         sorted.dedup();
-        let tx = self.conn.transaction()?;
+        let tx = write_transaction(&mut self.conn)?;
         let (mut removed, mut removed_bytes) = (0i64, 0i64);
         {
             let mut measure = tx.prepare_cached(
@@ -655,6 +655,15 @@ pub fn merge_aggregates(a: &[u8], b: &[u8]) -> Option<Vec<u8>> {
     serde_json::to_vec(&Value::Object(out)).ok()
 }
 
+/// A transaction that takes the write lock at once (BEGIN IMMEDIATE),
+/// waiting for it under the busy timeout. A deferred one that reads
+/// first and writes second fails at once with "database is locked" if the
+/// other connection committed in between (SQLite cannot upgrade a stale
+/// read snapshot, and does not call the busy handler for it).
+fn write_transaction(conn: &mut Connection) -> Result<rusqlite::Transaction<'_>, rusqlite::Error> {
+    conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+}
+
 fn counter(conn: &Connection, name: &str) -> Result<i64, rusqlite::Error> {
     conn.query_row(
         "SELECT value FROM counters WHERE name = ?1",
@@ -722,7 +731,7 @@ impl Outbox {
         checkpoints: &[(usize, Vec<u8>)],
         now_ms: i64,
     ) -> Result<(), OutboxError> {
-        let tx = self.conn.transaction()?;
+        let tx = write_transaction(&mut self.conn)?;
         tx.execute("DELETE FROM checkpoints", [])?;
         {
             let mut save = tx.prepare_cached(

@@ -463,3 +463,51 @@ fn downsampling_keeps_every_reading_in_coarser_windows() {
         (5, 3, 0)
     );
 }
+
+/// The writer appends while the uplink's connection reads and acknowledges,
+/// as in the agent: neither may fail with "database is locked" (an ack that
+/// read before a commit and wrote after it did, before acks took the write
+/// lock up front).
+#[test]
+fn appends_and_acks_on_two_connections_never_fail_busy() {
+    let path = temp_db("busy");
+    let open = || {
+        Outbox::open(
+            &path,
+            Durability::Normal,
+            OnCorrupt::Refuse,
+            u64::MAX,
+            u64::MAX,
+        )
+        .unwrap()
+        .0
+    };
+    let (mut writer, mut reader) = (open(), open());
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let appender = {
+        let done = done.clone();
+        std::thread::spawn(move || {
+            let batch: Vec<(String, Vec<u8>)> = (0..64)
+                .map(|i| ("t".to_string(), format!("{{\"i\":{i}}}").into_bytes()))
+                .collect();
+            for _ in 0..1000 {
+                writer.append(&batch, 1).expect("append");
+            }
+            done.store(true, std::sync::atomic::Ordering::SeqCst);
+        })
+    };
+    let mut acked = 0;
+    loop {
+        let finished = done.load(std::sync::atomic::Ordering::SeqCst);
+        let records = reader.peek(0, 128).expect("peek");
+        if records.is_empty() && finished {
+            break;
+        }
+        let seqs: Vec<i64> = records.iter().map(|r| r.seq).collect();
+        reader.ack(&seqs).expect("ack");
+        acked += seqs.len();
+    }
+    appender.join().unwrap();
+    assert_eq!(acked, 1000 * 64);
+    assert_eq!(reader.status().unwrap().backlog, 0);
+}
