@@ -31,7 +31,7 @@ use crate::uplink::{self, UplinkStats};
 use crate::worker::{RulesSlot, Worker, WorkerStats};
 
 /// Records waiting for the output task, at most.
-const OUTPUT_QUEUE: usize = 4096;
+const OUTPUT_QUEUE: usize = 1024;
 /// How long shutdown may take before `run` gives up waiting.
 const SHUTDOWN_BOUND: Duration = Duration::from_secs(10);
 

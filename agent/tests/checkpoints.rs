@@ -28,21 +28,23 @@ fn now_ms() -> i64 {
         .as_millis() as i64
 }
 
-fn start_agent(config: &std::path::Path, log: &std::path::Path) -> Child {
-    sluice_tests::own_binary(env!("CARGO_BIN_EXE_sluice"))
-        .args(["run", "--config"])
-        .arg(config)
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(log)
-                .unwrap(),
-        )
-        .spawn()
-        .unwrap()
+fn start_agent(config: &std::path::Path, log: &std::path::Path) -> sluice_tests::ChildGuard {
+    sluice_tests::ChildGuard(
+        sluice_tests::own_binary(env!("CARGO_BIN_EXE_sluice"))
+            .args(["run", "--config"])
+            .arg(config)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(log)
+                    .unwrap(),
+            )
+            .spawn()
+            .unwrap(),
+    )
 }
 
 fn terminate(agent: &mut Child) {

@@ -3,7 +3,7 @@
 //! `kill -9` of the agent.
 
 use std::collections::BTreeSet;
-use std::process::{Child, Stdio};
+use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -20,14 +20,16 @@ fn now_ms() -> i64 {
         .as_millis() as i64
 }
 
-fn start_agent(config: &std::path::Path, log: &std::path::Path) -> Child {
-    sluice_tests::own_binary(env!("CARGO_BIN_EXE_sluice"))
-        .args(["run", "--config"])
-        .arg(config)
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(log).unwrap())
-        .spawn()
-        .unwrap()
+fn start_agent(config: &std::path::Path, log: &std::path::Path) -> sluice_tests::ChildGuard {
+    sluice_tests::ChildGuard(
+        sluice_tests::own_binary(env!("CARGO_BIN_EXE_sluice"))
+            .args(["run", "--config"])
+            .arg(config)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(log).unwrap())
+            .spawn()
+            .unwrap(),
+    )
 }
 
 /// A persistent-session subscriber upstream: the broker queues for it while
@@ -436,7 +438,7 @@ port = {up}
             Ok(())
         });
     }
-    let mut agent = command.spawn().unwrap();
+    let mut agent = sluice_tests::ChildGuard(command.spawn().unwrap());
     wait_until("the agent", &log, || {
         metric(metrics, "sluice_outbox_appended_total").is_some()
     })

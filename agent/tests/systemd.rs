@@ -22,16 +22,18 @@ fn ready_watchdog_pings_and_stopping_reach_the_notify_socket() {
         "agent_id = \"n\"\n[sources.u]\nkind = \"udp\"\nbind = \"127.0.0.1:0\"\n[[rules]]\nmatch = \"*\"\nwindow = { kind = \"count\", size = 1 }\n[output]\nconsole = true\n",
     )
     .unwrap();
-    let mut agent = sluice_tests::own_binary(env!("CARGO_BIN_EXE_sluice"))
-        .args(["run", "--config"])
-        .arg(&config)
-        .env("NOTIFY_SOCKET", &socket_path)
-        // A 400 ms watchdog: pings every 200 ms.
-        .env("WATCHDOG_USEC", "400000")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut agent = sluice_tests::ChildGuard(
+        sluice_tests::own_binary(env!("CARGO_BIN_EXE_sluice"))
+            .args(["run", "--config"])
+            .arg(&config)
+            .env("NOTIFY_SOCKET", &socket_path)
+            // A 400 ms watchdog: pings every 200 ms.
+            .env("WATCHDOG_USEC", "400000")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let mut messages = Vec::new();
     let start = Instant::now();
     let mut buf = [0u8; 512];

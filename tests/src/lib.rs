@@ -51,6 +51,11 @@ impl Broker {
         Self::start_full_with(name, None, false, extra)
     }
 
+    /// [`Broker::start_persistent`] with `extra` configuration lines.
+    pub fn start_persistent_configured(name: &str, extra: &str) -> Broker {
+        Self::start_full_with(name, None, true, extra)
+    }
+
     fn start_full(
         name: &str,
         tls: Option<(&std::path::Path, &std::path::Path, &std::path::Path)>,
@@ -278,5 +283,31 @@ pub fn own_binary(path: impl AsRef<std::ffi::OsStr>) -> std::process::Command {
             command
         }
         _ => std::process::Command::new(path),
+    }
+}
+
+/// A child process that is killed and reaped when dropped, so that a test
+/// that fails half-way leaves no agent running behind it.
+pub struct ChildGuard(pub std::process::Child);
+
+impl std::ops::Deref for ChildGuard {
+    type Target = std::process::Child;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for ChildGuard {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        if self.0.try_wait().ok().flatten().is_none() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
     }
 }

@@ -512,7 +512,15 @@ async fn through_agent(w: Workload, port: u16, args: &Args, agent_bin: &Path) ->
     // subscriber upstream that sees every seq the uplink got acknowledged.
     let upstream = args
         .outage_seconds
-        .map(|_| Broker::start_persistent("bench-upstream"));
+        .map(|_| {
+            // No queue limits: Mosquitto's defaults (1,000 queued messages
+            // per client) would drop what a drain sends faster than the
+            // subscriber takes it, and that would be counted as missing.
+            Broker::start_persistent_configured(
+                "bench-upstream",
+                "set_tcp_nodelay true\nmax_queued_messages 0\nmax_queued_bytes 0\nmax_inflight_messages 0\n",
+            )
+        });
     let seqs = Arc::new(Mutex::new(Vec::<i64>::new()));
     if let Some(up) = &upstream {
         text += &format!(
@@ -676,7 +684,7 @@ async fn through_agent(w: Workload, port: u16, args: &Args, agent_bin: &Path) ->
                     seqs.lock().unwrap().iter().copied().collect();
                 got.range(1..=upto as i64).count() as u64 >= upto
             };
-            while !drained(at_restart) && restarted.elapsed() < Duration::from_secs(600) {
+            while !drained(at_restart) && restarted.elapsed() < Duration::from_secs(120) {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
             let drain_seconds = restarted.elapsed().as_secs_f64();
@@ -902,7 +910,7 @@ fn hgrm(h: &Histogram<u64>) -> String {
 /// A percentile-distribution plot (latency against percentile on the usual
 /// log scale of 1/(1−p)), as SVG.
 fn svg(title: &str, series: &[(&str, &Histogram<u64>)]) -> String {
-    let (w, h, left, bottom, top, right) = (760.0, 440.0, 70.0, 50.0, 40.0, 20.0);
+    let (w, h, left, bottom, top, right) = (760.0, 440.0, 70.0, 50.0, 40.0, 40.0);
     let (pw, ph) = (w - left - right, h - top - bottom);
     let max_x = 5.0; // 99.999 %
     let max_ms = series
