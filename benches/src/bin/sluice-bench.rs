@@ -550,6 +550,15 @@ async fn through_agent(w: Workload, port: u16, args: &Args, agent_bin: &Path) ->
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // Connected to the broker (it subscribes on the CONNACK), then a moment
+    // for the SUBACK.
+    while metric(metrics_port, "sluice_source_connects_total") == 0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the agent did not connect to the broker"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     let spikes = Spikes::default();
