@@ -10,42 +10,17 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::UdpSocket;
-use std::process::{Child, Stdio};
+use std::process::Child;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde_json::Value;
-use sluice_tests::{Broker, free_port, metric};
+use sluice_tests::{Broker, WAIT, free_port, metric, now_ms, start_agent, wait_until};
 
-const WAIT: Duration = Duration::from_secs(30);
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64
-}
-
-fn start_agent(config: &std::path::Path, log: &std::path::Path) -> sluice_tests::ChildGuard {
-    sluice_tests::ChildGuard(
-        sluice_tests::own_binary(env!("CARGO_BIN_EXE_sluice"))
-            .args(["run", "--config"])
-            .arg(config)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(log)
-                    .unwrap(),
-            )
-            .spawn()
-            .unwrap(),
-    )
-}
+/// The agent binary under test.
+const SLUICE: &str = env!("CARGO_BIN_EXE_sluice");
 
 fn terminate(agent: &mut Child) {
     // SAFETY: kill(2) on our own child's pid.
@@ -84,18 +59,6 @@ async fn upstream(port: u16, agent: &str) -> Arc<Mutex<Vec<Value>>> {
     });
     tokio::time::sleep(Duration::from_millis(300)).await;
     got
-}
-
-async fn wait_until(what: &str, log: &std::path::Path, mut done: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !done() {
-        assert!(
-            start.elapsed() < WAIT,
-            "timed out waiting for {what}; agent log:\n{}",
-            std::fs::read_to_string(log).unwrap_or_default()
-        );
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
 }
 
 fn config(
@@ -166,7 +129,7 @@ anomaly = { alpha = 0.1, k = 4.0, warmup = 40 }
     // clock tick closes it during the test).
     let t0 = (now_ms() / 600_000 - 1) * 600_000;
 
-    let mut agent = start_agent(&config, &log);
+    let mut agent = start_agent(SLUICE, &config, &log);
     // Metrics are served once every source is up.
     wait_until("the agent", &log, || {
         metric(metrics, "sluice_readings_processed_total").is_some()
@@ -184,7 +147,7 @@ anomaly = { alpha = 0.1, k = 4.0, warmup = 40 }
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(got.lock().unwrap().is_empty(), "{:?}", got.lock().unwrap());
 
-    let mut agent = start_agent(&config, &log);
+    let mut agent = start_agent(SLUICE, &config, &log);
     wait_until("restored", &log, || {
         metric(metrics, "sluice_checkpoint_restored_series_total") == Some(1)
     })
@@ -263,7 +226,7 @@ anomaly = { alpha = 0.05, k = 3.0, warmup = 20 }
     };
     let mut kills = 0;
     while kills < 20 {
-        let mut agent = start_agent(&config, &log);
+        let mut agent = start_agent(SLUICE, &config, &log);
         let delay = 150 + next() % 600;
         tokio::time::sleep(Duration::from_millis(delay)).await;
         agent.kill().unwrap();
@@ -275,14 +238,14 @@ anomaly = { alpha = 0.05, k = 3.0, warmup = 20 }
 
     // The final run drains the backlog (once the restored windows, idle
     // now, have closed).
-    let mut agent = start_agent(&config, &log);
+    let mut agent = start_agent(SLUICE, &config, &log);
     tokio::time::sleep(Duration::from_millis(1500)).await;
     wait_until("the backlog to drain", &log, || {
         metric(metrics, "sluice_outbox_backlog") == Some(0)
     })
     .await;
     terminate(&mut agent);
-    let status = sluice_tests::own_binary(env!("CARGO_BIN_EXE_sluice"))
+    let status = sluice_tests::own_binary(SLUICE)
         .args(["outbox", "status", "--config"])
         .arg(&config)
         .output()

@@ -9,28 +9,10 @@ use std::time::{Duration, Instant};
 
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde_json::Value;
-use sluice_tests::{Broker, Publisher, metric};
+use sluice_tests::{Broker, Publisher, WAIT, metric, now_ms, start_agent, wait_until};
 
-const WAIT: Duration = Duration::from_secs(30);
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64
-}
-
-fn start_agent(config: &std::path::Path, log: &std::path::Path) -> sluice_tests::ChildGuard {
-    sluice_tests::ChildGuard(
-        sluice_tests::own_binary(env!("CARGO_BIN_EXE_sluice"))
-            .args(["run", "--config"])
-            .arg(config)
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(log).unwrap())
-            .spawn()
-            .unwrap(),
-    )
-}
+/// The agent binary under test.
+const SLUICE: &str = env!("CARGO_BIN_EXE_sluice");
 
 /// A persistent-session subscriber upstream: the broker queues for it while
 /// it is away, so it sees everything the agent's uplink got acknowledged.
@@ -62,18 +44,6 @@ async fn upstream_subscriber(port: u16) -> Arc<Mutex<Vec<i64>>> {
     // Until the subscription is acknowledged.
     tokio::time::sleep(Duration::from_millis(300)).await;
     seqs
-}
-
-async fn wait_until(what: &str, log: &std::path::Path, mut done: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !done() {
-        assert!(
-            start.elapsed() < WAIT,
-            "timed out waiting for {what}; agent log:\n{}",
-            std::fs::read_to_string(log).unwrap_or_default()
-        );
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -117,7 +87,7 @@ reconnect_max_ms = 500
     .unwrap();
     let log = dir.join("agent.log");
     let got = upstream_subscriber(upstream.port).await;
-    let mut agent = start_agent(&config, &log);
+    let mut agent = start_agent(SLUICE, &config, &log);
     let publisher = Publisher::connect(local.port, "sf-publisher");
     let mut sent = 0usize;
     let send = |n: usize, sent: &mut usize| {
@@ -171,7 +141,7 @@ reconnect_max_ms = 500
     for m in send(100, &mut sent) {
         publisher.publish("sensors/x", QoS::AtLeastOnce, m).await;
     }
-    let mut agent = start_agent(&config, &log);
+    let mut agent = start_agent(SLUICE, &config, &log);
     tokio::time::sleep(Duration::from_millis(500)).await;
     // Phase 4: the upstream broker returns; the backlog drains.
     upstream.restart();
@@ -208,7 +178,7 @@ reconnect_max_ms = 500
     agent.kill().unwrap();
     agent.wait().unwrap();
     // The operator's view of it.
-    let status = sluice_tests::own_binary(env!("CARGO_BIN_EXE_sluice"))
+    let status = sluice_tests::own_binary(SLUICE)
         .args(["outbox", "status", "--config"])
         .arg(&config)
         .output()
@@ -216,7 +186,7 @@ reconnect_max_ms = 500
     assert!(status.status.success());
     let text = String::from_utf8_lossy(&status.stdout);
     assert!(text.contains(&format!("next seq: {}", sent + 1)), "{text}");
-    let verify = sluice_tests::own_binary(env!("CARGO_BIN_EXE_sluice"))
+    let verify = sluice_tests::own_binary(SLUICE)
         .args(["outbox", "verify", "--config"])
         .arg(&config)
         .output()
@@ -310,7 +280,7 @@ async fn the_uplink_speaks_tls_and_refuses_a_broker_its_ca_did_not_sign() {
     let metrics = sluice_tests::free_port();
     let config = tls_config(&dir, local.port, tls_port, &ca, metrics, "good");
     let log = dir.join("good.log");
-    let mut agent = start_agent(&config, &log);
+    let mut agent = start_agent(SLUICE, &config, &log);
     let start = Instant::now();
     while got.lock().unwrap().is_empty() {
         assert!(
@@ -335,7 +305,7 @@ async fn the_uplink_speaks_tls_and_refuses_a_broker_its_ca_did_not_sign() {
     let metrics = sluice_tests::free_port();
     let config = tls_config(&dir, local.port, tls_port, &other_ca, metrics, "wrong");
     let log = dir.join("wrong.log");
-    let mut agent = start_agent(&config, &log);
+    let mut agent = start_agent(SLUICE, &config, &log);
     let start = Instant::now();
     while metric(metrics, "sluice_outbox_appended_total").unwrap_or(0) < 3 {
         assert!(
@@ -418,7 +388,7 @@ port = {up}
     }
     // The disk is "full" past 256 KiB per file: RLIMIT_FSIZE makes writes
     // beyond it fail (EFBIG), as a full disk makes them fail (ENOSPC).
-    let mut command = sluice_tests::own_binary(env!("CARGO_BIN_EXE_sluice"));
+    let mut command = sluice_tests::own_binary(SLUICE);
     command
         .args(["run", "--config"])
         .arg(&config)
@@ -598,7 +568,7 @@ port = {up}
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     let log = dir.join("live.log");
-    let mut agent = start_agent(&config, &log);
+    let mut agent = start_agent(SLUICE, &config, &log);
     wait_until("the drain to start", &log, || *old.lock().unwrap() > 0).await;
     let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     let line = format!(r#"{{"sensor":"fresh","ts":{},"value":1}}"#, now_ms());

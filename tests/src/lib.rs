@@ -311,3 +311,47 @@ impl Drop for ChildGuard {
         }
     }
 }
+
+/// How long the agent tests wait for anything before failing.
+pub const WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Wall-clock milliseconds since the Unix epoch (event times in readings).
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// Starts the agent binary `bin` (`env!("CARGO_BIN_EXE_sluice")`) on
+/// `config`, appending its log (info level) to `log`; killed when dropped.
+pub fn start_agent(bin: &str, config: &std::path::Path, log: &std::path::Path) -> ChildGuard {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .expect("agent log file");
+    ChildGuard(
+        own_binary(bin)
+            .args(["run", "--config"])
+            .arg(config)
+            .env("RUST_LOG", "info")
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start the agent"),
+    )
+}
+
+/// Polls `done` every 25 ms until it holds; after [`WAIT`], fails with the
+/// agent's log.
+pub async fn wait_until(what: &str, log: &std::path::Path, mut done: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !done() {
+        assert!(
+            start.elapsed() < WAIT,
+            "timed out waiting for {what}; agent log:\n{}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
