@@ -333,19 +333,23 @@ async fn the_uplink_speaks_tls_and_refuses_a_broker_its_ca_did_not_sign() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_full_disk_pauses_appends_and_they_resume_when_space_returns() {
-    use std::os::unix::process::CommandExt;
-    let upstream = Broker::start("full-upstream");
-    let dir = std::env::temp_dir().join(format!("sluice-full-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let (udp, metrics) = (sluice_tests::free_port(), sluice_tests::free_port());
-    let config = dir.join("full.toml");
+/// An agent `agent` reading UDP on `udp`, one aggregate per reading,
+/// committed to the outbox `db` and forwarded to the broker on `upstream`;
+/// metrics on `metrics`. Returns the config file's path.
+fn udp_outbox_config(
+    dir: &std::path::Path,
+    agent: &str,
+    udp: u16,
+    metrics: u16,
+    db: &std::path::Path,
+    upstream: u16,
+) -> std::path::PathBuf {
+    let config = dir.join(format!("{agent}.toml"));
     std::fs::write(
         &config,
         format!(
             r#"
-agent_id = "full"
+agent_id = "{agent}"
 [sources.u]
 kind = "udp"
 bind = "127.0.0.1:{udp}"
@@ -358,13 +362,30 @@ window = {{ kind = "count", size = 1 }}
 path = "{db}"
 [uplink]
 host = "127.0.0.1"
-port = {up}
+port = {upstream}
 "#,
-            db = dir.join("full.db").display(),
-            up = upstream.port,
+            db = db.display(),
         ),
     )
     .unwrap();
+    config
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_pauses_appends_and_they_resume_when_space_returns() {
+    use std::os::unix::process::CommandExt;
+    let upstream = Broker::start("full-upstream");
+    let dir = std::env::temp_dir().join(format!("sluice-full-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (udp, metrics) = (sluice_tests::free_port(), sluice_tests::free_port());
+    let config = udp_outbox_config(
+        &dir,
+        "full",
+        udp,
+        metrics,
+        &dir.join("full.db"),
+        upstream.port,
+    );
     let log = dir.join("full.log");
     let seqs = Arc::new(Mutex::new(BTreeSet::new()));
     {
@@ -516,31 +537,7 @@ async fn live_records_are_not_held_behind_a_draining_backlog() {
         }
     }
     let (udp, metrics) = (sluice_tests::free_port(), sluice_tests::free_port());
-    let config = dir.join("live.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"
-agent_id = "live"
-[sources.u]
-kind = "udp"
-bind = "127.0.0.1:{udp}"
-[metrics]
-listen = "127.0.0.1:{metrics}"
-[[rules]]
-match = "*"
-window = {{ kind = "count", size = 1 }}
-[outbox]
-path = "{db}"
-[uplink]
-host = "127.0.0.1"
-port = {up}
-"#,
-            db = db.display(),
-            up = upstream.port,
-        ),
-    )
-    .unwrap();
+    let config = udp_outbox_config(&dir, "live", udp, metrics, &db, upstream.port);
     // Upstream: how many old records had arrived when the live one did.
     let old = Arc::new(Mutex::new(0usize));
     let live_at = Arc::new(Mutex::new(None));
