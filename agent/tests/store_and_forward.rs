@@ -566,7 +566,12 @@ async fn live_records_are_not_held_behind_a_draining_backlog() {
     }
     let log = dir.join("live.log");
     let mut agent = start_agent(SLUICE, &config, &log);
-    wait_until("the drain to start", &log, || *old.lock().unwrap() > 0).await;
+    // The uplink may start draining before the UDP source is bound, so
+    // wait for both: metrics are served once every source is up.
+    wait_until("the drain to start and the sources", &log, || {
+        *old.lock().unwrap() > 0 && metric(metrics, "sluice_readings_processed_total").is_some()
+    })
+    .await;
     let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     let line = format!(r#"{{"sensor":"fresh","ts":{},"value":1}}"#, now_ms());
     socket.send_to(line.as_bytes(), ("127.0.0.1", udp)).unwrap();
