@@ -15,7 +15,9 @@
 //!   after the last checkpoint update *window marks* (per series, the end of
 //!   the newest window emitted) in their own transactions; at restore, a
 //!   window a mark shows was emitted after the checkpoint is dropped instead
-//!   of being emitted a second time. What a crash loses is what was only in
+//!   of being emitted a second time. A mark older than every worker's
+//!   checkpoint says nothing a checkpoint does not, and is pruned (see
+//!   `Outbox::commit`). What a crash loses is what was only in
 //!   memory: readings since the last checkpoint that no emitted window holds.
 //! * **State built by another configuration is not trusted.** Each series'
 //!   state carries fingerprints of its rule's window and detector settings;

@@ -259,11 +259,27 @@ impl Outbox {
                  worker INTEGER PRIMARY KEY,
                  saved_ms INTEGER NOT NULL,
                  checksum INTEGER NOT NULL,
-                 state BLOB NOT NULL);
+                 state BLOB NOT NULL,
+                 generation INTEGER NOT NULL DEFAULT 0);
              CREATE TABLE IF NOT EXISTS window_marks (
                  series TEXT PRIMARY KEY,
-                 end_ms INTEGER NOT NULL) WITHOUT ROWID;",
+                 end_ms INTEGER NOT NULL,
+                 generation INTEGER NOT NULL DEFAULT 0) WITHOUT ROWID;",
         )?;
+        // Files from before marks were pruned lack `generation`: rows from
+        // then count as generation 0, older than any checkpoint since.
+        for table in ["checkpoints", "window_marks"] {
+            let has: bool = conn.query_row(
+                "SELECT COUNT(*) > 0 FROM pragma_table_info(?1) WHERE name = 'generation'",
+                [table],
+                |r| r.get(0),
+            )?;
+            if !has {
+                conn.execute_batch(&format!(
+                    "ALTER TABLE {table} ADD COLUMN generation INTEGER NOT NULL DEFAULT 0"
+                ))?;
+            }
+        }
         // The running totals (kept in the same transactions as the records,
         // so that every connection to the file sees the same ones); counted
         // once if the file has none yet.
@@ -276,7 +292,7 @@ impl Outbox {
             [],
         )?;
         conn.execute(
-            "INSERT OR IGNORE INTO counters (name, value) VALUES ('dropped', 0), ('downsampled', 0)",
+            "INSERT OR IGNORE INTO counters (name, value) VALUES ('dropped', 0), ('downsampled', 0), ('generation', 0)",
             [],
         )?;
         Ok(conn)
@@ -303,6 +319,13 @@ impl Outbox {
     /// the newest window emitted (`marks`), and worker checkpoints
     /// (`(worker, state)`, each replacing that worker's last one). A
     /// checkpoint thus commits together with every record emitted before it.
+    ///
+    /// Marks are pruned here too: each mark and checkpoint carries the
+    /// generation (a counter of such commits) that wrote it, and a mark
+    /// older than every saved checkpoint is dropped, because each worker's
+    /// state has since been saved with that window already closed. So the
+    /// table holds the series emitted since the oldest checkpoint, not every
+    /// series ever seen.
     pub fn commit(
         &mut self,
         records: &[(String, Vec<u8>)],
@@ -311,21 +334,37 @@ impl Outbox {
         now_ms: i64,
     ) -> Result<Committed, OutboxError> {
         let tx = write_transaction(&mut self.conn)?;
-        if !marks.is_empty() {
-            let mut mark = tx.prepare_cached(
-                "INSERT INTO window_marks (series, end_ms) VALUES (?1, ?2)
-                 ON CONFLICT (series) DO UPDATE SET end_ms = MAX(end_ms, excluded.end_ms)",
-            )?;
-            for (series, end) in marks {
-                mark.execute(params![series, end])?;
+        if !marks.is_empty() || !checkpoints.is_empty() {
+            add_counter(&tx, "generation", 1)?;
+            let generation = counter(&tx, "generation")?;
+            if !marks.is_empty() {
+                let mut mark = tx.prepare_cached(
+                    "INSERT INTO window_marks (series, end_ms, generation) VALUES (?1, ?2, ?3)
+                     ON CONFLICT (series) DO UPDATE
+                     SET end_ms = MAX(end_ms, excluded.end_ms), generation = excluded.generation",
+                )?;
+                for (series, end) in marks {
+                    mark.execute(params![series, end, generation])?;
+                }
             }
-        }
-        if !checkpoints.is_empty() {
-            let mut save = tx.prepare_cached(
-                "INSERT OR REPLACE INTO checkpoints (worker, saved_ms, checksum, state) VALUES (?1, ?2, ?3, ?4)",
-            )?;
-            for (worker, state) in checkpoints {
-                save.execute(params![*worker as i64, now_ms, checksum(state), state])?;
+            if !checkpoints.is_empty() {
+                let mut save = tx.prepare_cached(
+                    "INSERT OR REPLACE INTO checkpoints (worker, saved_ms, checksum, state, generation)
+                     VALUES (?1, ?2, ?3, ?4, ?5)",
+                )?;
+                for (worker, state) in checkpoints {
+                    save.execute(params![
+                        *worker as i64,
+                        now_ms,
+                        checksum(state),
+                        state,
+                        generation
+                    ])?;
+                }
+                tx.execute(
+                    "DELETE FROM window_marks WHERE generation < (SELECT MIN(generation) FROM checkpoints)",
+                    [],
+                )?;
             }
         }
         let mut seqs = Vec::with_capacity(records.len());
@@ -693,7 +732,7 @@ pub struct SavedCheckpoint {
 
 impl Outbox {
     /// Every saved checkpoint, and the window marks (series → end of the
-    /// newest window emitted).
+    /// newest window emitted since the oldest checkpoint).
     pub fn checkpoints(
         &self,
     ) -> Result<(Vec<SavedCheckpoint>, std::collections::HashMap<String, i64>), OutboxError> {
@@ -726,6 +765,9 @@ impl Outbox {
 
     /// Replaces every checkpoint with `checkpoints`, in one transaction (at
     /// start, when the state was redistributed over a new number of workers).
+    /// They count as generation 0: the marks stay until every worker has
+    /// saved a checkpoint of its own, because these rows hold state from
+    /// before the marks were applied.
     pub fn replace_checkpoints(
         &mut self,
         checkpoints: &[(usize, Vec<u8>)],
@@ -743,6 +785,16 @@ impl Outbox {
         }
         tx.commit()?;
         Ok(())
+    }
+
+    /// Deletes every checkpoint and window mark (when checkpoints are off);
+    /// returns how many checkpoints there were.
+    pub fn discard_checkpoints(&mut self) -> Result<usize, OutboxError> {
+        let tx = write_transaction(&mut self.conn)?;
+        let n = tx.execute("DELETE FROM checkpoints", [])?;
+        tx.execute("DELETE FROM window_marks", [])?;
+        tx.commit()?;
+        Ok(n)
     }
 }
 

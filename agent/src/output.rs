@@ -296,6 +296,8 @@ pub struct OutboxFeed {
     pub items: mpsc::Sender<ToStore>,
     /// Whether records are stored (false: the store holds checkpoints only).
     pub records: bool,
+    /// Whether aggregates leave window marks (only checkpoints use them).
+    pub marks: bool,
     /// Upstream topic template for aggregates.
     pub aggregate_topic: String,
     /// Upstream topic template for alerts, if alerts are stored too.
@@ -320,7 +322,7 @@ impl OutboxFeed {
             Record::Aggregate(a) => (
                 topic(&self.aggregate_topic, agent, &a.series),
                 serde_json::to_vec(a),
-                Some((a.series.clone(), a.end)),
+                self.marks.then(|| (a.series.clone(), a.end)),
             ),
             Record::Alert(e) => match &self.alert_topic {
                 Some(t) => (topic(t, agent, &e.series), serde_json::to_vec(e), None),

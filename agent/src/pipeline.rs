@@ -110,7 +110,19 @@ pub async fn run_with_reload(
         if let Some(note) = note {
             tracing::error!("{note}");
         }
-        if config.checkpoint.is_some() {
+        if config.checkpoint.is_none() {
+            // State saved by an earlier run with checkpoints on would be
+            // stale by the time they are turned on again.
+            let discarded = writer_box
+                .discard_checkpoints()
+                .map_err(|e| anyhow::anyhow!("checkpoints in {}: {e}", path.display()))?;
+            if discarded > 0 {
+                tracing::info!(
+                    workers = discarded,
+                    "checkpoints are off: discarded the saved ones"
+                );
+            }
+        } else {
             let (saved, marks) = writer_box
                 .checkpoints()
                 .map_err(|e| anyhow::anyhow!("checkpoints in {}: {e}", path.display()))?;
@@ -173,6 +185,7 @@ pub async fn run_with_reload(
         outbox_feed = Some(OutboxFeed {
             items: feed_tx,
             records: config.outbox.is_some(),
+            marks: config.checkpoint.is_some(),
             aggregate_topic,
             alert_topic,
         });

@@ -511,3 +511,77 @@ fn appends_and_acks_on_two_connections_never_fail_busy() {
     assert_eq!(acked, 1000 * 64);
     assert_eq!(reader.status().unwrap().backlog, 0);
 }
+
+fn marks(outbox: &Outbox) -> Vec<(String, i64)> {
+    let mut marks: Vec<_> = outbox.checkpoints().unwrap().1.into_iter().collect();
+    marks.sort();
+    marks
+}
+
+#[test]
+fn window_marks_are_pruned_once_every_worker_has_checkpointed_past_them() {
+    let path = temp_db("marks");
+    let mut outbox = open(&path, u64::MAX);
+    let mark = |series: &str, end: i64| vec![(series.to_string(), end)];
+    let state = |worker: usize| vec![(worker, vec![worker as u8; 8])];
+    // Two workers save; then windows of a and b close.
+    outbox.commit(&[], &[], &state(0), 1).unwrap();
+    outbox.commit(&[], &[], &state(1), 1).unwrap();
+    outbox.commit(&[], &mark("a", 1000), &[], 2).unwrap();
+    outbox.commit(&[], &mark("b", 1000), &[], 2).unwrap();
+    // Worker 0 saves again: worker 1's state is still older than both marks.
+    outbox.commit(&[], &[], &state(0), 3).unwrap();
+    assert_eq!(marks(&outbox), [("a".into(), 1000), ("b".into(), 1000)]);
+    // A later window of b, then worker 1 saves: a's mark is older than both
+    // checkpoints and goes; b's newer one stays until worker 0 saves again.
+    outbox.commit(&[], &mark("b", 2000), &[], 4).unwrap();
+    outbox.commit(&[], &[], &state(1), 5).unwrap();
+    assert_eq!(marks(&outbox), [("b".into(), 2000)]);
+    outbox.commit(&[], &[], &state(0), 6).unwrap();
+    assert!(marks(&outbox).is_empty());
+
+    // Checkpoints rewritten over a new number of workers hold state from
+    // before the marks were applied: the marks stay until every worker has
+    // saved its own.
+    outbox.commit(&[], &mark("c", 3000), &[], 7).unwrap();
+    outbox
+        .replace_checkpoints(&[(0, vec![0]), (1, vec![1]), (2, vec![2])], 8)
+        .unwrap();
+    outbox.commit(&[], &[], &state(0), 9).unwrap();
+    outbox.commit(&[], &[], &state(1), 9).unwrap();
+    assert_eq!(marks(&outbox), [("c".into(), 3000)]);
+    outbox.commit(&[], &[], &state(2), 10).unwrap();
+    assert!(marks(&outbox).is_empty());
+    // Marks survive a reopen, and discarding clears both tables.
+    outbox.commit(&[], &mark("d", 4000), &[], 11).unwrap();
+    drop(outbox);
+    let mut outbox = open(&path, u64::MAX);
+    assert_eq!(marks(&outbox), [("d".into(), 4000)]);
+    assert_eq!(outbox.discard_checkpoints().unwrap(), 3);
+    assert!(marks(&outbox).is_empty());
+    assert!(outbox.checkpoints().unwrap().0.is_empty());
+}
+
+#[test]
+fn a_file_from_before_mark_pruning_is_upgraded_in_place() {
+    let path = temp_db("upgrade");
+    {
+        // The tables as the first release with checkpoints made them.
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        conn.execute_batch(
+            "PRAGMA journal_mode=WAL;
+             CREATE TABLE checkpoints (worker INTEGER PRIMARY KEY, saved_ms INTEGER NOT NULL,
+                 checksum INTEGER NOT NULL, state BLOB NOT NULL);
+             CREATE TABLE window_marks (series TEXT PRIMARY KEY, end_ms INTEGER NOT NULL) WITHOUT ROWID;
+             INSERT INTO window_marks VALUES ('old', 1000);",
+        )
+        .unwrap();
+    }
+    let mut outbox = open(&path, u64::MAX);
+    assert_eq!(marks(&outbox), [("old".into(), 1000)]);
+    outbox.commit(&[], &[("new".into(), 2000)], &[], 1).unwrap();
+    // The only worker saves: both marks predate it.
+    outbox.commit(&[], &[], &[(0, vec![0])], 2).unwrap();
+    assert!(marks(&outbox).is_empty());
+    assert_eq!(outbox.checkpoints().unwrap().0.len(), 1);
+}
