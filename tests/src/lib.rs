@@ -123,9 +123,23 @@ impl Broker {
         self.child = Some(child);
         let start = Instant::now();
         while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            // An early exit (a port taken since `free_port` released it,
+            // say) fails at once, with its status and log.
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!(
+                    "mosquitto exited ({status}) on port {}: {}",
+                    self.port,
+                    self.log()
+                );
+            }
             assert!(
-                start.elapsed() < Duration::from_secs(10),
-                "mosquitto did not start: {}",
+                start.elapsed() < WAIT,
+                "mosquitto did not accept connections on port {} within {WAIT:?}: {}",
+                self.port,
                 self.log()
             );
             std::thread::sleep(Duration::from_millis(20));
