@@ -305,19 +305,15 @@ pub struct OutboxFeed {
 }
 
 impl OutboxFeed {
+    /// Queues a worker's checkpoint (moved: it may be megabytes).
+    async fn save(&self, worker: usize, state: Vec<u8>) {
+        let _ = self.items.send(ToStore::Checkpoint { worker, state }).await;
+    }
+
     /// Queues a record for the outbox (waiting while the writer is behind).
     async fn store(&self, record: &Record, agent: &str) {
         let item = match record {
-            Record::Checkpoint { worker, state } => {
-                let _ = self
-                    .items
-                    .send(ToStore::Checkpoint {
-                        worker: *worker,
-                        state: state.clone(),
-                    })
-                    .await;
-                return;
-            }
+            Record::Checkpoint { .. } => return,
             _ if !self.records => return,
             Record::Aggregate(a) => (
                 topic(&self.aggregate_topic, agent, &a.series),
@@ -419,6 +415,13 @@ pub async fn run(
                 }
             },
         };
+        if let Record::Checkpoint { worker, state } = record {
+            // Only the store takes these.
+            if let Some(feed) = &outbox {
+                feed.save(worker, state).await;
+            }
+            continue;
+        }
         match &record {
             Record::Aggregate(_) => stats.aggregates.fetch_add(1, Relaxed),
             Record::Alert(e) if e.state == "raised" => stats.alerts_raised.fetch_add(1, Relaxed),

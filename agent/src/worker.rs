@@ -24,7 +24,7 @@ use sluice_core::anomaly::Transition;
 use sluice_core::window::{Closed, DecayingStats, Rejection};
 use tokio::sync::mpsc;
 
-use crate::checkpoint::{self, SeriesState, WindowsState};
+use crate::checkpoint::{self, DetectorsRef, SeriesRef, SeriesState, WindowsRef, WindowsState};
 use crate::output::{AggregateRecord, AlertEvent, DecayingSummary, Record};
 use crate::rules::{Detector, Quantiles, Rules, Window};
 
@@ -133,10 +133,10 @@ impl Windows {
         }
     }
 
-    fn save(&self) -> WindowsState {
-        WindowsState {
-            aggregate: self.aggregate.clone(),
-            quantiles: self.quantiles.as_deref().cloned(),
+    fn save(&self) -> WindowsRef<'_> {
+        WindowsRef {
+            aggregate: &self.aggregate,
+            quantiles: self.quantiles.as_deref(),
             late: self.late,
             sampled_one_in: self.sampled_one_in,
             emitted_end: self.emitted_end,
@@ -318,10 +318,11 @@ impl Worker {
                 continue;
             }
             let config = self.rules.config(rule);
+            let (window_fp, detector_fp) = self.rules.fingerprints(rule);
             let (window, quantiles, mut detectors) = self.rules.state(rule);
             let fresh = || window.map(|w| Windows::new(w, quantiles));
             let windows = match s.windows {
-                Some(saved) if s.window_fp == checkpoint::window_fingerprint(config) => {
+                Some(saved) if s.window_fp == window_fp => {
                     let mut w = Windows::restored(saved);
                     let mark = marks.get(&s.series).copied();
                     match (mark, config.window.as_ref().and_then(checkpoint::lateness)) {
@@ -341,9 +342,7 @@ impl Worker {
                 }
                 _ => fresh(),
             };
-            if s.detector_fp == checkpoint::detector_fingerprint(config)
-                && s.detectors.len() == detectors.len()
-            {
+            if s.detector_fp == detector_fp && s.detectors.len() == detectors.len() {
                 for (d, saved) in detectors.iter_mut().zip(s.detectors) {
                     d.restore(saved);
                 }
@@ -367,26 +366,32 @@ impl Worker {
 
     /// Sends this worker's checkpoint to the store.
     fn save(&self, index: usize) {
+        self.send(Record::Checkpoint {
+            worker: index,
+            state: self.checkpoint(),
+        });
+    }
+
+    /// This worker's state, encoded as a checkpoint (what it saves every
+    /// `checkpoint.interval_ms`; see [`crate::checkpoint`]).
+    pub fn checkpoint(&self) -> Vec<u8> {
         let series = self
             .series
             .iter()
             .map(|(key, s)| {
-                let config = self.rules.config(s.rule);
-                SeriesState {
-                    series: key.to_string(),
-                    window_fp: checkpoint::window_fingerprint(config),
-                    detector_fp: checkpoint::detector_fingerprint(config),
+                let (window_fp, detector_fp) = self.rules.fingerprints(s.rule);
+                SeriesRef {
+                    series: key,
+                    window_fp,
+                    detector_fp,
                     windows: s.windows.as_ref().map(Windows::save),
-                    detectors: s.detectors.iter().map(Detector::state).collect(),
+                    detectors: DetectorsRef(&s.detectors),
                     last_event: s.last_event,
                     last_seen: s.last_seen,
                 }
             })
             .collect();
-        self.send(Record::Checkpoint {
-            worker: index,
-            state: checkpoint::encode(series),
-        });
+        checkpoint::encode_refs(series)
     }
 
     /// Runs until `stop` is set, then drains the rings, closes every open
@@ -498,7 +503,9 @@ impl Worker {
         }
     }
 
-    fn process(&mut self, reading: Reading) {
+    /// Takes one reading, as [`Worker::run`] does for each reading it pops
+    /// from its rings (public so that benchmarks can drive a worker).
+    pub fn process(&mut self, reading: Reading) {
         self.stats.readings.fetch_add(1, Relaxed);
         if !self.series.contains_key(&reading.series) {
             if self.series.len() >= self.max_series {
@@ -704,6 +711,24 @@ mod tests {
     }
 
     const CHECKPOINTED: &str = "[[rules]]\nmatch = \"*\"\nwindow = { kind = \"tumbling\", size_ms = 1000 }\nquantiles = [0.5]\nanomaly = { alpha = 0.1, k = 4.0, warmup = 50 }\n";
+
+    #[test]
+    fn the_borrowed_encoding_is_the_owned_one() {
+        let (mut w, _rx, _) = worker(CHECKPOINTED);
+        for i in 0..60 {
+            w.process(reading("a", i * 5, 10.0 + (i % 3) as f64));
+            w.process(reading("b", i * 7, -(i as f64)));
+        }
+        let bytes = w.checkpoint();
+        let owned = checkpoint::decode(&bytes).unwrap();
+        assert_eq!(owned.len(), 2);
+        assert!(
+            owned
+                .iter()
+                .all(|s| s.windows.as_ref().unwrap().quantiles.is_some())
+        );
+        assert_eq!(checkpoint::encode(owned), bytes);
+    }
 
     #[test]
     fn a_restored_worker_goes_on_with_its_windows_and_baselines() {
