@@ -1,5 +1,6 @@
-//! The outbox on real SQLite files: a model-based test with crash-and-reopen,
-//! `kill -9` of a writer at random moments, bounds, and damaged files.
+//! The outbox on real SQLite files: model-based tests with crash-and-reopen
+//! (dropping the oldest, and downsampling), `kill -9` of a writer at random
+//! moments, bounds, window marks, and damaged files.
 
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader};
@@ -584,4 +585,142 @@ fn a_file_from_before_mark_pruning_is_upgraded_in_place() {
     outbox.commit(&[], &[], &[(0, vec![0])], 2).unwrap();
     assert!(marks(&outbox).is_empty());
     assert_eq!(outbox.checkpoints().unwrap().0.len(), 1);
+}
+
+#[derive(Debug, Clone)]
+enum DsAction {
+    /// Append windows of these series (indices into `SERIES`), in one batch.
+    Append(Vec<usize>),
+    /// The uplink reads the oldest record it has not read (backlog lane).
+    Claim,
+    /// The upstream acknowledges the i-th record read (modulo their number).
+    Ack(usize),
+    /// Close and reopen the file; the uplink starts again with nothing read.
+    Reopen,
+}
+
+const SERIES: [&str; 3] = ["a", "b", "c"];
+
+fn ds_actions() -> impl Strategy<Value = Vec<DsAction>> {
+    prop::collection::vec(
+        prop_oneof![
+            5 => prop::collection::vec(0..SERIES.len(), 1..6).prop_map(DsAction::Append),
+            3 => Just(DsAction::Claim),
+            3 => any::<usize>().prop_map(DsAction::Ack),
+            1 => Just(DsAction::Reopen),
+        ],
+        1..80,
+    )
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(32))]
+
+    /// `on_full = "downsample"` under appends, reads, acknowledgements and
+    /// reopens: the bound holds; with at most two records read and not
+    /// acknowledged, nothing is ever dropped; every reading appended is
+    /// either upstream or in the outbox, exactly once, in windows that
+    /// tile each series' time with exact statistics; and a record the
+    /// uplink has read is never rewritten.
+    #[test]
+    fn downsampling_loses_and_double_counts_nothing(actions in ds_actions(), max in 8u64..16) {
+        let path = temp_db(&format!("ds-model-{}", rand_suffix()));
+        let claimed = sluice::outbox::Claimed::default();
+        let open_ds = |claimed: &sluice::outbox::Claimed| {
+            Outbox::open(&path, Durability::Normal, OnCorrupt::Refuse, max, u64::MAX)
+                .unwrap()
+                .0
+                .with_on_full(OnFull::Downsample, claimed.clone())
+        };
+        let mut outbox = open_ds(&claimed);
+        // Per series: windows appended; the spans acknowledged upstream.
+        let mut appended = [0i64; 3];
+        let mut acked: [Vec<(i64, i64)>; 3] = Default::default();
+        // Records read and not acknowledged, with the payload read.
+        let mut read: Vec<(i64, Vec<u8>)> = Vec::new();
+        let mut read_upto = 0i64;
+        for action in actions {
+            match action {
+                DsAction::Append(series) => {
+                    let batch: Vec<(String, Vec<u8>)> = series
+                        .iter()
+                        .map(|&s| {
+                            appended[s] += 1;
+                            window_record(SERIES[s], appended[s] - 1)
+                        })
+                        .collect();
+                    outbox.append(&batch, 1).unwrap();
+                }
+                DsAction::Claim if read.len() < 2 => {
+                    if let Some(r) = outbox
+                        .peek_claim(read_upto, i64::MAX, 1, &claimed)
+                        .unwrap()
+                        .pop()
+                    {
+                        read_upto = r.seq;
+                        read.push((r.seq, r.payload));
+                    }
+                }
+                DsAction::Claim => {}
+                DsAction::Ack(i) if !read.is_empty() => {
+                    let (seq, payload) = read.remove(i % read.len());
+                    let v: serde_json::Value = serde_json::from_slice(&payload).unwrap();
+                    let s = SERIES.iter().position(|s| v["series"] == *s).unwrap();
+                    acked[s].push((v["start"].as_i64().unwrap(), v["end"].as_i64().unwrap()));
+                    outbox.ack(&[seq]).unwrap();
+                    claimed.lock().unwrap().remove(&seq);
+                }
+                DsAction::Ack(_) => {}
+                DsAction::Reopen => {
+                    drop(outbox);
+                    claimed.lock().unwrap().clear();
+                    read.clear();
+                    read_upto = 0;
+                    outbox = open_ds(&claimed);
+                }
+            }
+            let status = outbox.status().unwrap();
+            prop_assert!(status.backlog <= max, "{:?}", status);
+            prop_assert_eq!(status.dropped, 0);
+            let left = outbox.peek(0, 1000).unwrap();
+            for (seq, payload) in &read {
+                let text = |p: &[u8]| String::from_utf8_lossy(p).into_owned();
+                let now = left.iter().find(|r| r.seq == *seq).map(|r| text(&r.payload));
+                prop_assert_eq!(now, Some(text(payload)), "read record {} was rewritten", seq);
+            }
+            // Per series, the spans upstream and the spans waiting tile its
+            // time exactly: every window appended is in one of them, once.
+            let mut spans = acked.clone();
+            let mut last_start = [i64::MIN; 3];
+            for r in &left {
+                let v: serde_json::Value = serde_json::from_slice(&r.payload).unwrap();
+                let s = SERIES.iter().position(|s| v["series"] == *s).unwrap();
+                let (start, stop) = (v["start"].as_i64().unwrap(), v["end"].as_i64().unwrap());
+                // Waiting records stay in time order.
+                prop_assert!(start > last_start[s], "series {}: {}", SERIES[s], v);
+                last_start[s] = start;
+                spans[s].push((start, stop));
+                // Statistics of every value the merged windows held.
+                let values: Vec<f64> = (start / 1000..stop / 1000)
+                    .flat_map(|i| (0..10).map(move |j| (100 * i + j) as f64))
+                    .collect();
+                let mean = values.iter().sum::<f64>() / values.len() as f64;
+                prop_assert_eq!(v["count"].as_u64().unwrap() as usize, values.len());
+                prop_assert!((v["mean"].as_f64().unwrap() - mean).abs() < 1e-9, "{}", v);
+                prop_assert_eq!(v["min"].as_f64().unwrap(), values[0]);
+                prop_assert_eq!(v["max"].as_f64().unwrap(), *values.last().unwrap());
+            }
+            for (s, spans) in spans.iter_mut().enumerate() {
+                spans.sort();
+                let mut end = 0;
+                for &(start, stop) in spans.iter() {
+                    prop_assert_eq!(start, end, "series {}: {:?}", SERIES[s], spans);
+                    end = stop;
+                }
+                prop_assert_eq!(end, appended[s] * 1000, "series {}: {:?}", SERIES[s], spans);
+            }
+        }
+        drop(outbox);
+        let _ = std::fs::remove_dir_all(path.parent().unwrap());
+    }
 }
