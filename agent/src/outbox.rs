@@ -604,7 +604,10 @@ fn downsample(
 /// add, min and max combine, mean and standard deviation by Chan's parallel
 /// formulas, first from `a` and last from `b`. Quantiles cannot be merged
 /// from their values and are left out; `downsampled` counts the original
-/// windows in it. `None` unless both are aggregates.
+/// windows in it. `None` unless both are aggregates, and `None` if `b`
+/// starts before `a` ends: overlapping windows (hopping ones, say) share
+/// readings, and adding their counts would count those twice, so such
+/// records are left to be dropped (and counted) instead.
 pub fn merge_aggregates(a: &[u8], b: &[u8]) -> Option<Vec<u8>> {
     use serde_json::{Map, Value};
     let parse = |bytes: &[u8]| -> Option<Map<String, Value>> {
@@ -618,6 +621,9 @@ pub fn merge_aggregates(a: &[u8], b: &[u8]) -> Option<Vec<u8>> {
         return None;
     }
     let f = |m: &Map<String, Value>, k: &str| m.get(k).and_then(Value::as_f64);
+    if f(&b, "start")? < f(&a, "end")? {
+        return None;
+    }
     let (na, nb) = (f(&a, "count")?, f(&b, "count")?);
     let n = na + nb;
     let mut out = b.clone();
@@ -828,6 +834,33 @@ pub fn with_seq(seq: i64, payload: &[u8]) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn aggregate(start: i64, end: i64, count: u64) -> Vec<u8> {
+        serde_json::to_vec(&serde_json::json!({
+            "series": "s", "start": start, "end": end, "count": count,
+            "sum": count as f64, "mean": 1.0, "min": 1.0, "max": 1.0,
+            "stddev": 0.0, "first": 1.0, "last": 1.0, "late": 0, "partial": false,
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn overlapping_windows_are_not_merged() {
+        // Tumbling neighbours, and windows with an idle gap between them.
+        for (a, b) in [((0, 1000), (1000, 2000)), ((0, 1000), (5000, 6000))] {
+            let merged = merge_aggregates(&aggregate(a.0, a.1, 3), &aggregate(b.0, b.1, 4));
+            let v: serde_json::Value = serde_json::from_slice(&merged.unwrap()).unwrap();
+            assert_eq!(
+                (v["start"].as_i64(), v["end"].as_i64()),
+                (Some(a.0), Some(b.1))
+            );
+            assert_eq!(v["count"], 7);
+        }
+        // Hopping windows of 10 s every 1 s share nine seconds of readings.
+        assert!(
+            merge_aggregates(&aggregate(0, 10_000, 100), &aggregate(1_000, 11_000, 100)).is_none()
+        );
+    }
 
     #[test]
     fn seq_is_spliced_into_objects_and_wraps_the_rest() {
