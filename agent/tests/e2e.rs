@@ -7,16 +7,7 @@ use std::time::{Duration, Instant};
 
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde_json::Value;
-use sluice_tests::{Broker, Publisher, http_get, metric};
-
-const WAIT: Duration = Duration::from_secs(20);
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64
-}
+use sluice_tests::{Broker, Publisher, WAIT, http_get, metric, now_ms};
 
 fn temp_file(name: &str, text: &str) -> std::path::PathBuf {
     let dir = std::env::temp_dir().join(format!("sluice-e2e-{}", std::process::id()));
