@@ -15,6 +15,18 @@ pub struct Broker {
     child: Option<std::process::Child>,
 }
 
+pub use tempfile::TempDir;
+
+/// A fresh directory under the system's temporary directory, named
+/// `sluice-<name>-<random>`; it and everything in it are removed when it is
+/// dropped, also when the test fails.
+pub fn temp_dir(name: &str) -> TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("sluice-{name}-"))
+        .tempdir()
+        .expect("a temporary directory")
+}
+
 /// A free TCP port on 127.0.0.1 (bound and released; the broker rebinds it).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
