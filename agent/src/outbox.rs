@@ -16,9 +16,14 @@
 //! # On-disk layout
 //!
 //! ```sql
-//! records(seq INTEGER PRIMARY KEY AUTOINCREMENT, topic TEXT, payload BLOB, created_ms INTEGER)
+//! records(seq INTEGER PRIMARY KEY AUTOINCREMENT, topic TEXT, payload BLOB, created_ms INTEGER,
+//!         prev INTEGER,   -- seq of the record of the same topic appended just before
+//!                         -- (-1: unknown, e.g. the first one after a restart)
+//!         last INTEGER)   -- newest original seq a merged record holds (0: its own)
 //! counters(name TEXT PRIMARY KEY, value INTEGER)   -- 'count', 'bytes' (running totals
-//!                                                    -- of records), 'dropped' (ever)
+//!         -- of records), 'dropped', 'downsampled' (ever), 'generation' (see commit)
+//! checkpoints(worker INTEGER PRIMARY KEY, saved_ms, checksum, state BLOB, generation)
+//! window_marks(series TEXT PRIMARY KEY, end_ms, generation)
 //! ```
 //!
 //! `AUTOINCREMENT` makes `seq` strictly increasing for the life of the file,
@@ -135,7 +140,14 @@ pub struct Outbox {
     on_full: OnFull,
     /// Records the uplink has read and not had acknowledged: never merged.
     claimed: Claimed,
+    /// Per topic, the seq of the newest record appended through this
+    /// handle (each record's `prev`; see [`downsample`]).
+    last_of_topic: std::collections::HashMap<String, i64>,
 }
+
+/// Topics remembered for `prev` before the memory is cleared (which costs
+/// only mergeability across that point).
+const MAX_TOPICS: usize = 65_536;
 
 /// The `seq`s the uplink has read (to send, or sent) and not had
 /// acknowledged. The uplink reads records and claims them under this lock;
@@ -188,6 +200,7 @@ impl Outbox {
                 max_bytes,
                 on_full: OnFull::DropOldest,
                 claimed: Claimed::default(),
+                last_of_topic: Default::default(),
             },
             note,
         ))
@@ -253,7 +266,9 @@ impl Outbox {
                  seq INTEGER PRIMARY KEY AUTOINCREMENT,
                  topic TEXT NOT NULL,
                  payload BLOB NOT NULL,
-                 created_ms INTEGER NOT NULL);
+                 created_ms INTEGER NOT NULL,
+                 prev INTEGER NOT NULL DEFAULT -1,
+                 last INTEGER NOT NULL DEFAULT 0);
              CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
              CREATE TABLE IF NOT EXISTS checkpoints (
                  worker INTEGER PRIMARY KEY,
@@ -266,17 +281,24 @@ impl Outbox {
                  end_ms INTEGER NOT NULL,
                  generation INTEGER NOT NULL DEFAULT 0) WITHOUT ROWID;",
         )?;
-        // Files from before marks were pruned lack `generation`: rows from
-        // then count as generation 0, older than any checkpoint since.
-        for table in ["checkpoints", "window_marks"] {
+        // Columns added since the first release, with defaults for older
+        // rows: checkpoints and marks from then count as generation 0 (older
+        // than any checkpoint since), and records from then have no known
+        // predecessor (they are never merged).
+        for (table, column, default) in [
+            ("checkpoints", "generation", 0),
+            ("window_marks", "generation", 0),
+            ("records", "prev", -1),
+            ("records", "last", 0),
+        ] {
             let has: bool = conn.query_row(
-                "SELECT COUNT(*) > 0 FROM pragma_table_info(?1) WHERE name = 'generation'",
-                [table],
+                "SELECT COUNT(*) > 0 FROM pragma_table_info(?1) WHERE name = ?2",
+                [table, column],
                 |r| r.get(0),
             )?;
             if !has {
                 conn.execute_batch(&format!(
-                    "ALTER TABLE {table} ADD COLUMN generation INTEGER NOT NULL DEFAULT 0"
+                    "ALTER TABLE {table} ADD COLUMN {column} INTEGER NOT NULL DEFAULT {default}"
                 ))?;
             }
         }
@@ -369,13 +391,22 @@ impl Outbox {
         }
         let mut seqs = Vec::with_capacity(records.len());
         let mut added_bytes = 0i64;
+        // Applied to `last_of_topic` only once the transaction commits.
+        let mut newest: std::collections::HashMap<&str, i64> = Default::default();
         {
             let mut insert = tx.prepare_cached(
-                "INSERT INTO records (topic, payload, created_ms) VALUES (?1, ?2, ?3)",
+                "INSERT INTO records (topic, payload, created_ms, prev) VALUES (?1, ?2, ?3, ?4)",
             )?;
             for (topic, payload) in records {
-                insert.execute(params![topic, payload, now_ms])?;
-                seqs.push(tx.last_insert_rowid());
+                let prev = newest
+                    .get(topic.as_str())
+                    .or_else(|| self.last_of_topic.get(topic))
+                    .copied()
+                    .unwrap_or(-1);
+                insert.execute(params![topic, payload, now_ms, prev])?;
+                let seq = tx.last_insert_rowid();
+                newest.insert(topic, seq);
+                seqs.push(seq);
                 added_bytes += payload.len() as i64;
             }
         }
@@ -425,6 +456,17 @@ impl Outbox {
         }
         tx.commit()?;
         drop(claimed_guard);
+        if self.last_of_topic.len() + newest.len() > MAX_TOPICS {
+            self.last_of_topic.clear();
+        }
+        for (topic, seq) in newest {
+            match self.last_of_topic.get_mut(topic) {
+                Some(last) => *last = seq,
+                None => {
+                    self.last_of_topic.insert(topic.to_owned(), seq);
+                }
+            }
+        }
         Ok(Committed {
             seqs,
             dropped: dropped as u64,
@@ -532,10 +574,25 @@ impl Outbox {
     }
 }
 
+/// A record as downsampling sees it.
+struct Row {
+    seq: i64,
+    topic: String,
+    payload: Vec<u8>,
+    /// The record of its topic appended just before it (-1: unknown).
+    prev: i64,
+    /// The newest original record it holds (itself, unless merged).
+    last: i64,
+}
+
 /// Merges the oldest unclaimed aggregate records pairwise per topic, in
-/// passes, until the bounds hold or nothing is left to merge. A claimed
-/// record is a barrier: records of its topic on either side of it are not
-/// merged across it. Returns the number of records merged away.
+/// passes, until the bounds hold or nothing is left to merge. Two records
+/// merge only if the second was appended right after the first (its `prev`
+/// is the first's `last`): a record of the topic deleted in between (one the
+/// live lane delivered before older ones, say) would otherwise leave a
+/// merged window spanning one already delivered. A claimed record is a
+/// barrier too: records of its topic on either side of it are not merged
+/// across it. Returns the number of records merged away.
 fn downsample(
     tx: &Connection,
     claimed: &std::collections::HashSet<i64>,
@@ -545,52 +602,56 @@ fn downsample(
     max_bytes: u64,
 ) -> Result<u64, rusqlite::Error> {
     let mut merged_away = 0;
-    let mut select =
-        tx.prepare_cached("SELECT seq, topic, payload FROM records ORDER BY seq LIMIT ?1")?;
-    let mut update = tx.prepare_cached("UPDATE records SET payload = ?2 WHERE seq = ?1")?;
+    let mut select = tx.prepare_cached(
+        "SELECT seq, topic, payload, prev, last FROM records ORDER BY seq LIMIT ?1",
+    )?;
+    let mut update =
+        tx.prepare_cached("UPDATE records SET payload = ?2, last = ?3 WHERE seq = ?1")?;
     let mut delete = tx.prepare_cached("DELETE FROM records WHERE seq = ?1")?;
     // Each pass halves (at best) the records it looks at; past a few
     // passes without progress, give up and let the caller drop.
     while *count > max_records || *bytes > max_bytes {
-        let rows: Vec<(i64, String, Vec<u8>)> = select
+        let rows: Vec<Row> = select
             .query_map(params![256 + claimed.len() as i64], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                let (seq, last): (i64, i64) = (r.get(0)?, r.get(4)?);
+                Ok(Row {
+                    seq,
+                    topic: r.get(1)?,
+                    payload: r.get(2)?,
+                    prev: r.get(3)?,
+                    last: if last == 0 { seq } else { last },
+                })
             })?
             .collect::<Result<_, _>>()?;
         // The first unpaired record of each topic, waiting for its partner.
-        let mut waiting: std::collections::HashMap<&str, (i64, &[u8])> = Default::default();
+        let mut waiting: std::collections::HashMap<&str, &Row> = Default::default();
         let mut progress = false;
-        for (seq, topic, payload) in &rows {
+        for row in &rows {
             if *count <= max_records && *bytes <= max_bytes {
                 break;
             }
-            if claimed.contains(seq) {
-                waiting.remove(topic.as_str());
+            if claimed.contains(&row.seq) {
+                waiting.remove(row.topic.as_str());
                 continue;
             }
-            match waiting.remove(topic.as_str()) {
-                None => {
-                    waiting.insert(topic, (*seq, payload));
-                }
-                Some((first_seq, first)) => match merge_aggregates(first, payload) {
-                    Some(merged) => {
-                        update.execute(params![first_seq, merged])?;
-                        delete.execute(params![seq])?;
-                        let before = (first.len() + payload.len()) as i64;
-                        let delta = merged.len() as i64 - before;
-                        add_counter(tx, "bytes", delta)?;
-                        add_counter(tx, "count", -1)?;
-                        *bytes = (*bytes as i64 + delta).max(0) as u64;
-                        *count -= 1;
-                        merged_away += 1;
-                        progress = true;
-                    }
-                    // Not two aggregates: start a new pair from this one.
-                    None => {
-                        waiting.insert(topic, (*seq, payload));
-                    }
-                },
-            }
+            let merged = waiting
+                .remove(row.topic.as_str())
+                .filter(|first| row.prev != -1 && row.prev == first.last)
+                .and_then(|first| Some((first, merge_aggregates(&first.payload, &row.payload)?)));
+            let Some((first, merged)) = merged else {
+                // No partner (or not two aggregates): start a pair here.
+                waiting.insert(&row.topic, row);
+                continue;
+            };
+            update.execute(params![first.seq, merged, row.last])?;
+            delete.execute(params![row.seq])?;
+            let delta = merged.len() as i64 - (first.payload.len() + row.payload.len()) as i64;
+            add_counter(tx, "bytes", delta)?;
+            add_counter(tx, "count", -1)?;
+            *bytes = (*bytes as i64 + delta).max(0) as u64;
+            *count -= 1;
+            merged_away += 1;
+            progress = true;
         }
         if !progress {
             break;

@@ -11,11 +11,11 @@ use std::time::{Duration, Instant};
 use proptest::prelude::*;
 use sluice::outbox::{Durability, OnCorrupt, OnFull, Outbox};
 
-fn temp_db(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("sluice-outbox-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir.join("outbox.db")
+/// A database path in a fresh directory, removed when the guard drops.
+fn temp_db(name: &str) -> (sluice_tests::TempDir, PathBuf) {
+    let dir = sluice_tests::temp_dir(&format!("outbox-{name}"));
+    let path = dir.path().join("outbox.db");
+    (dir, path)
 }
 
 fn open(path: &std::path::Path, max_records: u64) -> Outbox {
@@ -57,7 +57,7 @@ proptest! {
     /// seq, and a count of dropped records.
     #[test]
     fn matches_a_model_across_reopens(actions in actions(), max in 3u64..12) {
-        let path = temp_db(&format!("model-{}", rand_suffix()));
+        let (_dir, path) = temp_db("model");
         let mut outbox = open(&path, max);
         let mut model: VecDeque<(i64, Vec<u8>)> = VecDeque::new();
         let (mut next, mut dropped) = (1i64, 0u64);
@@ -93,14 +93,7 @@ proptest! {
             prop_assert_eq!(status.next_seq, next);
             prop_assert_eq!(status.dropped, dropped);
         }
-        let _ = std::fs::remove_dir_all(path.parent().unwrap());
     }
-}
-
-fn rand_suffix() -> u64 {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static N: AtomicU64 = AtomicU64::new(0);
-    N.fetch_add(1, Ordering::Relaxed)
 }
 
 /// Not a test on its own: the writer that `kill_9_never_loses_a_commit`
@@ -136,7 +129,7 @@ fn writer_child() {
 
 #[test]
 fn kill_9_never_loses_a_commit() {
-    let path = temp_db("kill9");
+    let (_dir, path) = temp_db("kill9");
     let mut committed = 0i64;
     let mut rng = 0x2545_F491_4F6C_DD1Du64;
     for round in 0..20 {
@@ -192,12 +185,11 @@ fn kill_9_never_loses_a_commit() {
         outbox.verify().unwrap();
     }
     assert!(committed > 0);
-    let _ = std::fs::remove_dir_all(path.parent().unwrap());
 }
 
 #[test]
 fn the_bound_drops_the_oldest_and_counts_them() {
-    let path = temp_db("bound");
+    let (_dir, path) = temp_db("bound");
     let mut outbox = Outbox::open(&path, Durability::Full, OnCorrupt::Refuse, 10, 10_000)
         .unwrap()
         .0;
@@ -212,8 +204,9 @@ fn the_bound_drops_the_oldest_and_counts_them() {
     );
     assert_eq!(outbox.peek(0, 100).unwrap()[0].seq, 16);
     // A byte bound as well: 100 records of 1000 bytes in 20,000 bytes.
+    let (_bytes_dir, bytes_path) = temp_db("bytes");
     let mut outbox = Outbox::open(
-        &temp_db("bytes"),
+        &bytes_path,
         Durability::Normal,
         OnCorrupt::Refuse,
         u64::MAX,
@@ -235,7 +228,7 @@ fn the_bound_drops_the_oldest_and_counts_them() {
 #[test]
 fn damaged_files_are_moved_aside_or_refused() {
     // Garbage where a database should be.
-    let path = temp_db("garbage");
+    let (_dir, path) = temp_db("garbage");
     std::fs::write(&path, vec![0x5a; 8192]).unwrap();
     assert!(Outbox::open(&path, Durability::Normal, OnCorrupt::Refuse, 10, 1 << 20).is_err());
     let (mut outbox, note) =
@@ -256,7 +249,7 @@ fn damaged_files_are_moved_aside_or_refused() {
     assert!(aside >= 1);
 
     // A real outbox, truncated in the middle of its data.
-    let path = temp_db("truncated");
+    let (_dir, path) = temp_db("truncated");
     {
         let mut outbox = open(&path, u64::MAX);
         let batch: Vec<(String, Vec<u8>)> = (0..2000)
@@ -303,7 +296,7 @@ fn damaged_files_are_moved_aside_or_refused() {
 
 #[test]
 fn a_flipped_bit_in_a_page_header_is_detected() {
-    let path = temp_db("bitflip");
+    let (_dir, path) = temp_db("bitflip");
     {
         let mut outbox = open(&path, u64::MAX);
         let batch: Vec<(String, Vec<u8>)> = (0..500)
@@ -366,7 +359,7 @@ fn window_record(series: &str, i: i64) -> (String, Vec<u8>) {
 
 #[test]
 fn downsampling_keeps_every_reading_in_coarser_windows() {
-    let path = temp_db("downsample");
+    let (_dir, path) = temp_db("downsample");
     // The uplink has claimed (read, perhaps sent) the 4 oldest.
     let claimed = sluice::outbox::Claimed::default();
     claimed.lock().unwrap().extend(1..=4);
@@ -439,8 +432,9 @@ fn downsampling_keeps_every_reading_in_coarser_windows() {
         assert_eq!(expected_start, 40_000);
     }
     // Records that are not aggregates cannot be merged: they are dropped.
+    let (_alerts_dir, alerts_path) = temp_db("ds-alerts");
     let mut alerts = Outbox::open(
-        &temp_db("ds-alerts"),
+        &alerts_path,
         Durability::Normal,
         OnCorrupt::Refuse,
         5,
@@ -471,7 +465,7 @@ fn downsampling_keeps_every_reading_in_coarser_windows() {
 /// lock up front).
 #[test]
 fn appends_and_acks_on_two_connections_never_fail_busy() {
-    let path = temp_db("busy");
+    let (_dir, path) = temp_db("busy");
     let open = || {
         Outbox::open(
             &path,
@@ -521,7 +515,7 @@ fn marks(outbox: &Outbox) -> Vec<(String, i64)> {
 
 #[test]
 fn window_marks_are_pruned_once_every_worker_has_checkpointed_past_them() {
-    let path = temp_db("marks");
+    let (_dir, path) = temp_db("marks");
     let mut outbox = open(&path, u64::MAX);
     let mark = |series: &str, end: i64| vec![(series.to_string(), end)];
     let state = |worker: usize| vec![(worker, vec![worker as u8; 8])];
@@ -564,8 +558,8 @@ fn window_marks_are_pruned_once_every_worker_has_checkpointed_past_them() {
 }
 
 #[test]
-fn a_file_from_before_mark_pruning_is_upgraded_in_place() {
-    let path = temp_db("upgrade");
+fn a_file_from_an_earlier_release_is_upgraded_in_place() {
+    let (_dir, path) = temp_db("upgrade");
     {
         // The tables as the first release with checkpoints made them.
         let conn = rusqlite::Connection::open(&path).unwrap();
@@ -574,12 +568,18 @@ fn a_file_from_before_mark_pruning_is_upgraded_in_place() {
              CREATE TABLE checkpoints (worker INTEGER PRIMARY KEY, saved_ms INTEGER NOT NULL,
                  checksum INTEGER NOT NULL, state BLOB NOT NULL);
              CREATE TABLE window_marks (series TEXT PRIMARY KEY, end_ms INTEGER NOT NULL) WITHOUT ROWID;
-             INSERT INTO window_marks VALUES ('old', 1000);",
+             INSERT INTO window_marks VALUES ('old', 1000);
+             CREATE TABLE records (seq INTEGER PRIMARY KEY AUTOINCREMENT, topic TEXT NOT NULL,
+                 payload BLOB NOT NULL, created_ms INTEGER NOT NULL);
+             INSERT INTO records (topic, payload, created_ms) VALUES ('t', x'7b7d', 1);",
         )
         .unwrap();
     }
     let mut outbox = open(&path, u64::MAX);
     assert_eq!(marks(&outbox), [("old".into(), 1000)]);
+    // The old record is still there, and appends go on after it.
+    assert_eq!(outbox.peek(0, 10).unwrap()[0].payload, b"{}");
+    assert_eq!(outbox.append(&[("t".into(), b"{}".to_vec())], 2).unwrap(), [2]);
     outbox.commit(&[], &[("new".into(), 2000)], &[], 1).unwrap();
     // The only worker saves: both marks predate it.
     outbox.commit(&[], &[], &[(0, vec![0])], 2).unwrap();
@@ -613,18 +613,45 @@ fn ds_actions() -> impl Strategy<Value = Vec<DsAction>> {
     )
 }
 
+/// Series index and the windows (their indices) a record holds.
+fn windows_of(payload: &[u8]) -> (usize, std::ops::Range<i64>) {
+    let v: serde_json::Value = serde_json::from_slice(payload).unwrap();
+    let s = SERIES.iter().position(|s| v["series"] == *s).unwrap();
+    (
+        s,
+        v["start"].as_i64().unwrap() / 1000..v["end"].as_i64().unwrap() / 1000,
+    )
+}
+
+/// Per series, how many times each window index occurs in `records`.
+fn window_counts<'a>(records: impl IntoIterator<Item = &'a [u8]>) -> [Vec<u32>; 3] {
+    let mut counts: [Vec<u32>; 3] = Default::default();
+    for payload in records {
+        let (s, windows) = windows_of(payload);
+        for w in windows {
+            let w = w as usize;
+            if counts[s].len() <= w {
+                counts[s].resize(w + 1, 0);
+            }
+            counts[s][w] += 1;
+        }
+    }
+    counts
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(32))]
 
-    /// `on_full = "downsample"` under appends, reads, acknowledgements and
-    /// reopens: the bound holds; with at most two records read and not
-    /// acknowledged, nothing is ever dropped; every reading appended is
-    /// either upstream or in the outbox, exactly once, in windows that
-    /// tile each series' time with exact statistics; and a record the
+    /// `on_full = "downsample"` under appends, reads, acknowledgements in any
+    /// order and reopens. After every step: the bound holds; every window
+    /// appended is exactly once upstream, waiting, or dropped (and counted),
+    /// so merging never loses or double-counts a reading; merged records
+    /// hold exactly the windows their span says, with exact statistics;
+    /// waiting records of a series stay in time order; and a record the
     /// uplink has read is never rewritten.
     #[test]
     fn downsampling_loses_and_double_counts_nothing(actions in ds_actions(), max in 8u64..16) {
-        let path = temp_db(&format!("ds-model-{}", rand_suffix()));
+        let (_dir, path) = temp_db("ds-model");
         let claimed = sluice::outbox::Claimed::default();
         let open_ds = |claimed: &sluice::outbox::Claimed| {
             Outbox::open(&path, Durability::Normal, OnCorrupt::Refuse, max, u64::MAX)
@@ -633,15 +660,17 @@ proptest! {
                 .with_on_full(OnFull::Downsample, claimed.clone())
         };
         let mut outbox = open_ds(&claimed);
-        // Per series: windows appended; the spans acknowledged upstream.
         let mut appended = [0i64; 3];
-        let mut acked: [Vec<(i64, i64)>; 3] = Default::default();
+        // Payloads acknowledged upstream, and windows dropped.
+        let mut upstream: Vec<Vec<u8>> = Vec::new();
+        let mut dropped: [Vec<u32>; 3] = Default::default();
         // Records read and not acknowledged, with the payload read.
         let mut read: Vec<(i64, Vec<u8>)> = Vec::new();
         let mut read_upto = 0i64;
         for action in actions {
             match action {
                 DsAction::Append(series) => {
+                    let before = outbox.peek(0, 1000).unwrap();
                     let batch: Vec<(String, Vec<u8>)> = series
                         .iter()
                         .map(|&s| {
@@ -649,7 +678,32 @@ proptest! {
                             window_record(SERIES[s], appended[s] - 1)
                         })
                         .collect();
-                    outbox.append(&batch, 1).unwrap();
+                    let done = outbox.commit(&batch, &[], &[], 1).unwrap();
+                    let after = outbox.peek(0, 1000).unwrap();
+                    // What was waiting or appended and is not any more was
+                    // dropped (merging keeps every window in some record).
+                    let had = window_counts(
+                        before.iter().map(|r| r.payload.as_slice())
+                            .chain(batch.iter().map(|(_, p)| p.as_slice())),
+                    );
+                    let has = window_counts(after.iter().map(|r| r.payload.as_slice()));
+                    let mut lost = 0;
+                    for s in 0..3 {
+                        for (w, &n) in had[s].iter().enumerate() {
+                            let now = has[s].get(w).copied().unwrap_or(0);
+                            prop_assert!(now <= n, "series {} window {} gained", SERIES[s], w);
+                            if dropped[s].len() <= w {
+                                dropped[s].resize(w + 1, 0);
+                            }
+                            dropped[s][w] += n - now;
+                            lost += n - now;
+                        }
+                    }
+                    // Windows vanish exactly when records are dropped.
+                    prop_assert_eq!(done.dropped > 0, lost > 0, "{:?}", done);
+                    // A dropped record the uplink had read: its ack would
+                    // delete nothing; the model forgets it.
+                    read.retain(|(seq, _)| after.iter().any(|r| r.seq == *seq));
                 }
                 DsAction::Claim if read.len() < 2 => {
                     if let Some(r) = outbox
@@ -664,11 +718,9 @@ proptest! {
                 DsAction::Claim => {}
                 DsAction::Ack(i) if !read.is_empty() => {
                     let (seq, payload) = read.remove(i % read.len());
-                    let v: serde_json::Value = serde_json::from_slice(&payload).unwrap();
-                    let s = SERIES.iter().position(|s| v["series"] == *s).unwrap();
-                    acked[s].push((v["start"].as_i64().unwrap(), v["end"].as_i64().unwrap()));
                     outbox.ack(&[seq]).unwrap();
                     claimed.lock().unwrap().remove(&seq);
+                    upstream.push(payload);
                 }
                 DsAction::Ack(_) => {}
                 DsAction::Reopen => {
@@ -681,46 +733,43 @@ proptest! {
             }
             let status = outbox.status().unwrap();
             prop_assert!(status.backlog <= max, "{:?}", status);
-            prop_assert_eq!(status.dropped, 0);
             let left = outbox.peek(0, 1000).unwrap();
+            let text = |p: &[u8]| String::from_utf8_lossy(p).into_owned();
             for (seq, payload) in &read {
-                let text = |p: &[u8]| String::from_utf8_lossy(p).into_owned();
                 let now = left.iter().find(|r| r.seq == *seq).map(|r| text(&r.payload));
                 prop_assert_eq!(now, Some(text(payload)), "read record {} was rewritten", seq);
             }
-            // Per series, the spans upstream and the spans waiting tile its
-            // time exactly: every window appended is in one of them, once.
-            let mut spans = acked.clone();
             let mut last_start = [i64::MIN; 3];
             for r in &left {
                 let v: serde_json::Value = serde_json::from_slice(&r.payload).unwrap();
-                let s = SERIES.iter().position(|s| v["series"] == *s).unwrap();
-                let (start, stop) = (v["start"].as_i64().unwrap(), v["end"].as_i64().unwrap());
-                // Waiting records stay in time order.
-                prop_assert!(start > last_start[s], "series {}: {}", SERIES[s], v);
-                last_start[s] = start;
-                spans[s].push((start, stop));
-                // Statistics of every value the merged windows held.
-                let values: Vec<f64> = (start / 1000..stop / 1000)
+                let (s, windows) = windows_of(&r.payload);
+                // Waiting records of a series stay in time order.
+                prop_assert!(windows.start > last_start[s], "series {}: {}", SERIES[s], v);
+                last_start[s] = windows.start;
+                // Exactly the readings of the windows its span says.
+                let values: Vec<f64> = windows
+                    .clone()
                     .flat_map(|i| (0..10).map(move |j| (100 * i + j) as f64))
                     .collect();
                 let mean = values.iter().sum::<f64>() / values.len() as f64;
-                prop_assert_eq!(v["count"].as_u64().unwrap() as usize, values.len());
+                prop_assert_eq!(v["count"].as_u64().unwrap() as usize, values.len(), "{}", v);
                 prop_assert!((v["mean"].as_f64().unwrap() - mean).abs() < 1e-9, "{}", v);
                 prop_assert_eq!(v["min"].as_f64().unwrap(), values[0]);
                 prop_assert_eq!(v["max"].as_f64().unwrap(), *values.last().unwrap());
             }
-            for (s, spans) in spans.iter_mut().enumerate() {
-                spans.sort();
-                let mut end = 0;
-                for &(start, stop) in spans.iter() {
-                    prop_assert_eq!(start, end, "series {}: {:?}", SERIES[s], spans);
-                    end = stop;
+            // Every window appended: upstream, waiting or dropped, once.
+            let up = window_counts(upstream.iter().map(Vec::as_slice));
+            let waiting = window_counts(left.iter().map(|r| r.payload.as_slice()));
+            for s in 0..3 {
+                for w in 0..appended[s] as usize {
+                    let n = [&up[s], &waiting[s], &dropped[s]]
+                        .iter()
+                        .map(|c| c.get(w).copied().unwrap_or(0))
+                        .sum::<u32>();
+                    prop_assert_eq!(n, 1, "series {} window {}", SERIES[s], w);
                 }
-                prop_assert_eq!(end, appended[s] * 1000, "series {}: {:?}", SERIES[s], spans);
             }
         }
         drop(outbox);
-        let _ = std::fs::remove_dir_all(path.parent().unwrap());
     }
 }
