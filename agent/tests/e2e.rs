@@ -9,12 +9,13 @@ use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde_json::Value;
 use sluice_tests::{Broker, Publisher, WAIT, http_get, metric, now_ms};
 
-fn temp_file(name: &str, text: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("sluice-e2e-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join(name);
+/// `text` in a file `name` in a fresh directory (removed when the guard
+/// drops).
+fn temp_file(name: &str, text: &str) -> (sluice_tests::TempDir, std::path::PathBuf) {
+    let dir = sluice_tests::temp_dir("e2e");
+    let path = dir.path().join(name);
     std::fs::write(&path, text).unwrap();
-    path
+    (dir, path)
 }
 
 /// The agent, killed if the test ends without stopping it.
@@ -123,7 +124,7 @@ fn reading(sensor: &str, ts: i64, value: f64) -> String {
 async fn exact_aggregates_alert_raise_and_clear_and_a_clean_sigterm() {
     let broker = Broker::start("e2e");
     let metrics_port = sluice_tests::free_port();
-    let config = temp_file(
+    let (_dir, config) = temp_file(
         "e2e.toml",
         &format!(
             r#"
@@ -375,7 +376,7 @@ async fn subscribe_retained(port: u16, topic: &str) -> Value {
 
 #[test]
 fn a_config_error_names_the_key_and_the_line_and_fails() {
-    let config = temp_file(
+    let (_dir, config) = temp_file(
         "bad.toml",
         "agent_id = \"x\"\n[sources.u]\nkind = \"udp\"\nbind = \"127.0.0.1:0\"\n[[rules]]\nmatch = \"*\"\nwindow = { kind = \"tumbling\", size_ms = -5 }\n[output]\nconsole = true\n",
     );
@@ -477,7 +478,7 @@ listen = "127.0.0.1:{metrics_port}"
 async fn sighup_changes_a_threshold_keeps_series_state_and_refuses_a_bad_file() {
     let broker = Broker::start("hup");
     let metrics_port = sluice_tests::free_port();
-    let config = temp_file("hup.toml", &reload_config(broker.port, metrics_port, 100.0));
+    let (_dir, config) = temp_file("hup.toml", &reload_config(broker.port, metrics_port, 100.0));
     let got = subscribe(broker.port, "sluice/hup/#").await;
     let mut agent = Agent::start(&config);
     let publisher = Publisher::connect(broker.port, "hup-publisher");
@@ -583,7 +584,7 @@ async fn sighup_changes_a_threshold_keeps_series_state_and_refuses_a_bad_file() 
 #[test]
 fn sigterm_is_bounded_when_the_output_broker_is_gone() {
     let (udp, dead) = (sluice_tests::free_port(), sluice_tests::free_port());
-    let config = temp_file(
+    let (_dir, config) = temp_file(
         "dead.toml",
         &format!(
             "agent_id = \"dead\"\n[sources.u]\nkind = \"udp\"\nbind = \"127.0.0.1:{udp}\"\n[[rules]]\nmatch = \"*\"\nwindow = {{ kind = \"count\", size = 1 }}\n[output.mqtt]\nhost = \"127.0.0.1\"\nport = {dead}\n"

@@ -579,7 +579,10 @@ fn a_file_from_an_earlier_release_is_upgraded_in_place() {
     assert_eq!(marks(&outbox), [("old".into(), 1000)]);
     // The old record is still there, and appends go on after it.
     assert_eq!(outbox.peek(0, 10).unwrap()[0].payload, b"{}");
-    assert_eq!(outbox.append(&[("t".into(), b"{}".to_vec())], 2).unwrap(), [2]);
+    assert_eq!(
+        outbox.append(&[("t".into(), b"{}".to_vec())], 2).unwrap(),
+        [2]
+    );
     outbox.commit(&[], &[("new".into(), 2000)], &[], 1).unwrap();
     // The only worker saves: both marks predate it.
     outbox.commit(&[], &[], &[(0, vec![0])], 2).unwrap();
