@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
-# Builds sluice_<version>-1_{amd64,arm64,armhf}.deb into target/debian/ with
-# cargo-deb (metadata in agent/Cargo.toml), then sets Depends to what the
-# packaged binary really needs: libc6 at least the newest GLIBC_ symbol
+# Builds sluice_<version>-1_{amd64,arm64,armhf}.deb into target/debian/: the
+# binary with cargo-zigbuild against glibc $SLUICE_GLIBC (default 2.28, so
+# that Debian 10/11 and Raspberry Pi OS buster/bullseye can install it), the
+# package with cargo-deb (metadata in agent/Cargo.toml); then sets Depends to
+# what the packaged binary really needs: libc6 at least the newest GLIBC_ symbol
 # version it links against (for cross builds, dpkg-shlibdeps would claim the
 # build host's libc6 instead), libgcc-s1 likewise, and procps (the unit's
 # ExecReload runs /bin/kill).
 #
 #   packaging/deb/build.sh [TARGET ...]   (default: all three)
 #
-# Needs cargo-deb (cargo install cargo-deb --locked) and, for the ARM
-# targets, Debian's cross toolchains (see packaging/cross/README.md).
+# Needs cargo-deb and cargo-zigbuild (cargo install --locked cargo-deb
+# cargo-zigbuild) and zig (pip install ziglang); see packaging/cross/README.md.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -18,8 +20,14 @@ if [ ${#targets[@]} -eq 0 ]; then
     targets=(x86_64-unknown-linux-gnu aarch64-unknown-linux-gnu armv7-unknown-linux-gnueabihf)
 fi
 
+glibc_floor="${SLUICE_GLIBC:-2.28}"
+for tool in cargo-deb cargo-zigbuild; do
+    command -v "$tool" >/dev/null || { echo "error: $tool not found: cargo install --locked $tool" >&2; exit 1; }
+done
+
 for target in "${targets[@]}"; do
-    deb=$(cargo deb -p sluice --profile dist --target "$target" | tail -n 1)
+    cargo zigbuild -p sluice --bin sluice --profile dist --target "$target.$glibc_floor"
+    deb=$(cargo deb -p sluice --profile dist --target "$target" --no-build | tail -n 1)
     work=$(mktemp -d)
     dpkg-deb -R "$deb" "$work"
     bin="$work/usr/bin/sluice"
