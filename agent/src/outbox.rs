@@ -9,7 +9,9 @@
 //! * No replay and no gap after a restart: the backlog is exactly the
 //!   committed, unacknowledged records, sent again in `seq` order.
 //! * Bounded: at most `max_records` records and about `max_bytes` of
-//!   payload; past that the oldest records are dropped, and counted.
+//!   payload; past that the oldest records are dropped, or first merged
+//!   into coarser windows (`on_full = "downsample"`; see `fn downsample`),
+//!   and counted. A merge never loses or double-counts a reading.
 //! * A damaged file never causes a crash loop: it is detected at open and
 //!   moved aside (or, if so configured, the agent refuses to start).
 //!
