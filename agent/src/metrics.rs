@@ -113,6 +113,12 @@ pub fn render(r: &Running) -> String {
         &mut src(|s| s.disconnects.load(Relaxed).to_string()).into_iter(),
     );
     family(
+        "sluice_source_kernel_drops_total",
+        "counter",
+        "Datagrams the kernel dropped before a UDP source could read them (full receive buffer).",
+        &mut src(|s| s.kernel_drops.load(Relaxed).to_string()).into_iter(),
+    );
+    family(
         "sluice_event_time_skew_ms",
         "gauge",
         "Ingest time minus event time of the latest reading.",

@@ -99,6 +99,10 @@ pub struct SourceStats {
     pub connects: AtomicU64,
     /// Times the connection or device failed.
     pub disconnects: AtomicU64,
+    /// Datagrams the kernel dropped before the source could read them (a
+    /// full UDP receive buffer): the socket's own drop count (`SO_MEMINFO`),
+    /// read after each batch. Always 0 for other sources.
+    pub kernel_drops: AtomicU64,
     /// Ingest time minus event time of the latest reading, ms (the sender's
     /// clock skew plus transit time).
     pub skew_ms: AtomicI64,

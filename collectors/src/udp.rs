@@ -7,10 +7,17 @@
 //! flush. Datagrams longer than `max_datagram` are refused (the kernel
 //! truncates them, so they could not be decoded anyway), and so are datagrams
 //! from senders outside the allow-list.
+//!
+//! A flood the source cannot keep up with fills the socket's receive buffer,
+//! and the kernel drops what does not fit. The source reads the socket's
+//! drop count after each batch (`SO_MEMINFO`, Linux), so that those losses
+//! are counted (`kernel_drops`) and logged too.
 
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Instant;
 
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
@@ -84,6 +91,9 @@ pub struct UdpSource {
     decoder: JsonDecoder,
     handoff: Handoff,
     log: RateLimitedLog,
+    name: String,
+    /// When kernel drops were last logged, and the count then.
+    drops_logged: (Option<Instant>, u64),
 }
 
 impl UdpSource {
@@ -97,7 +107,57 @@ impl UdpSource {
             settings,
             handoff,
             log: RateLimitedLog::new(name, LOG_INTERVAL),
+            name: name.to_owned(),
+            drops_logged: (None, 0),
         })
+    }
+
+    /// Datagrams the kernel has dropped at this socket since it was bound
+    /// (`None` where the system cannot tell).
+    #[cfg(target_os = "linux")]
+    fn socket_drops(&self) -> Option<u64> {
+        use std::os::fd::AsRawFd;
+        let mut info = [0u32; libc::SK_MEMINFO_DROPS as usize + 1];
+        let mut len = std::mem::size_of_val(&info) as libc::socklen_t;
+        // SAFETY: the fd is this source's open socket; getsockopt writes at
+        // most `len` bytes (the size of `info`, which we own) and stores the
+        // length written in `len`.
+        let rc = unsafe {
+            libc::getsockopt(
+                self.socket.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_MEMINFO,
+                info.as_mut_ptr().cast(),
+                &mut len,
+            )
+        };
+        let needed = (libc::SK_MEMINFO_DROPS as usize + 1) * std::mem::size_of::<u32>();
+        (rc == 0 && len as usize >= needed)
+            .then(|| u64::from(info[libc::SK_MEMINFO_DROPS as usize]))
+    }
+
+    #[cfg(not(target_os = "linux"))]
+    fn socket_drops(&self) -> Option<u64> {
+        None
+    }
+
+    /// Counts the kernel's drops at this socket; logs growth at most once
+    /// per `LOG_INTERVAL`.
+    fn count_kernel_drops(&mut self) {
+        let Some(drops) = self.socket_drops() else {
+            return;
+        };
+        self.handoff.stats().kernel_drops.store(drops, Relaxed);
+        let (last, logged) = self.drops_logged;
+        if drops > logged && last.is_none_or(|t| t.elapsed() >= LOG_INTERVAL) {
+            tracing::warn!(
+                source = %self.name,
+                dropped = drops - logged,
+                total = drops,
+                "the UDP receive buffer overflowed: the kernel dropped datagrams the source could not read in time (raise net.core.rmem_default, or lower the rate)"
+            );
+            self.drops_logged = (Some(Instant::now()), drops);
+        }
     }
 
     /// The address actually bound (the port, when `bind` asked for port 0).
@@ -177,5 +237,6 @@ impl UdpSource {
             }
         }
         self.handoff.flush();
+        self.count_kernel_drops();
     }
 }

@@ -179,3 +179,37 @@ async fn senders_outside_the_allow_list_are_refused() {
     .await;
     shutdown.cancel();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn datagrams_the_kernel_drops_from_a_full_buffer_are_counted() {
+    // The source is bound but not reading yet: a burst overflows the
+    // socket's receive buffer and the kernel drops the rest.
+    let (handoff, mut rx, stats) = one_lane(4096, ShedPolicy::DropNewest { high_water: 4096 });
+    let source = UdpSource::bind(
+        "udp-drops",
+        UdpSettings::new("127.0.0.1:0".parse().unwrap()),
+        handoff,
+    )
+    .await
+    .unwrap();
+    let addr = source.local_addr().unwrap();
+    let tx = sender().await;
+    let sent = 5_000u64;
+    for i in 0..sent {
+        tx.send_to(w1(&format!("s-{}", i % 10), 1.0).as_bytes(), addr)
+            .await
+            .unwrap();
+    }
+    let shutdown = CancellationToken::new();
+    tokio::spawn(source.run(shutdown.clone()));
+    // Every datagram sent is either read or counted as dropped by the kernel
+    // (loopback loses nothing else).
+    wait_for("every datagram read or counted as dropped", WAIT, || {
+        stats.messages.load(Relaxed) + stats.kernel_drops.load(Relaxed) == sent
+    })
+    .await;
+    let drops = stats.kernel_drops.load(Relaxed);
+    assert!(drops > 0, "the burst did not overflow the buffer");
+    assert_eq!(drain(&mut rx).len() as u64, sent - drops);
+    shutdown.cancel();
+}
