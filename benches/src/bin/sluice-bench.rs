@@ -87,6 +87,11 @@ struct Args {
     /// Length of the burst.
     #[arg(long, default_value_t = 3)]
     burst_seconds: u64,
+    /// Send the burst as UDP datagrams to a UDP source of the agent, from
+    /// one sender thread, instead of through the broker: the broker is then
+    /// not the limit, and the agent itself can be overloaded.
+    #[arg(long)]
+    burst_udp: bool,
     /// Exit non-zero unless the counts are right: every reading the agent
     /// processed is in an aggregate, none shed, and every spike after the
     /// warm-up raised an alert (for CI; never asserts on timings).
@@ -131,6 +136,14 @@ struct Burst {
     extra_rate: f64,
     rss_before_kib: u64,
     rss_during_and_after_kib: u64,
+    /// Readings the agent shed (all of the run; none before the burst).
+    shed: u64,
+    /// With --burst-udp: datagrams the kernel dropped because the agent's
+    /// socket buffer was full, as the agent counted them
+    /// (`sluice_source_kernel_drops_total`) and as the system did (`Udp:
+    /// RcvbufErrors` in /proc/net/snmp, during the burst).
+    kernel_drops: u64,
+    kernel_drops_system: u64,
     /// Alert latency (spike → alert) by when the spike was sent.
     alert_before: Percentiles,
     alert_during: Percentiles,
@@ -457,6 +470,53 @@ listen = "127.0.0.1:{metrics}"
 stats_interval_s = 0
 "#;
 
+/// Sends `rate` readings a second (event time now, no spikes, sensors in
+/// turn) as UDP datagrams to 127.0.0.1:`port` for `duration`, paced every
+/// 200 µs; returns how many it sent. Behind schedule it sends what is due
+/// at once: the rate is the target's unless this thread cannot keep up.
+fn udp_burst(port: u16, rate: u64, sensors: u32, duration: Duration) -> u64 {
+    use std::fmt::Write;
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("udp socket");
+    socket.connect(("127.0.0.1", port)).expect("udp connect");
+    let mut rng = SplitMix64::new(0xb0_57);
+    let (start, mut sent, mut line) = (Instant::now(), 0u64, String::with_capacity(96));
+    while start.elapsed() < duration {
+        let due = (start.elapsed().as_secs_f64() * rate as f64) as u64;
+        let ts = epoch_us() / 1000;
+        while sent < due {
+            let sensor = sent % u64::from(sensors.max(1));
+            let value = 20.0 + (sensor % 10) as f64 + rng.next_f64() * 2.0 - 1.0;
+            line.clear();
+            let _ = write!(
+                line,
+                r#"{{"sensor":"s-{sensor:04}","ts":{ts},"value":{value:.3}}}"#
+            );
+            // A full socket buffer drops it in the kernel (counted there);
+            // ECONNREFUSED from an earlier datagram is nothing to stop for.
+            let _ = socket.send(line.as_bytes());
+            sent += 1;
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    sent
+}
+
+/// `Udp: RcvbufErrors` from /proc/net/snmp: datagrams dropped because a
+/// socket's receive buffer was full (0 if unreadable).
+fn udp_rcvbuf_errors() -> u64 {
+    let snmp = std::fs::read_to_string("/proc/net/snmp").unwrap_or_default();
+    let mut udp = snmp.lines().filter(|l| l.starts_with("Udp:"));
+    let (Some(names), Some(values)) = (udp.next(), udp.next()) else {
+        return 0;
+    };
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(name, _)| *name == "RcvbufErrors")
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(0)
+}
+
 fn metric(port: u16, name: &str) -> u64 {
     sluice_tests::metric(port, name).unwrap_or(0)
 }
@@ -508,6 +568,11 @@ async fn through_agent(w: Workload, port: u16, args: &Args, agent_bin: &Path) ->
         .replace("{port}", &port.to_string())
         .replace("{metrics}", &metrics_port.to_string())
         .replace("{pid}", &std::process::id().to_string());
+    // The UDP burst's source.
+    let udp_port = sluice_tests::free_port();
+    if args.burst_udp {
+        text += &format!("[sources.burst]\nkind = \"udp\"\nbind = \"127.0.0.1:{udp_port}\"\n");
+    }
     // W3: an upstream broker, an outbox, and a persistent-session
     // subscriber upstream that sees every seq the uplink got acknowledged.
     let upstream = args
@@ -700,8 +765,10 @@ async fn through_agent(w: Workload, port: u16, args: &Args, agent_bin: &Path) ->
             (up, peak, watching, watch, at_restart, drain_seconds)
         })
     });
-    // The overload burst: extra publishers at (factor − 1) × the rate.
+    // The overload burst: extra publishers (or one UDP sender) at
+    // (factor − 1) × the rate.
     let burst_at = w.duration / 3;
+    let burst_udp = args.burst_udp;
     let burst_task = args.burst_factor.map(|factor| {
         let extra = Workload {
             rate: w.rate * (factor.max(2) - 1),
@@ -718,12 +785,23 @@ async fn through_agent(w: Workload, port: u16, args: &Args, agent_bin: &Path) ->
                 epoch_start_us: epoch_us(),
                 ..extra
             };
-            let sent = publish_all(&extra, port, "sensors", &Spikes::default()).await;
+            let drops_before = udp_rcvbuf_errors();
+            let sent = if burst_udp {
+                let (rate, sensors, duration) = (extra.rate, extra.sensors, extra.duration);
+                tokio::task::spawn_blocking(move || udp_burst(udp_port, rate, sensors, duration))
+                    .await
+                    .expect("udp burst")
+            } else {
+                publish_all(&extra, port, "sensors", &Spikes::default())
+                    .await
+                    .readings
+            };
             (
                 extra.epoch_start_us,
                 epoch_us(),
-                sent.readings,
-                sent.readings as f64 / extra.start.elapsed().as_secs_f64(),
+                sent,
+                sent as f64 / extra.start.elapsed().as_secs_f64(),
+                udp_rcvbuf_errors().saturating_sub(drops_before),
             )
         })
     });
@@ -750,7 +828,9 @@ async fn through_agent(w: Workload, port: u16, args: &Args, agent_bin: &Path) ->
     let late = metric(metrics_port, "sluice_readings_late_total");
     let mut burst_outcome = None;
     if let (Some(task), Some(factor)) = (burst_task, args.burst_factor) {
-        let (from, to, extra_sent, extra_rate) = task.await.expect("burst task");
+        let (from, to, extra_sent, extra_rate, kernel_drops_system) =
+            task.await.expect("burst task");
+        let kernel_drops = metric(metrics_port, "sluice_source_kernel_drops_total");
         let times = alert_times.lock().unwrap().clone();
         let window = |lo: i64, hi: i64| {
             let mut h = histogram();
@@ -779,6 +859,9 @@ async fn through_agent(w: Workload, port: u16, args: &Args, agent_bin: &Path) ->
                 .map(|r| r.1)
                 .max()
                 .unwrap_or(0),
+            shed,
+            kernel_drops,
+            kernel_drops_system,
             alert_before: window(i64::MIN, from),
             alert_during: window(from, to),
             alert_first_2s_after: window(to, to + 2_000_000),
@@ -1016,6 +1099,10 @@ fn print_phase(label: &str, p: &Phase) {
             b.extra_rate,
             b.rss_before_kib as f64 / 1024.0,
             b.rss_during_and_after_kib as f64 / 1024.0
+        );
+        println!(
+            "    shed by the agent {}; dropped by the kernel from a full UDP socket buffer {} (the agent's count; the system's: {})",
+            b.shed, b.kernel_drops, b.kernel_drops_system
         );
         for (name, l) in [
             ("before", b.alert_before),
