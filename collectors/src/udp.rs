@@ -47,6 +47,13 @@ pub struct UdpSettings {
     /// Datagrams drained per wake-up. Default 64.
     #[serde(default = "default_batch")]
     pub batch: usize,
+    /// Receive buffer to ask the kernel for, in bytes (`SO_RCVBUF`): a larger
+    /// one rides out a longer burst before the kernel drops datagrams (see
+    /// `kernel_drops`). The kernel caps it at `net.core.rmem_max`, and the
+    /// source logs when it did. Default: the system's
+    /// (`net.core.rmem_default`, often 208 KiB).
+    #[serde(default)]
+    pub recv_buffer: Option<usize>,
     /// Where the fields of a reading are.
     #[serde(default)]
     pub json: JsonMapping,
@@ -68,6 +75,7 @@ impl UdpSettings {
             max_datagram: default_max_datagram(),
             allow: Vec::new(),
             batch: default_batch(),
+            recv_buffer: None,
             json: JsonMapping::default(),
         }
     }
@@ -79,6 +87,12 @@ impl UdpSettings {
         }
         if self.batch == 0 {
             return Err("batch must be >= 1".into());
+        }
+        if self
+            .recv_buffer
+            .is_some_and(|b| !(4096..=1 << 30).contains(&b))
+        {
+            return Err("recv_buffer must be 4096..=1073741824 bytes".into());
         }
         self.json.validate().map_err(|e| format!("json.{e}"))
     }
@@ -99,7 +113,31 @@ pub struct UdpSource {
 impl UdpSource {
     /// Binds the socket. Readings go to `handoff`.
     pub async fn bind(name: &str, settings: UdpSettings, handoff: Handoff) -> io::Result<Self> {
-        let socket = UdpSocket::bind(settings.bind).await?;
+        let socket = match settings.recv_buffer {
+            None => UdpSocket::bind(settings.bind).await?,
+            Some(size) => {
+                let socket = socket2::Socket::new(
+                    socket2::Domain::for_address(settings.bind),
+                    socket2::Type::DGRAM,
+                    Some(socket2::Protocol::UDP),
+                )?;
+                socket.set_recv_buffer_size(size)?;
+                socket.bind(&settings.bind.into())?;
+                socket.set_nonblocking(true)?;
+                // Linux reports twice what it grants (the other half is its
+                // bookkeeping).
+                let granted = socket.recv_buffer_size()? / 2;
+                if granted < size {
+                    tracing::warn!(
+                        source = name,
+                        asked = size,
+                        granted,
+                        "recv_buffer capped by the kernel (raise net.core.rmem_max)"
+                    );
+                }
+                UdpSocket::from_std(socket.into())?
+            }
+        };
         add(&handoff.stats().connects, 1);
         Ok(Self {
             socket,
@@ -163,6 +201,12 @@ impl UdpSource {
     /// The address actually bound (the port, when `bind` asked for port 0).
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
         self.socket.local_addr()
+    }
+
+    /// The socket's receive buffer, in bytes, as the kernel reports it
+    /// (on Linux, twice what it granted).
+    pub fn recv_buffer_size(&self) -> io::Result<usize> {
+        socket2::SockRef::from(&self.socket).recv_buffer_size()
     }
 
     /// The source's counters.

@@ -213,3 +213,49 @@ async fn datagrams_the_kernel_drops_from_a_full_buffer_are_counted() {
     assert_eq!(drain(&mut rx).len() as u64, sent - drops);
     shutdown.cancel();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recv_buffer_asks_the_kernel_for_a_larger_buffer() {
+    let rmem_max: usize = std::fs::read_to_string("/proc/sys/net/core/rmem_max")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let mut settings = UdpSettings::new("127.0.0.1:0".parse().unwrap());
+    let want = 1 << 20;
+    settings.recv_buffer = Some(want);
+    settings.validate().unwrap();
+    let (handoff, _rx, _stats) = one_lane(64, ShedPolicy::DropNewest { high_water: 64 });
+    let source = UdpSource::bind("udp-rcvbuf", settings.clone(), handoff)
+        .await
+        .unwrap();
+    // Linux grants up to net.core.rmem_max and reports twice the grant.
+    assert_eq!(source.recv_buffer_size().unwrap(), 2 * want.min(rmem_max));
+    // The source still receives.
+    let addr = source.local_addr().unwrap();
+    let (handoff, mut rx, stats) = one_lane(64, ShedPolicy::DropNewest { high_water: 64 });
+    drop(source);
+    let source = UdpSource::bind(
+        "udp-rcvbuf",
+        UdpSettings {
+            bind: addr,
+            ..settings.clone()
+        },
+        handoff,
+    )
+    .await
+    .unwrap();
+    let shutdown = CancellationToken::new();
+    tokio::spawn(source.run(shutdown.clone()));
+    sender()
+        .await
+        .send_to(w1("s-1", 1.0).as_bytes(), addr)
+        .await
+        .unwrap();
+    wait_for("the reading", WAIT, || stats.delivered.load(Relaxed) == 1).await;
+    assert_eq!(drain(&mut rx).len(), 1);
+    shutdown.cancel();
+    // Out of range: refused by validate, naming the key.
+    settings.recv_buffer = Some(100);
+    assert!(settings.validate().unwrap_err().contains("recv_buffer"));
+}

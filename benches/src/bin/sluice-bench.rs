@@ -92,6 +92,10 @@ struct Args {
     /// not the limit, and the agent itself can be overloaded.
     #[arg(long)]
     burst_udp: bool,
+    /// With --burst-udp: the UDP source's `recv_buffer`, bytes (default:
+    /// the system's).
+    #[arg(long)]
+    burst_recv_buffer: Option<usize>,
     /// Exit non-zero unless the counts are right: every reading the agent
     /// processed is in an aggregate, none shed, and every spike after the
     /// warm-up raised an alert (for CI; never asserts on timings).
@@ -572,6 +576,9 @@ async fn through_agent(w: Workload, port: u16, args: &Args, agent_bin: &Path) ->
     let udp_port = sluice_tests::free_port();
     if args.burst_udp {
         text += &format!("[sources.burst]\nkind = \"udp\"\nbind = \"127.0.0.1:{udp_port}\"\n");
+        if let Some(size) = args.burst_recv_buffer {
+            text += &format!("recv_buffer = {size}\n");
+        }
     }
     // W3: an upstream broker, an outbox, and a persistent-session
     // subscriber upstream that sees every seq the uplink got acknowledged.
