@@ -105,15 +105,7 @@ fn writer_child() {
     let Ok(path) = std::env::var("SLUICE_OUTBOX_CHILD") else {
         return;
     };
-    let mut outbox = Outbox::open(
-        path.as_ref(),
-        Durability::Normal,
-        OnCorrupt::Refuse,
-        u64::MAX,
-        u64::MAX,
-    )
-    .unwrap()
-    .0;
+    let mut outbox = open(path.as_ref(), u64::MAX);
     let mut n = 0u64;
     loop {
         let batch: Vec<(String, Vec<u8>)> = (0..17)
@@ -466,18 +458,7 @@ fn downsampling_keeps_every_reading_in_coarser_windows() {
 #[test]
 fn appends_and_acks_on_two_connections_never_fail_busy() {
     let (_dir, path) = temp_db("busy");
-    let open = || {
-        Outbox::open(
-            &path,
-            Durability::Normal,
-            OnCorrupt::Refuse,
-            u64::MAX,
-            u64::MAX,
-        )
-        .unwrap()
-        .0
-    };
-    let (mut writer, mut reader) = (open(), open());
+    let (mut writer, mut reader) = (open(&path, u64::MAX), open(&path, u64::MAX));
     let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let appender = {
         let done = done.clone();
