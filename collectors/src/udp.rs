@@ -11,7 +11,8 @@
 //! A flood the source cannot keep up with fills the socket's receive buffer,
 //! and the kernel drops what does not fit. The source reads the socket's
 //! drop count after each batch (`SO_MEMINFO`, Linux), so that those losses
-//! are counted (`kernel_drops`) and logged too.
+//! are counted (`kernel_drops`) and logged too; `recv_buffer` enlarges the
+//! buffer.
 
 use std::io;
 use std::net::SocketAddr;
@@ -192,7 +193,7 @@ impl UdpSource {
                 source = %self.name,
                 dropped = drops - logged,
                 total = drops,
-                "the UDP receive buffer overflowed: the kernel dropped datagrams the source could not read in time (raise net.core.rmem_default, or lower the rate)"
+                "the UDP receive buffer overflowed: the kernel dropped datagrams the source could not read in time (raise the source's recv_buffer, or lower the rate)"
             );
             self.drops_logged = (Some(Instant::now()), drops);
         }
