@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use rumqttc::QoS;
 use serde_json::Value;
 use sluice_tests::{Broker, WAIT, free_port, metric, now_ms, start_agent, wait_until};
 
@@ -35,29 +35,14 @@ fn terminate(agent: &mut Child) {
 /// Everything the upstream broker receives under `sluice/<agent>/#`.
 async fn upstream(port: u16, agent: &str) -> Arc<Mutex<Vec<Value>>> {
     let got = Arc::new(Mutex::new(Vec::new()));
-    let mut options = MqttOptions::new(format!("{agent}-upstream-sub"), "127.0.0.1", port);
-    options.set_max_packet_size(1 << 20, 1 << 20);
-    let (client, mut events) = AsyncClient::new(options, 256);
-    client
-        .subscribe(format!("sluice/{agent}/#"), QoS::AtLeastOnce)
-        .await
-        .unwrap();
     let sink = got.clone();
-    tokio::spawn(async move {
-        let _client = client;
-        loop {
-            match events.poll().await {
-                Ok(Event::Incoming(Packet::Publish(p))) => {
-                    sink.lock()
-                        .unwrap()
-                        .push(serde_json::from_slice(&p.payload).unwrap());
-                }
-                Ok(_) => {}
-                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-            }
-        }
-    });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (id, filter) = (format!("{agent}-upstream-sub"), format!("sluice/{agent}/#"));
+    sluice_tests::subscribe(port, &id, &filter, QoS::AtLeastOnce, true, move |p| {
+        sink.lock()
+            .unwrap()
+            .push(serde_json::from_slice(&p.payload).unwrap());
+    })
+    .await;
     got
 }
 
@@ -112,8 +97,8 @@ fn send(socket: &UdpSocket, port: u16, sensor: &str, ts: i64, value: f64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_keeps_open_windows_and_anomaly_baselines() {
     let broker = Broker::start("cp-upstream");
-    let dir = std::env::temp_dir().join(format!("sluice-cp-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let tmp = sluice_tests::temp_dir("cp");
+    let dir = tmp.path().to_path_buf();
     let (udp, metrics) = (free_port(), free_port());
     let rules = r#"
 [[rules]]
@@ -179,14 +164,13 @@ anomaly = { alpha = 0.1, k = 4.0, warmup = 40 }
             .any(|v| v["state"] == "raised" && v["value"] == 100.0),
         "{got:?}"
     );
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_twenty_times_under_load_loses_no_committed_seq_and_reports_no_window_twice() {
     let broker = Broker::start("crash-upstream");
-    let dir = std::env::temp_dir().join(format!("sluice-crash-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let tmp = sluice_tests::temp_dir("crash");
+    let dir = tmp.path().to_path_buf();
     let (udp, metrics) = (free_port(), free_port());
     let rules = r#"
 [[rules]]
@@ -298,5 +282,4 @@ anomaly = { alpha = 0.05, k = 3.0, warmup = 20 }
         windows.len(),
         got.iter().filter(|v| v["seq"].as_i64().is_some()).count() - seqs.len()
     );
-    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -83,24 +83,20 @@ type Received = Arc<Mutex<Vec<(String, Value, bool)>>>;
 /// Subscribes to `filter` and collects (topic, JSON, retained) triples.
 async fn subscribe(port: u16, filter: &str) -> Received {
     let got = Arc::new(Mutex::new(Vec::new()));
-    let options = MqttOptions::new("e2e-subscriber", "127.0.0.1", port);
-    let (client, mut events) = AsyncClient::new(options, 64);
-    client.subscribe(filter, QoS::AtLeastOnce).await.unwrap();
     let sink = got.clone();
-    tokio::spawn(async move {
-        let _client = client;
-        loop {
-            match events.poll().await {
-                Ok(Event::Incoming(Packet::Publish(p))) => {
-                    if let Ok(v) = serde_json::from_slice::<Value>(&p.payload) {
-                        sink.lock().unwrap().push((p.topic.clone(), v, p.retain));
-                    }
-                }
-                Ok(_) => {}
-                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+    sluice_tests::subscribe(
+        port,
+        "e2e-subscriber",
+        filter,
+        QoS::AtLeastOnce,
+        true,
+        move |p| {
+            if let Ok(v) = serde_json::from_slice::<Value>(&p.payload) {
+                sink.lock().unwrap().push((p.topic.clone(), v, p.retain));
             }
-        }
-    });
+        },
+    )
+    .await;
     got
 }
 

@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 #[test]
 fn ready_watchdog_pings_and_stopping_reach_the_notify_socket() {
-    let dir = std::env::temp_dir().join(format!("sluice-notify-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let tmp = sluice_tests::temp_dir("notify");
+    let dir = tmp.path().to_path_buf();
     let socket_path = dir.join("notify.sock");
     let socket = UnixDatagram::bind(&socket_path).unwrap();
     socket
@@ -70,5 +70,4 @@ fn ready_watchdog_pings_and_stopping_reach_the_notify_socket() {
         }
     }
     assert!(agent.wait().unwrap().success());
-    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -232,6 +232,52 @@ impl Drop for Publisher {
     }
 }
 
+/// Subscribes to `filter` at `qos` on the broker at 127.0.0.1:`port` as
+/// client `id` and hands every message to `on_message`; returns once the broker has
+/// acknowledged the subscription (SUBACK), so that nothing published after
+/// it returns is missed. The client lives in a task until the test's
+/// runtime ends; after a lost connection it reconnects and subscribes again
+/// (with `clean_session = false` the broker keeps what arrives meanwhile).
+pub async fn subscribe(
+    port: u16,
+    id: &str,
+    filter: &str,
+    qos: rumqttc::QoS,
+    clean_session: bool,
+    mut on_message: impl FnMut(rumqttc::Publish) + Send + 'static,
+) {
+    use rumqttc::{Event, Packet};
+    let mut options = rumqttc::MqttOptions::new(id, "127.0.0.1", port);
+    options.set_clean_session(clean_session);
+    options.set_max_packet_size(1 << 20, 1 << 20);
+    let (client, mut events) = rumqttc::AsyncClient::new(options, 1024);
+    let (acked, subscribed) = tokio::sync::oneshot::channel();
+    let mut acked = Some(acked);
+    let topic_filter = filter.to_owned();
+    tokio::spawn(async move {
+        loop {
+            match events.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    // The request queue has room: it holds nothing else.
+                    let _ = client.try_subscribe(&topic_filter, qos);
+                }
+                Ok(Event::Incoming(Packet::SubAck(_))) => {
+                    if let Some(acked) = acked.take() {
+                        let _ = acked.send(());
+                    }
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) => on_message(p),
+                Ok(_) => {}
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    });
+    tokio::time::timeout(WAIT, subscribed)
+        .await
+        .unwrap_or_else(|_| panic!("no SUBACK for {filter:?} from the broker on port {port}"))
+        .expect("the subscriber task ended");
+}
+
 /// A CA named after `name`, and a server certificate for 127.0.0.1 and
 /// localhost signed by it, written as PEM files into `dir`: (CA, certificate,
 /// key). Generated at test time with rcgen.
