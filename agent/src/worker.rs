@@ -219,6 +219,88 @@ impl Windows {
     }
 }
 
+/// The sending side of a worker.
+struct Emitter {
+    /// Aggregates, checkpoints and stats, in order. Its room
+    /// (`record_queue` in `pipeline.rs`) holds a window boundary's
+    /// aggregates: every series closes its window within one tick, 10,000
+    /// records at once, more than the output drains in that time. They wait
+    /// there while the worker goes on taking readings and raising alerts;
+    /// only a full channel makes the worker wait.
+    out: mpsc::Sender<Record>,
+    /// Where alerts go (ahead of other records; see `output::run`).
+    alerts: mpsc::Sender<Record>,
+    stats: Arc<WorkerStats>,
+}
+
+impl Emitter {
+    /// Hands a record to the output task, waiting for room if its channel
+    /// is full.
+    fn send(&self, record: Record) {
+        let channel = match record {
+            Record::Alert(_) => &self.alerts,
+            _ => &self.out,
+        };
+        let record = match channel.try_send(record) {
+            Ok(()) => return,
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                self.stats.output_closed.fetch_add(1, Relaxed);
+                return;
+            }
+            Err(mpsc::error::TrySendError::Full(record)) => record,
+        };
+        // Waiting on a slow output (a full disk, say) is back-pressure, not
+        // a stall: the watchdog does not count it against the heartbeat.
+        self.stats.waiting_on_output.store(true, Relaxed);
+        if channel.blocking_send(record).is_err() {
+            self.stats.output_closed.fetch_add(1, Relaxed);
+        }
+        self.stats.waiting_on_output.store(false, Relaxed);
+    }
+}
+
+/// The record of a closed window of `series`, whose state was built by
+/// rule `rule` of `rules`.
+fn aggregate(agent: &Arc<str>, rules: &Rules, series: &str, rule: usize, done: Done) -> Record {
+    let a = &done.closed.acc;
+    let levels = &rules.config(rule).quantiles;
+    let quantiles = done.quantiles.filter(|_| !levels.is_empty()).map(|q| {
+        levels
+            .iter()
+            .filter_map(|&level| {
+                let name = format!("p{}", (level * 100_000.0).round() / 1000.0);
+                Some((name, q.quantile(level)?))
+            })
+            .collect()
+    });
+    Record::Aggregate(AggregateRecord {
+        agent: agent.clone(),
+        series: series.to_owned(),
+        start: done.closed.start,
+        end: done.closed.end,
+        count: a.count(),
+        sum: a.sum(),
+        mean: a.mean().unwrap_or(f64::NAN),
+        min: a.min().unwrap_or(f64::NAN),
+        max: a.max().unwrap_or(f64::NAN),
+        stddev: a.stddev(),
+        first: a.first().map_or(f64::NAN, |p| p.value),
+        last: a.last().map_or(f64::NAN, |p| p.value),
+        quantiles,
+        decaying: done.decaying.and_then(|d| {
+            Some(DecayingSummary {
+                mean: d.mean()?,
+                stddev: d.stddev()?,
+                sum: d.decaying_sum(),
+                weight: d.weight(),
+            })
+        }),
+        late: done.late,
+        partial: done.closed.partial,
+        sampled_one_in: (done.sampled_one_in > 1).then_some(done.sampled_one_in),
+    })
+}
+
 /// The current rules, replaced on reload; workers pick up a new generation.
 #[derive(Default)]
 pub struct RulesSlot {
@@ -255,9 +337,7 @@ pub struct Worker {
     /// its spare capacity costs little at 10,000 series.
     series: HashMap<SeriesKey, Box<Series>>,
     max_series: usize,
-    out: mpsc::Sender<Record>,
-    /// Where alerts go (ahead of other records; see `output::run`).
-    alerts: mpsc::Sender<Record>,
+    emit: Emitter,
     stats: Arc<WorkerStats>,
     /// This worker's index and checkpoint period, when checkpoints are on.
     checkpoints: Option<(usize, Duration)>,
@@ -280,8 +360,11 @@ impl Worker {
             slot,
             series: HashMap::new(),
             max_series,
-            alerts: out.clone(),
-            out,
+            emit: Emitter {
+                alerts: out.clone(),
+                out,
+                stats: stats.clone(),
+            },
             stats,
             checkpoints: None,
         }
@@ -289,7 +372,7 @@ impl Worker {
 
     /// Sends alerts to `alerts` instead of with the other records.
     pub fn with_alert_channel(mut self, alerts: mpsc::Sender<Record>) -> Worker {
-        self.alerts = alerts;
+        self.emit.alerts = alerts;
         self
     }
 
@@ -365,10 +448,11 @@ impl Worker {
     }
 
     /// Sends this worker's checkpoint to the store.
-    fn save(&self, index: usize) {
-        self.send(Record::Checkpoint {
+    fn save(&mut self, index: usize) {
+        let state = self.checkpoint();
+        self.emit.send(Record::Checkpoint {
             worker: index,
-            state: self.checkpoint(),
+            state,
         });
     }
 
@@ -438,71 +522,6 @@ impl Worker {
         }
     }
 
-    fn send(&self, record: Record) {
-        // Waiting on a slow output (a full disk, say) is back-pressure, not
-        // a stall: the watchdog does not count it against the heartbeat.
-        self.stats.waiting_on_output.store(true, Relaxed);
-        let channel = match record {
-            Record::Alert(_) => &self.alerts,
-            _ => &self.out,
-        };
-        if channel.blocking_send(record).is_err() {
-            self.stats.output_closed.fetch_add(1, Relaxed);
-        }
-        self.stats.waiting_on_output.store(false, Relaxed);
-    }
-
-    /// The record of a closed window of `series`, whose state was built by
-    /// rule `rule` of `rules`.
-    fn aggregate(&self, rules: &Rules, series: &str, rule: usize, done: Done) -> Record {
-        let a = &done.closed.acc;
-        let levels = &rules.config(rule).quantiles;
-        let quantiles = done.quantiles.filter(|_| !levels.is_empty()).map(|q| {
-            levels
-                .iter()
-                .filter_map(|&level| {
-                    let name = format!("p{}", (level * 100_000.0).round() / 1000.0);
-                    Some((name, q.quantile(level)?))
-                })
-                .collect()
-        });
-        Record::Aggregate(AggregateRecord {
-            agent: self.agent.clone(),
-            series: series.to_owned(),
-            start: done.closed.start,
-            end: done.closed.end,
-            count: a.count(),
-            sum: a.sum(),
-            mean: a.mean().unwrap_or(f64::NAN),
-            min: a.min().unwrap_or(f64::NAN),
-            max: a.max().unwrap_or(f64::NAN),
-            stddev: a.stddev(),
-            first: a.first().map_or(f64::NAN, |p| p.value),
-            last: a.last().map_or(f64::NAN, |p| p.value),
-            quantiles,
-            decaying: done.decaying.and_then(|d| {
-                Some(DecayingSummary {
-                    mean: d.mean()?,
-                    stddev: d.stddev()?,
-                    sum: d.decaying_sum(),
-                    weight: d.weight(),
-                })
-            }),
-            late: done.late,
-            partial: done.closed.partial,
-            sampled_one_in: (done.sampled_one_in > 1).then_some(done.sampled_one_in),
-        })
-    }
-
-    /// Sends the records of closed windows: `(series, rule, window)`, the
-    /// rule being an index into `rules`.
-    fn send_closed(&self, rules: &Rules, closed: Vec<(SeriesKey, usize, Done)>) {
-        for (key, rule, done) in closed {
-            let record = self.aggregate(rules, &key, rule, done);
-            self.send(record);
-        }
-    }
-
     /// Takes one reading, as [`Worker::run`] does for each reading it pops
     /// from its rings (public so that benchmarks can drive a worker).
     pub fn process(&mut self, reading: Reading) {
@@ -564,16 +583,12 @@ impl Worker {
             }
         }
         let caused = !records.is_empty() || !alerts.is_empty();
-        let rules = self.rules.clone();
-        self.send_closed(
-            &rules,
-            records
-                .into_iter()
-                .map(|d| (reading.series.clone(), rule, d))
-                .collect(),
-        );
+        for d in records {
+            let record = aggregate(&self.agent, &self.rules, &reading.series, rule, d);
+            self.emit.send(record);
+        }
         for a in alerts {
-            self.send(Record::Alert(a));
+            self.emit.send(Record::Alert(a));
         }
         if caused && let Ok(mut h) = self.stats.latency_ms.lock() {
             h.saturating_record(now_ms().saturating_sub(reading.ingest).max(1) as u64);
@@ -604,24 +619,27 @@ impl Worker {
             }
             s.rule = new;
         }
-        let mut closed = Vec::new();
+        let mut done = Vec::new();
         for key in gone {
             if let Some(mut s) = self.series.remove(&key)
                 && let Some(w) = &mut s.windows
             {
-                let mut done = Vec::new();
                 w.flush(&mut done);
-                closed.extend(done.into_iter().map(|d| (key.clone(), s.rule, d)));
+                // Their last records, under the rules that built them.
+                for d in done.drain(..) {
+                    self.emit
+                        .send(aggregate(&self.agent, &old, &key, s.rule, d));
+                }
             }
         }
         self.stats.series.store(self.series.len() as u64, Relaxed);
-        // Their last records, under the rules that built them.
-        self.send_closed(&old, closed);
     }
 
-    /// Closes the windows of series that have gone quiet.
+    /// Closes the windows of series that have gone quiet, sending each
+    /// record as it goes (not collecting them: at 10,000 series that list
+    /// was the agent's largest allocation).
     fn tick(&mut self, now: Timestamp) {
-        let mut closed = Vec::new();
+        let mut done = Vec::new();
         for (key, s) in &mut self.series {
             let Some(windows) = &mut s.windows else {
                 continue;
@@ -630,26 +648,26 @@ impl Worker {
             if idle <= 0 {
                 continue;
             }
-            let mut done = Vec::new();
             windows.advance_to(s.last_event.saturating_add(idle), &mut done);
-            closed.extend(done.into_iter().map(|d| (key.clone(), s.rule, d)));
+            for d in done.drain(..) {
+                self.emit
+                    .send(aggregate(&self.agent, &self.rules, key, s.rule, d));
+            }
         }
-        let rules = self.rules.clone();
-        self.send_closed(&rules, closed);
     }
 
     /// Closes every open window as partial (shutdown).
     fn flush(&mut self) {
-        let mut closed = Vec::new();
+        let mut done = Vec::new();
         for (key, s) in &mut self.series {
             if let Some(windows) = &mut s.windows {
-                let mut done = Vec::new();
                 windows.flush(&mut done);
-                closed.extend(done.into_iter().map(|d| (key.clone(), s.rule, d)));
+                for d in done.drain(..) {
+                    self.emit
+                        .send(aggregate(&self.agent, &self.rules, key, s.rule, d));
+                }
             }
         }
-        let rules = self.rules.clone();
-        self.send_closed(&rules, closed);
     }
 }
 
@@ -698,7 +716,7 @@ mod tests {
     }
 
     /// The checkpoint `w` sends.
-    fn saved(w: &Worker, rx: &mut mpsc::Receiver<Record>) -> Vec<SeriesState> {
+    fn saved(w: &mut Worker, rx: &mut mpsc::Receiver<Record>) -> Vec<SeriesState> {
         w.save(0);
         loop {
             match rx.try_recv().unwrap() {
@@ -736,7 +754,7 @@ mod tests {
         for i in 0..100 {
             a.process(reading("s", i * 5, 10.0 + (i % 3) as f64));
         }
-        let state = saved(&a, &mut rx);
+        let state = saved(&mut a, &mut rx);
         assert!(aggregates(&mut rx).is_empty());
         let (mut b, mut rx, stats) = worker(CHECKPOINTED);
         b.restore(state, &HashMap::new());
@@ -768,7 +786,7 @@ mod tests {
     fn a_window_emitted_after_the_checkpoint_is_not_emitted_again() {
         let (mut a, mut rx, _) = worker(CHECKPOINTED);
         a.process(reading("s", 10, 1.0));
-        let state = saved(&a, &mut rx);
+        let state = saved(&mut a, &mut rx);
         // After the checkpoint, [0, 1000) closed and its record committed
         // (the mark says so); then a crash.
         let marks = HashMap::from([("s".to_string(), 1000)]);
@@ -790,7 +808,7 @@ mod tests {
     fn state_of_a_changed_rule_starts_afresh() {
         let (mut a, mut rx, _) = worker(CHECKPOINTED);
         a.process(reading("s", 10, 1.0));
-        let state = saved(&a, &mut rx);
+        let state = saved(&mut a, &mut rx);
         let (mut b, mut rx, _) = worker(&CHECKPOINTED.replace("1000", "2000"));
         b.restore(state, &HashMap::new());
         b.process(reading("s", 20, 1.0));

@@ -621,6 +621,71 @@ fn sigterm_is_bounded_when_the_output_broker_is_gone() {
     assert!(log.matches("publish failed").count() <= 1, "{log}");
 }
 
+/// A window boundary closes every series' window at once. With the output
+/// stalled (its broker gone), those aggregates wait in the aggregate
+/// channel, which holds one per series, while the worker goes on taking
+/// readings: none is shed and none waits in the ring. (With a channel
+/// smaller than the boundary, the worker stopped at the boundary.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_window_boundary_of_many_series_does_not_stop_the_worker() {
+    const SERIES: usize = 4000;
+    let (udp, dead, metrics) = (
+        sluice_tests::free_port(),
+        sluice_tests::free_port(),
+        sluice_tests::free_port(),
+    );
+    let (_dir, config) = temp_file(
+        "boundary.toml",
+        &format!(
+            r#"
+agent_id = "boundary"
+workers = 1
+max_series = {SERIES}
+[sources.u]
+kind = "udp"
+bind = "127.0.0.1:{udp}"
+[[rules]]
+match = "*"
+window = {{ kind = "tumbling", size_ms = 1000 }}
+[output.mqtt]
+host = "127.0.0.1"
+port = {dead}
+[metrics]
+listen = "127.0.0.1:{metrics}"
+"#
+        ),
+    );
+    let agent = Agent::start(&config);
+    wait_until("metrics", &agent, || {
+        metric(metrics, "sluice_readings_processed_total").is_some()
+    })
+    .await;
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    // Two windows of every series, a minute in the past (so that the first
+    // closes only when the second's readings come): the second round closes
+    // SERIES windows, twice what the output channels and the MQTT client's
+    // queue used to hold together.
+    let t0 = (now_ms() - 60_000) / 1000 * 1000;
+    let mut sent = 0u64;
+    for ts in [t0, t0 + 1000] {
+        for chunk in (0..SERIES).collect::<Vec<_>>().chunks(250) {
+            for i in chunk {
+                let line = reading(&format!("s-{i}"), ts, 1.0);
+                socket.send_to(line.as_bytes(), ("127.0.0.1", udp)).unwrap();
+            }
+            sent += chunk.len() as u64;
+            // Paced: the socket's buffer is not what this test is about.
+            wait_until("the worker to take every reading sent", &agent, || {
+                metric(metrics, "sluice_readings_processed_total") == Some(sent)
+            })
+            .await;
+        }
+    }
+    assert_eq!(metric(metrics, "sluice_readings_shed_total"), Some(0));
+    assert_eq!(metric(metrics, "sluice_ring_depth"), Some(0));
+    drop(agent);
+}
+
 /// The `--help` text shipped in the package's docs
 /// (`/usr/share/doc/sluice/sluice-help.txt`) is the binary's own;
 /// `SLUICE_BLESS=1` rewrites the file.
