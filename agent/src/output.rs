@@ -375,14 +375,14 @@ fn print(record: &Record) {
 
 /// Delivers records until every sender is gone, then closes the outputs.
 ///
-/// Alerts arrive on their own channel (`alerts`), are taken before anything
-/// waiting on `records`, and go out on their own MQTT connection: the burst
-/// of aggregates that closes at every window boundary (one per series) never
-/// queues ahead of an alert, in the channel or in a client's request queue.
+/// Alerts arrive on their own channel (`alerts`) and go out from their own
+/// task over their own MQTT connection: the burst of aggregates that closes
+/// at every window boundary (one per series) never queues ahead of an alert,
+/// in a channel, in this task, or in a client's request queue.
 #[allow(clippy::too_many_arguments)]
 pub async fn run(
-    mut records: mpsc::Receiver<Record>,
-    mut alerts: mpsc::Receiver<Record>,
+    records: mpsc::Receiver<Record>,
+    alerts: mpsc::Receiver<Record>,
     mqtt: Option<&MqttOutput>,
     console: bool,
     agent: Arc<str>,
@@ -396,28 +396,51 @@ pub async fn run(
     let alert_sink = mqtt
         .map(|m| MqttSink::connect(m, agent.clone(), "-alerts"))
         .transpose()?;
-    let (mut records_open, mut alerts_open) = (true, true);
-    while records_open || alerts_open {
-        let record = tokio::select! {
-            biased;
-            r = alerts.recv(), if alerts_open => match r {
-                Some(r) => r,
-                None => {
-                    alerts_open = false;
-                    continue;
-                }
-            },
-            r = records.recv(), if records_open => match r {
-                Some(r) => r,
-                None => {
-                    records_open = false;
-                    continue;
-                }
-            },
-        };
+    let outbox = outbox.map(Arc::new);
+    let alert_lane = tokio::spawn(deliver(Lane {
+        rx: alerts,
+        sink: alert_sink,
+        console,
+        agent: agent.clone(),
+        stats: stats.clone(),
+        shutdown: shutdown.clone(),
+        outbox: outbox.clone(),
+    }));
+    // Both close at once: each waits (bounded) for its broker.
+    deliver(Lane {
+        rx: records,
+        sink,
+        console,
+        agent,
+        stats,
+        shutdown,
+        outbox,
+    })
+    .await;
+    alert_lane
+        .await
+        .map_err(|e| format!("alert output task failed: {e}"))
+}
+
+/// One channel's way out: to the outbox, the console and an MQTT connection.
+struct Lane {
+    rx: mpsc::Receiver<Record>,
+    sink: Option<MqttSink>,
+    console: bool,
+    agent: Arc<str>,
+    stats: Arc<OutputStats>,
+    shutdown: CancellationToken,
+    outbox: Option<Arc<OutboxFeed>>,
+}
+
+/// Delivers what comes on `lane.rx` until every sender is gone, then closes
+/// the lane's MQTT connection.
+async fn deliver(mut lane: Lane) {
+    let stats = &lane.stats;
+    while let Some(record) = lane.rx.recv().await {
         if let Record::Checkpoint { worker, state } = record {
             // Only the store takes these.
-            if let Some(feed) = &outbox {
+            if let Some(feed) = &lane.outbox {
                 feed.save(worker, state).await;
             }
             continue;
@@ -428,29 +451,17 @@ pub async fn run(
             Record::Alert(_) => stats.alerts_cleared.fetch_add(1, Relaxed),
             Record::Stats(_) | Record::Checkpoint { .. } => 0,
         };
-        if console {
+        if lane.console {
             print(&record);
         }
-        if let Some(feed) = &outbox {
-            feed.store(&record, &agent).await;
+        if let Some(feed) = &lane.outbox {
+            feed.store(&record, &lane.agent).await;
         }
-        let to = match record {
-            Record::Alert(_) => alert_sink.as_ref(),
-            _ => sink.as_ref(),
-        };
-        if let Some(sink) = to {
-            sink.publish(&record, &stats, &shutdown).await;
+        if let Some(sink) = &lane.sink {
+            sink.publish(&record, stats, &lane.shutdown).await;
         }
     }
-    // Both at once: each waits (bounded) for its broker.
-    let close = |s: Option<MqttSink>| {
-        let stats = stats.clone();
-        async move {
-            if let Some(s) = s {
-                s.close(&stats).await;
-            }
-        }
-    };
-    tokio::join!(close(sink), close(alert_sink));
-    Ok(())
+    if let Some(sink) = lane.sink {
+        sink.close(stats).await;
+    }
 }
