@@ -5,9 +5,9 @@
 //! they are all empty it parks; a source unparks it after pushing, so an idle
 //! agent costs no CPU. Every 100 ms, and whenever it parks, it *ticks*: each
 //! series that has been silent has its event time moved forward by the wall
-//! time elapsed since its last reading, so its open windows close even if
-//! no further reading comes (without trusting the sender's clock to agree
-//! with ours). Series state lives in a table capped at `max_series`; readings
+//! time elapsed since its last reading, less [`IDLE_GRACE`], so its open
+//! windows close even if no further reading comes (without trusting the
+//! sender's clock to agree with ours). Series state lives in a table capped at `max_series`; readings
 //! of series beyond it are counted and dropped.
 
 use std::collections::HashMap;
@@ -30,6 +30,16 @@ use crate::rules::{Detector, Quantiles, Rules, Window};
 
 /// How often idle series are ticked.
 const TICK: Duration = Duration::from_millis(100);
+/// How much longer than its previous reading a series' next reading may
+/// take in transit without its window closing first, ms. A quiet series'
+/// windows close on the agent's clock: its event time is extrapolated by
+/// the wall time since its last reading. Without this grace, a reading
+/// delayed a few ms more than the one before it, and stamped just before a
+/// window's end, found its window already closed and was refused as late:
+/// in order, yet lost (3 to 9 in 600,000 at 10,000 sensors reporting every
+/// 500 ms on loopback, more with a real network's jitter). It delays only
+/// the windows that close for want of readings.
+pub const IDLE_GRACE: Timestamp = 100;
 /// Readings taken from one ring before looking at the next.
 const BATCH: usize = 512;
 
@@ -644,7 +654,7 @@ impl Worker {
             let Some(windows) = &mut s.windows else {
                 continue;
             };
-            let idle = now.saturating_sub(s.last_seen);
+            let idle = now.saturating_sub(s.last_seen).saturating_sub(IDLE_GRACE);
             if idle <= 0 {
                 continue;
             }
@@ -729,6 +739,35 @@ mod tests {
     }
 
     const CHECKPOINTED: &str = "[[rules]]\nmatch = \"*\"\nwindow = { kind = \"tumbling\", size_ms = 1000 }\nquantiles = [0.5]\nanomaly = { alpha = 0.1, k = 4.0, warmup = 50 }\n";
+
+    #[test]
+    fn a_quiet_series_window_closes_after_the_grace_not_before() {
+        let (mut w, mut rx, stats) =
+            worker("[[rules]]\nmatch = \"*\"\nwindow = { kind = \"tumbling\", size_ms = 1000 }\n");
+        // Readings stamped 0 and 490, each arriving 1 ms later (ingest).
+        for ts in [0, 490] {
+            w.process(Reading {
+                ingest: 10_000 + ts + 1,
+                ..reading("s", ts, 1.0)
+            });
+        }
+        // On the agent's clock the series is past the window's end (at
+        // 10,000 + 1,001), but not by the grace: the window stays open...
+        w.tick(10_000 + 1_001 + IDLE_GRACE - 1);
+        assert!(aggregates(&mut rx).is_empty());
+        // ... for a reading stamped 995 that took 30 ms, not 1, to arrive.
+        w.process(Reading {
+            ingest: 10_000 + 995 + 30,
+            ..reading("s", 995, 1.0)
+        });
+        assert_eq!(stats.late.load(Relaxed), 0);
+        // Once quiet beyond the grace, the window closes with all three.
+        w.tick(10_000 + 995 + 30 + 5 + IDLE_GRACE);
+        let got = aggregates(&mut rx);
+        assert_eq!(got.len(), 1);
+        assert_eq!((got[0].start, got[0].end, got[0].count), (0, 1000, 3));
+        assert!(!got[0].partial);
+    }
 
     #[test]
     fn the_borrowed_encoding_is_the_owned_one() {
