@@ -7,8 +7,8 @@
 //! series that has been silent has its event time moved forward by the wall
 //! time elapsed since its last reading, less [`IDLE_GRACE`], so its open
 //! windows close even if no further reading comes (without trusting the
-//! sender's clock to agree with ours). Series state lives in a table capped at `max_series`; readings
-//! of series beyond it are counted and dropped.
+//! sender's clock to agree with ours). Series state lives in a table capped
+//! at `max_series`; readings of series beyond it are counted and dropped.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
@@ -458,7 +458,7 @@ impl Worker {
     }
 
     /// Sends this worker's checkpoint to the store.
-    fn save(&mut self, index: usize) {
+    fn save(&self, index: usize) {
         let state = self.checkpoint();
         self.emit.send(Record::Checkpoint {
             worker: index,
@@ -726,7 +726,7 @@ mod tests {
     }
 
     /// The checkpoint `w` sends.
-    fn saved(w: &mut Worker, rx: &mut mpsc::Receiver<Record>) -> Vec<SeriesState> {
+    fn saved(w: &Worker, rx: &mut mpsc::Receiver<Record>) -> Vec<SeriesState> {
         w.save(0);
         loop {
             match rx.try_recv().unwrap() {
@@ -793,7 +793,7 @@ mod tests {
         for i in 0..100 {
             a.process(reading("s", i * 5, 10.0 + (i % 3) as f64));
         }
-        let state = saved(&mut a, &mut rx);
+        let state = saved(&a, &mut rx);
         assert!(aggregates(&mut rx).is_empty());
         let (mut b, mut rx, stats) = worker(CHECKPOINTED);
         b.restore(state, &HashMap::new());
@@ -825,7 +825,7 @@ mod tests {
     fn a_window_emitted_after_the_checkpoint_is_not_emitted_again() {
         let (mut a, mut rx, _) = worker(CHECKPOINTED);
         a.process(reading("s", 10, 1.0));
-        let state = saved(&mut a, &mut rx);
+        let state = saved(&a, &mut rx);
         // After the checkpoint, [0, 1000) closed and its record committed
         // (the mark says so); then a crash.
         let marks = HashMap::from([("s".to_string(), 1000)]);
@@ -847,7 +847,7 @@ mod tests {
     fn state_of_a_changed_rule_starts_afresh() {
         let (mut a, mut rx, _) = worker(CHECKPOINTED);
         a.process(reading("s", 10, 1.0));
-        let state = saved(&mut a, &mut rx);
+        let state = saved(&a, &mut rx);
         let (mut b, mut rx, _) = worker(&CHECKPOINTED.replace("1000", "2000"));
         b.restore(state, &HashMap::new());
         b.process(reading("s", 20, 1.0));
