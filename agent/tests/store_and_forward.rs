@@ -40,6 +40,24 @@ async fn upstream_subscriber(port: u16) -> Arc<Mutex<Vec<(i64, bool)>>> {
     seqs
 }
 
+/// The distinct seqs of the aggregates of agent `agent` that reach the
+/// upstream broker on `port` (a clean-session subscriber, listening once
+/// this returns).
+async fn distinct_seqs(port: u16, agent: &str) -> Arc<Mutex<BTreeSet<i64>>> {
+    let seqs = Arc::new(Mutex::new(BTreeSet::new()));
+    let sink = seqs.clone();
+    let (id, filter) = (
+        format!("{agent}-upstream-sub"),
+        format!("sluice/{agent}/agg/#"),
+    );
+    sluice_tests::subscribe(port, &id, &filter, QoS::AtLeastOnce, true, move |p| {
+        let v: Value = serde_json::from_slice(&p.payload).unwrap();
+        sink.lock().unwrap().insert(v["seq"].as_i64().unwrap());
+    })
+    .await;
+    seqs
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nothing_committed_is_lost_across_an_upstream_outage_and_kill_9() {
     let local = Broker::start("sf-local");
@@ -261,24 +279,7 @@ async fn the_uplink_speaks_tls_and_refuses_a_broker_its_ca_did_not_sign() {
     let publisher = Publisher::connect(local.port, "tls-publisher");
 
     // The right CA: records arrive upstream over TLS.
-    let got = {
-        let seqs = Arc::new(Mutex::new(Vec::new()));
-        let sink = seqs.clone();
-        let filter = "sluice/tls/agg/#";
-        sluice_tests::subscribe(
-            upstream.port,
-            "tls-upstream-sub",
-            filter,
-            QoS::AtLeastOnce,
-            true,
-            move |p| {
-                let v: Value = serde_json::from_slice(&p.payload).unwrap();
-                sink.lock().unwrap().push(v["seq"].as_i64().unwrap());
-            },
-        )
-        .await;
-        seqs
-    };
+    let got = distinct_seqs(upstream.port, "tls").await;
     let metrics = sluice_tests::free_port();
     let config = tls_config(&dir, local.port, tls_port, &ca, metrics, "good");
     let log = dir.join("good.log");
@@ -388,21 +389,7 @@ async fn a_full_disk_pauses_appends_and_they_resume_when_space_returns() {
         upstream.port,
     );
     let log = dir.join("full.log");
-    let seqs = Arc::new(Mutex::new(BTreeSet::new()));
-    let sink = seqs.clone();
-    let filter = "sluice/full/agg/#";
-    sluice_tests::subscribe(
-        upstream.port,
-        "full-upstream-sub",
-        filter,
-        QoS::AtLeastOnce,
-        true,
-        move |p| {
-            let v: Value = serde_json::from_slice(&p.payload).unwrap();
-            sink.lock().unwrap().insert(v["seq"].as_i64().unwrap());
-        },
-    )
-    .await;
+    let seqs = distinct_seqs(upstream.port, "full").await;
     // The disk is "full" past 256 KiB per file: RLIMIT_FSIZE makes writes
     // beyond it fail (EFBIG), as a full disk makes them fail (ENOSPC).
     let mut command = sluice_tests::own_binary(SLUICE);
