@@ -259,6 +259,12 @@ impl Fields<'_> {
         if let Err((reason, detail)) = self.series_key(root, topic, &mut key) {
             return sink.reject(reason, &detail);
         }
+        if let Some(problem) = crate::reading::series_problem(&key) {
+            return sink.reject(
+                Reason::BadSeries,
+                &format_args!("series key {key:?} holds {problem}"),
+            );
+        }
         let ts = match self.event_time(root, ingest) {
             Ok(ts) => ts,
             Err((reason, detail)) => return sink.reject(reason, &detail),
@@ -281,6 +287,12 @@ impl Fields<'_> {
             let mut series = key.clone();
             if named && (series.push('/').is_err() || series.push_str(field).is_err()) {
                 return sink.reject(Reason::SeriesTooLong, &format_args!("{key}/{field}"));
+            }
+            if named && let Some(problem) = crate::reading::series_problem(field) {
+                return sink.reject(
+                    Reason::BadSeries,
+                    &format_args!("field name {field:?} of {key} holds {problem}"),
+                );
             }
             sink.reading(Reading {
                 series,

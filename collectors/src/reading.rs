@@ -29,6 +29,39 @@ pub struct Reading {
     pub weight: u32,
 }
 
+/// Why `key` cannot be a series key, or `None` if it can.
+///
+/// The series id policy: a key is any UTF-8 text of 1 to
+/// [`MAX_SERIES_LEN`] bytes except
+/// - control characters (`char::is_control`: NUL and the rest of C0, DEL,
+///   C1), which no MQTT topic can carry and which corrupt logs and terminals;
+/// - the invisible bidirectional-text controls (U+061C, U+200E, U+200F,
+///   U+202A to U+202E, U+2066 to U+2069), which make a key read as another
+///   one;
+/// - Unicode noncharacters (U+FDD0 to U+FDEF and the last two code points of
+///   every plane), which brokers may refuse.
+///
+/// Everything else is allowed, `/`, `+`, `#`, `$` and `%` included: where a
+/// key becomes part of a topic, the agent escapes it into exactly one topic
+/// level.
+pub fn series_problem(key: &str) -> Option<&'static str> {
+    // Printable ASCII, the common case, needs no further look.
+    if key.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+        return None;
+    }
+    key.chars().find_map(|c| {
+        if c.is_control() {
+            Some("a control character")
+        } else if matches!(c, '\u{061c}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}') {
+            Some("a bidirectional-text control")
+        } else if matches!(c, '\u{fdd0}'..='\u{fdef}') || (c as u32 & 0xfffe) == 0xfffe {
+            Some("a Unicode noncharacter")
+        } else {
+            None
+        }
+    })
+}
+
 /// Milliseconds since the Unix epoch now, by the system clock.
 pub fn now_ms() -> Timestamp {
     let now = std::time::SystemTime::now()

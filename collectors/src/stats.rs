@@ -20,6 +20,10 @@ pub enum Reason {
     MissingSeries,
     /// The series key is longer than [`crate::MAX_SERIES_LEN`].
     SeriesTooLong,
+    /// The series key holds a character the series id policy refuses (a
+    /// control character or an invisible bidirectional-text control; see
+    /// [`crate::reading::series_problem`]).
+    BadSeries,
     /// No configured value field is present.
     MissingValue,
     /// A value field holds something other than a number.
@@ -38,12 +42,13 @@ pub enum Reason {
 
 impl Reason {
     /// Every reason, for reports.
-    pub const ALL: [Reason; 12] = [
+    pub const ALL: [Reason; 13] = [
         Reason::Malformed,
         Reason::Oversize,
         Reason::NotAnObject,
         Reason::MissingSeries,
         Reason::SeriesTooLong,
+        Reason::BadSeries,
         Reason::MissingValue,
         Reason::NotNumeric,
         Reason::NonFinite,
@@ -61,6 +66,7 @@ impl Reason {
             Reason::NotAnObject => "not_an_object",
             Reason::MissingSeries => "missing_series",
             Reason::SeriesTooLong => "series_too_long",
+            Reason::BadSeries => "bad_series",
             Reason::MissingValue => "missing_value",
             Reason::NotNumeric => "not_numeric",
             Reason::NonFinite => "non_finite",

@@ -176,6 +176,26 @@ fn every_refusal_has_its_reason() {
             Reason::SeriesTooLong,
         ),
         (
+            r#"{"sensor":"nul\u0000id","ts":1732600000000,"value":1}"#.into(),
+            Reason::BadSeries,
+        ),
+        (
+            r#"{"sensor":"bell\u0007","ts":1732600000000,"value":1}"#.into(),
+            Reason::BadSeries,
+        ),
+        (
+            r#"{"sensor":"c1\u0085","ts":1732600000000,"value":1}"#.into(),
+            Reason::BadSeries,
+        ),
+        (
+            r#"{"sensor":"evil\u202egpj.exe","ts":1732600000000,"value":1}"#.into(),
+            Reason::BadSeries,
+        ),
+        (
+            r#"{"sensor":"non\uffffchar","ts":1732600000000,"value":1}"#.into(),
+            Reason::BadSeries,
+        ),
+        (
             r#"{"sensor":"s","ts":1732600000000}"#.into(),
             Reason::MissingValue,
         ),
@@ -215,6 +235,42 @@ fn every_refusal_has_its_reason() {
         "p".repeat(70_000)
     );
     assert_eq!(decode(&big).rejected, vec![Reason::Oversize]);
+}
+
+#[test]
+fn the_series_id_policy_allows_topic_characters_and_refuses_invisible_ones() {
+    // Allowed: what topics must escape is the agent's business, not a refusal.
+    for id in [
+        "a/../../alerts/x",
+        "bad#id",
+        "plus+id",
+        "$SYS",
+        "100%",
+        "Zürich-Süd",
+        "温度",
+    ] {
+        let c = decode(&format!(
+            r#"{{"sensor":"{id}","ts":1732600000000,"value":1}}"#
+        ));
+        assert_eq!(c.rejected, vec![], "{id:?}");
+        assert_eq!(c.readings[0].series.as_str(), id);
+    }
+    // A field name with a control character, under values = ["*"], is
+    // refused too: it would end up in the series key.
+    let mut d = JsonDecoder::new(JsonMapping {
+        values: vec!["*".into()],
+        ..JsonMapping::default()
+    });
+    let mut out = Collect::default();
+    d.decode(
+        br#"{"sensor":"s","ts":1732600000000,"ok":1,"b\u0000d":2}"#,
+        None,
+        1_732_600_000_000,
+        &mut out,
+    );
+    assert_eq!(out.rejected, vec![Reason::BadSeries]);
+    assert_eq!(out.readings.len(), 1);
+    assert_eq!(out.readings[0].series.as_str(), "s/ok");
 }
 
 #[test]
