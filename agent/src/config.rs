@@ -603,8 +603,8 @@ impl Config {
                     ("uplink.aggregate_topic", &u.aggregate_topic),
                     ("uplink.alert_topic", &u.alert_topic),
                 ] {
-                    if !t.contains("{series}") || t.contains(['+', '#']) {
-                        return err(key, "must contain {series} and no '+' or '#'");
+                    if let Err(e) = crate::topic::check_template(t, true) {
+                        return err(key, &e);
                     }
                 }
                 u.connection(&self.agent_id)
@@ -695,14 +695,14 @@ impl MqttOutput {
         if self.host.is_empty() {
             return Err("host: must not be empty".into());
         }
-        for (key, template) in [
-            ("alert_topic", &self.alert_topic),
-            ("state_topic", &self.state_topic),
-            ("aggregate_topic", &self.aggregate_topic),
+        for (key, template, needs_series) in [
+            ("alert_topic", &self.alert_topic, true),
+            ("state_topic", &self.state_topic, true),
+            ("aggregate_topic", &self.aggregate_topic, true),
+            ("stats_topic", &self.stats_topic, false),
         ] {
-            if !template.contains("{series}") || template.contains(['+', '#']) {
-                return Err(format!("{key}: must contain {{series}} and no '+' or '#'"));
-            }
+            crate::topic::check_template(template, needs_series)
+                .map_err(|e| format!("{key}: {e}"))?;
         }
         if self.alert_qos > 1 || self.aggregate_qos > 1 {
             return Err("alert_qos, aggregate_qos: must be 0 or 1".into());
@@ -726,13 +726,6 @@ impl MqttOutput {
         s.tls = self.tls.clone();
         s
     }
-}
-
-/// Fills `{agent}` and `{series}` into a topic template.
-pub fn topic(template: &str, agent: &str, series: &str) -> String {
-    template
-        .replace("{agent}", agent)
-        .replace("{series}", series)
 }
 
 /// The line (1-based) where the dotted key `path` (with `[i]` array indices,

@@ -8,6 +8,7 @@
 //! - [`worker`]: worker threads that own their series.
 //! - [`outbox`]: the SQLite store-and-forward queue.
 //! - [`output`]: aggregate and alert records, and their delivery.
+//! - [`topic`]: series and agent ids as topic levels; topics no broker takes.
 //! - [`metrics`]: Prometheus `/metrics` and the periodic stats message.
 //! - [`uplink`]: the outbox writer and the uplink to the upstream broker.
 //! - [`pipeline`]: wiring and orderly shutdown.
@@ -24,5 +25,6 @@ pub mod output;
 pub mod pipeline;
 pub mod rules;
 pub mod service;
+pub mod topic;
 pub mod uplink;
 pub mod worker;

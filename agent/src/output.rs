@@ -11,7 +11,8 @@ use sluice_core::Timestamp;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{MqttOutput, topic};
+use crate::config::MqttOutput;
+use crate::topic::render as topic;
 use crate::uplink::ToStore;
 
 /// A closed window of a series.
