@@ -52,10 +52,35 @@ enum Command {
 
 #[derive(Subcommand)]
 enum OutboxAction {
-    /// Backlog, its bytes, the oldest record's age, the next seq, drops.
+    /// Backlog, its bytes, the oldest record's age, the next seq, the epoch,
+    /// drops and dead letters (reads only).
     Status,
-    /// SQLite's full integrity check.
+    /// SQLite's full integrity check and every record's checksum (reads only).
     Verify,
+    /// List the records set aside as dead letters, with why (reads only).
+    DeadLetters {
+        /// Also print each record's payload.
+        #[arg(long)]
+        payload: bool,
+    },
+    /// Queue dead letters again, as new records at the end of the outbox.
+    Retry {
+        /// Their seqs.
+        #[arg(required_unless_present = "all")]
+        seqs: Vec<i64>,
+        /// Every dead letter.
+        #[arg(long, conflicts_with = "seqs")]
+        all: bool,
+    },
+    /// Delete dead letters for good.
+    Purge {
+        /// Their seqs.
+        #[arg(required_unless_present = "all")]
+        seqs: Vec<i64>,
+        /// Every dead letter.
+        #[arg(long, conflicts_with = "seqs")]
+        all: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -206,8 +231,9 @@ async fn reload_on_sighup(path: PathBuf, reload: tokio::sync::mpsc::Sender<Confi
     }
 }
 
-/// `sluice outbox status|verify`.
+/// `sluice outbox status|verify|dead-letters|retry|purge`.
 fn outbox_command(action: OutboxAction, config: Option<PathBuf>) -> ExitCode {
+    use sluice::outbox::Outbox;
     let Some(path) = config else {
         eprintln!("error: --config FILE is required");
         return ExitCode::from(2);
@@ -223,27 +249,40 @@ fn outbox_command(action: OutboxAction, config: Option<PathBuf>) -> ExitCode {
         eprintln!("error: {}: no [outbox] configured", path.display());
         return ExitCode::from(2);
     };
-    // Refuse rather than move aside: inspecting must not change anything.
-    let outbox = match sluice::outbox::Outbox::open(
-        &o.path,
-        o.durability,
-        sluice::outbox::OnCorrupt::Refuse,
-        o.max_records,
-        o.max_bytes,
-    ) {
-        Ok((outbox, _)) => outbox,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::FAILURE;
-        }
+    let fail = |e: &dyn std::fmt::Display| {
+        eprintln!("error: {e}");
+        ExitCode::FAILURE
     };
+    // Inspecting opens the file read-only: it creates, upgrades and merges
+    // nothing. Changing dead letters opens it as the agent does (without
+    // moving a damaged file aside), beside a running agent if need be.
+    let outbox = match &action {
+        OutboxAction::Status | OutboxAction::Verify | OutboxAction::DeadLetters { .. } => {
+            Outbox::open_read_only(&o.path)
+        }
+        OutboxAction::Retry { .. } | OutboxAction::Purge { .. } if !o.path.is_file() => {
+            return fail(&format!("outbox {}: no such file", o.path.display()));
+        }
+        OutboxAction::Retry { .. } | OutboxAction::Purge { .. } => Outbox::open(
+            &o.path,
+            o.durability,
+            sluice::outbox::OnCorrupt::Refuse,
+            o.max_records,
+            o.max_bytes,
+        )
+        .map(|(outbox, _)| outbox),
+    };
+    let mut outbox = match outbox {
+        Ok(outbox) => outbox,
+        Err(e) => return fail(&e),
+    };
+    let now = sluice_collectors::reading::now_ms();
     match action {
         OutboxAction::Status => match outbox.status() {
             Ok(s) => {
-                let age = s
-                    .oldest_created_ms
-                    .map(|t| sluice_collectors::reading::now_ms() - t);
+                let age = s.oldest_created_ms.map(|t| now - t);
                 println!("path: {}", o.path.display());
+                println!("epoch: {}", s.epoch);
                 println!("backlog: {} records, {} bytes", s.backlog, s.backlog_bytes);
                 println!(
                     "oldest: {}",
@@ -252,22 +291,65 @@ fn outbox_command(action: OutboxAction, config: Option<PathBuf>) -> ExitCode {
                 println!("next seq: {}", s.next_seq);
                 println!("dropped (outbox full): {}", s.dropped);
                 println!("downsampled (outbox full): {}", s.downsampled);
+                println!(
+                    "dead letters: {} waiting, {} ever (sluice outbox dead-letters)",
+                    s.dead_letters, s.dead_lettered
+                );
                 ExitCode::SUCCESS
             }
-            Err(e) => {
-                eprintln!("error: {e}");
-                ExitCode::FAILURE
-            }
+            Err(e) => fail(&e),
         },
         OutboxAction::Verify => match outbox.verify() {
-            Ok(()) => {
-                println!("{}: integrity ok", o.path.display());
+            Ok(checked) => {
+                println!(
+                    "{}: integrity ok, {checked} record checksums ok",
+                    o.path.display()
+                );
                 ExitCode::SUCCESS
             }
             Err(e) => {
-                eprintln!("{}: integrity check failed: {e}", o.path.display());
+                eprintln!("{}: verify failed: {e}", o.path.display());
                 ExitCode::FAILURE
             }
         },
+        OutboxAction::DeadLetters { payload } => match outbox.dead_letters(usize::MAX >> 1) {
+            Ok(letters) => {
+                println!("seq reason | topic | bytes | set aside");
+                for d in &letters {
+                    println!(
+                        "{} {} | {:?} | {} | {:.1} s ago",
+                        d.seq,
+                        d.reason,
+                        d.topic,
+                        d.payload.len(),
+                        (now - d.failed_ms) as f64 / 1000.0
+                    );
+                    if payload {
+                        println!("  {}", String::from_utf8_lossy(&d.payload).escape_debug());
+                    }
+                }
+                println!("{} dead letter(s)", letters.len());
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(&e),
+        },
+        OutboxAction::Retry { seqs, all } => {
+            match outbox.retry_dead_letters((!all).then_some(&seqs[..]), now) {
+                Ok(new) => {
+                    println!("{} dead letter(s) queued again as seq {:?}", new.len(), new);
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(&e),
+            }
+        }
+        OutboxAction::Purge { seqs, all } => {
+            match outbox.purge_dead_letters((!all).then_some(&seqs[..])) {
+                Ok(n) => {
+                    println!("{n} dead letter(s) deleted");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(&e),
+            }
+        }
     }
 }

@@ -246,6 +246,11 @@ pub fn render(r: &Running) -> String {
             "Upstream connections.",
             u.connects.load(Relaxed),
         ),
+        (
+            "sluice_outbox_dead_lettered_total",
+            "Records set aside as dead letters (unsendable, refused by the broker, damaged).",
+            u.dead_lettered.load(Relaxed),
+        ),
     ] {
         family(
             name,
@@ -259,6 +264,12 @@ pub fn render(r: &Running) -> String {
         "gauge",
         "Records waiting in the outbox (after the last commit or acknowledgement).",
         &mut std::iter::once((String::new(), u.backlog.load(Relaxed).to_string())),
+    );
+    family(
+        "sluice_outbox_dead_letters",
+        "gauge",
+        "Records waiting in the outbox's dead letters (sluice outbox dead-letters).",
+        &mut std::iter::once((String::new(), u.dead_letters.load(Relaxed).to_string())),
     );
     // Processing latency, all workers merged.
     let mut merged =

@@ -13,7 +13,17 @@
 //!   into coarser windows (`on_full = "downsample"`; see `fn downsample`),
 //!   and counted. A merge never loses or double-counts a reading.
 //! * A damaged file never causes a crash loop: it is detected at open and
-//!   moved aside (or, if so configured, the agent refuses to start).
+//!   moved aside (or, if so configured, the agent refuses to start). Only a
+//!   file SQLite reports as damaged or not a database is moved aside; any
+//!   other error at open (a lock, a permission, a directory at the path) is
+//!   an error that names its cause, and the backlog stays where it is.
+//! * One record never blocks the others: a record no broker can take (an
+//!   invalid topic, too big, refused by the broker) or whose checksum does
+//!   not match is moved to `dead_letters` ([`Outbox::set_aside`]), counted,
+//!   and can be listed, sent again or purged (`sluice outbox …`).
+//! * Identity: every record is `(agent, epoch, seq)` upstream. The epoch is
+//!   random, made with the file, so a new file, one moved aside or one a
+//!   power loss rolled back never reuses an identity upstream has seen.
 //!
 //! # On-disk layout
 //!
@@ -21,16 +31,22 @@
 //! records(seq INTEGER PRIMARY KEY AUTOINCREMENT, topic TEXT, payload BLOB, created_ms INTEGER,
 //!         prev INTEGER,   -- seq of the record of the same topic appended just before
 //!                         -- (-1: unknown, e.g. the first one after a restart)
-//!         last INTEGER)   -- newest original seq a merged record holds (0: its own)
+//!         last INTEGER,   -- newest original seq a merged record holds (0: its own)
+//!         checksum INTEGER) -- XXH3 of topic and payload (see record_checksum)
+//! dead_letters(seq INTEGER PRIMARY KEY, topic, payload, created_ms, failed_ms, reason TEXT)
 //! counters(name TEXT PRIMARY KEY, value INTEGER)   -- 'count', 'bytes' (running totals
-//!         -- of records), 'dropped', 'downsampled' (ever), 'generation' (see commit)
+//!         -- of records), 'dropped', 'downsampled', 'dead_lettered' (ever),
+//!         -- 'generation' (see commit), 'epoch' (random, made with the file)
 //! checkpoints(worker INTEGER PRIMARY KEY, saved_ms, checksum, state BLOB, generation)
 //! window_marks(series TEXT PRIMARY KEY, end_ms, generation)
 //! ```
 //!
 //! `AUTOINCREMENT` makes `seq` strictly increasing for the life of the file,
-//! even across deletes and restarts, so that `(agent_id, seq)` identifies a
-//! record upstream and lets it drop duplicates (delivery is at least once).
+//! even across deletes and restarts, and the epoch names the file, so that
+//! `(agent_id, epoch, seq)` identifies a record upstream and lets it drop
+//! duplicates (delivery is at least once). A file written by an earlier
+//! release is upgraded in place at open: its rows get their checksums and
+//! the file an epoch.
 //! The database runs in WAL mode; appends are batched in one transaction.
 
 use std::path::{Path, PathBuf};
@@ -85,6 +101,40 @@ pub struct Queued {
     pub topic: String,
     /// Its body (a JSON object).
     pub payload: Vec<u8>,
+    /// Whether topic and payload still match the checksum written with
+    /// them (false: the file was damaged under the record).
+    pub intact: bool,
+}
+
+impl Queued {
+    fn from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Queued> {
+        let (seq, topic, payload, sum): (i64, String, Vec<u8>, Option<i64>) =
+            (r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?);
+        let intact = sum == Some(record_checksum(&topic, &payload));
+        Ok(Queued {
+            seq,
+            topic,
+            payload,
+            intact,
+        })
+    }
+}
+
+/// A record set aside (see [`Outbox::set_aside`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetter {
+    /// The `seq` it had.
+    pub seq: i64,
+    /// Where it was to go.
+    pub topic: String,
+    /// Its body.
+    pub payload: Vec<u8>,
+    /// When it was appended, ms since the epoch.
+    pub created_ms: i64,
+    /// When it was set aside, ms since the epoch.
+    pub failed_ms: i64,
+    /// Why.
+    pub reason: String,
 }
 
 /// The outbox's state, for `sluice outbox status` and metrics.
@@ -102,6 +152,12 @@ pub struct Status {
     pub dropped: u64,
     /// Records merged into an older one because the outbox was full, ever.
     pub downsampled: u64,
+    /// Records set aside, waiting in `dead_letters` now.
+    pub dead_letters: u64,
+    /// Records set aside, ever.
+    pub dead_lettered: u64,
+    /// The file's epoch (see the module docs).
+    pub epoch: i64,
 }
 
 /// What a [`Outbox::commit`] did.
@@ -133,6 +189,62 @@ impl From<rusqlite::Error> for OutboxError {
     }
 }
 
+/// Why a file could not be opened as an outbox.
+enum OpenFailure {
+    /// SQLite says the file is damaged or not a database: it may be moved
+    /// aside.
+    Damaged(String),
+    /// Anything else (locked, no permission, not a file, a full disk): the
+    /// file is left alone.
+    Other(String),
+}
+
+impl From<rusqlite::Error> for OpenFailure {
+    fn from(e: rusqlite::Error) -> Self {
+        match e.sqlite_error_code() {
+            Some(rusqlite::ErrorCode::DatabaseCorrupt | rusqlite::ErrorCode::NotADatabase) => {
+                OpenFailure::Damaged(e.to_string())
+            }
+            _ => OpenFailure::Other(e.to_string()),
+        }
+    }
+}
+
+/// What the OS says about `path` when SQLite could not open it: a directory
+/// at the path, a missing directory, no permission.
+fn os_cause(path: &Path) -> Option<String> {
+    if path.is_dir() {
+        return Some("it is a directory, not a file".into());
+    }
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty())
+        && !parent.is_dir()
+    {
+        return Some(format!("the directory {} does not exist", parent.display()));
+    }
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+    {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Some(e.to_string()),
+        _ => None,
+    }
+}
+
+/// Holds the state directory's lock (see [`Outbox::lock`]) until dropped.
+#[derive(Debug)]
+pub struct StateLock {
+    _file: std::fs::File,
+    path: PathBuf,
+}
+
+impl StateLock {
+    /// The lock file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
 /// The outbox (see the module docs).
 pub struct Outbox {
     conn: Connection,
@@ -145,6 +257,8 @@ pub struct Outbox {
     /// Per topic, the seq of the newest record appended through this
     /// handle (each record's `prev`; see [`downsample`]).
     last_of_topic: std::collections::HashMap<String, i64>,
+    /// The file's epoch.
+    epoch: i64,
 }
 
 /// Topics remembered for `prev` before the memory is cleared (which costs
@@ -170,9 +284,18 @@ impl Outbox {
         max_bytes: u64,
     ) -> Result<(Outbox, Option<String>), OutboxError> {
         let mut note = None;
+        let other = |e: String| {
+            OutboxError(match os_cause(path) {
+                Some(cause) => format!("outbox {}: {cause} ({e})", path.display()),
+                None => format!("outbox {}: {e}", path.display()),
+            })
+        };
         let conn = match Self::open_checked(path, durability) {
             Ok(conn) => conn,
-            Err(e) if on_corrupt == OnCorrupt::MoveAside && path.exists() => {
+            Err(OpenFailure::Other(e)) => return Err(other(e)),
+            Err(OpenFailure::Damaged(e))
+                if on_corrupt == OnCorrupt::MoveAside && path.is_file() =>
+            {
                 let aside = path
                     .with_extension(format!("corrupt-{}", sluice_collectors::reading::now_ms()));
                 std::fs::rename(path, &aside).map_err(|io| {
@@ -190,10 +313,18 @@ impl Outbox {
                     path.display(),
                     aside.display()
                 ));
-                Self::open_checked(path, durability)?
+                Self::open_checked(path, durability).map_err(|f| match f {
+                    OpenFailure::Damaged(e) | OpenFailure::Other(e) => other(e),
+                })?
             }
-            Err(e) => return Err(OutboxError(format!("outbox {}: {e}", path.display()))),
+            Err(OpenFailure::Damaged(e)) => {
+                return Err(OutboxError(format!(
+                    "outbox {} is damaged: {e}",
+                    path.display()
+                )));
+            }
         };
+        let epoch = counter(&conn, "epoch")?;
         Ok((
             Outbox {
                 conn,
@@ -203,9 +334,76 @@ impl Outbox {
                 on_full: OnFull::DropOldest,
                 claimed: Claimed::default(),
                 last_of_topic: Default::default(),
+                epoch,
             },
             note,
         ))
+    }
+
+    /// Takes the exclusive lock of the state file `path` (a file
+    /// `<path>.lock` beside it, locked with `flock`), so that a second agent
+    /// on the same state refuses to start instead of sharing the file. The
+    /// lock goes with the process: a crash or `kill -9` releases it.
+    pub fn lock(path: &Path) -> Result<StateLock, OutboxError> {
+        let lock_path = PathBuf::from(format!("{}.lock", path.display()));
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| OutboxError(format!("lock file {}: {e}", lock_path.display())))?;
+        match file.try_lock() {
+            Ok(()) => Ok(StateLock {
+                _file: file,
+                path: lock_path,
+            }),
+            Err(std::fs::TryLockError::WouldBlock) => Err(OutboxError(format!(
+                "{} is in use by another sluice process (lock file {} is held); \
+                 stop it first, or give this one its own outbox path",
+                path.display(),
+                lock_path.display()
+            ))),
+            Err(std::fs::TryLockError::Error(e)) => Err(OutboxError(format!(
+                "lock file {}: {e}",
+                lock_path.display()
+            ))),
+        }
+    }
+
+    /// Opens an existing outbox for reading only, for `sluice outbox status`
+    /// and `verify`: nothing is created, upgraded or merged (the WAL is left
+    /// as it is). A missing file is an error.
+    pub fn open_read_only(path: &Path) -> Result<Outbox, OutboxError> {
+        if !path.is_file() {
+            return Err(OutboxError(format!(
+                "outbox {}: {}",
+                path.display(),
+                os_cause(path).unwrap_or_else(|| "no such file".into())
+            )));
+        }
+        let conn = Connection::open_with_flags(
+            path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(|e| OutboxError(format!("outbox {}: {e}", path.display())))?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        let epoch = counter(&conn, "epoch").unwrap_or(0);
+        Ok(Outbox {
+            conn,
+            path: path.to_owned(),
+            max_records: u64::MAX,
+            max_bytes: u64::MAX,
+            on_full: OnFull::DropOldest,
+            claimed: Claimed::default(),
+            last_of_topic: Default::default(),
+            epoch,
+        })
+    }
+
+    /// The file's epoch (see the module docs; 0 for a file from before
+    /// epochs, opened read-only).
+    pub fn epoch(&self) -> i64 {
+        self.epoch
     }
 
     /// What to do when full; `claimed` is shared with the uplink's outbox
@@ -229,27 +427,23 @@ impl Outbox {
             .lock()
             .map_err(|_| OutboxError("claimed set poisoned".into()))?;
         let mut stmt = self.conn.prepare_cached(
-            "SELECT seq, topic, payload FROM records WHERE seq > ?1 AND seq < ?2 ORDER BY seq LIMIT ?3",
+            "SELECT seq, topic, payload, checksum FROM records WHERE seq > ?1 AND seq < ?2 ORDER BY seq LIMIT ?3",
         )?;
         let rows: Vec<Queued> = stmt
-            .query_map(params![after, before, limit as i64], |r| {
-                Ok(Queued {
-                    seq: r.get(0)?,
-                    topic: r.get(1)?,
-                    payload: r.get(2)?,
-                })
-            })?
+            .query_map(params![after, before, limit as i64], Queued::from_row)?
             .collect::<Result<_, _>>()?;
         claimed.extend(rows.iter().map(|r| r.seq));
         Ok(rows)
     }
 
-    fn open_checked(path: &Path, durability: Durability) -> Result<Connection, OutboxError> {
-        let conn = Connection::open(path)?;
+    fn open_checked(path: &Path, durability: Durability) -> Result<Connection, OpenFailure> {
+        let mut conn = Connection::open(path)?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         let mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
         if !mode.eq_ignore_ascii_case("wal") {
-            return Err(OutboxError(format!("cannot use WAL mode (got {mode})")));
+            return Err(OpenFailure::Other(format!(
+                "cannot use WAL mode (got {mode})"
+            )));
         }
         conn.pragma_update(
             None,
@@ -261,7 +455,9 @@ impl Outbox {
         )?;
         let check: String = conn.query_row("PRAGMA quick_check", [], |r| r.get(0))?;
         if check != "ok" {
-            return Err(OutboxError(format!("integrity check failed: {check}")));
+            return Err(OpenFailure::Damaged(format!(
+                "integrity check failed: {check}"
+            )));
         }
         conn.execute_batch(
             "CREATE TABLE IF NOT EXISTS records (
@@ -281,7 +477,14 @@ impl Outbox {
              CREATE TABLE IF NOT EXISTS window_marks (
                  series TEXT PRIMARY KEY,
                  end_ms INTEGER NOT NULL,
-                 generation INTEGER NOT NULL DEFAULT 0) WITHOUT ROWID;",
+                 generation INTEGER NOT NULL DEFAULT 0) WITHOUT ROWID;
+             CREATE TABLE IF NOT EXISTS dead_letters (
+                 seq INTEGER PRIMARY KEY,
+                 topic TEXT NOT NULL,
+                 payload BLOB NOT NULL,
+                 created_ms INTEGER NOT NULL,
+                 failed_ms INTEGER NOT NULL,
+                 reason TEXT NOT NULL);",
         )?;
         // Columns added since the first release, with defaults for older
         // rows: checkpoints and marks from then count as generation 0 (older
@@ -304,6 +507,28 @@ impl Outbox {
                 ))?;
             }
         }
+        // Record checksums, since 0.2: rows from before get theirs computed
+        // now, once (what they hold is taken as it is).
+        let has: bool = conn.query_row(
+            "SELECT COUNT(*) > 0 FROM pragma_table_info('records') WHERE name = 'checksum'",
+            [],
+            |r| r.get(0),
+        )?;
+        if !has {
+            let tx = write_transaction(&mut conn)?;
+            tx.execute_batch("ALTER TABLE records ADD COLUMN checksum INTEGER")?;
+            {
+                let mut rows = tx.prepare("SELECT seq, topic, payload FROM records")?;
+                let mut set = tx.prepare("UPDATE records SET checksum = ?2 WHERE seq = ?1")?;
+                let all: Vec<(i64, String, Vec<u8>)> = rows
+                    .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+                    .collect::<Result<_, _>>()?;
+                for (seq, topic, payload) in all {
+                    set.execute(params![seq, record_checksum(&topic, &payload)])?;
+                }
+            }
+            tx.commit()?;
+        }
         // The running totals (kept in the same transactions as the records,
         // so that every connection to the file sees the same ones); counted
         // once if the file has none yet.
@@ -316,8 +541,12 @@ impl Outbox {
             [],
         )?;
         conn.execute(
-            "INSERT OR IGNORE INTO counters (name, value) VALUES ('dropped', 0), ('downsampled', 0), ('generation', 0)",
+            "INSERT OR IGNORE INTO counters (name, value) VALUES ('dropped', 0), ('downsampled', 0), ('generation', 0), ('dead_lettered', 0)",
             [],
+        )?;
+        conn.execute(
+            "INSERT OR IGNORE INTO counters (name, value) VALUES ('epoch', ?1)",
+            [new_epoch()],
         )?;
         Ok(conn)
     }
@@ -397,7 +626,7 @@ impl Outbox {
         let mut newest: std::collections::HashMap<&str, i64> = Default::default();
         {
             let mut insert = tx.prepare_cached(
-                "INSERT INTO records (topic, payload, created_ms, prev) VALUES (?1, ?2, ?3, ?4)",
+                "INSERT INTO records (topic, payload, created_ms, prev, checksum) VALUES (?1, ?2, ?3, ?4, ?5)",
             )?;
             for (topic, payload) in records {
                 let prev = newest
@@ -405,7 +634,13 @@ impl Outbox {
                     .or_else(|| self.last_of_topic.get(topic))
                     .copied()
                     .unwrap_or(-1);
-                insert.execute(params![topic, payload, now_ms, prev])?;
+                insert.execute(params![
+                    topic,
+                    payload,
+                    now_ms,
+                    prev,
+                    record_checksum(topic, payload)
+                ])?;
                 let seq = tx.last_insert_rowid();
                 newest.insert(topic, seq);
                 seqs.push(seq);
@@ -479,15 +714,9 @@ impl Outbox {
     /// Up to `limit` waiting records with `seq > after`, in `seq` order.
     pub fn peek(&self, after: i64, limit: usize) -> Result<Vec<Queued>, OutboxError> {
         let mut stmt = self.conn.prepare_cached(
-            "SELECT seq, topic, payload FROM records WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+            "SELECT seq, topic, payload, checksum FROM records WHERE seq > ?1 ORDER BY seq LIMIT ?2",
         )?;
-        let rows = stmt.query_map(params![after, limit as i64], |r| {
-            Ok(Queued {
-                seq: r.get(0)?,
-                topic: r.get(1)?,
-                payload: r.get(2)?,
-            })
-        })?;
+        let rows = stmt.query_map(params![after, limit as i64], Queued::from_row)?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
@@ -554,7 +783,119 @@ impl Outbox {
             next_seq: last.unwrap_or(0) + 1,
             dropped: counter(&self.conn, "dropped")? as u64,
             downsampled: counter(&self.conn, "downsampled")? as u64,
+            dead_letters: if self.has_table("dead_letters")? {
+                self.conn
+                    .query_row("SELECT COUNT(*) FROM dead_letters", [], |r| {
+                        r.get::<_, i64>(0)
+                    })? as u64
+            } else {
+                0
+            },
+            dead_lettered: counter(&self.conn, "dead_lettered").unwrap_or(0) as u64,
+            epoch: self.epoch,
         })
+    }
+
+    fn has_table(&self, name: &str) -> Result<bool, OutboxError> {
+        Ok(self.conn.query_row(
+            "SELECT COUNT(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = ?1",
+            [name],
+            |r| r.get(0),
+        )?)
+    }
+
+    /// Moves the waiting record `seq` to `dead_letters` with `reason`, so
+    /// that the records behind it go on (see the module docs). `false` if
+    /// it was not waiting (acknowledged, dropped, or set aside already).
+    pub fn set_aside(&mut self, seq: i64, reason: &str, now_ms: i64) -> Result<bool, OutboxError> {
+        let tx = write_transaction(&mut self.conn)?;
+        let moved = tx.execute(
+            "INSERT OR REPLACE INTO dead_letters (seq, topic, payload, created_ms, failed_ms, reason)
+             SELECT seq, topic, payload, created_ms, ?2, ?3 FROM records WHERE seq = ?1",
+            params![seq, now_ms, reason],
+        )?;
+        if moved > 0 {
+            let len: i64 = tx.query_row(
+                "DELETE FROM records WHERE seq = ?1 RETURNING LENGTH(payload)",
+                [seq],
+                |r| r.get(0),
+            )?;
+            add_counter(&tx, "count", -1)?;
+            add_counter(&tx, "bytes", -len)?;
+            add_counter(&tx, "dead_lettered", 1)?;
+        }
+        tx.commit()?;
+        Ok(moved > 0)
+    }
+
+    /// The records set aside, oldest first (at most `limit`).
+    pub fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, OutboxError> {
+        if !self.has_table("dead_letters")? {
+            return Ok(Vec::new());
+        }
+        let mut stmt = self.conn.prepare(
+            "SELECT seq, topic, payload, created_ms, failed_ms, reason FROM dead_letters ORDER BY seq LIMIT ?1",
+        )?;
+        let rows = stmt.query_map([limit as i64], |r| {
+            Ok(DeadLetter {
+                seq: r.get(0)?,
+                topic: r.get(1)?,
+                payload: r.get(2)?,
+                created_ms: r.get(3)?,
+                failed_ms: r.get(4)?,
+                reason: r.get(5)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Queues the dead letters `seqs` (every one if `None`) again, as new
+    /// records with new `seq`s at the end of the outbox (for a record the
+    /// broker refused for a reason since fixed, say); returns the new seqs.
+    /// A record that still cannot be sent is set aside again.
+    pub fn retry_dead_letters(
+        &mut self,
+        seqs: Option<&[i64]>,
+        now_ms: i64,
+    ) -> Result<Vec<i64>, OutboxError> {
+        let chosen: Vec<DeadLetter> = self
+            .dead_letters(usize::MAX >> 1)?
+            .into_iter()
+            .filter(|d| seqs.is_none_or(|s| s.contains(&d.seq)))
+            .collect();
+        let records: Vec<(String, Vec<u8>)> = chosen
+            .iter()
+            .map(|d| (d.topic.clone(), d.payload.clone()))
+            .collect();
+        let done = self.commit(&records, &[], &[], now_ms)?;
+        let tx = write_transaction(&mut self.conn)?;
+        {
+            let mut delete = tx.prepare("DELETE FROM dead_letters WHERE seq = ?1")?;
+            for d in &chosen {
+                delete.execute([d.seq])?;
+            }
+        }
+        tx.commit()?;
+        Ok(done.seqs)
+    }
+
+    /// Deletes the dead letters `seqs` (every one if `None`); returns how
+    /// many there were.
+    pub fn purge_dead_letters(&mut self, seqs: Option<&[i64]>) -> Result<usize, OutboxError> {
+        let tx = write_transaction(&mut self.conn)?;
+        let n = match seqs {
+            None => tx.execute("DELETE FROM dead_letters", [])?,
+            Some(seqs) => {
+                let mut delete = tx.prepare("DELETE FROM dead_letters WHERE seq = ?1")?;
+                let mut n = 0;
+                for seq in seqs {
+                    n += delete.execute([seq])?;
+                }
+                n
+            }
+        };
+        tx.commit()?;
+        Ok(n)
     }
 
     /// Records waiting (one lookup of the running total).
@@ -562,14 +903,50 @@ impl Outbox {
         Ok(counter(&self.conn, "count")? as u64)
     }
 
-    /// SQLite's full `integrity_check`: `Ok(())` or the problems it found.
-    pub fn verify(&self) -> Result<(), OutboxError> {
+    /// SQLite's full `integrity_check`, then every waiting record's
+    /// checksum: `Ok(records checked)` or the problems found. Changes
+    /// nothing (open the file with [`Outbox::open_read_only`]).
+    pub fn verify(&self) -> Result<u64, OutboxError> {
         let mut stmt = self.conn.prepare("PRAGMA integrity_check")?;
-        let problems: Vec<String> = stmt
+        let mut problems: Vec<String> = stmt
             .query_map([], |r| r.get(0))?
             .collect::<Result<_, _>>()?;
         if problems == ["ok"] {
-            Ok(())
+            problems.clear();
+        }
+        let has_checksums: bool = self.conn.query_row(
+            "SELECT COUNT(*) > 0 FROM pragma_table_info('records') WHERE name = 'checksum'",
+            [],
+            |r| r.get(0),
+        )?;
+        let mut checked = 0;
+        if has_checksums {
+            let mut stmt = self
+                .conn
+                .prepare("SELECT seq, topic, payload, checksum FROM records ORDER BY seq")?;
+            let mut damaged = Vec::new();
+            for row in stmt.query_map([], Queued::from_row)? {
+                match row {
+                    Ok(q) if q.intact => checked += 1,
+                    Ok(q) => damaged.push(q.seq),
+                    Err(e) => problems.push(format!("unreadable record: {e}")),
+                }
+            }
+            if !damaged.is_empty() {
+                problems.push(format!(
+                    "{} record(s) whose checksum does not match (seq {}); the agent sets them aside instead of sending them",
+                    damaged.len(),
+                    damaged
+                        .iter()
+                        .take(20)
+                        .map(i64::to_string)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ));
+            }
+        }
+        if problems.is_empty() {
+            Ok(checked)
         } else {
             Err(OutboxError(problems.join("; ")))
         }
@@ -607,8 +984,9 @@ fn downsample(
     let mut select = tx.prepare_cached(
         "SELECT seq, topic, payload, prev, last FROM records ORDER BY seq LIMIT ?1",
     )?;
-    let mut update =
-        tx.prepare_cached("UPDATE records SET payload = ?2, last = ?3 WHERE seq = ?1")?;
+    let mut update = tx.prepare_cached(
+        "UPDATE records SET payload = ?2, last = ?3, checksum = ?4 WHERE seq = ?1",
+    )?;
     let mut delete = tx.prepare_cached("DELETE FROM records WHERE seq = ?1")?;
     // Each pass halves (at best) the records it looks at; past a few
     // passes without progress, give up and let the caller drop.
@@ -645,7 +1023,12 @@ fn downsample(
                 waiting.insert(&row.topic, row);
                 continue;
             };
-            update.execute(params![first.seq, merged, row.last])?;
+            update.execute(params![
+                first.seq,
+                merged,
+                row.last,
+                record_checksum(&first.topic, &merged)
+            ])?;
             delete.execute(params![row.seq])?;
             let delta = merged.len() as i64 - (first.payload.len() + row.payload.len()) as i64;
             add_counter(tx, "bytes", delta)?;
@@ -872,10 +1255,46 @@ fn checksum(state: &[u8]) -> i64 {
     sluice_core::hash::hash64(state, 0x5e55_10c4) as i64
 }
 
-/// `seq` added to a record's JSON object, for the uplink: `{"seq":N,…}`
-/// (anything but a non-empty object is wrapped: `{"seq":N,"record":…}`).
-pub fn with_seq(seq: i64, payload: &[u8]) -> Vec<u8> {
-    let mut out = format!("{{\"seq\":{seq},").into_bytes();
+/// A record's checksum: XXH3 of its payload, seeded with the XXH3 of its
+/// topic (stored as SQLite's signed integer).
+pub fn record_checksum(topic: &str, payload: &[u8]) -> i64 {
+    let seed = sluice_core::hash::hash64(topic.as_bytes(), 0x0b0c_5eed);
+    sluice_core::hash::hash64(payload, seed) as i64
+}
+
+/// A new epoch: 53 random bits (an integer any JSON reader holds exactly),
+/// never 0.
+fn new_epoch() -> i64 {
+    use std::io::Read;
+    let mut bytes = [0u8; 8];
+    let random = std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .is_ok();
+    if !random {
+        // No /dev/urandom: the clock, the process and a stack address.
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        let here = &bytes as *const _ as u64;
+        bytes = sluice_core::hash::hash64(
+            &[
+                now.to_le_bytes(),
+                u64::from(std::process::id()).to_le_bytes(),
+                here.to_le_bytes(),
+            ]
+            .concat(),
+            now,
+        )
+        .to_le_bytes();
+    }
+    ((u64::from_le_bytes(bytes) & ((1 << 53) - 1)) as i64).max(1)
+}
+
+/// `seq` and `epoch` added to a record's JSON object, for the uplink:
+/// `{"seq":N,"epoch":E,…}` (anything but a non-empty object is wrapped:
+/// `{"seq":N,"epoch":E,"record":…}`).
+pub fn with_identity(epoch: i64, seq: i64, payload: &[u8]) -> Vec<u8> {
+    let mut out = format!("{{\"seq\":{seq},\"epoch\":{epoch},").into_bytes();
     match payload.strip_prefix(b"{") {
         Some(rest)
             if rest
@@ -927,8 +1346,17 @@ mod tests {
 
     #[test]
     fn seq_is_spliced_into_objects_and_wraps_the_rest() {
-        assert_eq!(with_seq(7, br#"{"a":1}"#), br#"{"seq":7,"a":1}"#);
-        assert_eq!(with_seq(7, b"{}"), br#"{"seq":7,"record":{}}"#);
-        assert_eq!(with_seq(7, b"[1]"), br#"{"seq":7,"record":[1]}"#);
+        assert_eq!(
+            with_identity(3, 7, br#"{"a":1}"#),
+            br#"{"seq":7,"epoch":3,"a":1}"#
+        );
+        assert_eq!(
+            with_identity(3, 7, b"{}"),
+            br#"{"seq":7,"epoch":3,"record":{}}"#
+        );
+        assert_eq!(
+            with_identity(3, 7, b"[1]"),
+            br#"{"seq":7,"epoch":3,"record":[1]}"#
+        );
     }
 }

@@ -112,6 +112,8 @@ pub async fn run_with_reload(
             Some(o) => (o.durability, o.on_corrupt, o.max_records, o.max_bytes),
             None => (Durability::Normal, OnCorrupt::MoveAside, u64::MAX, u64::MAX),
         };
+        // One agent per state file: a second one refuses to start.
+        let lock = Outbox::lock(&path).map_err(|e| anyhow::anyhow!("outbox: {e}"))?;
         let open = || {
             Outbox::open(&path, durability, on_corrupt, max_records, max_bytes)
                 .map_err(|e| anyhow::anyhow!("outbox: {e}"))
@@ -204,7 +206,7 @@ pub async fn run_with_reload(
             aggregate_topic,
             alert_topic,
         });
-        store = Some((writer, uplink, stop));
+        store = Some((writer, uplink, stop, lock));
     }
     let output_task = {
         let feed = outbox_feed.take();
@@ -422,7 +424,7 @@ pub async fn run_with_reload(
         // The output task has dropped the writer's channel: the writer
         // commits what it holds and ends; then the uplink stops (what it has
         // not forwarded stays in the outbox for the next start).
-        if let Some((writer, uplink, stop)) = store {
+        if let Some((writer, uplink, stop, lock)) = store {
             tokio::task::spawn_blocking(move || {
                 let _ = writer.join();
                 stop.store(true, Relaxed);
@@ -430,6 +432,8 @@ pub async fn run_with_reload(
                     uplink.thread().unpark();
                     let _ = uplink.join();
                 }
+                // Only now may another process take the file.
+                drop(lock);
             })
             .await
             .ok();

@@ -13,7 +13,30 @@
 //! `seq` (and the record's `agent`) in it. A record leaves the outbox only
 //! when its PUBACK arrives. When the connection fails, the uplink starts a
 //! new one and sends again from the oldest unacknowledged record: delivery is
-//! at least once, and `(agent, seq)` lets upstream drop duplicates.
+//! at least once, and `(agent, epoch, seq)` lets upstream drop duplicates.
+//!
+//! # One record never blocks the lane
+//!
+//! A record that no broker can take is set aside (moved to the outbox's
+//! dead letters, counted, logged) instead of being sent, and the lane goes
+//! on: one whose checksum does not match (damaged on disk), whose topic is
+//! invalid ([`crate::topic::problem`]: a wildcard, a control character, as
+//! records written by earlier releases may hold), or that is larger than the
+//! client's packet limit. A record the broker itself refuses shows only as a
+//! closed connection (MQTT 3.1.1 has no per-message refusal): when
+//! [`STRIKES`] sessions in a row fail within [`STEADY`] of their CONNACK
+//! with records in flight, the next session sends the records that were in
+//! flight at the last failure one at a time, each acknowledged before the
+//! next; the one in flight, alone, when the broker closes that session too
+//! is set aside, and the session after goes back to the whole window. A
+//! broker that drops every connection whatever it is sent could make an
+//! innocent record a dead letter this way; it stays in the file, and
+//! `sluice outbox retry` queues it again.
+//!
+//! The reconnect backoff starts afresh only after a session that made
+//! progress (a PUBACK, or [`STEADY`] connected): a broker that accepts the
+//! connection and drops it at once is retried with a growing delay, not five
+//! times a second.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -24,10 +47,18 @@ use rumqttc::{AsyncClient, Event, Outgoing, Packet, QoS};
 use tokio::sync::mpsc;
 
 use crate::config::UplinkConfig;
-use crate::outbox::{Claimed, Outbox, with_seq};
+use crate::outbox::{Claimed, Outbox, Queued, with_identity};
 
 /// How often the live lane looks for new records when it has none.
 const LIVE_LOOK: Duration = Duration::from_millis(20);
+
+/// Sessions in a row that end with the same record oldest and nothing
+/// acknowledged, before that record is sent alone to find out whether it is
+/// the cause (see the module docs).
+pub const STRIKES: u32 = 3;
+
+/// A session connected this long counts as progress for the backoff.
+pub const STEADY: Duration = Duration::from_secs(10);
 
 /// What store-and-forward counts.
 #[derive(Debug, Default)]
@@ -50,6 +81,10 @@ pub struct UplinkStats {
     pub dropped: AtomicU64,
     /// Records merged into older ones because the outbox was full.
     pub downsampled: AtomicU64,
+    /// Records set aside as dead letters by this process.
+    pub dead_lettered: AtomicU64,
+    /// Records waiting in the dead letters (after the last change).
+    pub dead_letters: AtomicU64,
 }
 
 /// What the output task hands the writer, in the order the workers made it.
@@ -164,8 +199,15 @@ pub fn run_uplink(
     let max_delay = Duration::from_millis(config.reconnect_max_ms.max(200));
     let mut delay = Duration::from_millis(200);
     let mut failures = 0u64;
+    if let Ok(s) = outbox.status() {
+        stats.dead_letters.store(s.dead_letters, Relaxed);
+    }
+    // Sessions in a row that connected and failed soon after with records
+    // outstanding, and the seqs outstanding at the last such failure.
+    let (mut strikes, mut outstanding) = (0u32, None);
     while !stop.load(Relaxed) {
-        let connects = stats.connects.load(Relaxed);
+        let isolate = outstanding.filter(|_| strikes >= STRIKES);
+        let mut report = SessionReport::default();
         let result = runtime.block_on(session(
             &mut outbox,
             &config,
@@ -173,6 +215,8 @@ pub fn run_uplink(
             &stats,
             &stop,
             &claimed,
+            isolate,
+            &mut report,
         ));
         // Whatever was read and not acknowledged is read again next time.
         if let Ok(mut c) = claimed.lock() {
@@ -181,10 +225,30 @@ pub fn run_uplink(
         match result {
             Ok(()) => return,
             Err(e) => {
-                if stats.connects.load(Relaxed) > connects {
-                    // It had connected: start the backoff afresh.
+                let steady = report.connected_at.is_some_and(|t| t.elapsed() >= STEADY);
+                if report.acked > 0 || steady {
+                    // It made progress: start the backoff afresh.
                     delay = Duration::from_millis(200);
                     failures = 0;
+                }
+                // Was it a record? See the module docs.
+                match (report.connected_at, report.outstanding) {
+                    (Some(_), Some((lo, hi))) if !steady => {
+                        if let Some(alone) = report.alone.filter(|_| isolate.is_some()) {
+                            let why = format!(
+                                "the broker closed the connection each time it was sent ({} sessions in a row, the last with it alone in flight)",
+                                strikes + 1
+                            );
+                            set_aside(&mut outbox, &stats, &claimed, alone, &why);
+                            delay = Duration::from_millis(200);
+                            (strikes, outstanding) = (0, None);
+                        } else {
+                            strikes += 1;
+                            outstanding = Some((lo, hi));
+                        }
+                    }
+                    (Some(_), _) => (strikes, outstanding) = (0, None),
+                    (None, _) => {}
                 }
                 failures += 1;
                 // One warning per outage, not one per retry.
@@ -200,13 +264,68 @@ pub fn run_uplink(
     }
 }
 
+/// What a session saw, for the backoff and the search for a record the
+/// broker refuses.
+#[derive(Debug, Default)]
+struct SessionReport {
+    /// When the CONNACK came.
+    connected_at: Option<Instant>,
+    /// PUBACKs received.
+    acked: u64,
+    /// The oldest and newest records sent and not acknowledged when the
+    /// session ended.
+    outstanding: Option<(i64, i64)>,
+    /// The record in flight alone when an isolating session ended, if it
+    /// had not yet passed the range it isolates.
+    alone: Option<i64>,
+}
+
+/// Sets the waiting record `seq` aside as a dead letter (see the module
+/// docs), counting and logging it.
+fn set_aside(outbox: &mut Outbox, stats: &UplinkStats, claimed: &Claimed, seq: i64, why: &str) {
+    match outbox.set_aside(seq, why, sluice_collectors::reading::now_ms()) {
+        Ok(true) => {
+            stats.dead_lettered.fetch_add(1, Relaxed);
+            stats.dead_letters.fetch_add(1, Relaxed);
+            tracing::warn!(
+                seq,
+                reason = why,
+                "uplink: record set aside as a dead letter; the records behind it go on (see `sluice outbox dead-letters`)"
+            );
+        }
+        Ok(false) => {}
+        Err(e) => tracing::error!(seq, error = %e, "uplink: cannot set a record aside"),
+    }
+    if let Ok(mut c) = claimed.lock() {
+        c.remove(&seq);
+    }
+}
+
+/// Why no broker can take `record` as it is (its packet, `packet` bytes of
+/// payload, included), or `None`.
+fn unsendable(record: &Queued, packet: &[u8]) -> Option<String> {
+    if !record.intact {
+        return Some("checksum mismatch: the record was damaged on disk".into());
+    }
+    if let Some(problem) = crate::topic::problem(&record.topic) {
+        return Some(format!("invalid topic: {problem}"));
+    }
+    // Fixed header (at most 5 bytes), topic length, topic, packet id.
+    let size = 5 + 2 + record.topic.len() + 2 + packet.len();
+    let max = sluice_collectors::mqtt::MAX_OUTGOING_PACKET;
+    (size > max).then(|| format!("a {size}-byte packet, over the uplink's limit of {max} bytes"))
+}
+
 /// One connection: send, collect acknowledgements, until it fails or `stop`.
+/// With `isolate = Some((lo, hi))`, records up to `hi` go one at a time,
+/// each acknowledged before the next is sent (see the module docs).
 ///
 /// Two lanes share the in-flight window: the *backlog* (records committed
 /// before this connection, oldest first) and *live* records (committed
 /// since, also in `seq` order), which may use up to half the window while a
 /// backlog drains, so that fresh data is not held back behind an outage's
 /// worth of old data. With no backlog, everything goes through the live lane.
+#[allow(clippy::too_many_arguments)]
 async fn session(
     outbox: &mut Outbox,
     config: &UplinkConfig,
@@ -214,6 +333,8 @@ async fn session(
     stats: &UplinkStats,
     stop: &AtomicBool,
     claimed: &Claimed,
+    isolate: Option<(i64, i64)>,
+    report: &mut SessionReport,
 ) -> Result<(), String> {
     let mut settings = config.connection(agent);
     settings
@@ -231,12 +352,26 @@ async fn session(
         }
     }
     stats.connects.fetch_add(1, Relaxed);
+    report.connected_at = Some(Instant::now());
     // Records from here on are live.
     let status = outbox.status().map_err(|e| e.to_string())?;
     stats.backlog.store(status.backlog, Relaxed);
     let live_from = status.next_seq;
-    tracing::info!(broker = %config.host, backlog_below_seq = live_from, "uplink connected");
-    let window = usize::from(config.max_inflight);
+    match isolate {
+        Some((lo, hi)) => tracing::warn!(
+            broker = %config.host,
+            backlog_below_seq = live_from,
+            "uplink connected; the last {STRIKES} sessions failed soon after connecting: sending seqs {lo}..={hi} one at a time to find a record the broker refuses"
+        ),
+        None => {
+            tracing::info!(broker = %config.host, backlog_below_seq = live_from, "uplink connected")
+        }
+    }
+    let full_window = usize::from(config.max_inflight);
+    // Isolating: one record at a time until one past the range is sent.
+    let mut isolating = isolate.map(|(_, hi)| hi);
+    let mut window = if isolating.is_some() { 1 } else { full_window };
+    let epoch = outbox.epoch();
     // Sent in order, waiting for their packet id; then by packet id.
     let mut unassigned: VecDeque<i64> = VecDeque::new();
     let mut inflight: HashMap<u16, i64> = HashMap::new();
@@ -247,10 +382,10 @@ async fn session(
     let mut live_in_flight = 0usize;
     let mut last_live_look = Instant::now() - LIVE_LOOK;
     let mut acked = Vec::new();
-    loop {
+    let result = loop {
         if stop.load(Relaxed) {
             let _ = client.try_disconnect();
-            return Ok(());
+            break Ok(());
         }
         // Top up the in-flight window as each PUBACK frees a slot: a steady
         // stream of publishes also carries the TCP ACKs for the broker's
@@ -263,7 +398,7 @@ async fn session(
                 if live.is_empty() && last_live_look.elapsed() >= LIVE_LOOK {
                     live.extend(
                         outbox
-                            .peek_claim(live_read, i64::MAX, window, claimed)
+                            .peek_claim(live_read, i64::MAX, full_window, claimed)
                             .map_err(|e| e.to_string())?,
                     );
                     last_live_look = Instant::now();
@@ -280,7 +415,7 @@ async fn session(
                 if backlog.is_empty() {
                     backlog.extend(
                         outbox
-                            .peek_claim(backlog_read, live_from, window, claimed)
+                            .peek_claim(backlog_read, live_from, full_window, claimed)
                             .map_err(|e| e.to_string())?,
                     );
                     match backlog.back() {
@@ -294,13 +429,21 @@ async fn session(
                 next = backlog.pop_front();
             }
             let Some(r) = next else { break };
+            if isolating.is_some_and(|hi| r.seq > hi) {
+                // Past the range: back to the whole window.
+                (isolating, window) = (None, full_window);
+                room = window.saturating_sub(unassigned.len() + inflight.len());
+            }
+            let packet = with_identity(epoch, r.seq, &r.payload);
+            if let Some(why) = unsendable(&r, &packet) {
+                if r.seq >= live_from {
+                    live_in_flight -= 1;
+                }
+                set_aside(outbox, stats, claimed, r.seq, &why);
+                continue;
+            }
             client
-                .try_publish(
-                    r.topic,
-                    QoS::AtLeastOnce,
-                    false,
-                    with_seq(r.seq, &r.payload),
-                )
+                .try_publish(r.topic, QoS::AtLeastOnce, false, packet)
                 .map_err(|e| e.to_string())?;
             unassigned.push_back(r.seq);
             stats.sent.fetch_add(1, Relaxed);
@@ -318,7 +461,7 @@ async fn session(
         .await;
         match event {
             Err(_) => {}
-            Ok(Err(e)) => return Err(e.to_string()),
+            Ok(Err(e)) => break Err(e.to_string()),
             Ok(Ok(Event::Outgoing(Outgoing::Publish(pkid)))) => {
                 if let Some(seq) = unassigned.pop_front() {
                     inflight.insert(pkid, seq);
@@ -330,22 +473,45 @@ async fn session(
                         live_in_flight -= 1;
                     }
                     acked.push(seq);
+                    report.acked += 1;
                 }
             }
             Ok(Ok(_)) => {}
         }
-        if !acked.is_empty() && (acked.len() >= window.max(64) || inflight.is_empty()) {
-            outbox.ack(&acked).map_err(|e| e.to_string())?;
-            if let Ok(mut c) = claimed.lock() {
-                for seq in &acked {
-                    c.remove(seq);
-                }
-            }
-            stats.acked.fetch_add(acked.len() as u64, Relaxed);
-            acked.clear();
-            if let Ok(backlog) = outbox.backlog() {
-                stats.backlog.store(backlog, Relaxed);
-            }
+        if !acked.is_empty() && (acked.len() >= full_window.max(64) || inflight.is_empty()) {
+            record_acks(outbox, stats, claimed, &mut acked)?;
+        }
+    };
+    let outstanding = || unassigned.iter().chain(inflight.values()).copied();
+    report.outstanding = outstanding().min().zip(outstanding().max());
+    if isolating.is_some() && unassigned.len() + inflight.len() == 1 {
+        report.alone = outstanding().next();
+    }
+    // Acknowledgements that came before a stop or a failure are kept, so
+    // that those records are not sent again.
+    if !acked.is_empty() {
+        record_acks(outbox, stats, claimed, &mut acked)?;
+    }
+    result
+}
+
+/// Deletes the acknowledged records `acked` from the outbox, and clears it.
+fn record_acks(
+    outbox: &mut Outbox,
+    stats: &UplinkStats,
+    claimed: &Claimed,
+    acked: &mut Vec<i64>,
+) -> Result<(), String> {
+    outbox.ack(acked).map_err(|e| e.to_string())?;
+    if let Ok(mut c) = claimed.lock() {
+        for seq in acked.iter() {
+            c.remove(seq);
         }
     }
+    stats.acked.fetch_add(acked.len() as u64, Relaxed);
+    acked.clear();
+    if let Ok(backlog) = outbox.backlog() {
+        stats.backlog.store(backlog, Relaxed);
+    }
+    Ok(())
 }

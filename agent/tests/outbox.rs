@@ -757,3 +757,184 @@ proptest! {
         drop(outbox);
     }
 }
+
+/// The names in `dir` that hold `part`.
+fn names_with(dir: &std::path::Path, part: &str) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(part))
+        .collect()
+}
+
+#[test]
+fn open_errors_other_than_damage_name_their_cause_and_leave_the_file_alone() {
+    // A directory where the file should be: an error, never renamed.
+    let (dir, path) = temp_db("isdir");
+    std::fs::create_dir(&path).unwrap();
+    std::fs::write(path.join("keep"), b"x").unwrap();
+    let e = Outbox::open(&path, Durability::Normal, OnCorrupt::MoveAside, 10, 1 << 20)
+        .err()
+        .expect("a directory is no outbox");
+    assert!(e.to_string().contains("directory"), "{e}");
+    assert!(path.join("keep").exists());
+    assert!(names_with(dir.path(), "corrupt-").is_empty());
+
+    // A missing directory: said so, and nothing created.
+    let (dir, _) = temp_db("nodir");
+    let missing = dir.path().join("no/such/dir/outbox.db");
+    let e = Outbox::open(
+        &missing,
+        Durability::Normal,
+        OnCorrupt::MoveAside,
+        10,
+        1 << 20,
+    )
+    .err()
+    .expect("no directory");
+    assert!(e.to_string().contains("does not exist"), "{e}");
+
+    // A file another process holds locked: an error after the busy
+    // timeout, and the backlog stays where it is.
+    let (dir, path) = temp_db("locked");
+    open(&path, u64::MAX)
+        .append(&[("t".into(), b"{}".to_vec())], 1)
+        .unwrap();
+    let holder = rusqlite::Connection::open(&path).unwrap();
+    holder
+        .execute_batch(
+            "PRAGMA locking_mode=EXCLUSIVE; BEGIN EXCLUSIVE; INSERT INTO counters VALUES ('x', 1);",
+        )
+        .unwrap();
+    let e = Outbox::open(&path, Durability::Normal, OnCorrupt::MoveAside, 10, 1 << 20)
+        .err()
+        .expect("a locked file is not opened");
+    assert!(e.to_string().contains("locked"), "{e}");
+    assert!(names_with(dir.path(), "corrupt-").is_empty());
+    drop(holder);
+    assert_eq!(open(&path, u64::MAX).status().unwrap().backlog, 1);
+}
+
+#[test]
+fn a_second_agent_on_the_same_state_is_refused() {
+    let (_dir, path) = temp_db("lock");
+    let first = Outbox::lock(&path).unwrap();
+    let e = Outbox::lock(&path).expect_err("the state is taken");
+    assert!(
+        e.to_string().contains("in use by another sluice process"),
+        "{e}"
+    );
+    drop(first);
+    Outbox::lock(&path).expect("free again once the first lets go");
+}
+
+#[test]
+fn every_file_has_its_own_epoch_kept_across_reopens() {
+    let (_dir, a) = temp_db("epoch-a");
+    let (_dir2, b) = temp_db("epoch-b");
+    let epoch_a = open(&a, u64::MAX).epoch();
+    assert!(epoch_a > 0 && epoch_a < 1 << 53, "{epoch_a}");
+    assert_eq!(open(&a, u64::MAX).epoch(), epoch_a, "kept by the file");
+    assert_ne!(open(&b, u64::MAX).epoch(), epoch_a);
+    // A file moved aside: the fresh one has a new epoch, so its seqs, which
+    // start at 1 again, never collide upstream with the old ones.
+    std::fs::write(&b, vec![0x5a; 8192]).unwrap();
+    let (fresh, note) =
+        Outbox::open(&b, Durability::Normal, OnCorrupt::MoveAside, 10, 1 << 20).unwrap();
+    assert!(note.is_some());
+    assert_ne!(fresh.epoch(), epoch_a);
+    assert!(fresh.epoch() > 0);
+}
+
+#[test]
+fn a_flipped_byte_in_a_record_is_caught_by_its_checksum_and_verify_changes_nothing() {
+    let (_dir, path) = temp_db("recordflip");
+    {
+        let mut outbox = open(&path, u64::MAX);
+        let batch: Vec<(String, Vec<u8>)> = (0..50)
+            .map(|i| {
+                (
+                    "sluice/a/agg/s".to_string(),
+                    format!("{{\"series\":\"s\",\"i\":{i},\"count\":10}}").into_bytes(),
+                )
+            })
+            .collect();
+        outbox.append(&batch, 1).unwrap();
+    }
+    // One byte of one payload on disk: "count":10 becomes "count":17.
+    let mut bytes = std::fs::read(&path).unwrap();
+    let needle = b"\"i\":7,\"count\":10";
+    let at = bytes
+        .windows(needle.len())
+        .position(|w| w == needle)
+        .expect("the record is on disk");
+    bytes[at + needle.len() - 1] = b'7';
+    std::fs::write(&path, &bytes).unwrap();
+    // An agent holds the file open with commits in its WAL.
+    let mut running = open(&path, u64::MAX);
+    running
+        .append(&[("sluice/a/agg/s".into(), b"{}".to_vec())], 2)
+        .unwrap();
+    let wal = PathBuf::from(format!("{}-wal", path.display()));
+    let before = (std::fs::read(&path).unwrap(), std::fs::read(&wal).unwrap());
+    assert!(!before.1.is_empty(), "the WAL holds the last commit");
+    // verify opens read-only, finds the record, and changes nothing: not
+    // the file, not the WAL (it used to merge it into the file).
+    let e = Outbox::open_read_only(&path)
+        .unwrap()
+        .verify()
+        .expect_err("the flipped byte is found");
+    assert!(e.to_string().contains("checksum"), "{e}");
+    assert!(e.to_string().contains("seq 8"), "{e}");
+    let after = (std::fs::read(&path).unwrap(), std::fs::read(&wal).unwrap());
+    assert!(after == before, "verify wrote nothing");
+    drop(running);
+    // The agent's reader sees it as damaged; the others are intact.
+    let outbox = open(&path, u64::MAX);
+    let records = outbox.peek(0, 100).unwrap();
+    let damaged: Vec<i64> = records
+        .iter()
+        .filter(|r| !r.intact)
+        .map(|r| r.seq)
+        .collect();
+    assert_eq!(damaged, [8]);
+    assert_eq!(records.len(), 51);
+}
+
+#[test]
+fn the_previous_releases_outbox_is_upgraded_in_place() {
+    let (_dir, path) = temp_db("fixture");
+    std::fs::copy(
+        concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/outbox-0.1.0.db"
+        ),
+        &path,
+    )
+    .unwrap();
+    let mut outbox = open(&path, u64::MAX);
+    let status = outbox.status().unwrap();
+    assert_eq!((status.backlog, status.next_seq), (54, 55));
+    assert!(status.epoch > 0);
+    // Every old record got its checksum, and appends go on after them.
+    let records = outbox.peek(0, 100).unwrap();
+    assert!(records.iter().all(|r| r.intact));
+    assert_eq!(
+        outbox.append(&[("t".into(), b"{}".to_vec())], 2).unwrap(),
+        [55]
+    );
+    let (saved, _) = outbox.checkpoints().unwrap();
+    assert_eq!(saved.len(), 1);
+    assert!(saved[0].state.is_ok());
+    // Dead letters work on it.
+    assert!(outbox.set_aside(3, "test", 5).unwrap());
+    let dead = outbox.dead_letters(10).unwrap();
+    assert_eq!(
+        (dead.len(), dead[0].seq, dead[0].reason.as_str()),
+        (1, 3, "test")
+    );
+    let again = outbox.retry_dead_letters(None, 6).unwrap();
+    assert_eq!(again, [56]);
+    assert!(outbox.dead_letters(10).unwrap().is_empty());
+    assert_eq!(outbox.status().unwrap().backlog, 55);
+}

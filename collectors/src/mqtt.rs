@@ -186,7 +186,7 @@ impl MqttSettings {
         options
             .set_keep_alive(Duration::from_secs(self.keep_alive_s))
             .set_clean_session(self.clean_session)
-            .set_max_packet_size(self.json.max_message_bytes + 1024, 64 * 1024);
+            .set_max_packet_size(self.json.max_message_bytes + 1024, MAX_OUTGOING_PACKET);
         if let Some(user) = &self.username {
             options.set_credentials(user, self.password.clone().unwrap_or_default());
         }
@@ -215,6 +215,10 @@ pub fn network_options() -> rumqttc::NetworkOptions {
     n.set_tcp_nodelay(true);
     n
 }
+
+/// The largest packet a client made from [`MqttSettings::options`] sends,
+/// in bytes (the outputs and the uplink check records against it).
+pub const MAX_OUTGOING_PACKET: usize = 64 * 1024;
 
 /// A secret from the first line of `file`, or from the environment variable
 /// `env`; `None` when neither is given. Errors name the key.
