@@ -22,8 +22,13 @@
 //!   not match is moved to `dead_letters` ([`Outbox::set_aside`]), counted,
 //!   and can be listed, sent again or purged (`sluice outbox …`).
 //! * Identity: every record is `(agent, epoch, seq)` upstream. The epoch is
-//!   random, made with the file, so a new file, one moved aside or one a
-//!   power loss rolled back never reuses an identity upstream has seen.
+//!   random and new with every run of the agent ([`Outbox::begin_run`]), and
+//!   stored with each record, so a new file, one moved aside, or one a power
+//!   loss rolled back (whose seqs the next run hands out again) never reuses
+//!   an identity upstream has seen.
+//! * A record that may have left is never rewritten: the uplink marks the
+//!   records it reads as `sent` in the same transaction, before it publishes
+//!   them, and downsampling merges only records never sent.
 //!
 //! # On-disk layout
 //!
@@ -32,11 +37,14 @@
 //!         prev INTEGER,   -- seq of the record of the same topic appended just before
 //!                         -- (-1: unknown, e.g. the first one after a restart)
 //!         last INTEGER,   -- newest original seq a merged record holds (0: its own)
-//!         checksum INTEGER) -- XXH3 of topic and payload (see record_checksum)
+//!         checksum INTEGER, -- XXH3 of topic and payload (see record_checksum)
+//!         epoch INTEGER,  -- the run that appended it (see begin_run)
+//!         sent INTEGER)   -- 1 once the uplink has read it to publish it
+//! records_by_prev ON records(prev)                 -- downsampling's pairing
 //! dead_letters(seq INTEGER PRIMARY KEY, topic, payload, created_ms, failed_ms, reason TEXT)
 //! counters(name TEXT PRIMARY KEY, value INTEGER)   -- 'count', 'bytes' (running totals
 //!         -- of records), 'dropped', 'downsampled', 'dead_lettered' (ever),
-//!         -- 'generation' (see commit), 'epoch' (random, made with the file)
+//!         -- 'generation' (see commit), 'epoch' (the newest run's)
 //! checkpoints(worker INTEGER PRIMARY KEY, saved_ms, checksum, state BLOB, generation)
 //! window_marks(series TEXT PRIMARY KEY, end_ms, generation)
 //! ```
@@ -45,8 +53,8 @@
 //! even across deletes and restarts, and the epoch names the file, so that
 //! `(agent_id, epoch, seq)` identifies a record upstream and lets it drop
 //! duplicates (delivery is at least once). A file written by an earlier
-//! release is upgraded in place at open: its rows get their checksums and
-//! the file an epoch.
+//! release is upgraded in place at open: its rows get their checksums and an
+//! epoch of their own.
 //! The database runs in WAL mode; appends are batched in one transaction.
 
 use std::path::{Path, PathBuf};
@@ -97,6 +105,8 @@ pub enum OnFull {
 pub struct Queued {
     /// Its sequence number.
     pub seq: i64,
+    /// The epoch of the run that appended it.
+    pub epoch: i64,
     /// Where it goes.
     pub topic: String,
     /// Its body (a JSON object).
@@ -113,6 +123,7 @@ impl Queued {
         let intact = sum == Some(record_checksum(&topic, &payload));
         Ok(Queued {
             seq,
+            epoch: r.get::<_, Option<i64>>(4)?.unwrap_or(0),
             topic,
             payload,
             intact,
@@ -156,7 +167,7 @@ pub struct Status {
     pub dead_letters: u64,
     /// Records set aside, ever.
     pub dead_lettered: u64,
-    /// The file's epoch (see the module docs).
+    /// The newest run's epoch (see the module docs).
     pub epoch: i64,
 }
 
@@ -265,12 +276,11 @@ pub struct Outbox {
 /// only mergeability across that point).
 const MAX_TOPICS: usize = 65_536;
 
-/// The `seq`s the uplink has read (to send, or sent) and not had
-/// acknowledged. The uplink reads records and claims them under this lock;
-/// downsampling takes it for its whole transaction and leaves claimed
-/// records alone. So a record is never merged after the uplink read it:
-/// merging into a record already sent could lose the merged one's data when
-/// the old version's PUBACK deletes the row.
+/// The `seq`s the uplink of this process has read (to send, or sent) and
+/// not had acknowledged: the records in flight now, which drop-oldest
+/// leaves alone (their PUBACK removes them). What keeps downsampling off
+/// records that may have left is the `sent` mark in the file, which also
+/// holds across reconnects and restarts (see [`Outbox::peek_claim`]).
 pub type Claimed = std::sync::Arc<std::sync::Mutex<std::collections::HashSet<i64>>>;
 
 impl Outbox {
@@ -415,25 +425,59 @@ impl Outbox {
     }
 
     /// Up to `limit` waiting records with `after < seq < before`, in `seq`
-    /// order, claimed in `claimed` under its lock (see [`Claimed`]).
+    /// order, for the uplink to publish: marked `sent` in the file (so that
+    /// downsampling never rewrites them, in this run or a later one) and
+    /// added to `claimed` (in flight now: drop-oldest leaves them alone),
+    /// both before they are returned.
     pub fn peek_claim(
-        &self,
+        &mut self,
         after: i64,
         before: i64,
         limit: usize,
         claimed: &Claimed,
     ) -> Result<Vec<Queued>, OutboxError> {
+        const SELECT: &str = "SELECT seq, topic, payload, checksum, epoch FROM records
+             WHERE seq > ?1 AND seq < ?2 ORDER BY seq LIMIT ?3";
+        // Nothing waiting (the live lane's usual look): no write lock.
+        let any: bool = self
+            .conn
+            .prepare_cached("SELECT EXISTS (SELECT 1 FROM records WHERE seq > ?1 AND seq < ?2)")?
+            .query_row(params![after, before], |r| r.get(0))?;
+        if !any {
+            return Ok(Vec::new());
+        }
+        // The write lock first, then the claimed set: the order the writer
+        // takes them in.
+        let tx = write_transaction(&mut self.conn)?;
+        let rows: Vec<Queued> = tx
+            .prepare_cached(SELECT)?
+            .query_map(params![after, before, limit as i64], Queued::from_row)?
+            .collect::<Result<_, _>>()?;
+        if let (Some(first), Some(last)) = (rows.first(), rows.last()) {
+            tx.prepare_cached(
+                "UPDATE records SET sent = 1 WHERE seq BETWEEN ?1 AND ?2 AND sent = 0",
+            )?
+            .execute(params![first.seq, last.seq])?;
+        }
         let mut claimed = claimed
             .lock()
             .map_err(|_| OutboxError("claimed set poisoned".into()))?;
-        let mut stmt = self.conn.prepare_cached(
-            "SELECT seq, topic, payload, checksum FROM records WHERE seq > ?1 AND seq < ?2 ORDER BY seq LIMIT ?3",
-        )?;
-        let rows: Vec<Queued> = stmt
-            .query_map(params![after, before, limit as i64], Queued::from_row)?
-            .collect::<Result<_, _>>()?;
+        tx.commit()?;
         claimed.extend(rows.iter().map(|r| r.seq));
         Ok(rows)
+    }
+
+    /// Starts a new run: a new random epoch for the records appended from
+    /// now on through this handle (see the module docs). The agent calls it
+    /// once at start, on the writer's handle.
+    pub fn begin_run(&mut self) -> Result<i64, OutboxError> {
+        let epoch = new_epoch();
+        self.conn.execute(
+            "UPDATE counters SET value = ?1 WHERE name = 'epoch'",
+            [epoch],
+        )?;
+        self.epoch = epoch;
+        Ok(epoch)
     }
 
     fn open_checked(path: &Path, durability: Durability) -> Result<Connection, OpenFailure> {
@@ -514,9 +558,18 @@ impl Outbox {
             [],
             |r| r.get(0),
         )?;
+        conn.execute(
+            "INSERT OR IGNORE INTO counters (name, value) VALUES ('epoch', ?1)",
+            [new_epoch()],
+        )?;
         if !has {
             let tx = write_transaction(&mut conn)?;
-            tx.execute_batch("ALTER TABLE records ADD COLUMN checksum INTEGER")?;
+            tx.execute_batch(
+                "ALTER TABLE records ADD COLUMN checksum INTEGER;
+                 ALTER TABLE records ADD COLUMN epoch INTEGER;
+                 ALTER TABLE records ADD COLUMN sent INTEGER NOT NULL DEFAULT 0;
+                 UPDATE records SET epoch = (SELECT value FROM counters WHERE name = 'epoch');",
+            )?;
             {
                 let mut rows = tx.prepare("SELECT seq, topic, payload FROM records")?;
                 let mut set = tx.prepare("UPDATE records SET checksum = ?2 WHERE seq = ?1")?;
@@ -544,10 +597,7 @@ impl Outbox {
             "INSERT OR IGNORE INTO counters (name, value) VALUES ('dropped', 0), ('downsampled', 0), ('generation', 0), ('dead_lettered', 0)",
             [],
         )?;
-        conn.execute(
-            "INSERT OR IGNORE INTO counters (name, value) VALUES ('epoch', ?1)",
-            [new_epoch()],
-        )?;
+        conn.execute_batch("CREATE INDEX IF NOT EXISTS records_by_prev ON records(prev)")?;
         Ok(conn)
     }
 
@@ -626,7 +676,8 @@ impl Outbox {
         let mut newest: std::collections::HashMap<&str, i64> = Default::default();
         {
             let mut insert = tx.prepare_cached(
-                "INSERT INTO records (topic, payload, created_ms, prev, checksum) VALUES (?1, ?2, ?3, ?4, ?5)",
+                "INSERT INTO records (topic, payload, created_ms, prev, checksum, epoch)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
             )?;
             for (topic, payload) in records {
                 let prev = newest
@@ -639,7 +690,8 @@ impl Outbox {
                     payload,
                     now_ms,
                     prev,
-                    record_checksum(topic, payload)
+                    record_checksum(topic, payload),
+                    self.epoch
                 ])?;
                 let seq = tx.last_insert_rowid();
                 newest.insert(topic, seq);
@@ -651,20 +703,13 @@ impl Outbox {
         add_counter(&tx, "bytes", added_bytes)?;
         let (mut count, mut bytes) = (counter(&tx, "count")? as u64, counter(&tx, "bytes")? as u64);
         let mut downsampled = 0;
-        // Held until the commit, so that the uplink cannot read a record
-        // this transaction merges before the merge is visible.
-        let mut claimed_guard = None;
         if self.on_full == OnFull::Downsample
             && (count > self.max_records || bytes > self.max_bytes)
         {
-            let claimed = claimed_guard.insert(
-                self.claimed
-                    .lock()
-                    .map_err(|_| OutboxError("claimed set poisoned".into()))?,
-            );
+            // Only records never sent are merged (the `sent` mark commits
+            // before the uplink publishes, under the same write lock).
             downsampled = downsample(
                 &tx,
-                claimed,
                 &mut count,
                 &mut bytes,
                 self.max_records,
@@ -674,25 +719,46 @@ impl Outbox {
         }
         let mut dropped = 0i64;
         if count > self.max_records || bytes > self.max_bytes {
-            // Drop the oldest, one at a time, until both bounds hold.
+            // Drop the oldest until both bounds hold, except records in
+            // flight now (their PUBACK will remove them: they are being
+            // delivered, not dropped).
+            let in_flight = self
+                .claimed
+                .lock()
+                .map_err(|_| OutboxError("claimed set poisoned".into()))?
+                .clone();
             let mut oldest = tx.prepare_cached(
-                "DELETE FROM records WHERE seq = (SELECT MIN(seq) FROM records) RETURNING LENGTH(payload)",
+                "SELECT seq, LENGTH(payload) FROM records WHERE seq > ?1 ORDER BY seq LIMIT 256",
             )?;
-            while count > self.max_records || bytes > self.max_bytes {
-                let Some(len) = oldest.query_row([], |r| r.get::<_, i64>(0)).optional()? else {
+            let mut delete = tx.prepare_cached("DELETE FROM records WHERE seq = ?1")?;
+            let mut after = 0;
+            'drop: while count > self.max_records || bytes > self.max_bytes {
+                let rows: Vec<(i64, i64)> = oldest
+                    .query_map([after], |r| Ok((r.get(0)?, r.get(1)?)))?
+                    .collect::<Result<_, _>>()?;
+                if rows.is_empty() {
                     break;
-                };
-                count -= 1;
-                bytes = bytes.saturating_sub(len as u64);
-                dropped += 1;
-                add_counter(&tx, "bytes", -len)?;
+                }
+                for (seq, len) in rows {
+                    after = seq;
+                    if in_flight.contains(&seq) {
+                        continue;
+                    }
+                    delete.execute([seq])?;
+                    count -= 1;
+                    bytes = bytes.saturating_sub(len as u64);
+                    dropped += 1;
+                    add_counter(&tx, "bytes", -len)?;
+                    if count <= self.max_records && bytes <= self.max_bytes {
+                        break 'drop;
+                    }
+                }
             }
-            drop(oldest);
+            drop((oldest, delete));
             add_counter(&tx, "count", -dropped)?;
             add_counter(&tx, "dropped", dropped)?;
         }
         tx.commit()?;
-        drop(claimed_guard);
         if self.last_of_topic.len() + newest.len() > MAX_TOPICS {
             self.last_of_topic.clear();
         }
@@ -714,7 +780,7 @@ impl Outbox {
     /// Up to `limit` waiting records with `seq > after`, in `seq` order.
     pub fn peek(&self, after: i64, limit: usize) -> Result<Vec<Queued>, OutboxError> {
         let mut stmt = self.conn.prepare_cached(
-            "SELECT seq, topic, payload, checksum FROM records WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+            "SELECT seq, topic, payload, checksum, epoch FROM records WHERE seq > ?1 ORDER BY seq LIMIT ?2",
         )?;
         let rows = stmt.query_map(params![after, limit as i64], Queued::from_row)?;
         Ok(rows.collect::<Result<_, _>>()?)
@@ -923,7 +989,7 @@ impl Outbox {
         if has_checksums {
             let mut stmt = self
                 .conn
-                .prepare("SELECT seq, topic, payload, checksum FROM records ORDER BY seq")?;
+                .prepare("SELECT seq, topic, payload, checksum, epoch FROM records ORDER BY seq")?;
             let mut damaged = Vec::new();
             for row in stmt.query_map([], Queued::from_row)? {
                 match row {
@@ -964,73 +1030,84 @@ struct Row {
     last: i64,
 }
 
-/// Merges the oldest unclaimed aggregate records pairwise per topic, in
-/// passes, until the bounds hold or nothing is left to merge. Two records
-/// merge only if the second was appended right after the first (its `prev`
-/// is the first's `last`): a record of the topic deleted in between (one the
-/// live lane delivered before older ones, say) would otherwise leave a
-/// merged window spanning one already delivered. A claimed record is a
-/// barrier too: records of its topic on either side of it are not merged
-/// across it. Returns the number of records merged away.
+/// Merges the oldest records never sent pairwise with their successors, in
+/// passes, until the bounds hold or nothing is left to merge. A record's
+/// successor is the record of its topic appended right after it (its `prev`
+/// is the first's `last`), found through the `records_by_prev` index, so
+/// pairs are found however many series interleave: a record of the topic
+/// deleted in between (one the live lane delivered before older ones, say)
+/// leaves no successor, and a merged window never spans one already
+/// delivered. A record sent (or being sent) is never merged, nor merged
+/// into. Each pass looks at most at the [`DOWNSAMPLE_SCAN`] oldest unsent
+/// records, so that a full outbox with nothing to merge costs an append a
+/// bounded scan before the caller drops. Returns the number of records
+/// merged away.
 fn downsample(
     tx: &Connection,
-    claimed: &std::collections::HashSet<i64>,
     count: &mut u64,
     bytes: &mut u64,
     max_records: u64,
     max_bytes: u64,
 ) -> Result<u64, rusqlite::Error> {
+    let row = |r: &rusqlite::Row<'_>| {
+        let (seq, last): (i64, i64) = (r.get(0)?, r.get(4)?);
+        Ok(Row {
+            seq,
+            topic: r.get(1)?,
+            payload: r.get(2)?,
+            prev: r.get(3)?,
+            last: if last == 0 { seq } else { last },
+        })
+    };
     let mut merged_away = 0;
     let mut select = tx.prepare_cached(
-        "SELECT seq, topic, payload, prev, last FROM records ORDER BY seq LIMIT ?1",
+        "SELECT seq, topic, payload, prev, last FROM records WHERE sent = 0 ORDER BY seq LIMIT ?1",
+    )?;
+    let mut successor = tx.prepare_cached(
+        "SELECT seq, topic, payload, prev, last FROM records
+         WHERE prev = ?1 AND topic = ?2 AND sent = 0 AND seq > ?1",
     )?;
     let mut update = tx.prepare_cached(
         "UPDATE records SET payload = ?2, last = ?3, checksum = ?4 WHERE seq = ?1",
     )?;
     let mut delete = tx.prepare_cached("DELETE FROM records WHERE seq = ?1")?;
-    // Each pass halves (at best) the records it looks at; past a few
-    // passes without progress, give up and let the caller drop.
     while *count > max_records || *bytes > max_bytes {
         let rows: Vec<Row> = select
-            .query_map(params![256 + claimed.len() as i64], |r| {
-                let (seq, last): (i64, i64) = (r.get(0)?, r.get(4)?);
-                Ok(Row {
-                    seq,
-                    topic: r.get(1)?,
-                    payload: r.get(2)?,
-                    prev: r.get(3)?,
-                    last: if last == 0 { seq } else { last },
-                })
-            })?
+            .query_map(params![DOWNSAMPLE_SCAN], row)?
             .collect::<Result<_, _>>()?;
-        // The first unpaired record of each topic, waiting for its partner.
-        let mut waiting: std::collections::HashMap<&str, &Row> = Default::default();
+        // Records merged in this pass (as either side): one merge each per
+        // pass, so that windows coarsen evenly, pass by pass.
+        let mut touched = std::collections::HashSet::new();
         let mut progress = false;
-        for row in &rows {
+        for first in &rows {
             if *count <= max_records && *bytes <= max_bytes {
                 break;
             }
-            if claimed.contains(&row.seq) {
-                waiting.remove(row.topic.as_str());
+            if touched.contains(&first.seq) {
                 continue;
             }
-            let merged = waiting
-                .remove(row.topic.as_str())
-                .filter(|first| row.prev != -1 && row.prev == first.last)
-                .and_then(|first| Some((first, merge_aggregates(&first.payload, &row.payload)?)));
-            let Some((first, merged)) = merged else {
-                // No partner (or not two aggregates): start a pair here.
-                waiting.insert(&row.topic, row);
+            let Some(second) = successor
+                .query_map(params![first.last, first.topic], row)?
+                .next()
+                .transpose()?
+            else {
+                continue;
+            };
+            if touched.contains(&second.seq) || second.prev == -1 {
+                continue;
+            }
+            let Some(merged) = merge_aggregates(&first.payload, &second.payload) else {
                 continue;
             };
             update.execute(params![
                 first.seq,
                 merged,
-                row.last,
+                second.last,
                 record_checksum(&first.topic, &merged)
             ])?;
-            delete.execute(params![row.seq])?;
-            let delta = merged.len() as i64 - (first.payload.len() + row.payload.len()) as i64;
+            delete.execute(params![second.seq])?;
+            touched.extend([first.seq, second.seq]);
+            let delta = merged.len() as i64 - (first.payload.len() + second.payload.len()) as i64;
             add_counter(tx, "bytes", delta)?;
             add_counter(tx, "count", -1)?;
             *bytes = (*bytes as i64 + delta).max(0) as u64;
@@ -1044,6 +1121,9 @@ fn downsample(
     }
     Ok(merged_away)
 }
+
+/// How many of the oldest unsent records one downsampling pass looks at.
+const DOWNSAMPLE_SCAN: i64 = 4096;
 
 /// Two aggregate records of one series (JSON, as the workers write them),
 /// `a` older than `b`, merged into one over both windows: counts and sums

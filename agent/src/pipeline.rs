@@ -119,7 +119,11 @@ pub async fn run_with_reload(
                 .map_err(|e| anyhow::anyhow!("outbox: {e}"))
         };
         let claimed = crate::outbox::Claimed::default();
-        let (writer_box, note) = open()?;
+        let (mut writer_box, note) = open()?;
+        // Records appended from now on carry this run's epoch.
+        writer_box
+            .begin_run()
+            .map_err(|e| anyhow::anyhow!("outbox: {e}"))?;
         let mut writer_box = match (&config.outbox, &config.uplink) {
             (Some(o), Some(_)) => writer_box.with_on_full(o.on_full, claimed.clone()),
             _ => writer_box,

@@ -371,7 +371,6 @@ async fn session(
     // Isolating: one record at a time until one past the range is sent.
     let mut isolating = isolate.map(|(_, hi)| hi);
     let mut window = if isolating.is_some() { 1 } else { full_window };
-    let epoch = outbox.epoch();
     // Sent in order, waiting for their packet id; then by packet id.
     let mut unassigned: VecDeque<i64> = VecDeque::new();
     let mut inflight: HashMap<u16, i64> = HashMap::new();
@@ -434,7 +433,7 @@ async fn session(
                 (isolating, window) = (None, full_window);
                 room = window.saturating_sub(unassigned.len() + inflight.len());
             }
-            let packet = with_identity(epoch, r.seq, &r.payload);
+            let packet = with_identity(r.epoch, r.seq, &r.payload);
             if let Some(why) = unsendable(&r, &packet) {
                 if r.seq >= live_from {
                     live_in_flight -= 1;

@@ -307,7 +307,7 @@ async fn a_record_the_broker_refuses_is_set_aside_and_the_rest_go_on() {
     let upstream = Broker::start_configured("refuse-upstream", "max_packet_size 2000\n");
     let tmp = sluice_tests::temp_dir("refuse");
     let db = tmp.path().join("outbox.db");
-    {
+    let appended_epoch = {
         let (mut outbox, _) = sluice::outbox::Outbox::open(
             &db,
             sluice::outbox::Durability::Normal,
@@ -324,7 +324,8 @@ async fn a_record_the_broker_refuses_is_set_aside_and_the_rest_go_on() {
             })
             .collect();
         outbox.append(&records, now_ms()).unwrap();
-    }
+        outbox.epoch()
+    };
     let metrics = sluice_tests::free_port();
     let udp_port = sluice_tests::free_port();
     let config = tmp.path().join("refuse.toml");
@@ -386,7 +387,7 @@ reconnect_max_ms = 400
             .any(|l| l.starts_with("5 ") && l.contains("closed the connection")),
         "{listed}"
     );
-    // Each record upstream carries the outbox's epoch, the same for all.
+    // Each record upstream carries the epoch of the run that appended it.
     let epochs: BTreeSet<i64> = got
         .lock()
         .unwrap()
@@ -394,10 +395,14 @@ reconnect_max_ms = 400
         .flatten()
         .filter_map(|v| v["epoch"].as_i64())
         .collect();
-    assert_eq!(epochs.len(), 1, "{epochs:?}");
+    assert_eq!(epochs, BTreeSet::from([appended_epoch]));
+    // The agent's own run has a new one.
     let (_, status) = outbox_cli(&config, &["status"]);
-    let epoch = epochs.into_iter().next().unwrap();
-    assert!(status.contains(&format!("epoch: {epoch}")), "{status}");
+    assert!(status.contains("epoch: "), "{status}");
+    assert!(
+        !status.contains(&format!("epoch: {appended_epoch}")),
+        "{status}"
+    );
     drop(agent);
     // Purged for good, from the command line.
     let (ok, purged) = outbox_cli(&config, &["purge", "5"]);

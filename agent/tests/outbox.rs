@@ -352,9 +352,7 @@ fn window_record(series: &str, i: i64) -> (String, Vec<u8>) {
 #[test]
 fn downsampling_keeps_every_reading_in_coarser_windows() {
     let (_dir, path) = temp_db("downsample");
-    // The uplink has claimed (read, perhaps sent) the 4 oldest.
     let claimed = sluice::outbox::Claimed::default();
-    claimed.lock().unwrap().extend(1..=4);
     let mut outbox = Outbox::open(&path, Durability::Normal, OnCorrupt::Refuse, 30, 1 << 20)
         .unwrap()
         .0
@@ -370,6 +368,11 @@ fn downsampling_keeps_every_reading_in_coarser_windows() {
             .collect();
         originals.extend(records.clone());
         outbox.append(&records, 1).unwrap();
+        if batch == 0 {
+            // The uplink reads (and may have sent) the 4 oldest.
+            let read = outbox.peek_claim(0, i64::MAX, 4, &claimed).unwrap();
+            assert_eq!(read.len(), 4);
+        }
     }
     let status = outbox.status().unwrap();
     assert!(status.backlog <= 30, "{status:?}");
@@ -937,4 +940,169 @@ fn the_previous_releases_outbox_is_upgraded_in_place() {
     assert_eq!(again, [56]);
     assert!(outbox.dead_letters(10).unwrap().is_empty());
     assert_eq!(outbox.status().unwrap().backlog, 55);
+}
+
+/// An outbox that downsamples at `max_records`.
+fn downsampling(
+    path: &std::path::Path,
+    max_records: u64,
+    claimed: &sluice::outbox::Claimed,
+) -> Outbox {
+    Outbox::open(
+        path,
+        Durability::Normal,
+        OnCorrupt::Refuse,
+        max_records,
+        u64::MAX,
+    )
+    .unwrap()
+    .0
+    .with_on_full(OnFull::Downsample, claimed.clone())
+}
+
+#[test]
+fn downsampling_pairs_windows_of_thousands_of_interleaved_series() {
+    // 2,000 series, one window each per round: a series' next window comes
+    // 2,000 records after its last, far beyond any fixed look-ahead.
+    let (_dir, path) = temp_db("ds-many");
+    let claimed = sluice::outbox::Claimed::default();
+    let mut outbox = downsampling(&path, 6_000, &claimed);
+    for round in 0..4 {
+        let records: Vec<(String, Vec<u8>)> = (0..2_000)
+            .map(|s| window_record(&format!("s-{s}"), round))
+            .collect();
+        for chunk in records.chunks(500) {
+            outbox.append(chunk, 1).unwrap();
+        }
+    }
+    let status = outbox.status().unwrap();
+    assert_eq!(status.dropped, 0, "{status:?}");
+    assert_eq!(status.backlog, 6_000, "{status:?}");
+    assert_eq!(status.downsampled, 2_000, "{status:?}");
+    // Every reading is still there.
+    let total: u64 = outbox
+        .peek(0, 10_000)
+        .unwrap()
+        .iter()
+        .map(|r| {
+            serde_json::from_slice::<serde_json::Value>(&r.payload).unwrap()["count"]
+                .as_u64()
+                .unwrap()
+        })
+        .sum();
+    assert_eq!(total, 4 * 2_000 * 10);
+}
+
+#[test]
+fn a_record_read_for_sending_is_never_rewritten_even_after_a_restart() {
+    let (_dir, path) = temp_db("ds-sent");
+    let claimed = sluice::outbox::Claimed::default();
+    let originals: Vec<(String, Vec<u8>)> = (0..20).map(|i| window_record("a", i)).collect();
+    {
+        let mut outbox = downsampling(&path, 100, &claimed);
+        outbox.append(&originals, 1).unwrap();
+        // The uplink reads the 6 oldest to publish them; then the agent
+        // dies before any PUBACK (the in-memory claims die with it).
+        assert_eq!(
+            outbox.peek_claim(0, i64::MAX, 6, &claimed).unwrap().len(),
+            6
+        );
+    }
+    let fresh = sluice::outbox::Claimed::default();
+    let mut outbox = downsampling(&path, 10, &fresh);
+    outbox.append(&[window_record("a", 20)], 2).unwrap();
+    let left = outbox.peek(0, 100).unwrap();
+    assert!(left.len() <= 10, "{}", left.len());
+    // The six that may be upstream already are as they were sent.
+    for (r, o) in left.iter().zip(&originals).take(6) {
+        assert_eq!(r.payload, o.1, "seq {}", r.seq);
+    }
+    assert_eq!(
+        left[..6].iter().map(|r| r.seq).collect::<Vec<_>>(),
+        [1, 2, 3, 4, 5, 6]
+    );
+    assert_eq!(outbox.status().unwrap().dropped, 0);
+}
+
+#[test]
+fn drop_oldest_spares_the_records_in_flight() {
+    let (_dir, path) = temp_db("drop-inflight");
+    let claimed = sluice::outbox::Claimed::default();
+    let mut outbox = Outbox::open(&path, Durability::Normal, OnCorrupt::Refuse, 10, u64::MAX)
+        .unwrap()
+        .0
+        .with_on_full(OnFull::DropOldest, claimed.clone());
+    let batch = |from: i64| -> Vec<(String, Vec<u8>)> {
+        (from..from + 10)
+            .map(|i| ("t".into(), format!("{{\"i\":{i}}}").into_bytes()))
+            .collect()
+    };
+    outbox.append(&batch(0), 1).unwrap();
+    // Seqs 1 to 3 are in flight.
+    assert_eq!(
+        outbox.peek_claim(0, i64::MAX, 3, &claimed).unwrap().len(),
+        3
+    );
+    let done = outbox.commit(&batch(10), &[], &[], 2).unwrap();
+    assert_eq!(done.dropped, 10, "ten others dropped to make room");
+    let left: Vec<i64> = outbox.peek(0, 100).unwrap().iter().map(|r| r.seq).collect();
+    assert_eq!(left[..3], [1, 2, 3], "in flight: delivered, not dropped");
+    assert_eq!(left.len(), 10, "the bound holds");
+    assert_eq!(left[3..], (14..=20).collect::<Vec<_>>()[..]);
+}
+
+#[test]
+fn a_power_loss_that_rolls_back_seqs_never_reuses_an_identity_upstream_has() {
+    // durability = "normal": the last commits before a power loss may be
+    // lost. Simulated by copying the file and its WAL at a commit (what
+    // reached the disk) and putting the copies back after later commits.
+    let (dir, path) = temp_db("powerloss");
+    let side = |suffix: &str| PathBuf::from(format!("{}{suffix}", path.display()));
+    let snapshot = dir.path().join("snapshot");
+    std::fs::create_dir(&snapshot).unwrap();
+    let claimed = sluice::outbox::Claimed::default();
+    let mut upstream = std::collections::BTreeSet::new();
+    {
+        let mut outbox = open(&path, u64::MAX);
+        outbox.begin_run().unwrap();
+        outbox
+            .append(&vec![("t".into(), b"{\"a\":1}".to_vec()); 10], 1)
+            .unwrap();
+        for suffix in ["", "-wal", "-shm"] {
+            if side(suffix).exists() {
+                std::fs::copy(side(suffix), snapshot.join(format!("db{suffix}"))).unwrap();
+            }
+        }
+        // Ten more commits reach upstream (and are acknowledged), but not
+        // the disk.
+        outbox
+            .append(&vec![("t".into(), b"{\"a\":2}".to_vec()); 10], 2)
+            .unwrap();
+        for r in outbox.peek_claim(0, i64::MAX, 100, &claimed).unwrap() {
+            upstream.insert((r.epoch, r.seq));
+        }
+    }
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(side(suffix));
+        let saved = snapshot.join(format!("db{suffix}"));
+        if saved.exists() {
+            std::fs::copy(saved, side(suffix)).unwrap();
+        }
+    }
+    // The next run hands out seqs 11 to 20 again, under a new epoch.
+    let mut outbox = open(&path, u64::MAX);
+    outbox.begin_run().unwrap();
+    let seqs = outbox
+        .append(&vec![("t".into(), b"{\"a\":3}".to_vec()); 10], 3)
+        .unwrap();
+    assert_eq!(seqs, (11..=20).collect::<Vec<_>>(), "the rollback happened");
+    for r in outbox.peek(0, 100).unwrap() {
+        if r.seq > 10 {
+            assert!(
+                !upstream.contains(&(r.epoch, r.seq)),
+                "seq {} reuses an identity upstream holds",
+                r.seq
+            );
+        }
+    }
 }
