@@ -204,6 +204,12 @@ pub fn render(r: &Running) -> String {
         "Failed publishes.",
         &mut std::iter::once((String::new(), o.publish_errors.load(Relaxed).to_string())),
     );
+    family(
+        "sluice_output_dropped_total",
+        "counter",
+        "Live messages dropped while the output broker was unreachable (the outbox stores regardless).",
+        &mut std::iter::once((String::new(), o.dropped_offline.load(Relaxed).to_string())),
+    );
     let u = &r.uplink;
     for (name, help, value) in [
         (

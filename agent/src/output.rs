@@ -125,6 +125,9 @@ pub struct OutputStats {
     pub alerts_cleared: AtomicU64,
     /// Publishes that failed (the MQTT client's queue was gone).
     pub publish_errors: AtomicU64,
+    /// Live messages dropped because the output broker was unreachable and
+    /// the client's queue was full (the outbox stores regardless).
+    pub dropped_offline: AtomicU64,
 }
 
 fn qos(n: u8) -> QoS {
@@ -148,12 +151,21 @@ struct MqttSink {
     settings: MqttOutput,
     agent: Arc<str>,
     events: tokio::task::JoinHandle<rumqttc::EventLoop>,
+    /// Whether the connection is up (between a CONNACK and an error).
+    online: Arc<std::sync::atomic::AtomicBool>,
+    /// The connection's name in logs: `output` or `output-alerts`.
+    name: &'static str,
 }
 
 impl MqttSink {
     /// A connection with `settings`; `suffix` is appended to its client id
     /// (the alert connection's is `-alerts`).
-    fn connect(settings: &MqttOutput, agent: Arc<str>, suffix: &str) -> Result<MqttSink, String> {
+    fn connect(
+        settings: &MqttOutput,
+        agent: Arc<str>,
+        suffix: &str,
+        name: &'static str,
+    ) -> Result<MqttSink, String> {
         let mut connection = settings.connection(&agent);
         connection.client_id.push_str(suffix);
         connection
@@ -167,6 +179,8 @@ impl MqttSink {
         // growing memory.
         let (client, mut events) = AsyncClient::new(options, 1024);
         events.set_network_options(sluice_collectors::mqtt::network_options());
+        let online = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let up = online.clone();
         let events = tokio::spawn(async move {
             let mut delay = Duration::from_millis(200);
             let mut disconnecting = false;
@@ -178,11 +192,13 @@ impl MqttSink {
                     Err(_) if disconnecting => break,
                     Ok(Event::Incoming(rumqttc::Packet::ConnAck(_))) => {
                         delay = Duration::from_millis(200);
-                        tracing::info!("output MQTT connected");
+                        up.store(true, Relaxed);
+                        tracing::info!(connection = name, "output MQTT connected");
                     }
                     Ok(_) => {}
                     Err(e) => {
-                        tracing::warn!(error = %e, "output MQTT connection failed; retrying in {delay:?}");
+                        up.store(false, Relaxed);
+                        tracing::warn!(connection = name, error = %e, "output MQTT connection failed; retrying in {delay:?}");
                         tokio::time::sleep(delay).await;
                         delay = (delay * 2).min(Duration::from_secs(30));
                     }
@@ -196,14 +212,19 @@ impl MqttSink {
             settings: settings.clone(),
             agent,
             events,
+            online,
+            name,
         })
     }
 
-    /// Publishes one message. It waits while the client's queue is full (a
-    /// slow or absent broker holds the workers back). Once shutdown has been
-    /// requested it waits at most [`SHUTDOWN_GRACE`] in all; after that a
-    /// message that finds the queue full is dropped and counted, so that
-    /// shutdown stays bounded when the broker is gone.
+    /// Publishes one message. While the broker is connected it waits when
+    /// the client's queue is full (a slow broker holds the workers back).
+    /// While it is unreachable, a message that finds the queue full is
+    /// dropped and counted instead: the live output never holds up the
+    /// outbox, which stores every record before it is published here. Once
+    /// shutdown has been requested it waits at most [`SHUTDOWN_GRACE`] in
+    /// all; after that a message that finds the queue full is dropped and
+    /// counted, so that shutdown stays bounded when the broker is gone.
     async fn send(
         &self,
         topic: String,
@@ -211,7 +232,23 @@ impl MqttSink {
         retain: bool,
         payload: Vec<u8>,
         shutdown: &CancellationToken,
+        stats: &OutputStats,
     ) -> Result<(), rumqttc::ClientError> {
+        if !self.online.load(Relaxed) {
+            if self
+                .client
+                .try_publish(topic, qos, retain, payload)
+                .is_err()
+                && stats.dropped_offline.fetch_add(1, Relaxed) == 0
+            {
+                tracing::warn!(
+                    connection = self.name,
+                    "output broker unreachable and its queue full: live records are dropped \
+                     (counted in sluice_output_dropped_total); the outbox keeps storing"
+                );
+            }
+            return Ok(());
+        }
         let publish = self
             .client
             .publish(topic.clone(), qos, retain, payload.clone());
@@ -243,26 +280,33 @@ impl MqttSink {
             Record::Aggregate(a) => {
                 let payload = serde_json::to_vec(a).unwrap_or_default();
                 let to = topic(&s.aggregate_topic, &self.agent, &a.series);
-                self.send(to, qos(s.aggregate_qos), false, payload, shutdown)
+                self.send(to, qos(s.aggregate_qos), false, payload, shutdown, stats)
                     .await
             }
             Record::Alert(e) => {
                 let payload = serde_json::to_vec(e).unwrap_or_default();
                 let to = topic(&s.alert_topic, &self.agent, &e.series);
                 let event = self
-                    .send(to, qos(s.alert_qos), false, payload.clone(), shutdown)
+                    .send(
+                        to,
+                        qos(s.alert_qos),
+                        false,
+                        payload.clone(),
+                        shutdown,
+                        stats,
+                    )
                     .await;
                 // The retained state: what a subscriber that connects later sees.
                 let to = topic(&s.state_topic, &self.agent, &e.series);
                 let state = self
-                    .send(to, qos(s.alert_qos), true, payload, shutdown)
+                    .send(to, qos(s.alert_qos), true, payload, shutdown, stats)
                     .await;
                 event.and(state)
             }
             Record::Stats(v) => {
                 let payload = serde_json::to_vec(v).unwrap_or_default();
                 let to = topic(&s.stats_topic, &self.agent, "");
-                self.send(to, QoS::AtMostOnce, true, payload, shutdown)
+                self.send(to, QoS::AtMostOnce, true, payload, shutdown, stats)
                     .await
             }
         };
@@ -392,10 +436,10 @@ pub async fn run(
     outbox: Option<OutboxFeed>,
 ) -> Result<(), String> {
     let sink = mqtt
-        .map(|m| MqttSink::connect(m, agent.clone(), ""))
+        .map(|m| MqttSink::connect(m, agent.clone(), "", "output"))
         .transpose()?;
     let alert_sink = mqtt
-        .map(|m| MqttSink::connect(m, agent.clone(), "-alerts"))
+        .map(|m| MqttSink::connect(m, agent.clone(), "-alerts", "output-alerts"))
         .transpose()?;
     let outbox = outbox.map(Arc::new);
     let alert_lane = tokio::spawn(deliver(Lane {

@@ -579,3 +579,79 @@ async fn live_records_are_not_held_behind_a_draining_backlog() {
     agent.kill().unwrap();
     agent.wait().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_outbox_never_waits_on_a_dead_output_broker() {
+    // The local output broker is gone for good; the upstream one is fine.
+    let upstream = Broker::start("deadout-upstream");
+    let tmp = sluice_tests::temp_dir("deadout");
+    let dir = tmp.path().to_path_buf();
+    let (udp, metrics, dead) = (
+        sluice_tests::free_port(),
+        sluice_tests::free_port(),
+        sluice_tests::free_port(),
+    );
+    let config = dir.join("deadout.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+agent_id = "deadout"
+workers = 1
+max_series = 16
+ring_capacity = 1024
+[sources.u]
+kind = "udp"
+bind = "127.0.0.1:{udp}"
+[metrics]
+listen = "127.0.0.1:{metrics}"
+[[rules]]
+match = "*"
+window = {{ kind = "count", size = 1 }}
+[output.mqtt]
+host = "127.0.0.1"
+port = {dead}
+[outbox]
+path = "{db}"
+[uplink]
+host = "127.0.0.1"
+port = {port}
+"#,
+            db = dir.join("outbox.db").display(),
+            port = upstream.port,
+        ),
+    )
+    .unwrap();
+    let log = dir.join("deadout.log");
+    let seqs = distinct_seqs(upstream.port, "deadout").await;
+    let _agent = start_agent(SLUICE, &config, &log);
+    wait_until("the agent", &log, || {
+        metric(metrics, "sluice_outbox_appended_total").is_some()
+    })
+    .await;
+    // Far more aggregates than the output client's queue (1,024) and the
+    // aggregate channel (16) hold, paced so that the ring never sheds.
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let total = 4_000;
+    for i in 0..total {
+        let m = format!(
+            r#"{{"sensor":"s-{}","ts":{},"value":{i}}}"#,
+            i % 8,
+            now_ms()
+        );
+        socket.send_to(m.as_bytes(), ("127.0.0.1", udp)).unwrap();
+        if i % 200 == 199 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    wait_until("every aggregate upstream through the outbox", &log, || {
+        seqs.lock().unwrap().len() >= total
+    })
+    .await;
+    assert_eq!(metric(metrics, "sluice_readings_shed_total"), Some(0));
+    // What the live output could not take is counted, not silently lost.
+    let dropped = metric(metrics, "sluice_output_dropped_total").unwrap();
+    assert!(dropped > 0, "{dropped}");
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("sluice_output_dropped_total"), "{text}");
+}
