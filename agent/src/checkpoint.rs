@@ -15,7 +15,9 @@
 //!   after the last checkpoint update *window marks* (per series, the end of
 //!   the newest window emitted) in their own transactions; at restore, a
 //!   window a mark shows was emitted after the checkpoint is dropped instead
-//!   of being emitted a second time. A mark older than every worker's
+//!   of being emitted a second time. Without an outbox (checkpoints only)
+//!   the marks are stored just the same (`ToStore::Mark`), in the order the
+//!   aggregates were emitted. A mark older than every worker's
 //!   checkpoint says nothing a checkpoint does not, and is pruned (see
 //!   `Outbox::commit`). What a crash loses is what was only in
 //!   memory: readings since the last checkpoint that no emitted window holds.

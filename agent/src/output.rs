@@ -339,14 +339,38 @@ impl MqttSink {
 pub struct OutboxFeed {
     /// The writer's channel.
     pub items: mpsc::Sender<ToStore>,
-    /// Whether records are stored (false: the store holds checkpoints only).
-    pub records: bool,
-    /// Whether aggregates leave window marks (only checkpoints use them).
-    pub marks: bool,
+    /// What the store keeps.
+    pub keeps: Keeps,
     /// Upstream topic template for aggregates.
     pub aggregate_topic: String,
     /// Upstream topic template for alerts, if alerts are stored too.
     pub alert_topic: Option<String>,
+}
+
+/// What the store keeps of the records (it always keeps checkpoints when
+/// they are on). Three states, not a pair of flags: the pair once let
+/// checkpoint-only mode skip its window marks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Keeps {
+    /// The records, to forward (an outbox without checkpoints).
+    Records,
+    /// The records, and each aggregate's window mark (outbox and
+    /// checkpoints: a mark commits with its record).
+    RecordsAndMarks,
+    /// Only each aggregate's window mark (checkpoints without an outbox), so
+    /// that a restored checkpoint never emits a window again.
+    Marks,
+}
+
+impl Keeps {
+    /// What a store with an outbox (`records`) and/or checkpoints keeps.
+    pub fn new(records: bool, checkpoints: bool) -> Keeps {
+        match (records, checkpoints) {
+            (true, true) => Keeps::RecordsAndMarks,
+            (true, false) => Keeps::Records,
+            (false, _) => Keeps::Marks,
+        }
+    }
 }
 
 impl OutboxFeed {
@@ -355,21 +379,29 @@ impl OutboxFeed {
         let _ = self.items.send(ToStore::Checkpoint { worker, state }).await;
     }
 
-    /// Queues a record for the outbox (waiting while the writer is behind).
+    /// Queues a record for the outbox (waiting while the writer is behind);
+    /// with checkpoints only, an aggregate's window mark.
     async fn store(&self, record: &Record, agent: &str) {
-        let item = match record {
-            Record::Checkpoint { .. } => return,
-            _ if !self.records => return,
-            Record::Aggregate(a) => (
+        let item = match (record, self.keeps) {
+            (Record::Checkpoint { .. } | Record::Stats(_), _) => return,
+            (Record::Aggregate(a), Keeps::Marks) => {
+                let mark = ToStore::Mark {
+                    series: a.series.clone(),
+                    end: a.end,
+                };
+                let _ = self.items.send(mark).await;
+                return;
+            }
+            (Record::Alert(_), Keeps::Marks) => return,
+            (Record::Aggregate(a), keeps) => (
                 topic(&self.aggregate_topic, agent, &a.series),
                 serde_json::to_vec(a),
-                self.marks.then(|| (a.series.clone(), a.end)),
+                (keeps == Keeps::RecordsAndMarks).then(|| (a.series.clone(), a.end)),
             ),
-            Record::Alert(e) => match &self.alert_topic {
+            (Record::Alert(e), _) => match &self.alert_topic {
                 Some(t) => (topic(t, agent, &e.series), serde_json::to_vec(e), None),
                 None => return,
             },
-            Record::Stats(_) => return,
         };
         if let (topic, Ok(payload), mark) = item {
             let _ = self
@@ -508,5 +540,69 @@ async fn deliver(mut lane: Lane) {
     }
     if let Some(sink) = lane.sink {
         sink.close(stats).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn aggregate(series: &str, end: Timestamp) -> Record {
+        Record::Aggregate(AggregateRecord {
+            agent: "a".into(),
+            series: series.into(),
+            start: end - 1000,
+            end,
+            count: 1,
+            sum: 1.0,
+            mean: 1.0,
+            min: 1.0,
+            max: 1.0,
+            stddev: None,
+            first: 1.0,
+            last: 1.0,
+            quantiles: None,
+            decaying: None,
+            late: 0,
+            partial: false,
+            sampled_one_in: None,
+        })
+    }
+
+    /// What the feed hands the writer for one aggregate, when the store
+    /// keeps `keeps`.
+    fn stored(keeps: Keeps) -> Vec<ToStore> {
+        let (items, mut rx) = mpsc::channel(8);
+        let feed = OutboxFeed {
+            items,
+            keeps,
+            aggregate_topic: "up/{series}".into(),
+            alert_topic: None,
+        };
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        runtime.block_on(feed.store(&aggregate("s", 5000), "a"));
+        drop(feed);
+        std::iter::from_fn(|| rx.try_recv().ok()).collect()
+    }
+
+    #[test]
+    fn checkpoint_only_mode_stores_window_marks() {
+        match &stored(Keeps::Marks)[..] {
+            [ToStore::Mark { series, end }] => assert_eq!((series.as_str(), *end), ("s", 5000)),
+            other => panic!("{other:?}"),
+        }
+        match &stored(Keeps::RecordsAndMarks)[..] {
+            [ToStore::Record { topic, mark, .. }] => {
+                assert_eq!(topic, "up/s");
+                assert_eq!(mark, &Some(("s".to_string(), 5000)));
+            }
+            other => panic!("{other:?}"),
+        }
+        match &stored(Keeps::Records)[..] {
+            [ToStore::Record { mark: None, .. }] => {}
+            other => panic!("{other:?}"),
+        }
     }
 }

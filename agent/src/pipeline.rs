@@ -205,8 +205,7 @@ pub async fn run_with_reload(
         };
         outbox_feed = Some(OutboxFeed {
             items: feed_tx,
-            records: config.outbox.is_some(),
-            marks: config.checkpoint.is_some(),
+            keeps: output::Keeps::new(config.outbox.is_some(), config.checkpoint.is_some()),
             aggregate_topic,
             alert_topic,
         });

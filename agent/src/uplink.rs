@@ -99,6 +99,15 @@ pub enum ToStore {
         /// For an aggregate: its series and window end (see `checkpoint`).
         mark: Option<(String, i64)>,
     },
+    /// That an aggregate of `series` up to `end` was emitted, when the
+    /// store holds checkpoints only (no outbox): the window mark that keeps
+    /// a restored checkpoint from emitting the window again.
+    Mark {
+        /// The series.
+        series: String,
+        /// Its window's end.
+        end: i64,
+    },
     /// A worker's checkpoint.
     Checkpoint {
         /// The worker.
@@ -130,6 +139,7 @@ pub fn run_writer(
                     records.push((topic, payload));
                     marks.extend(mark);
                 }
+                ToStore::Mark { series, end } => marks.push((series, end)),
                 ToStore::Checkpoint { worker, state } => checkpoints.push((worker, state)),
             }
             taken += 1;
