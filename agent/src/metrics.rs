@@ -253,6 +253,11 @@ pub fn render(r: &Running) -> String {
             u.connects.load(Relaxed),
         ),
         (
+            "sluice_outbox_ack_errors_total",
+            "Deletes of acknowledged records that failed (a full disk) and were retried.",
+            u.ack_errors.load(Relaxed),
+        ),
+        (
             "sluice_outbox_dead_lettered_total",
             "Records set aside as dead letters (unsendable, refused by the broker, damaged).",
             u.dead_lettered.load(Relaxed),

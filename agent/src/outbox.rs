@@ -270,6 +270,8 @@ pub struct Outbox {
     last_of_topic: std::collections::HashMap<String, i64>,
     /// The file's epoch.
     epoch: i64,
+    /// `sent` marks that could not be written (see [`Outbox::peek_claim`]).
+    mark_failures: u64,
 }
 
 /// Topics remembered for `prev` before the memory is cleared (which costs
@@ -345,6 +347,7 @@ impl Outbox {
                 claimed: Claimed::default(),
                 last_of_topic: Default::default(),
                 epoch,
+                mark_failures: 0,
             },
             note,
         ))
@@ -407,6 +410,7 @@ impl Outbox {
             claimed: Claimed::default(),
             last_of_topic: Default::default(),
             epoch,
+            mark_failures: 0,
         })
     }
 
@@ -453,16 +457,27 @@ impl Outbox {
             .prepare_cached(SELECT)?
             .query_map(params![after, before, limit as i64], Queued::from_row)?
             .collect::<Result<_, _>>()?;
-        if let (Some(first), Some(last)) = (rows.first(), rows.last()) {
-            tx.prepare_cached(
-                "UPDATE records SET sent = 1 WHERE seq BETWEEN ?1 AND ?2 AND sent = 0",
-            )?
-            .execute(params![first.seq, last.seq])?;
-        }
         let mut claimed = claimed
             .lock()
             .map_err(|_| OutboxError("claimed set poisoned".into()))?;
-        tx.commit()?;
+        let marked = match (rows.first(), rows.last()) {
+            (Some(first), Some(last)) => tx
+                .prepare_cached(
+                    "UPDATE records SET sent = 1 WHERE seq BETWEEN ?1 AND ?2 AND sent = 0",
+                )
+                .and_then(|mut mark| mark.execute(params![first.seq, last.seq]))
+                .and_then(|_| tx.commit()),
+            _ => tx.commit(),
+        };
+        // A full disk cannot take the mark: the records are still sent, and
+        // the claim (which downsampling also honours) keeps them whole for
+        // the life of this process.
+        if let Err(e) = marked {
+            self.mark_failures += 1;
+            if self.mark_failures == 1 {
+                tracing::warn!(error = %e, "outbox: cannot mark records as sent (disk full?); they stay claimed in memory");
+            }
+        }
         claimed.extend(rows.iter().map(|r| r.seq));
         Ok(rows)
     }
@@ -489,6 +504,11 @@ impl Outbox {
                 "cannot use WAL mode (got {mode})"
             )));
         }
+        // The WAL is bounded: checkpointed every 256 pages (about 1 MiB) and
+        // cut back to 1 MiB after a checkpoint, so that it cannot take the
+        // last free megabytes of a small volume between checkpoints.
+        conn.pragma_update(None, "wal_autocheckpoint", 256)?;
+        conn.pragma_update(None, "journal_size_limit", 1 << 20)?;
         conn.pragma_update(
             None,
             "synchronous",
@@ -707,9 +727,16 @@ impl Outbox {
             && (count > self.max_records || bytes > self.max_bytes)
         {
             // Only records never sent are merged (the `sent` mark commits
-            // before the uplink publishes, under the same write lock).
+            // before the uplink publishes, under the same write lock), and
+            // none claimed in memory (whose mark a full disk refused).
+            let claimed = self
+                .claimed
+                .lock()
+                .map_err(|_| OutboxError("claimed set poisoned".into()))?
+                .clone();
             downsampled = downsample(
                 &tx,
+                &claimed,
                 &mut count,
                 &mut bytes,
                 self.max_records,
@@ -1024,8 +1051,6 @@ struct Row {
     seq: i64,
     topic: String,
     payload: Vec<u8>,
-    /// The record of its topic appended just before it (-1: unknown).
-    prev: i64,
     /// The newest original record it holds (itself, unless merged).
     last: i64,
 }
@@ -1044,6 +1069,7 @@ struct Row {
 /// merged away.
 fn downsample(
     tx: &Connection,
+    claimed: &std::collections::HashSet<i64>,
     count: &mut u64,
     bytes: &mut u64,
     max_records: u64,
@@ -1055,7 +1081,6 @@ fn downsample(
             seq,
             topic: r.get(1)?,
             payload: r.get(2)?,
-            prev: r.get(3)?,
             last: if last == 0 { seq } else { last },
         })
     };
@@ -1083,7 +1108,7 @@ fn downsample(
             if *count <= max_records && *bytes <= max_bytes {
                 break;
             }
-            if touched.contains(&first.seq) {
+            if touched.contains(&first.seq) || claimed.contains(&first.seq) {
                 continue;
             }
             let Some(second) = successor
@@ -1093,7 +1118,7 @@ fn downsample(
             else {
                 continue;
             };
-            if touched.contains(&second.seq) || second.prev == -1 {
+            if touched.contains(&second.seq) || claimed.contains(&second.seq) {
                 continue;
             }
             let Some(merged) = merge_aggregates(&first.payload, &second.payload) else {

@@ -33,6 +33,17 @@
 //! innocent record a dead letter this way; it stays in the file, and
 //! `sluice outbox retry` queues it again.
 //!
+//! # A full disk
+//!
+//! Deleting an acknowledged record writes to the WAL, which a full disk
+//! refuses. Such a failure never ends the session: the seqs are kept in
+//! memory ([`Undeleted`]), never sent again, protected from drop-oldest and
+//! downsampling, and deleted as soon as a retry (every second, and with each
+//! batch of acknowledgements) goes through. So the backlog keeps draining
+//! upstream while the disk stays full. Past [`MAX_UNDELETED`] of them the
+//! uplink stops sending new records until the deletes go through, which
+//! bounds the memory.
+//!
 //! The reconnect backoff starts afresh only after a session that made
 //! progress (a PUBACK, or [`STEADY`] connected): a broker that accepts the
 //! connection and drops it at once is retried with a growing delay, not five
@@ -60,6 +71,18 @@ pub const STRIKES: u32 = 3;
 /// A session connected this long counts as progress for the backoff.
 pub const STEADY: Duration = Duration::from_secs(10);
 
+/// Most acknowledged records held in memory while the disk cannot take
+/// their deletion (about 40 bytes each) before sending pauses.
+pub const MAX_UNDELETED: usize = 200_000;
+
+/// Acknowledged records whose deletion the disk refused (see the module
+/// docs), and when it was last tried.
+#[derive(Debug)]
+struct Undeleted {
+    seqs: std::collections::BTreeSet<i64>,
+    tried: Instant,
+}
+
 /// What store-and-forward counts.
 #[derive(Debug, Default)]
 pub struct UplinkStats {
@@ -85,6 +108,9 @@ pub struct UplinkStats {
     pub dead_lettered: AtomicU64,
     /// Records waiting in the dead letters (after the last change).
     pub dead_letters: AtomicU64,
+    /// Deletes of acknowledged records that failed (a full disk) and were
+    /// retried.
+    pub ack_errors: AtomicU64,
 }
 
 /// What the output task hands the writer, in the order the workers made it.
@@ -215,6 +241,10 @@ pub fn run_uplink(
     // Sessions in a row that connected and failed soon after with records
     // outstanding, and the seqs outstanding at the last such failure.
     let (mut strikes, mut outstanding) = (0u32, None);
+    let mut undeleted = Undeleted {
+        seqs: Default::default(),
+        tried: Instant::now(),
+    };
     while !stop.load(Relaxed) {
         let isolate = outstanding.filter(|_| strikes >= STRIKES);
         let mut report = SessionReport::default();
@@ -227,10 +257,13 @@ pub fn run_uplink(
             &claimed,
             isolate,
             &mut report,
+            &mut undeleted,
         ));
-        // Whatever was read and not acknowledged is read again next time.
+        // Whatever was read and not acknowledged is read again next time;
+        // what was acknowledged and not deleted stays claimed.
         if let Ok(mut c) = claimed.lock() {
             c.clear();
+            c.extend(undeleted.seqs.iter());
         }
         match result {
             Ok(()) => return,
@@ -345,6 +378,7 @@ async fn session(
     claimed: &Claimed,
     isolate: Option<(i64, i64)>,
     report: &mut SessionReport,
+    undeleted: &mut Undeleted,
 ) -> Result<(), String> {
     let mut settings = config.connection(agent);
     settings
@@ -396,24 +430,32 @@ async fn session(
             let _ = client.try_disconnect();
             break Ok(());
         }
+        if !undeleted.seqs.is_empty() && undeleted.tried.elapsed() >= Duration::from_secs(1) {
+            record_acks(outbox, stats, claimed, &mut acked, undeleted);
+        }
         // Top up the in-flight window as each PUBACK frees a slot: a steady
         // stream of publishes also carries the TCP ACKs for the broker's
         // PUBACKs, which would otherwise wait out a delayed ACK when the
         // broker leaves Nagle on, as Mosquitto does by default.
         let mut room = window.saturating_sub(unassigned.len() + inflight.len());
+        if undeleted.seqs.len() >= MAX_UNDELETED {
+            room = 0;
+        }
         while room > 0 {
             let mut next = None;
             if backlog_done || live_in_flight < window / 2 {
                 if live.is_empty() && last_live_look.elapsed() >= LIVE_LOOK {
-                    live.extend(
-                        outbox
-                            .peek_claim(live_read, i64::MAX, full_window, claimed)
-                            .map_err(|e| e.to_string())?,
-                    );
+                    let read = outbox
+                        .peek_claim(live_read, i64::MAX, full_window, claimed)
+                        .map_err(|e| e.to_string())?;
                     last_live_look = Instant::now();
-                    if let Some(r) = live.back() {
+                    if let Some(r) = read.last() {
                         live_read = r.seq;
                     }
+                    live.extend(
+                        read.into_iter()
+                            .filter(|r| !undeleted.seqs.contains(&r.seq)),
+                    );
                 }
                 next = live.pop_front();
                 if next.is_some() {
@@ -422,17 +464,23 @@ async fn session(
             }
             if next.is_none() && !backlog_done {
                 if backlog.is_empty() {
-                    backlog.extend(
-                        outbox
-                            .peek_claim(backlog_read, live_from, full_window, claimed)
-                            .map_err(|e| e.to_string())?,
-                    );
-                    match backlog.back() {
+                    let read = outbox
+                        .peek_claim(backlog_read, live_from, full_window, claimed)
+                        .map_err(|e| e.to_string())?;
+                    match read.last() {
                         Some(r) => backlog_read = r.seq,
                         None => {
                             backlog_done = true;
                             continue;
                         }
+                    }
+                    // Acknowledged already, and waiting to be deleted.
+                    backlog.extend(
+                        read.into_iter()
+                            .filter(|r| !undeleted.seqs.contains(&r.seq)),
+                    );
+                    if backlog.is_empty() {
+                        continue;
                     }
                 }
                 next = backlog.pop_front();
@@ -488,7 +536,7 @@ async fn session(
             Ok(Ok(_)) => {}
         }
         if !acked.is_empty() && (acked.len() >= full_window.max(64) || inflight.is_empty()) {
-            record_acks(outbox, stats, claimed, &mut acked)?;
+            record_acks(outbox, stats, claimed, &mut acked, undeleted);
         }
     };
     let outstanding = || unassigned.iter().chain(inflight.values()).copied();
@@ -499,28 +547,56 @@ async fn session(
     // Acknowledgements that came before a stop or a failure are kept, so
     // that those records are not sent again.
     if !acked.is_empty() {
-        record_acks(outbox, stats, claimed, &mut acked)?;
+        record_acks(outbox, stats, claimed, &mut acked, undeleted);
     }
     result
 }
 
-/// Deletes the acknowledged records `acked` from the outbox, and clears it.
+/// Deletes the acknowledged records `acked` (and any that a full disk kept
+/// from being deleted before) from the outbox, and clears `acked`. What the
+/// disk refuses to delete is kept in `undeleted` (see the module docs).
 fn record_acks(
     outbox: &mut Outbox,
     stats: &UplinkStats,
     claimed: &Claimed,
     acked: &mut Vec<i64>,
-) -> Result<(), String> {
-    outbox.ack(acked).map_err(|e| e.to_string())?;
-    if let Ok(mut c) = claimed.lock() {
-        for seq in acked.iter() {
-            c.remove(seq);
+    undeleted: &mut Undeleted,
+) {
+    stats.acked.fetch_add(acked.len() as u64, Relaxed);
+    undeleted.seqs.extend(acked.drain(..));
+    undeleted.tried = Instant::now();
+    let all: Vec<i64> = undeleted.seqs.iter().copied().collect();
+    match outbox.ack(&all) {
+        Ok(()) => {
+            if let Ok(mut c) = claimed.lock() {
+                for seq in &all {
+                    c.remove(seq);
+                }
+            }
+            if stats.ack_errors.load(Relaxed) > 0 && all.len() > 64 {
+                tracing::info!(
+                    records = all.len(),
+                    "outbox: acknowledged records deleted; the disk has room again"
+                );
+            }
+            undeleted.seqs.clear();
+        }
+        Err(e) => {
+            if stats.ack_errors.fetch_add(1, Relaxed) == 0 || all.len() == MAX_UNDELETED {
+                tracing::warn!(
+                    error = %e,
+                    held = all.len(),
+                    "outbox: acknowledged records cannot be deleted (disk full?); their seqs are held in memory, they are not sent again, and the delete is retried every second"
+                );
+            }
+            if let Ok(mut c) = claimed.lock() {
+                c.extend(all.iter());
+            }
         }
     }
-    stats.acked.fetch_add(acked.len() as u64, Relaxed);
-    acked.clear();
     if let Ok(backlog) = outbox.backlog() {
-        stats.backlog.store(backlog, Relaxed);
+        stats
+            .backlog
+            .store(backlog.saturating_sub(undeleted.seqs.len() as u64), Relaxed);
     }
-    Ok(())
 }

@@ -655,3 +655,124 @@ port = {port}
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(text.contains("sluice_output_dropped_total"), "{text}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_never_jams_the_uplink_the_backlog_drains_without_a_flood_of_resends() {
+    use std::os::unix::process::CommandExt;
+    let upstream = Broker::start("fulldrain-upstream");
+    let tmp = sluice_tests::temp_dir("fulldrain");
+    let dir = tmp.path().to_path_buf();
+    let db = dir.join("fulldrain.db");
+    // A backlog of 5,000 records, written while there was room.
+    let total = 5_000usize;
+    {
+        let (mut outbox, _) = sluice::outbox::Outbox::open(
+            &db,
+            sluice::outbox::Durability::Normal,
+            sluice::outbox::OnCorrupt::Refuse,
+            u64::MAX,
+            u64::MAX,
+        )
+        .unwrap();
+        let records: Vec<(String, Vec<u8>)> = (0..total)
+            .map(|i| {
+                let body = format!(
+                    r#"{{"series":"s-{}","i":{i},"pad":"{}"}}"#,
+                    i % 10,
+                    "p".repeat(150)
+                );
+                (
+                    format!("sluice/fulldrain/agg/s-{}", i % 10),
+                    body.into_bytes(),
+                )
+            })
+            .collect();
+        for chunk in records.chunks(500) {
+            outbox.append(chunk, now_ms()).unwrap();
+        }
+    }
+    let (udp, metrics) = (sluice_tests::free_port(), sluice_tests::free_port());
+    let config = udp_outbox_config(&dir, "fulldrain", udp, metrics, &db, upstream.port);
+    let log = dir.join("fulldrain.log");
+    let seqs = distinct_seqs(upstream.port, "fulldrain").await;
+    let received = Arc::new(Mutex::new(0usize));
+    {
+        let received = received.clone();
+        sluice_tests::subscribe(
+            upstream.port,
+            "fulldrain-count",
+            "sluice/fulldrain/agg/#",
+            QoS::AtLeastOnce,
+            true,
+            move |_| *received.lock().unwrap() += 1,
+        )
+        .await;
+    }
+    // The disk is full from the start: no file may grow past 32 KiB, so the
+    // WAL that deletes (acknowledgements) write to fills at once.
+    let mut command = sluice_tests::own_binary(SLUICE);
+    command
+        .args(["run", "--config"])
+        .arg(&config)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap());
+    // SAFETY: setrlimit(2) is async-signal-safe; it runs in the child
+    // between fork and exec.
+    unsafe {
+        command.pre_exec(|| {
+            let limit = libc::rlimit {
+                rlim_cur: 32 << 10,
+                rlim_max: libc::RLIM_INFINITY,
+            };
+            if libc::setrlimit(libc::RLIMIT_FSIZE, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut agent = sluice_tests::ChildGuard(command.spawn().unwrap());
+    wait_until(
+        "the whole backlog upstream while the disk stays full",
+        &log,
+        || seqs.lock().unwrap().len() >= total,
+    )
+    .await;
+    assert!(agent.try_wait().unwrap().is_none(), "the agent died");
+    // Sent about once each: no session torn down and resent over and over.
+    let (received, connects) = (
+        *received.lock().unwrap(),
+        metric(metrics, "sluice_uplink_connects_total").unwrap(),
+    );
+    assert!(
+        received < total + 3 * 64,
+        "{received} messages for {total} records"
+    );
+    assert_eq!(connects, 1, "the session was never torn down");
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.contains("acknowledged records cannot be deleted"),
+        "{text}"
+    );
+    // Space returns: the deletes go through and the backlog empties.
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: prlimit(2) on our own child, with a valid limit and no old value.
+    let raised = unsafe {
+        libc::prlimit(
+            agent.id() as i32,
+            libc::RLIMIT_FSIZE,
+            &unlimited,
+            std::ptr::null_mut(),
+        )
+    };
+    assert_eq!(raised, 0, "{}", std::io::Error::last_os_error());
+    wait_until("the acknowledged records deleted", &log, || {
+        metric(metrics, "sluice_outbox_backlog") == Some(0)
+    })
+    .await;
+    agent.kill().unwrap();
+    agent.wait().unwrap();
+}
