@@ -21,6 +21,11 @@
 //!   checkpoint says nothing a checkpoint does not, and is pruned (see
 //!   `Outbox::commit`). What a crash loses is what was only in
 //!   memory: readings since the last checkpoint that no emitted window holds.
+//! * **A window that may have lost readings says so.** A clean stop records
+//!   itself in the store (`Outbox::mark_clean_stop`, once the writer has
+//!   committed the final checkpoints); a start that finds no such record and
+//!   restores state reports every window that started before it with
+//!   `partial = true`, `partial_reason = "restored_after_crash"`.
 //! * **State built by another configuration is not trusted.** Each series'
 //!   state carries fingerprints of its rule's window and detector settings;
 //!   a part whose settings changed starts afresh, as on a reload.

@@ -1238,6 +1238,9 @@ pub fn merge_aggregates(a: &[u8], b: &[u8]) -> Option<Vec<u8>> {
         "partial".into(),
         Value::Bool(flag(&a, "partial") || flag(&b, "partial")),
     );
+    if let (Some(why), None) = (a.get("partial_reason"), out.get("partial_reason")) {
+        out.insert("partial_reason".into(), why.clone());
+    }
     if let Some(k) = pick("sampled_one_in", f64::max)
         .as_f64()
         .filter(|k| k.is_finite())
@@ -1341,6 +1344,39 @@ impl Outbox {
             }
         }
         tx.commit()?;
+        Ok(())
+    }
+
+    /// Whether the agent that used the file last stopped cleanly (its final
+    /// checkpoints committed; see [`Outbox::mark_clean_stop`]), and from now
+    /// on, until that is called again, that it did not: a crash leaves it so.
+    /// A file from a release before this flag counts as not clean.
+    pub fn take_clean_stop(&mut self) -> Result<bool, OutboxError> {
+        let clean = self
+            .conn
+            .query_row(
+                "SELECT value FROM counters WHERE name = 'clean_stop'",
+                [],
+                |r| r.get::<_, i64>(0),
+            )
+            .optional()?
+            == Some(1);
+        self.conn.execute(
+            "INSERT INTO counters (name, value) VALUES ('clean_stop', 0)
+             ON CONFLICT (name) DO UPDATE SET value = 0",
+            [],
+        )?;
+        Ok(clean)
+    }
+
+    /// Records that the agent stopped cleanly: everything it had to save
+    /// (final checkpoints included) is committed.
+    pub fn mark_clean_stop(&mut self) -> Result<(), OutboxError> {
+        self.conn.execute(
+            "INSERT INTO counters (name, value) VALUES ('clean_stop', 1)
+             ON CONFLICT (name) DO UPDATE SET value = 1",
+            [],
+        )?;
         Ok(())
     }
 

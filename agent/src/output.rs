@@ -51,8 +51,14 @@ pub struct AggregateRecord {
     pub decaying: Option<DecayingSummary>,
     /// Readings of this series refused as late since the previous record.
     pub late: u64,
-    /// Closed early by shutdown: more readings may have belonged to it.
+    /// Some readings may be missing: it was closed early (by shutdown), or
+    /// it was restored after a crash (see `partial_reason`).
     pub partial: bool,
+    /// Why `partial`, when it is not a shutdown: `"restored_after_crash"`
+    /// for a window that started before the agent restarted from a crash,
+    /// whose readings since the last checkpoint were lost.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub partial_reason: Option<&'static str>,
     /// When shedding sampled this series, the rate it kept (one in this
     /// many): scale `count` and `sum` by it.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -565,6 +571,7 @@ mod tests {
             decaying: None,
             late: 0,
             partial: false,
+            partial_reason: None,
             sampled_one_in: None,
         })
     }

@@ -101,6 +101,8 @@ pub async fn run_with_reload(
     let mut store = None;
     let mut outbox_feed = None;
     let mut restored = checkpoint::Restored::default();
+    // When the last run crashed (see `Outbox::take_clean_stop`).
+    let mut crash_restart = None;
     let uplink_stats = Arc::new(UplinkStats::default());
     let store_path = match (&config.outbox, &config.checkpoint) {
         (Some(o), _) => Some(o.path.clone()),
@@ -123,6 +125,9 @@ pub async fn run_with_reload(
         // Records appended from now on carry this run's epoch.
         writer_box
             .begin_run()
+            .map_err(|e| anyhow::anyhow!("outbox: {e}"))?;
+        let clean_stop = writer_box
+            .take_clean_stop()
             .map_err(|e| anyhow::anyhow!("outbox: {e}"))?;
         let mut writer_box = match (&config.outbox, &config.uplink) {
             (Some(o), Some(_)) => writer_box.with_on_full(o.on_full, claimed.clone()),
@@ -148,6 +153,13 @@ pub async fn run_with_reload(
                 .checkpoints()
                 .map_err(|e| anyhow::anyhow!("checkpoints in {}: {e}", path.display()))?;
             restored = checkpoint::distribute(saved, marks, config.workers);
+            if !clean_stop && restored.per_worker.iter().any(|s| !s.is_empty()) {
+                let now = sluice_collectors::reading::now_ms();
+                crash_restart = Some(now);
+                tracing::warn!(
+                    "the last run did not stop cleanly: readings since its last checkpoint are lost, and windows that started before now are reported with partial = true, partial_reason = \"restored_after_crash\""
+                );
+            }
             for why in &restored.skipped {
                 tracing::error!("{why}; its series start afresh");
             }
@@ -267,6 +279,9 @@ pub async fn run_with_reload(
         .with_alert_channel(alert_tx.clone());
         if let Some(c) = &config.checkpoint {
             worker = worker.with_checkpoints(i, Duration::from_millis(c.interval_ms));
+            if let Some(restart) = crash_restart {
+                worker = worker.with_crash_restart(restart);
+            }
             let saved = std::mem::take(&mut restored.per_worker[i]);
             worker.restore(saved, &restored.marks);
         }
@@ -429,7 +444,12 @@ pub async fn run_with_reload(
         // not forwarded stays in the outbox for the next start).
         if let Some((writer, uplink, stop, lock)) = store {
             tokio::task::spawn_blocking(move || {
-                let _ = writer.join();
+                // Everything the workers saved is committed: a clean stop.
+                if let Ok(mut outbox) = writer.join()
+                    && let Err(e) = outbox.mark_clean_stop()
+                {
+                    tracing::error!(error = %e, "outbox: cannot record the clean stop");
+                }
                 stop.store(true, Relaxed);
                 if let Some(uplink) = uplink {
                     uplink.thread().unpark();

@@ -143,14 +143,15 @@ pub enum ToStore {
     },
 }
 
-/// Commits what arrives on `items` until it closes, then returns: records,
-/// window marks and checkpoints, up to 512 items per transaction.
+/// Commits what arrives on `items` until it closes, then returns the
+/// outbox: records, window marks and checkpoints, up to 512 items per
+/// transaction.
 pub fn run_writer(
     mut outbox: Outbox,
     mut items: mpsc::Receiver<ToStore>,
     stats: Arc<UplinkStats>,
     wake: Option<std::thread::Thread>,
-) {
+) -> Outbox {
     let (mut records, mut marks, mut checkpoints) = (Vec::new(), Vec::new(), Vec::new());
     while let Some(first) = items.blocking_recv() {
         let mut next = Some(first);
@@ -211,6 +212,7 @@ pub fn run_writer(
         marks.clear();
         checkpoints.clear();
     }
+    outbox
 }
 
 /// Forwards the outbox upstream until `stop` is set.

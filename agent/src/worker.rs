@@ -271,7 +271,17 @@ impl Emitter {
 
 /// The record of a closed window of `series`, whose state was built by
 /// rule `rule` of `rules`.
-fn aggregate(agent: &Arc<str>, rules: &Rules, series: &str, rule: usize, done: Done) -> Record {
+/// A window that starts before `partial_before` (the restart after a
+/// crash) is reported partial: readings since the last checkpoint were lost.
+fn aggregate(
+    agent: &Arc<str>,
+    partial_before: Option<Timestamp>,
+    rules: &Rules,
+    series: &str,
+    rule: usize,
+    done: Done,
+) -> Record {
+    let after_crash = partial_before.is_some_and(|t| done.closed.start < t);
     let a = &done.closed.acc;
     let levels = &rules.config(rule).quantiles;
     let quantiles = done.quantiles.filter(|_| !levels.is_empty()).map(|q| {
@@ -306,7 +316,8 @@ fn aggregate(agent: &Arc<str>, rules: &Rules, series: &str, rule: usize, done: D
             })
         }),
         late: done.late,
-        partial: done.closed.partial,
+        partial: done.closed.partial || after_crash,
+        partial_reason: after_crash.then_some("restored_after_crash"),
         sampled_one_in: (done.sampled_one_in > 1).then_some(done.sampled_one_in),
     })
 }
@@ -351,6 +362,9 @@ pub struct Worker {
     stats: Arc<WorkerStats>,
     /// This worker's index and checkpoint period, when checkpoints are on.
     checkpoints: Option<(usize, Duration)>,
+    /// When the agent restarted after a crash with checkpoints on: windows
+    /// that start before it are reported partial.
+    partial_before: Option<Timestamp>,
 }
 
 impl Worker {
@@ -377,12 +391,21 @@ impl Worker {
             },
             stats,
             checkpoints: None,
+            partial_before: None,
         }
     }
 
     /// Sends alerts to `alerts` instead of with the other records.
     pub fn with_alert_channel(mut self, alerts: mpsc::Sender<Record>) -> Worker {
         self.emit.alerts = alerts;
+        self
+    }
+
+    /// Reports windows that start before `restart` as partial, with the
+    /// reason `restored_after_crash`: the agent restarted after a crash, and
+    /// the readings since the last checkpoint are lost.
+    pub fn with_crash_restart(mut self, restart: Timestamp) -> Worker {
+        self.partial_before = Some(restart);
         self
     }
 
@@ -594,7 +617,14 @@ impl Worker {
         }
         let caused = !records.is_empty() || !alerts.is_empty();
         for d in records {
-            let record = aggregate(&self.agent, &self.rules, &reading.series, rule, d);
+            let record = aggregate(
+                &self.agent,
+                self.partial_before,
+                &self.rules,
+                &reading.series,
+                rule,
+                d,
+            );
             self.emit.send(record);
         }
         for a in alerts {
@@ -637,8 +667,14 @@ impl Worker {
                 w.flush(&mut done);
                 // Their last records, under the rules that built them.
                 for d in done.drain(..) {
-                    self.emit
-                        .send(aggregate(&self.agent, &old, &key, s.rule, d));
+                    self.emit.send(aggregate(
+                        &self.agent,
+                        self.partial_before,
+                        &old,
+                        &key,
+                        s.rule,
+                        d,
+                    ));
                 }
             }
         }
@@ -660,8 +696,14 @@ impl Worker {
             }
             windows.advance_to(s.last_event.saturating_add(idle), &mut done);
             for d in done.drain(..) {
-                self.emit
-                    .send(aggregate(&self.agent, &self.rules, key, s.rule, d));
+                self.emit.send(aggregate(
+                    &self.agent,
+                    self.partial_before,
+                    &self.rules,
+                    key,
+                    s.rule,
+                    d,
+                ));
             }
         }
     }
@@ -673,8 +715,14 @@ impl Worker {
             if let Some(windows) = &mut s.windows {
                 windows.flush(&mut done);
                 for d in done.drain(..) {
-                    self.emit
-                        .send(aggregate(&self.agent, &self.rules, key, s.rule, d));
+                    self.emit.send(aggregate(
+                        &self.agent,
+                        self.partial_before,
+                        &self.rules,
+                        key,
+                        s.rule,
+                        d,
+                    ));
                 }
             }
         }

@@ -283,3 +283,66 @@ anomaly = { alpha = 0.05, k = 3.0, warmup = 20 }
         got.iter().filter(|v| v["seq"].as_i64().is_some()).count() - seqs.len()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_window_restored_after_a_crash_is_reported_partial() {
+    let broker = Broker::start("crash-upstream");
+    let tmp = sluice_tests::temp_dir("crash");
+    let dir = tmp.path().to_path_buf();
+    let (udp, metrics) = (free_port(), free_port());
+    let rules = r#"
+[[rules]]
+match = "*"
+window = { kind = "tumbling", size_ms = 600000 }
+"#;
+    let config = config(&dir, "crash", udp, metrics, broker.port, rules, 100);
+    let log = dir.join("crash.log");
+    let got = upstream(broker.port, "crash").await;
+    let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let t0 = (now_ms() / 600_000 - 1) * 600_000;
+    let mut agent = start_agent(SLUICE, &config, &log);
+    wait_until("the agent", &log, || {
+        metric(metrics, "sluice_readings_processed_total").is_some()
+    })
+    .await;
+    for i in 0..20 {
+        send(&socket, udp, "a", t0 + i, 1.0);
+    }
+    wait_until("the readings", &log, || {
+        metric(metrics, "sluice_readings_processed_total") == Some(20)
+    })
+    .await;
+    // Two checkpoints later, the readings are surely in one.
+    let saved = metric(metrics, "sluice_checkpoints_total").unwrap();
+    wait_until("a checkpoint holding them", &log, || {
+        metric(metrics, "sluice_checkpoints_total").unwrap() >= saved + 2 * 2
+    })
+    .await;
+    agent.kill().unwrap();
+    agent.wait().unwrap();
+
+    let mut agent = start_agent(SLUICE, &config, &log);
+    wait_until("restored", &log, || {
+        metric(metrics, "sluice_checkpoint_restored_series_total") == Some(1)
+    })
+    .await;
+    for i in 20..25 {
+        send(&socket, udp, "a", t0 + i, 1.0);
+    }
+    send(&socket, udp, "a", t0 + 600_000, 1.0);
+    wait_until("the aggregate", &log, || {
+        got.lock().unwrap().iter().any(|v| v.get("count").is_some())
+    })
+    .await;
+    terminate(&mut agent);
+    let got = got.lock().unwrap().clone();
+    let aggregate = got.iter().find(|v| v.get("count").is_some()).unwrap();
+    assert_eq!(aggregate["count"], 25, "{aggregate}");
+    assert_eq!(aggregate["partial"], true, "{aggregate}");
+    assert_eq!(
+        aggregate["partial_reason"], "restored_after_crash",
+        "{aggregate}"
+    );
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("did not stop cleanly"), "{text}");
+}
