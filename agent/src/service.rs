@@ -8,7 +8,10 @@
 //! even when idle) keeps moving, or it is waiting for room in the output
 //! channel (back-pressure from a slow output or a full disk is not a
 //! stall): a wedged worker stops the pings, and systemd restarts the agent
-//! (`Restart=on-failure`).
+//! (`Restart=on-failure`). So does a store stuck in one SQLite call (the
+//! outbox writer's or the uplink's) for longer than the watchdog period: a
+//! failing call that returns (a full disk) is degraded service, not stuck,
+//! and keeps the pings going.
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
@@ -48,6 +51,27 @@ pub async fn ready_and_watchdog(running: Running, stop: CancellationToken) {
                 return;
             }
             _ = tokio::time::sleep(every) => {}
+        }
+        let stuck: Vec<&str> = [
+            ("outbox writer", &running.uplink.writer_busy_since),
+            ("uplink", &running.uplink.uplink_busy_since),
+        ]
+        .into_iter()
+        .filter(|(_, since)| {
+            let since = since.load(Relaxed);
+            since != 0
+                && sluice_collectors::reading::now_ms().saturating_sub(since)
+                    > period.as_millis() as i64
+        })
+        .map(|(name, _)| name)
+        .collect();
+        if !stuck.is_empty() {
+            tracing::error!(
+                ?stuck,
+                "the store is stuck in one SQLite call for longer than the watchdog period; not pinging the systemd watchdog"
+            );
+            last = beats(&running);
+            continue;
         }
         let now = beats(&running);
         let stalled: Vec<usize> = now

@@ -111,6 +111,24 @@ pub struct UplinkStats {
     /// Deletes of acknowledged records that failed (a full disk) and were
     /// retried.
     pub ack_errors: AtomicU64,
+    /// Since when (ms since the epoch) the writer has been in one SQLite
+    /// call; 0 when it is not in one. The watchdog reads it.
+    pub writer_busy_since: std::sync::atomic::AtomicI64,
+    /// The same for the uplink's SQLite calls.
+    pub uplink_busy_since: std::sync::atomic::AtomicI64,
+}
+
+/// Marks `since` busy from now until the guard drops (see
+/// [`UplinkStats::writer_busy_since`]).
+fn busy(since: &std::sync::atomic::AtomicI64) -> impl Drop + '_ {
+    struct Busy<'a>(&'a std::sync::atomic::AtomicI64);
+    impl Drop for Busy<'_> {
+        fn drop(&mut self) {
+            self.0.store(0, Relaxed);
+        }
+    }
+    since.store(sluice_collectors::reading::now_ms().max(1), Relaxed);
+    Busy(since)
 }
 
 /// What the output task hands the writer, in the order the workers made it.
@@ -176,12 +194,15 @@ pub fn run_writer(
         }
         let mut delay = Duration::from_millis(50);
         loop {
-            match outbox.commit(
+            let in_call = busy(&stats.writer_busy_since);
+            let committed = outbox.commit(
                 &records,
                 &marks,
                 &checkpoints,
                 sluice_collectors::reading::now_ms(),
-            ) {
+            );
+            drop(in_call);
+            match committed {
                 Ok(done) => {
                     stats.appended.fetch_add(done.seqs.len() as u64, Relaxed);
                     stats.dropped.fetch_add(done.dropped, Relaxed);
@@ -328,6 +349,7 @@ struct SessionReport {
 /// Sets the waiting record `seq` aside as a dead letter (see the module
 /// docs), counting and logging it.
 fn set_aside(outbox: &mut Outbox, stats: &UplinkStats, claimed: &Claimed, seq: i64, why: &str) {
+    let _in_call = busy(&stats.uplink_busy_since);
     match outbox.set_aside(seq, why, sluice_collectors::reading::now_ms()) {
         Ok(true) => {
             stats.dead_lettered.fetch_add(1, Relaxed);
@@ -447,6 +469,7 @@ async fn session(
             let mut next = None;
             if backlog_done || live_in_flight < window / 2 {
                 if live.is_empty() && last_live_look.elapsed() >= LIVE_LOOK {
+                    let _in_call = busy(&stats.uplink_busy_since);
                     let read = outbox
                         .peek_claim(live_read, i64::MAX, full_window, claimed)
                         .map_err(|e| e.to_string())?;
@@ -466,6 +489,7 @@ async fn session(
             }
             if next.is_none() && !backlog_done {
                 if backlog.is_empty() {
+                    let _in_call = busy(&stats.uplink_busy_since);
                     let read = outbox
                         .peek_claim(backlog_read, live_from, full_window, claimed)
                         .map_err(|e| e.to_string())?;
@@ -564,6 +588,7 @@ fn record_acks(
     acked: &mut Vec<i64>,
     undeleted: &mut Undeleted,
 ) {
+    let _in_call = busy(&stats.uplink_busy_since);
     stats.acked.fetch_add(acked.len() as u64, Relaxed);
     undeleted.seqs.extend(acked.drain(..));
     undeleted.tried = Instant::now();

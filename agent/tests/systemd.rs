@@ -71,3 +71,86 @@ fn ready_watchdog_pings_and_stopping_reach_the_notify_socket() {
     }
     assert!(agent.wait().unwrap().success());
 }
+
+/// Receives notify messages for `wait`; the longest gap between two
+/// `WATCHDOG=1` pings (or since the start) and whether any came at all.
+fn longest_ping_gap(socket: &UnixDatagram, wait: Duration) -> (Duration, usize) {
+    let mut buf = [0u8; 512];
+    let (start, mut last, mut gap, mut pings) = (Instant::now(), Instant::now(), Duration::ZERO, 0);
+    while start.elapsed() < wait {
+        if let Ok(n) = socket.recv(&mut buf)
+            && String::from_utf8_lossy(&buf[..n]).contains("WATCHDOG=1")
+        {
+            gap = gap.max(last.elapsed());
+            last = Instant::now();
+            pings += 1;
+        }
+    }
+    (gap.max(last.elapsed()), pings)
+}
+
+#[test]
+fn a_store_stuck_in_sqlite_stops_the_watchdog_pings_until_it_moves_again() {
+    let tmp = sluice_tests::temp_dir("stuck");
+    let dir = tmp.path().to_path_buf();
+    let socket_path = dir.join("notify.sock");
+    let socket = UnixDatagram::bind(&socket_path).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let (udp, db) = (sluice_tests::free_port(), dir.join("stuck.db"));
+    let config = dir.join("stuck.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "agent_id = \"st\"\n[sources.u]\nkind = \"udp\"\nbind = \"127.0.0.1:{udp}\"\n[[rules]]\nmatch = \"*\"\nwindow = {{ kind = \"count\", size = 1 }}\n[outbox]\npath = \"{}\"\n[uplink]\nhost = \"127.0.0.1\"\nport = {}\n",
+            db.display(),
+            sluice_tests::free_port()
+        ),
+    )
+    .unwrap();
+    let _agent = sluice_tests::ChildGuard(
+        sluice_tests::own_binary(env!("CARGO_BIN_EXE_sluice"))
+            .args(["run", "--config"])
+            .arg(&config)
+            .env("NOTIFY_SOCKET", &socket_path)
+            // A 1 s watchdog: pings every 500 ms; a SQLite call longer than
+            // 1 s is stuck.
+            .env("WATCHDOG_USEC", "1000000")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let (_, pings) = longest_ping_gap(&socket, Duration::from_secs(3));
+    assert!(pings >= 2, "no pings while healthy");
+    // Another process takes the file: the writer's commit waits in SQLite.
+    let holder = rusqlite::Connection::open(&db).unwrap();
+    holder.busy_timeout(Duration::from_secs(10)).unwrap();
+    holder
+        .execute_batch("BEGIN IMMEDIATE; INSERT INTO counters VALUES ('x', 1);")
+        .unwrap();
+    let sender = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    sender
+        .send_to(br#"{"sensor":"s","ts":1,"value":1}"#, ("127.0.0.1", udp))
+        .unwrap();
+    sender
+        .send_to(
+            format!(
+                r#"{{"sensor":"s","ts":{},"value":1}}"#,
+                sluice_tests::now_ms()
+            )
+            .as_bytes(),
+            ("127.0.0.1", udp),
+        )
+        .unwrap();
+    let (gap, _) = longest_ping_gap(&socket, Duration::from_secs(6));
+    assert!(
+        gap >= Duration::from_millis(2500),
+        "pings went on: longest gap {gap:?}"
+    );
+    // It lets go: the pings come back.
+    drop(holder);
+    let (_, pings) = longest_ping_gap(&socket, Duration::from_secs(8));
+    assert!(pings >= 2, "no pings after the store moved again");
+}
