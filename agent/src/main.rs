@@ -72,6 +72,14 @@ enum OutboxAction {
         #[arg(long, conflicts_with = "seqs")]
         all: bool,
     },
+    /// Forward what can be read of a damaged outbox file (one the agent
+    /// moved aside): its readable records are queued in this outbox, each
+    /// keeping its identity (epoch, seq) there, so upstream drops any it
+    /// already holds.
+    Salvage {
+        /// The damaged file (`<outbox>.corrupt-<ms>`).
+        file: PathBuf,
+    },
     /// Delete dead letters for good.
     Purge {
         /// Their seqs.
@@ -263,14 +271,16 @@ fn outbox_command(action: OutboxAction, config: Option<PathBuf>) -> ExitCode {
         OutboxAction::Retry { .. } | OutboxAction::Purge { .. } if !o.path.is_file() => {
             return fail(&format!("outbox {}: no such file", o.path.display()));
         }
-        OutboxAction::Retry { .. } | OutboxAction::Purge { .. } => Outbox::open(
-            &o.path,
-            o.durability,
-            sluice::outbox::OnCorrupt::Refuse,
-            o.max_records,
-            o.max_bytes,
-        )
-        .map(|(outbox, _)| outbox),
+        OutboxAction::Retry { .. } | OutboxAction::Purge { .. } | OutboxAction::Salvage { .. } => {
+            Outbox::open(
+                &o.path,
+                o.durability,
+                sluice::outbox::OnCorrupt::Refuse,
+                o.max_records,
+                o.max_bytes,
+            )
+            .map(|(outbox, _)| outbox)
+        }
     };
     let mut outbox = match outbox {
         Ok(outbox) => outbox,
@@ -337,6 +347,43 @@ fn outbox_command(action: OutboxAction, config: Option<PathBuf>) -> ExitCode {
             match outbox.retry_dead_letters((!all).then_some(&seqs[..]), now) {
                 Ok(new) => {
                     println!("{} dead letter(s) queued again as seq {:?}", new.len(), new);
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(&e),
+            }
+        }
+        OutboxAction::Salvage { file } => {
+            if file == o.path {
+                return fail(
+                    &"salvage reads another file (one moved aside), not the outbox itself",
+                );
+            }
+            let report = match sluice::outbox::salvage_read(&file) {
+                Ok(r) => r,
+                Err(e) => return fail(&e),
+            };
+            match outbox.import(&report.records, now) {
+                Ok(seqs) => {
+                    println!(
+                        "{}: {} record(s) queued in {} (as seq {}), each keeping its identity there",
+                        file.display(),
+                        seqs.len(),
+                        o.path.display(),
+                        match (seqs.first(), seqs.last()) {
+                            (Some(a), Some(b)) => format!("{a}..={b}"),
+                            _ => "-".into(),
+                        }
+                    );
+                    if !report.damaged.is_empty() {
+                        println!(
+                            "{} damaged record(s) left behind (checksum mismatch): seq {:?}",
+                            report.damaged.len(),
+                            report.damaged
+                        );
+                    }
+                    for (from, to) in &report.unreadable {
+                        println!("unreadable: seq {from}..={to}");
+                    }
                     ExitCode::SUCCESS
                 }
                 Err(e) => fail(&e),

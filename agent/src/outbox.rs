@@ -39,7 +39,9 @@
 //!         last INTEGER,   -- newest original seq a merged record holds (0: its own)
 //!         checksum INTEGER, -- XXH3 of topic and payload (see record_checksum)
 //!         epoch INTEGER,  -- the run that appended it (see begin_run)
-//!         sent INTEGER)   -- 1 once the uplink has read it to publish it
+//!         sent INTEGER,   -- 1 once the uplink has read it to publish it
+//!         origin_seq INTEGER) -- salvaged from another file: its seq there
+//!                             -- (upstream identity (epoch, origin_seq))
 //! records_by_prev ON records(prev)                 -- downsampling's pairing
 //! dead_letters(seq INTEGER PRIMARY KEY, topic, payload, created_ms, failed_ms, reason TEXT)
 //! counters(name TEXT PRIMARY KEY, value INTEGER)   -- 'count', 'bytes' (running totals
@@ -107,6 +109,9 @@ pub struct Queued {
     pub seq: i64,
     /// The epoch of the run that appended it.
     pub epoch: i64,
+    /// The seq it is known by upstream: `seq`, or for a record salvaged
+    /// from another file, its seq there.
+    pub id_seq: i64,
     /// Where it goes.
     pub topic: String,
     /// Its body (a JSON object).
@@ -124,11 +129,133 @@ impl Queued {
         Ok(Queued {
             seq,
             epoch: r.get::<_, Option<i64>>(4)?.unwrap_or(0),
+            id_seq: r.get::<_, Option<i64>>(5)?.unwrap_or(seq),
             topic,
             payload,
             intact,
         })
     }
+}
+
+/// A record read from a damaged (moved-aside) outbox file by
+/// [`salvage_read`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Salvaged {
+    /// Its seq in that file.
+    pub seq: i64,
+    /// Its epoch there (0 for a file from before epochs).
+    pub epoch: i64,
+    /// Where it goes.
+    pub topic: String,
+    /// Its body.
+    pub payload: Vec<u8>,
+}
+
+/// What [`salvage_read`] found.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct SalvageReport {
+    /// The records that read back whole (checksum matches, where the file
+    /// has checksums).
+    pub records: Vec<Salvaged>,
+    /// Records read whose checksum did not match: left behind.
+    pub damaged: Vec<i64>,
+    /// Ranges of seqs that could not be read at all, `(from, to)`.
+    pub unreadable: Vec<(i64, i64)>,
+}
+
+/// Reads what can be read of the records of the outbox file `path`, which
+/// may be damaged (a file moved aside at open): read-only, changing
+/// nothing; a range of rows SQLite cannot read is skipped, and reading goes
+/// on past it.
+pub fn salvage_read(path: &Path) -> Result<SalvageReport, OutboxError> {
+    use rusqlite::OpenFlags;
+    let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_URI;
+    // The file as it is (its WAL too, if SQLite can use it); failing that,
+    // the main file alone, ignoring the WAL and any lock.
+    let uri = |extra: &str| format!("file:{}?mode=ro{extra}", path.display());
+    let conn = Connection::open_with_flags(uri(""), flags)
+        .and_then(|c| {
+            c.query_row("SELECT COUNT(*) FROM sqlite_master", [], |_| Ok(()))?;
+            Ok(c)
+        })
+        .or_else(|_| Connection::open_with_flags(uri("&immutable=1"), flags))
+        .map_err(|e| OutboxError(format!("{}: {e}", path.display())))?;
+    let has = |column: &str| -> bool {
+        conn.query_row(
+            "SELECT COUNT(*) > 0 FROM pragma_table_info('records') WHERE name = ?1",
+            [column],
+            |r| r.get(0),
+        )
+        .unwrap_or(false)
+    };
+    let (checksums, epochs) = (has("checksum"), has("epoch"));
+    let file_epoch: i64 = conn
+        .query_row("SELECT value FROM counters WHERE name = 'epoch'", [], |r| {
+            r.get(0)
+        })
+        .unwrap_or(0);
+    let max: i64 = conn
+        .query_row("SELECT MAX(seq) FROM records", [], |r| {
+            r.get::<_, Option<i64>>(0)
+        })
+        .ok()
+        .flatten()
+        .or_else(|| {
+            conn.query_row(
+                "SELECT seq FROM sqlite_sequence WHERE name = 'records'",
+                [],
+                |r| r.get(0),
+            )
+            .ok()
+        })
+        .ok_or_else(|| OutboxError(format!("{}: no readable records table", path.display())))?;
+    let select = format!(
+        "SELECT seq, topic, payload, {}, {} FROM records WHERE seq > ?1 ORDER BY seq LIMIT 256",
+        if checksums { "checksum" } else { "NULL" },
+        if epochs { "epoch" } else { "NULL" },
+    );
+    let mut report = SalvageReport::default();
+    let mut after = 0i64;
+    let mut step = 1i64;
+    while after < max {
+        let rows: Result<Vec<(i64, String, Vec<u8>, Option<i64>, Option<i64>)>, _> =
+            conn.prepare_cached(&select).and_then(|mut s| {
+                s.query_map([after], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+                })?
+                .collect()
+            });
+        match rows {
+            Ok(rows) if rows.is_empty() => break,
+            Ok(rows) => {
+                step = 1;
+                for (seq, topic, payload, sum, epoch) in rows {
+                    after = seq;
+                    if checksums && sum != Some(record_checksum(&topic, &payload)) {
+                        report.damaged.push(seq);
+                        continue;
+                    }
+                    report.records.push(Salvaged {
+                        seq,
+                        epoch: epoch.unwrap_or(file_epoch),
+                        topic,
+                        payload,
+                    });
+                }
+            }
+            Err(_) => {
+                // Skip ahead past the damage, a growing stride at a time.
+                let to = (after + step).min(max);
+                match report.unreadable.last_mut() {
+                    Some(last) if last.1 == after => last.1 = to,
+                    _ => report.unreadable.push((after + 1, to)),
+                }
+                after = to;
+                step = (step * 2).min(4096);
+            }
+        }
+    }
+    Ok(report)
 }
 
 /// A record set aside (see [`Outbox::set_aside`]).
@@ -440,7 +567,7 @@ impl Outbox {
         limit: usize,
         claimed: &Claimed,
     ) -> Result<Vec<Queued>, OutboxError> {
-        const SELECT: &str = "SELECT seq, topic, payload, checksum, epoch FROM records
+        const SELECT: &str = "SELECT seq, topic, payload, checksum, epoch, origin_seq FROM records
              WHERE seq > ?1 AND seq < ?2 ORDER BY seq LIMIT ?3";
         // Nothing waiting (the live lane's usual look): no write lock.
         let any: bool = self
@@ -617,6 +744,14 @@ impl Outbox {
             "INSERT OR IGNORE INTO counters (name, value) VALUES ('dropped', 0), ('downsampled', 0), ('generation', 0), ('dead_lettered', 0)",
             [],
         )?;
+        let has_origin: bool = conn.query_row(
+            "SELECT COUNT(*) > 0 FROM pragma_table_info('records') WHERE name = 'origin_seq'",
+            [],
+            |r| r.get(0),
+        )?;
+        if !has_origin {
+            conn.execute_batch("ALTER TABLE records ADD COLUMN origin_seq INTEGER")?;
+        }
         conn.execute_batch("CREATE INDEX IF NOT EXISTS records_by_prev ON records(prev)")?;
         Ok(conn)
     }
@@ -807,7 +942,7 @@ impl Outbox {
     /// Up to `limit` waiting records with `seq > after`, in `seq` order.
     pub fn peek(&self, after: i64, limit: usize) -> Result<Vec<Queued>, OutboxError> {
         let mut stmt = self.conn.prepare_cached(
-            "SELECT seq, topic, payload, checksum, epoch FROM records WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+            "SELECT seq, topic, payload, checksum, epoch, origin_seq FROM records WHERE seq > ?1 ORDER BY seq LIMIT ?2",
         )?;
         let rows = stmt.query_map(params![after, limit as i64], Queued::from_row)?;
         Ok(rows.collect::<Result<_, _>>()?)
@@ -972,6 +1107,39 @@ impl Outbox {
         Ok(done.seqs)
     }
 
+    /// Appends records salvaged from another outbox file (see
+    /// [`salvage_read`]) in one transaction, each keeping its identity
+    /// there, `(epoch, seq)`, for upstream: a record upstream already holds
+    /// is dropped there as a duplicate, and salvaging a file twice is
+    /// harmless. Returns the new local seqs.
+    pub fn import(&mut self, records: &[Salvaged], now_ms: i64) -> Result<Vec<i64>, OutboxError> {
+        let tx = write_transaction(&mut self.conn)?;
+        let mut seqs = Vec::with_capacity(records.len());
+        let mut bytes = 0i64;
+        {
+            let mut insert = tx.prepare_cached(
+                "INSERT INTO records (topic, payload, created_ms, prev, checksum, epoch, origin_seq)
+                 VALUES (?1, ?2, ?3, -1, ?4, ?5, ?6)",
+            )?;
+            for r in records {
+                insert.execute(params![
+                    r.topic,
+                    r.payload,
+                    now_ms,
+                    record_checksum(&r.topic, &r.payload),
+                    r.epoch,
+                    r.seq
+                ])?;
+                seqs.push(tx.last_insert_rowid());
+                bytes += r.payload.len() as i64;
+            }
+        }
+        add_counter(&tx, "count", seqs.len() as i64)?;
+        add_counter(&tx, "bytes", bytes)?;
+        tx.commit()?;
+        Ok(seqs)
+    }
+
     /// Deletes the dead letters `seqs` (every one if `None`); returns how
     /// many there were.
     pub fn purge_dead_letters(&mut self, seqs: Option<&[i64]>) -> Result<usize, OutboxError> {
@@ -1014,9 +1182,9 @@ impl Outbox {
         )?;
         let mut checked = 0;
         if has_checksums {
-            let mut stmt = self
-                .conn
-                .prepare("SELECT seq, topic, payload, checksum, epoch FROM records ORDER BY seq")?;
+            let mut stmt = self.conn.prepare(
+                "SELECT seq, topic, payload, checksum, epoch, origin_seq FROM records ORDER BY seq",
+            )?;
             let mut damaged = Vec::new();
             for row in stmt.query_map([], Queued::from_row)? {
                 match row {

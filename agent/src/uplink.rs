@@ -517,7 +517,7 @@ async fn session(
                 (isolating, window) = (None, full_window);
                 room = window.saturating_sub(unassigned.len() + inflight.len());
             }
-            let packet = with_identity(r.epoch, r.seq, &r.payload);
+            let packet = with_identity(r.epoch, r.id_seq, &r.payload);
             if let Some(why) = unsendable(&r, &packet) {
                 if r.seq >= live_from {
                     live_in_flight -= 1;

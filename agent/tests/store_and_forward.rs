@@ -776,3 +776,111 @@ async fn a_full_disk_never_jams_the_uplink_the_backlog_drains_without_a_flood_of
     agent.kill().unwrap();
     agent.wait().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_moved_aside_backlog_is_salvaged_and_forwarded_under_its_own_identity() {
+    let upstream = Broker::start("salvage-upstream");
+    let tmp = sluice_tests::temp_dir("salvage");
+    let dir = tmp.path().to_path_buf();
+    let db = dir.join("salvage.db");
+    // A backlog of 300 records, never forwarded.
+    let epoch = {
+        let (mut outbox, _) = sluice::outbox::Outbox::open(
+            &db,
+            sluice::outbox::Durability::Normal,
+            sluice::outbox::OnCorrupt::Refuse,
+            u64::MAX,
+            u64::MAX,
+        )
+        .unwrap();
+        let epoch = outbox.begin_run().unwrap();
+        let records: Vec<(String, Vec<u8>)> = (1..=300)
+            .map(|i| {
+                let body = format!(r#"{{"series":"s","i":{i},"pad":"{}"}}"#, "p".repeat(300));
+                ("sluice/salvage/agg/s".to_string(), body.into_bytes())
+            })
+            .collect();
+        outbox.append(&records, now_ms()).unwrap();
+        epoch
+    };
+    // A leaf page of the records table, half-way through the file, is
+    // damaged: the file no longer passes the check at open.
+    let mut bytes = std::fs::read(&db).unwrap();
+    let page = u16::from_be_bytes([bytes[16], bytes[17]]) as usize;
+    let leaf = (bytes.len() / page / 2..bytes.len() / page)
+        .find(|p| bytes[p * page] == 0x0d)
+        .expect("a table leaf page");
+    bytes[leaf * page] = 0x00;
+    std::fs::write(&db, &bytes).unwrap();
+    let (udp, metrics) = (sluice_tests::free_port(), sluice_tests::free_port());
+    let config = udp_outbox_config(&dir, "salvage", udp, metrics, &db, upstream.port);
+    let got = Arc::new(Mutex::new(Vec::<Value>::new()));
+    {
+        let sink = got.clone();
+        sluice_tests::subscribe(
+            upstream.port,
+            "salvage-sub",
+            "sluice/salvage/agg/#",
+            QoS::AtLeastOnce,
+            true,
+            move |p| {
+                sink.lock()
+                    .unwrap()
+                    .push(serde_json::from_slice(&p.payload).unwrap())
+            },
+        )
+        .await;
+    }
+    let log = dir.join("salvage.log");
+    let _agent = start_agent(SLUICE, &config, &log);
+    wait_until("the damaged file moved aside", &log, || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("moved aside")
+    })
+    .await;
+    let aside = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| {
+            let name = p.file_name().unwrap().to_string_lossy().into_owned();
+            name.contains("corrupt-") && !name.ends_with("-wal") && !name.ends_with("-shm")
+        })
+        .expect("the file moved aside");
+    let out = sluice_tests::own_binary(SLUICE)
+        .args(["outbox", "salvage"])
+        .arg(&aside)
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let queued: usize = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(queued > 100 && queued < 300, "{text}");
+    assert!(
+        text.contains("unreadable: seq"),
+        "the damaged page's rows: {text}"
+    );
+    wait_until("the salvaged records upstream", &log, || {
+        got.lock().unwrap().len() >= queued
+    })
+    .await;
+    // Under their identity in the damaged file: its epoch, their seqs there.
+    let got = got.lock().unwrap().clone();
+    let seqs: BTreeSet<i64> = got.iter().map(|v| v["seq"].as_i64().unwrap()).collect();
+    assert_eq!(seqs.len(), queued);
+    for v in &got {
+        assert_eq!(v["epoch"], epoch, "{v}");
+        let i = v["i"].as_i64().unwrap();
+        assert_eq!(v["seq"], i, "record {i} keeps its seq");
+    }
+}
