@@ -163,6 +163,9 @@ pub struct SalvageReport {
     pub unreadable: Vec<(i64, i64)>,
 }
 
+/// A row as `salvage_read` reads it: seq, topic, payload, checksum, epoch.
+type RawRecord = (i64, String, Vec<u8>, Option<i64>, Option<i64>);
+
 /// Reads what can be read of the records of the outbox file `path`, which
 /// may be damaged (a file moved aside at open): read-only, changing
 /// nothing; a range of rows SQLite cannot read is skipped, and reading goes
@@ -218,13 +221,12 @@ pub fn salvage_read(path: &Path) -> Result<SalvageReport, OutboxError> {
     let mut after = 0i64;
     let mut step = 1i64;
     while after < max {
-        let rows: Result<Vec<(i64, String, Vec<u8>, Option<i64>, Option<i64>)>, _> =
-            conn.prepare_cached(&select).and_then(|mut s| {
-                s.query_map([after], |r| {
-                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
-                })?
-                .collect()
-            });
+        let rows: Result<Vec<RawRecord>, _> = conn.prepare_cached(&select).and_then(|mut s| {
+            s.query_map([after], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+            })?
+            .collect()
+        });
         match rows {
             Ok(rows) if rows.is_empty() => break,
             Ok(rows) => {
