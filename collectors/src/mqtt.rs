@@ -84,6 +84,15 @@ pub struct MqttSettings {
     /// Longest delay between reconnect attempts, ms. Default 30,000.
     #[serde(default = "default_reconnect_max_ms")]
     pub reconnect_max_ms: u64,
+    /// Largest MQTT packet the client reads, bytes. A message larger than
+    /// `json.max_message_bytes` but within this is refused and counted as
+    /// `oversize`; one larger than this costs the connection (the client
+    /// cannot skip it), and a broker with a persistent session sends it
+    /// again. Default: the protocol's maximum (268,435,460), so that no
+    /// message can; lower it to the broker's own limit (Mosquitto's
+    /// `max_packet_size`) to bound the memory one message may take.
+    #[serde(default = "default_max_packet_bytes")]
+    pub max_packet_bytes: usize,
     /// Where the fields of a reading are (the series key may be a topic
     /// segment: `json.series = { topic_segment = 1 }`).
     #[serde(default)]
@@ -111,6 +120,16 @@ const fn default_reconnect_min_ms() -> u64 {
 const fn default_reconnect_max_ms() -> u64 {
     30_000
 }
+/// MQTT's largest packet: a remaining length of 268,435,455 bytes and a
+/// fixed header of at most 5.
+const fn default_max_packet_bytes() -> usize {
+    268_435_460
+}
+
+/// A connection that lasted this long counts as up: the reconnect backoff
+/// starts afresh after it fails. One that fails sooner (a broker that
+/// accepts and then drops it) keeps backing off.
+pub const STEADY: Duration = Duration::from_secs(10);
 
 impl MqttSettings {
     /// Settings with the defaults for `host:port` and `topics`.
@@ -130,6 +149,7 @@ impl MqttSettings {
             keep_alive_s: default_keep_alive_s(),
             reconnect_min_ms: default_reconnect_min_ms(),
             reconnect_max_ms: default_reconnect_max_ms(),
+            max_packet_bytes: default_max_packet_bytes(),
             json: JsonMapping::default(),
         }
     }
@@ -155,6 +175,12 @@ impl MqttSettings {
         }
         if self.reconnect_min_ms == 0 {
             return Err("reconnect_min_ms must be > 0".into());
+        }
+        if self.max_packet_bytes <= self.json.max_message_bytes {
+            return Err(format!(
+                "max_packet_bytes ({}) must be larger than json.max_message_bytes ({}), or messages the decoder would refuse cost the connection instead",
+                self.max_packet_bytes, self.json.max_message_bytes
+            ));
         }
         if self.password_file.is_some() && self.password_env.is_some() {
             return Err("set password_file or password_env, not both".into());
@@ -186,7 +212,7 @@ impl MqttSettings {
         options
             .set_keep_alive(Duration::from_secs(self.keep_alive_s))
             .set_clean_session(self.clean_session)
-            .set_max_packet_size(self.json.max_message_bytes + 1024, MAX_OUTGOING_PACKET);
+            .set_max_packet_size(self.max_packet_bytes, MAX_OUTGOING_PACKET);
         if let Some(user) = &self.username {
             options.set_credentials(user, self.password.clone().unwrap_or_default());
         }
@@ -316,7 +342,7 @@ impl MqttSource {
             now_ms() as u64,
         );
         let stats = self.handoff.stats().clone();
-        let mut connected = false;
+        let mut connected_at: Option<std::time::Instant> = None;
         loop {
             let event = tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -325,8 +351,7 @@ impl MqttSource {
             match event {
                 Ok(Event::Incoming(Packet::ConnAck(_))) => {
                     add(&stats.connects, 1);
-                    connected = true;
-                    backoff.reset();
+                    connected_at = Some(std::time::Instant::now());
                     tracing::info!(broker = %self.broker(), "MQTT connected; subscribing");
                     for topic in &self.settings.topics {
                         // The request queue is drained by `poll`, so use the
@@ -358,13 +383,16 @@ impl MqttSource {
                 Ok(_) => {}
                 Err(e) => {
                     add(&stats.disconnects, 1);
+                    if connected_at.is_some_and(|t| t.elapsed() >= STEADY) {
+                        backoff.reset();
+                    }
                     let delay = backoff.next_delay();
-                    if connected {
+                    if connected_at.is_some() {
                         tracing::warn!(broker = %self.broker(), error = %e, "MQTT connection lost; reconnecting in {delay:?}");
                     } else {
                         tracing::debug!(broker = %self.broker(), error = %e, "MQTT connect failed; retrying in {delay:?}");
                     }
-                    connected = false;
+                    connected_at = None;
                     tokio::select! {
                         _ = shutdown.cancelled() => break,
                         _ = tokio::time::sleep(delay) => {}

@@ -289,3 +289,83 @@ async fn a_persistent_session_receives_what_was_published_while_away() {
     shutdown.cancel();
     tokio::time::timeout(WAIT, task).await.unwrap().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_message_is_a_counted_refusal_and_never_costs_the_session() {
+    let broker = Broker::start("oversize");
+    let (handoff, mut rx, stats) = one_lane(256, ShedPolicy::DropNewest { high_water: 256 });
+    let mut s = settings(broker.port, &["sensors/+"], "sluice-oversize");
+    // A persistent session at QoS 1: a message that cost the connection
+    // would be redelivered after every reconnect, for ever.
+    s.clean_session = false;
+    s.json.max_message_bytes = 1000;
+    let source = MqttSource::new("mqtt-oversize", s, handoff).unwrap();
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(source.run(shutdown.clone()));
+    let publisher = Publisher::connect(broker.port, "publisher-oversize");
+    await_subscription(&publisher, "sensors/probe", &stats, &mut rx).await;
+    let delivered_before = stats.delivered.load(Relaxed);
+    publisher
+        .publish("sensors/a", QoS::AtLeastOnce, w1("a", 1.0))
+        .await;
+    let big = format!(
+        r#"{{"sensor":"big","ts":{},"value":1,"pad":"{}"}}"#,
+        common::now_ms(),
+        "p".repeat(5000)
+    );
+    publisher
+        .publish("sensors/big", QoS::AtLeastOnce, big)
+        .await;
+    publisher
+        .publish("sensors/b", QoS::AtLeastOnce, w1("b", 2.0))
+        .await;
+    wait_for("the readings around it", WAIT, || {
+        stats.delivered.load(Relaxed) == delivered_before + 2
+    })
+    .await;
+    wait_for("the oversized message refused", WAIT, || {
+        stats.rejected(Reason::Oversize) == 1
+    })
+    .await;
+    assert_eq!(stats.disconnects.load(Relaxed), 0, "the session was lost");
+    assert_eq!(stats.connects.load(Relaxed), 1);
+    let got: Vec<String> = drain(&mut rx)
+        .iter()
+        .map(|r| r.series.to_string())
+        .collect();
+    assert_eq!(got, ["a", "b"]);
+    shutdown.cancel();
+    task.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_dropped_right_after_connecting_keeps_backing_off() {
+    // Two sources with one client id: each connection makes the broker
+    // drop the other's, right after its CONNACK.
+    let broker = Broker::start("takeover");
+    let shutdown = CancellationToken::new();
+    let mut tasks = Vec::new();
+    let mut all_stats = Vec::new();
+    for _ in 0..2 {
+        let (handoff, _rx, stats) = one_lane(16, ShedPolicy::DropNewest { high_water: 16 });
+        let mut s = settings(broker.port, &["sensors/+"], "sluice-same-id");
+        s.reconnect_min_ms = 50;
+        s.reconnect_max_ms = 1000;
+        let source = MqttSource::new("mqtt-takeover", s, handoff).unwrap();
+        tasks.push(tokio::spawn(source.run(shutdown.clone())));
+        all_stats.push((stats, _rx));
+    }
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    shutdown.cancel();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let connects: Vec<u64> = all_stats
+        .iter()
+        .map(|(s, _)| s.connects.load(Relaxed))
+        .collect();
+    // Backing off from 50 ms to 1 s: at most about a dozen each in 4 s; a
+    // backoff reset by every CONNACK made one every 50-100 ms.
+    assert!(connects.iter().all(|&c| c <= 15), "{connects:?}");
+    assert!(connects.iter().sum::<u64>() >= 3, "{connects:?}");
+}
