@@ -6,8 +6,9 @@ use crate::stats::Reason;
 ///
 /// A line longer than `max` is refused once, as [`Reason::Oversize`], and
 /// the rest of it is skipped up to the next newline, so a sender that never
-/// sends a newline cannot make the buffer grow. `\r\n` endings and empty
-/// lines are accepted (empty lines are skipped).
+/// sends a newline cannot make the buffer grow. `\r\n` endings are
+/// accepted; a blank line is handed on as [`Reason::Empty`], so that it is
+/// counted like every other message.
 #[derive(Debug)]
 pub struct LineFramer {
     buf: Vec<u8>,
@@ -47,9 +48,11 @@ impl LineFramer {
                 Some(rest) => {
                     if !self.skipping {
                         let line = trim_cr(&self.buf);
-                        if !line.is_empty() {
-                            on_line(Ok(line));
-                        }
+                        on_line(if line.is_empty() {
+                            Err(Reason::Empty)
+                        } else {
+                            Ok(line)
+                        });
                     }
                     self.buf.clear();
                     self.skipping = false;
@@ -67,12 +70,21 @@ impl LineFramer {
     }
 }
 
-/// The non-empty lines of a datagram (`\n` or `\r\n` separated).
-pub fn lines(datagram: &[u8]) -> impl Iterator<Item = &[u8]> {
-    datagram
-        .split(|&b| b == b'\n')
-        .map(trim_cr)
-        .filter(|l| !l.is_empty())
+/// The lines of a datagram (`\n` or `\r\n` separated; a final newline
+/// ends the last line rather than starting an empty one). A blank line, or
+/// an empty datagram, is [`Reason::Empty`].
+pub fn lines(datagram: &[u8]) -> impl Iterator<Item = Result<&[u8], Reason>> {
+    let body = datagram
+        .strip_suffix(b"\n")
+        .filter(|_| !datagram.is_empty())
+        .unwrap_or(datagram);
+    body.split(|&b| b == b'\n').map(trim_cr).map(|l| {
+        if l.is_empty() {
+            Err(Reason::Empty)
+        } else {
+            Ok(l)
+        }
+    })
 }
 
 fn trim_cr(line: &[u8]) -> &[u8] {
@@ -95,7 +107,10 @@ mod tests {
     fn lines_split_across_reads_are_joined() {
         let mut f = LineFramer::new(16);
         let out = feed(&mut f, &[b"ab", b"c\r\nde", b"f\n\n", b"g"]);
-        assert_eq!(out, vec![Ok(b"abc".to_vec()), Ok(b"def".to_vec())]);
+        assert_eq!(
+            out,
+            vec![Ok(b"abc".to_vec()), Ok(b"def".to_vec()), Err(Reason::Empty)]
+        );
         assert_eq!(feed(&mut f, &[b"\n"]), vec![Ok(b"g".to_vec())]);
     }
 
@@ -109,7 +124,16 @@ mod tests {
 
     #[test]
     fn datagram_lines() {
-        let got: Vec<&[u8]> = lines(b"a\r\n\nb\nc").collect();
-        assert_eq!(got, vec![&b"a"[..], b"b", b"c"]);
+        let got: Vec<_> = lines(b"a\r\n\nb\nc").collect();
+        assert_eq!(
+            got,
+            vec![Ok(&b"a"[..]), Err(Reason::Empty), Ok(b"b"), Ok(b"c")]
+        );
+        // A final newline ends the last line; an empty datagram is one
+        // empty message, and so is a lone newline.
+        assert_eq!(lines(b"a\n").collect::<Vec<_>>(), vec![Ok(&b"a"[..])]);
+        assert_eq!(lines(b"").collect::<Vec<_>>(), vec![Err(Reason::Empty)]);
+        assert_eq!(lines(b"\n").collect::<Vec<_>>(), vec![Err(Reason::Empty)]);
+        assert_eq!(lines(b"\r\n").collect::<Vec<_>>(), vec![Err(Reason::Empty)]);
     }
 }

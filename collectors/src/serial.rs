@@ -21,7 +21,7 @@ use crate::frame::LineFramer;
 use crate::pipe::Handoff;
 use crate::reading::now_ms;
 use crate::source::{Ingest, LOG_INTERVAL};
-use crate::stats::{RateLimitedLog, SourceStats, add};
+use crate::stats::{RateLimitedLog, Reason, SourceStats, add};
 
 /// Parity of a serial line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
@@ -244,7 +244,10 @@ impl SerialSource {
                 add(&stats.messages, 1);
                 match line {
                     Ok(line) => decoder.decode(line, None, ingest, &mut sink),
-                    Err(reason) => sink.reject(reason, &"line longer than max_line"),
+                    Err(Reason::Oversize) => {
+                        sink.reject(Reason::Oversize, &"line longer than max_line")
+                    }
+                    Err(reason) => sink.reject(reason, &"blank line"),
                 }
             });
             self.handoff.flush();

@@ -38,11 +38,15 @@ pub enum Reason {
     TooOld,
     /// A datagram from a sender outside the allow-list.
     SenderNotAllowed,
+    /// An empty message: an empty datagram, or a blank line of a datagram
+    /// or a serial stream. Counted so that every message is, but not
+    /// logged as a warning (blank lines are common and harmless).
+    Empty,
 }
 
 impl Reason {
     /// Every reason, for reports.
-    pub const ALL: [Reason; 13] = [
+    pub const ALL: [Reason; 14] = [
         Reason::Malformed,
         Reason::Oversize,
         Reason::NotAnObject,
@@ -56,6 +60,7 @@ impl Reason {
         Reason::TooFarInFuture,
         Reason::TooOld,
         Reason::SenderNotAllowed,
+        Reason::Empty,
     ];
 
     /// A short name, for metric labels and logs.
@@ -74,6 +79,7 @@ impl Reason {
             Reason::TooFarInFuture => "too_far_in_future",
             Reason::TooOld => "too_old",
             Reason::SenderNotAllowed => "sender_not_allowed",
+            Reason::Empty => "empty",
         }
     }
 }
@@ -167,6 +173,10 @@ impl RateLimitedLog {
     /// Records one refusal; logs it unless this reason was logged within the
     /// interval.
     pub fn warn(&self, reason: Reason, detail: &dyn std::fmt::Display) {
+        if reason == Reason::Empty {
+            tracing::debug!(source = %self.source, "empty message: {detail}");
+            return;
+        }
         let Ok(mut state) = self.state.lock() else {
             return;
         };

@@ -278,7 +278,14 @@ impl UdpSource {
             }
             for line in lines(&buf[..n]) {
                 add(&stats.messages, 1);
-                self.decoder.decode(line, None, ingest, &mut ingest_sink);
+                match line {
+                    Ok(line) => self.decoder.decode(line, None, ingest, &mut ingest_sink),
+                    Err(reason) => crate::decode::DecodeSink::reject(
+                        &mut ingest_sink,
+                        reason,
+                        &format_args!("from {from}"),
+                    ),
+                }
             }
         }
         self.handoff.flush();

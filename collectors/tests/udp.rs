@@ -138,10 +138,18 @@ async fn bad_datagrams_are_refused_by_reason_and_do_not_stop_the_source() {
         stats.delivered.load(Relaxed) == 2
     })
     .await;
+    tx.send_to(b"", addr).await.unwrap();
+    wait_for("the empty datagram", WAIT, || {
+        stats.rejected(Reason::Empty) == 2
+    })
+    .await;
     assert_eq!(stats.rejected(Reason::Malformed), 2);
     assert_eq!(stats.rejected(Reason::Oversize), 1);
     assert_eq!(stats.rejected(Reason::TooOld), 1);
-    assert_eq!(stats.rejected_total(), 4);
+    // The blank line of the last datagram, and the empty datagram.
+    assert_eq!(stats.rejected(Reason::Empty), 2);
+    assert_eq!(stats.rejected_total(), 6);
+    assert_eq!(stats.messages.load(Relaxed), 8);
     let got: Vec<String> = drain(&mut rx)
         .iter()
         .map(|r| r.series.to_string())
@@ -258,4 +266,55 @@ async fn recv_buffer_asks_the_kernel_for_a_larger_buffer() {
     // Out of range: refused by validate, naming the key.
     settings.recv_buffer = Some(100);
     assert!(settings.validate().unwrap_err().contains("recv_buffer"));
+}
+
+/// One datagram of a random mix, and how many messages (lines) it holds.
+fn datagram(kind: u8, i: usize) -> (Vec<u8>, u64) {
+    let good = || w1(&format!("s-{}", i % 5), i as f64);
+    match kind {
+        0 => (good().into_bytes(), 1),
+        1 => (b"{not json".to_vec(), 1),
+        2 => (Vec::new(), 1),
+        3 => (b"\n".to_vec(), 1),
+        4 => (format!("{}\n\n{}\n", good(), good()).into_bytes(), 3),
+        5 => (
+            format!(r#"{{"sensor":"s","pad":"{}"}}"#, "x".repeat(300)).into_bytes(),
+            1,
+        ),
+        6 => (br#"{"sensor":"bad\u0000id","ts":1,"value":1}"#.to_vec(), 1),
+        _ => (br#"{"sensor":"s","ts":1}"#.to_vec(), 1),
+    }
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(12))]
+
+    /// `received = accepted + refused (by reason) + shed (by reason)` for
+    /// every message of a random mix of datagrams: good, malformed, empty,
+    /// blank lines, oversized, a refused id, no value; into a small ring
+    /// that nobody drains, so that shedding plays its part too.
+    #[test]
+    fn every_message_is_counted_exactly_once(kinds in proptest::collection::vec(0u8..8, 1..60)) {
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        runtime.block_on(async {
+            let mut settings = UdpSettings::new("127.0.0.1:0".parse().unwrap());
+            settings.max_datagram = 200;
+            let (addr, _rx, stats, shutdown) =
+                start(settings, 16, ShedPolicy::DropNewest { high_water: 12 }).await;
+            let tx = sender().await;
+            let mut expected = 0;
+            for (i, &kind) in kinds.iter().enumerate() {
+                let (bytes, messages) = datagram(kind, i);
+                expected += messages;
+                tx.send_to(&bytes, addr).await.unwrap();
+                // Paced: a loss in the kernel's buffer is not the source's.
+                wait_for("the datagram", WAIT, || stats.messages.load(Relaxed) == expected).await;
+            }
+            let received = stats.messages.load(Relaxed);
+            let accounted = stats.delivered.load(Relaxed) + stats.rejected_total() + stats.shed_total();
+            assert_eq!(received, expected);
+            assert_eq!(accounted, received, "{:?}", Reason::ALL.map(|r| (r, stats.rejected(r))));
+            shutdown.cancel();
+        });
+    }
 }
