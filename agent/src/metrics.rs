@@ -314,8 +314,16 @@ pub fn render(r: &Running) -> String {
     out
 }
 
-/// Serves `/metrics` on `listener` until `shutdown`.
+/// Connections served at once; past that, a connection gets a 503 and is
+/// closed at once, so that idle or slow clients can never take the agent's
+/// file descriptors.
+pub const MAX_CONNECTIONS: usize = 16;
+
+/// Serves `/metrics` on `listener` until `shutdown`: at most
+/// [`MAX_CONNECTIONS`] at once, each given 2 s.
 pub async fn serve(listener: TcpListener, running: Running, shutdown: CancellationToken) {
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let mut refused = 0u64;
     loop {
         let (stream, _) = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -328,9 +336,25 @@ pub async fn serve(listener: TcpListener, running: Running, shutdown: Cancellati
                 }
             },
         };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            refused += 1;
+            if refused == 1 || refused.is_power_of_two() {
+                tracing::warn!(
+                    refused,
+                    "metrics: {MAX_CONNECTIONS} connections open; answering 503 to more"
+                );
+            }
+            // Without reading the request: a few bytes, then the socket
+            // closes (dropped), whatever the client does.
+            let _ = stream.try_write(
+                b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            );
+            continue;
+        };
         let running = running.clone();
         tokio::spawn(async move {
             let _ = tokio::time::timeout(Duration::from_secs(2), respond(stream, &running)).await;
+            drop(slot);
         });
     }
 }

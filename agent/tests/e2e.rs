@@ -718,3 +718,52 @@ fn the_packaged_help_text_is_current() {
         "packaging/deb/sluice-help.txt is stale: rerun with SLUICE_BLESS=1"
     );
 }
+
+/// Open file descriptors of process `pid`.
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
+}
+
+#[test]
+fn idle_metrics_connections_cannot_take_the_agents_descriptors() {
+    let metrics = sluice_tests::free_port();
+    let (_tmp, config) = temp_file(
+        "fds",
+        &format!(
+            "agent_id = \"fds\"\n[sources.u]\nkind = \"udp\"\nbind = \"127.0.0.1:0\"\n[metrics]\nlisten = \"127.0.0.1:{metrics}\"\nstats_interval_s = 0\n[[rules]]\nmatch = \"*\"\nwindow = {{ kind = \"count\", size = 1 }}\n[output]\nconsole = true\n"
+        ),
+    );
+    let log = config.with_extension("log");
+    let agent = sluice_tests::start_agent(env!("CARGO_BIN_EXE_sluice"), &config, &log);
+    let start = std::time::Instant::now();
+    while sluice_tests::metric(metrics, "sluice_messages_received_total").is_none() {
+        assert!(
+            start.elapsed() < sluice_tests::WAIT,
+            "{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let before = open_fds(agent.id());
+    // 300 clients connect and say nothing.
+    let idle: Vec<std::net::TcpStream> = (0..300)
+        .filter_map(|_| std::net::TcpStream::connect(("127.0.0.1", metrics)).ok())
+        .collect();
+    assert!(idle.len() > 250);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let during = open_fds(agent.id());
+    assert!(
+        during <= before + sluice::metrics::MAX_CONNECTIONS + 8,
+        "{before} descriptors before, {during} with 300 idle clients"
+    );
+    drop(idle);
+    // Once the idle ones are gone (or timed out), the endpoint answers.
+    let start = std::time::Instant::now();
+    while sluice_tests::metric(metrics, "sluice_messages_received_total").is_none() {
+        assert!(
+            start.elapsed() < sluice_tests::WAIT,
+            "the endpoint never came back"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
