@@ -9,7 +9,10 @@
 //! `s-0042`).
 //!
 //! Every refusal has a [`Reason`]; one bad field of a multi-field message
-//! refuses that field only.
+//! refuses that field only. A number beyond a double's range (`1e999`) is
+//! refused as `non_finite`, like NaN and infinities. A key given twice in
+//! one object counts once, with its first value (as most JSON readers that
+//! do not refuse duplicates do); `values = ["*"]` reads each name once.
 
 use std::fmt::Write as _;
 
@@ -224,10 +227,39 @@ impl JsonDecoder {
                 };
                 fields.extract(tape.as_value(), topic, ingest, sink);
             }
+            // A number too large for a double is a value out of range, not
+            // bad JSON (the parser stops on it either way).
+            Err(e) if number_out_of_range(message, e.index()) => sink.reject(
+                Reason::NonFinite,
+                &format_args!("a number too large for a double near byte {}", e.index()),
+            ),
             Err(e) => sink.reject(Reason::Malformed, &e),
         }
         self.tape = Some(tape.reset());
     }
+}
+
+/// Whether the number token at or just before byte `at` of `message` is
+/// well formed but beyond a double's range (`1e999`).
+fn number_out_of_range(message: &[u8], at: usize) -> bool {
+    let in_number = |b: u8| b.is_ascii_digit() || matches!(b, b'-' | b'+' | b'.' | b'e' | b'E');
+    let mut start = at.min(message.len());
+    // The parser may point at the token, past it, or at what precedes it.
+    while start < message.len() && matches!(message[start], b' ' | b'\t' | b':') {
+        start += 1;
+    }
+    while start > 0 && in_number(message[start - 1]) {
+        start -= 1;
+    }
+    let end = start
+        + message[start..]
+            .iter()
+            .take_while(|&&b| in_number(b))
+            .count();
+    std::str::from_utf8(&message[start..end])
+        .ok()
+        .and_then(|t| t.parse::<f64>().ok())
+        .is_some_and(f64::is_infinite)
 }
 
 /// The parts of a decoder that extraction reads (borrowed apart from the
@@ -311,9 +343,14 @@ impl Fields<'_> {
         if self.all_numeric
             && let Some(object) = root.as_object()
         {
-            for (name, v) in object.iter() {
+            for (i, (name, v)) in object.iter().enumerate() {
                 let is_meta = self.timestamp.is(name) || self.series.is_some_and(|s| s.is(name));
                 if is_meta || !v.is_number() || self.values.iter().any(|(p, _)| p.is(name)) {
+                    continue;
+                }
+                // A key given twice counts once, with its first value (as
+                // the lookups of named fields do). Objects are small.
+                if object.iter().take(i).any(|(earlier, _)| earlier == name) {
                     continue;
                 }
                 found += 1;

@@ -276,13 +276,19 @@ fn the_series_id_policy_allows_topic_characters_and_refuses_invisible_ones() {
 #[test]
 fn huge_numbers_are_not_finite_values() {
     // 1e400 overflows a double: refused, whether the parser says so or we do.
-    let c = decode(r#"{"sensor":"s","ts":1732600000000,"value":1e400}"#);
-    assert!(c.readings.is_empty());
-    assert!(
-        c.rejected == vec![Reason::NonFinite] || c.rejected == vec![Reason::Malformed],
-        "{:?}",
-        c.rejected
-    );
+    for message in [
+        r#"{"sensor":"s","ts":1732600000000,"value":1e400}"#,
+        r#"{"sensor":"s","ts":1732600000000,"value":-1e999}"#,
+        r#"{"sensor":"s","ts":1732600000000,"value":1e999,"other":1}"#,
+        r#"{"sensor":"s","ts":1732600000000, "value" : 17976931348623159e292 }"#,
+    ] {
+        let c = decode(message);
+        assert!(c.readings.is_empty());
+        assert_eq!(c.rejected, vec![Reason::NonFinite], "{message}");
+    }
+    // A number that is malformed, not too large, is malformed.
+    let c = decode(r#"{"sensor":"s","ts":1732600000000,"value":1e}"#);
+    assert_eq!(c.rejected, vec![Reason::Malformed]);
 }
 
 #[test]
@@ -329,4 +335,25 @@ proptest! {
         d.decode(message.as_bytes(), None, NOW, &mut out);
         prop_assert_eq!(out.readings.len() + out.rejected.len(), 1, "{}", message);
     }
+}
+
+#[test]
+fn a_key_given_twice_counts_once_with_its_first_value() {
+    let c = decode(r#"{"sensor":"s","ts":1732600000000,"value":1,"value":2}"#);
+    assert_eq!(c.readings.len(), 1);
+    assert_eq!(c.readings[0].value, 1.0);
+    let c = decode_with(
+        JsonMapping {
+            values: vec!["*".into()],
+            ..JsonMapping::default()
+        },
+        r#"{"sensor":"s","ts":1732600000000,"a":1,"b":5,"a":2}"#,
+        None,
+    );
+    let got: Vec<(String, f64)> = c
+        .readings
+        .iter()
+        .map(|r| (r.series.to_string(), r.value))
+        .collect();
+    assert_eq!(got, [("s/a".to_string(), 1.0), ("s/b".to_string(), 5.0)]);
 }

@@ -47,6 +47,11 @@ pub enum RuleError {
     Decay(WindowError),
     /// The rate unit is not positive.
     NotPositive,
+    /// A level is infinite.
+    NotFinite,
+    /// A z-score level is negative (or the raise level zero): |z| is
+    /// compared with them.
+    NegativeScore,
 }
 
 impl core::fmt::Display for RuleError {
@@ -58,6 +63,10 @@ impl core::fmt::Display for RuleError {
             RuleError::ZeroCount => f.write_str("raise_after and clear_after must be >= 1"),
             RuleError::Decay(e) => write!(f, "baseline: {e}"),
             RuleError::NotPositive => f.write_str("rate unit must be > 0"),
+            RuleError::NotFinite => f.write_str("levels must be finite numbers"),
+            RuleError::NegativeScore => {
+                f.write_str("k must be > 0 and clear_k >= 0 (they are levels of |z|)")
+            }
         }
     }
 }
@@ -75,6 +84,9 @@ impl Hysteresis {
     ) -> Result<Self, RuleError> {
         if raise_at.is_nan() || clear_below.is_nan() || clear_below > raise_at {
             return Err(RuleError::ClearAboveRaise);
+        }
+        if raise_at.is_infinite() || clear_below.is_infinite() {
+            return Err(RuleError::NotFinite);
         }
         if raise_after == 0 || clear_after == 0 {
             return Err(RuleError::ZeroCount);
@@ -232,6 +244,9 @@ impl ZScoreDetector {
     /// A baseline with EWMA smoothing factor `alpha` (λ = 1 − α), scoring from
     /// the `warmup`-th value on, raising and clearing by `levels` on |z|.
     pub fn new(alpha: f64, warmup: u64, levels: Hysteresis) -> Result<Self, RuleError> {
+        if levels.raise_at() <= 0.0 || levels.clear_below() < 0.0 {
+            return Err(RuleError::NegativeScore);
+        }
         Ok(Self {
             baseline: DecayingStats::from_alpha(alpha).map_err(RuleError::Decay)?,
             warmup,

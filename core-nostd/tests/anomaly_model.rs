@@ -4,8 +4,8 @@
 
 use proptest::prelude::*;
 use sluice_core::anomaly::{
-    AlertMachine, AlertState, Hysteresis, RateOfChangeDetector, ThresholdDetector, Transition,
-    ZScoreDetector,
+    AlertMachine, AlertState, Hysteresis, RateOfChangeDetector, RuleError, ThresholdDetector,
+    Transition, ZScoreDetector,
 };
 use sluice_core::rng::SplitMix64;
 use sluice_core::shed::{Decision, Priority, ShedPolicy, ShedReason, Shedder};
@@ -183,4 +183,31 @@ fn w1_spikes_are_detected_and_noise_is_not() {
     assert_eq!(caught, 100);
     // Expected ≈ 3 in 49,900 with a true σ; the EWMA's estimate adds some.
     assert!(false_alarms < 40, "{false_alarms} false alarms");
+}
+
+#[test]
+fn rules_with_levels_that_cannot_work_are_refused() {
+    // Infinite levels, for any detector.
+    assert_eq!(
+        Hysteresis::new(f64::INFINITY, 1.0, 1, 1).err(),
+        Some(RuleError::NotFinite)
+    );
+    assert_eq!(
+        Hysteresis::new(1.0, f64::NEG_INFINITY, 1, 1).err(),
+        Some(RuleError::NotFinite)
+    );
+    // Z-score levels are levels of |z|: k = -1 would raise on every reading.
+    let negative = Hysteresis::new(-1.0, -2.0, 1, 1).unwrap();
+    assert_eq!(
+        ZScoreDetector::new(0.1, 10, negative).err(),
+        Some(RuleError::NegativeScore)
+    );
+    let zero = Hysteresis::new(0.0, 0.0, 1, 1).unwrap();
+    assert_eq!(
+        ZScoreDetector::new(0.1, 10, zero).err(),
+        Some(RuleError::NegativeScore)
+    );
+    // Thresholds may be negative (a freezer's limit).
+    assert!(Hysteresis::new(-18.0, -20.0, 1, 1).is_ok());
+    assert!(ZScoreDetector::new(0.1, 10, Hysteresis::new(4.0, 0.0, 1, 1).unwrap()).is_ok());
 }
