@@ -316,6 +316,12 @@ impl Fields<'_> {
                     &format_args!("field {field:?} of {key} is not finite"),
                 );
             }
+            if value.abs() > sluice_core::MAX_VALUE {
+                return sink.reject(
+                    Reason::OutOfRange,
+                    &format_args!("field {field:?} of {key} is {value:e}, beyond ±1e100"),
+                );
+            }
             let mut series = key.clone();
             if named && (series.push('/').is_err() || series.push_str(field).is_err()) {
                 return sink.reject(Reason::SeriesTooLong, &format_args!("{key}/{field}"));

@@ -30,6 +30,9 @@ pub enum Reason {
     NotNumeric,
     /// A value is NaN or infinite (or too large for a float).
     NonFinite,
+    /// A value is finite but beyond ±[`sluice_core::MAX_VALUE`] (10¹⁰⁰),
+    /// where sums and variances could overflow: a sensor fault.
+    OutOfRange,
     /// The timestamp field is missing or cannot be parsed.
     BadTimestamp,
     /// The event time is further in the future than the allowed clock skew.
@@ -46,7 +49,7 @@ pub enum Reason {
 
 impl Reason {
     /// Every reason, for reports.
-    pub const ALL: [Reason; 14] = [
+    pub const ALL: [Reason; 15] = [
         Reason::Malformed,
         Reason::Oversize,
         Reason::NotAnObject,
@@ -56,6 +59,7 @@ impl Reason {
         Reason::MissingValue,
         Reason::NotNumeric,
         Reason::NonFinite,
+        Reason::OutOfRange,
         Reason::BadTimestamp,
         Reason::TooFarInFuture,
         Reason::TooOld,
@@ -75,6 +79,7 @@ impl Reason {
             Reason::MissingValue => "missing_value",
             Reason::NotNumeric => "not_numeric",
             Reason::NonFinite => "non_finite",
+            Reason::OutOfRange => "out_of_range",
             Reason::BadTimestamp => "bad_timestamp",
             Reason::TooFarInFuture => "too_far_in_future",
             Reason::TooOld => "too_old",

@@ -286,6 +286,24 @@ fn huge_numbers_are_not_finite_values() {
         assert!(c.readings.is_empty());
         assert_eq!(c.rejected, vec![Reason::NonFinite], "{message}");
     }
+    // Finite, but beyond ±1e100: sums and variances could overflow.
+    for message in [
+        r#"{"sensor":"s","ts":1732600000000,"value":1.7e308}"#,
+        r#"{"sensor":"s","ts":1732600000000,"value":-1e300}"#,
+        r#"{"sensor":"s","ts":1732600000000,"value":1.1e100}"#,
+    ] {
+        assert_eq!(
+            decode(message).rejected,
+            vec![Reason::OutOfRange],
+            "{message}"
+        );
+    }
+    assert_eq!(
+        decode(r#"{"sensor":"s","ts":1732600000000,"value":-1e100}"#)
+            .readings
+            .len(),
+        1
+    );
     // A number that is malformed, not too large, is malformed.
     let c = decode(r#"{"sensor":"s","ts":1732600000000,"value":1e}"#);
     assert_eq!(c.rejected, vec![Reason::Malformed]);

@@ -26,3 +26,11 @@ pub type Timestamp = i64;
 /// accept: 2⁶², which in milliseconds is about 146 million years. The margin
 /// to `i64::MAX` keeps window arithmetic free of overflow.
 pub const MAX_TIMESTAMP: Timestamp = 1 << 62;
+
+/// The largest magnitude of a value that windows, aggregates and detectors
+/// accept: 10¹⁰⁰. Within it, no sum, mean, variance or z-score can overflow
+/// (a square is at most 4·10²⁰⁰, and 2⁵³ of them stay finite), so a finite
+/// reading can never turn a series' state into infinities or NaN; beyond it
+/// a value is refused like NaN (`Rejection::TooLarge`). No sensor measures
+/// anything near it; such a value is a fault.
+pub const MAX_VALUE: f64 = 1e100;

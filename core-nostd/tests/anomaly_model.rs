@@ -211,3 +211,59 @@ fn rules_with_levels_that_cannot_work_are_refused() {
     assert!(Hysteresis::new(-18.0, -20.0, 1, 1).is_ok());
     assert!(ZScoreDetector::new(0.1, 10, Hysteresis::new(4.0, 0.0, 1, 1).unwrap()).is_ok());
 }
+
+/// A value anywhere in f64's range, finite or not, biased to the extremes.
+fn any_value() -> impl Strategy<Value = f64> {
+    prop_oneof![
+        (-1.0f64..1.0, -310i32..310).prop_map(|(m, e)| m * 10f64.powi(e)),
+        Just(f64::MAX),
+        Just(-f64::MAX),
+        Just(1.7e308),
+        Just(1e300),
+        Just(1e100),
+        Just(f64::MIN_POSITIVE),
+        Just(f64::NAN),
+        Just(f64::INFINITY),
+        -100.0f64..100.0,
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(if cfg!(miri) { 4 } else { 256 }))]
+
+    /// Whatever values arrive, accepted ones are within ±MAX_VALUE, a
+    /// window's aggregate stays finite, and a z-score detector is never
+    /// stuck: after its baseline has forgotten the extremes, ordinary
+    /// readings clear any alert by the normal rule.
+    #[test]
+    fn extreme_values_never_poison_aggregates_or_detectors(
+        values in prop::collection::vec(any_value(), 1..60),
+    ) {
+        use sluice_core::aggregate::Aggregate;
+        use sluice_core::window::TumblingWindow;
+        let mut window = TumblingWindow::<4>::new(1_000, 0).unwrap();
+        let mut closed = Vec::new();
+        let levels = Hysteresis::new(4.0, 3.0, 1, 1).unwrap();
+        let mut z = ZScoreDetector::new(0.5, 5, levels).unwrap();
+        for (i, &v) in values.iter().enumerate() {
+            let pushed = window.push(i as i64, v, |c| closed.push(c));
+            prop_assert_eq!(pushed.is_ok(), v.abs() <= sluice_core::MAX_VALUE);
+            if let Ok(verdict) = z.observe(v) {
+                prop_assert!(verdict.score.is_none_or(|s| !s.is_nan()));
+            }
+        }
+        window.flush(|c| closed.push(c));
+        for c in &closed {
+            let a: &Aggregate = &c.acc;
+            prop_assert!(a.sum().is_finite(), "{:?}", a);
+            prop_assert!(a.mean().is_none_or(f64::is_finite), "{:?}", a);
+            prop_assert!(a.stddev().is_none_or(f64::is_finite), "{:?}", a);
+        }
+        // α = 0.5: the baseline halves an extreme's weight per reading.
+        for i in 0..2_000 {
+            let verdict = z.observe(10.0 + (i % 3) as f64).unwrap();
+            prop_assert!(verdict.score.is_none_or(|s| !s.is_nan()));
+        }
+        prop_assert_eq!(z.state(), AlertState::Normal);
+    }
+}

@@ -61,6 +61,8 @@ pub struct Closed<A> {
 pub enum Rejection {
     /// The value was NaN or infinite.
     NonFinite,
+    /// The value's magnitude is beyond [`MAX_VALUE`](crate::MAX_VALUE).
+    TooLarge,
     /// Every window the value belongs to has already closed.
     Late,
     /// The event time is beyond ±[`MAX_TIMESTAMP`](crate::MAX_TIMESTAMP).
@@ -71,6 +73,7 @@ impl core::fmt::Display for Rejection {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         f.write_str(match self {
             Rejection::NonFinite => "value is NaN or infinite",
+            Rejection::TooLarge => "value is beyond ±1e100",
             Rejection::Late => "every window of this event time has closed",
             Rejection::OutOfRange => "event time is out of range",
         })
@@ -87,7 +90,8 @@ pub struct WindowStats {
     pub accepted: u64,
     /// Values refused as late.
     pub late: u64,
-    /// Values refused as NaN or infinite.
+    /// Values refused as NaN, infinite or beyond ±[`MAX_VALUE`](crate::MAX_VALUE)
+    /// (one counter: the checkpoint format holds these fields).
     pub non_finite: u64,
     /// Values refused for an event time beyond ±[`MAX_TIMESTAMP`](crate::MAX_TIMESTAMP).
     pub out_of_range: u64,
@@ -98,7 +102,7 @@ pub struct WindowStats {
 impl WindowStats {
     pub(crate) fn reject(&mut self, why: Rejection) -> Result<(), Rejection> {
         match why {
-            Rejection::NonFinite => self.non_finite += 1,
+            Rejection::NonFinite | Rejection::TooLarge => self.non_finite += 1,
             Rejection::Late => self.late += 1,
             Rejection::OutOfRange => self.out_of_range += 1,
         }
@@ -150,8 +154,10 @@ impl core::error::Error for WindowError {}
 
 #[inline(always)]
 pub(crate) fn check_finite(value: f64) -> Result<(), Rejection> {
-    if value.is_finite() {
+    if value.abs() <= crate::MAX_VALUE {
         Ok(())
+    } else if value.is_finite() {
+        Err(Rejection::TooLarge)
     } else {
         Err(Rejection::NonFinite)
     }
