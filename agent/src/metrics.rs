@@ -113,6 +113,12 @@ pub fn render(r: &Running) -> String {
         &mut src(|s| s.disconnects.load(Relaxed).to_string()).into_iter(),
     );
     family(
+        "sluice_source_critical_wait_us_total",
+        "counter",
+        "Time the source waited for room in a full ring for critical readings (never shed), µs.",
+        &mut src(|s| s.critical_wait_us.load(Relaxed).to_string()).into_iter(),
+    );
+    family(
         "sluice_source_kernel_drops_total",
         "counter",
         "Datagrams the kernel dropped before a UDP source could read them (full receive buffer).",

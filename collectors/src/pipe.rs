@@ -9,6 +9,13 @@
 //! so far (a conservative estimate: the worker can only have made room). The
 //! kept readings are pushed with one batch operation. Every reading ends up
 //! counted exactly once: delivered, or shed by reason.
+//!
+//! Critical readings are never shed: normal ones never take a ring's
+//! critical reserve (see `sluice_core::shed`), and a critical reading that
+//! finds even that full makes the source wait for the worker, up to
+//! [`CRITICAL_WAIT`], rather than drop it; the time waited is counted
+//! (`critical_wait_us`). Only a worker stuck for longer than that loses a
+//! critical reading (counted as `full`, with an error line).
 
 use std::sync::Arc;
 
@@ -61,6 +68,9 @@ struct Lane {
     staged: Vec<Reading>,
     kept: Vec<Reading>,
 }
+
+/// The longest a flush waits for room for one critical reading.
+pub const CRITICAL_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Routes, sheds and pushes a source's readings (see the module docs).
 pub struct Handoff {
@@ -173,15 +183,58 @@ impl Handoff {
             {
                 thread.unpark();
             }
-            // Kept by the policy but the ring was full (a critical reading, or
-            // the worker fell further behind than the high-water mark).
+            // Kept by the policy but the ring was full: a critical reading
+            // waits for room (see the module docs); a normal one (the worker
+            // fell further behind than estimated) is counted as shed.
             for reading in kept {
-                lane.shedder.count_full(match reading.weight {
-                    1 => Decision::Keep,
-                    one_in => Decision::KeepSampled { one_in },
-                });
-                add(&self.stats.shed_full, 1);
+                let critical = (self.priority)(&reading.series) == Priority::Critical;
+                let weight = reading.weight;
+                let lost = if critical {
+                    wait_for_room(&mut lane.producer, lane.wake.as_ref(), reading, &self.stats)
+                } else {
+                    true
+                };
+                if lost {
+                    lane.shedder.count_full(match weight {
+                        1 => Decision::Keep,
+                        one_in => Decision::KeepSampled { one_in },
+                    });
+                    add(&self.stats.shed_full, 1);
+                } else {
+                    add(&self.stats.delivered, 1);
+                }
             }
         }
     }
+}
+
+/// Pushes a critical `reading` into a full ring, waking its worker and
+/// waiting (in short sleeps, up to [`CRITICAL_WAIT`]) for room; counts the
+/// time waited. Returns whether it was lost (the worker never made room).
+fn wait_for_room(
+    producer: &mut ReadingProducer,
+    wake: Option<&std::thread::Thread>,
+    mut reading: Reading,
+    stats: &SourceStats,
+) -> bool {
+    let start = std::time::Instant::now();
+    let lost = loop {
+        match producer.try_push(reading) {
+            Ok(()) => break false,
+            Err(sluice_core::ring::Full(back)) => reading = back,
+        }
+        if start.elapsed() >= CRITICAL_WAIT {
+            tracing::error!(
+                series = %reading.series,
+                "a critical reading found its ring full for {CRITICAL_WAIT:?}: the worker is stuck; dropped (counted as full)"
+            );
+            break true;
+        }
+        if let Some(thread) = wake {
+            thread.unpark();
+        }
+        std::thread::sleep(std::time::Duration::from_micros(200));
+    };
+    add(&stats.critical_wait_us, start.elapsed().as_micros() as u64);
+    lost
 }

@@ -112,6 +112,9 @@ pub struct SourceStats {
     pub shed_sampled: AtomicU64,
     /// Readings dropped because the ring was full.
     pub shed_full: AtomicU64,
+    /// Time the source waited for room for critical readings in a full
+    /// ring, µs (see `pipe`).
+    pub critical_wait_us: AtomicU64,
     /// Times the source (re)connected or (re)opened its device.
     pub connects: AtomicU64,
     /// Times the connection or device failed.

@@ -12,8 +12,12 @@
 //!   at random (seeded, so reproducible), and mark the kept ones with `k` so
 //!   that counts and sums can be scaled back. Every series keeps being seen, at
 //!   a lower rate. A full ring still drops.
-//! * [`Priority::Critical`] readings are never shed by policy (a physically
-//!   full ring is the caller's to handle: wait, or count the loss).
+//! * [`Priority::Critical`] readings are never shed by policy, and normal
+//!   readings never take the last [`critical_reserve`] slots of a ring
+//!   (whatever the policy and its high-water mark), so a critical reading
+//!   finds room even when sampling has filled the rest. A ring full even so
+//!   is the caller's to handle: it waits (the collectors block the source
+//!   briefly) rather than drop a critical reading.
 //!
 //! ```
 //! use sluice_core::shed::{Decision, Priority, ShedPolicy, ShedReason, Shedder};
@@ -87,7 +91,8 @@ pub enum ShedReason {
     HighWater,
     /// Not picked by sampling above the high-water mark.
     Sampled,
-    /// The ring was full.
+    /// The ring was full (for a normal reading: all but its critical
+    /// reserve).
     Full,
 }
 
@@ -154,6 +159,19 @@ impl core::fmt::Display for ShedError {
 
 impl core::error::Error for ShedError {}
 
+/// The slots of a ring of `capacity` that only critical readings may take:
+/// an eighth, at least one (none for a ring of one slot).
+#[inline(always)]
+pub const fn critical_reserve(capacity: usize) -> usize {
+    if capacity <= 1 {
+        0
+    } else if capacity < 16 {
+        1
+    } else {
+        capacity / 8
+    }
+}
+
 /// Applies a [`ShedPolicy`] and counts what it decides.
 #[derive(Debug, Clone)]
 pub struct Shedder {
@@ -198,12 +216,17 @@ impl Shedder {
 
     #[inline(always)]
     fn verdict(&mut self, occupancy: usize, capacity: usize, priority: Priority) -> Decision {
-        if priority == Priority::Critical || occupancy < self.policy.high_water() {
+        // Normal readings stop short of the critical reserve.
+        let limit = capacity - critical_reserve(capacity);
+        if priority == Priority::Critical || occupancy < self.policy.high_water().min(limit) {
             return Decision::Keep;
         }
         match self.policy {
-            ShedPolicy::DropNewest { .. } => Decision::Drop(ShedReason::HighWater),
-            ShedPolicy::Sample { .. } if occupancy >= capacity => Decision::Drop(ShedReason::Full),
+            ShedPolicy::DropNewest { high_water } if occupancy >= high_water => {
+                Decision::Drop(ShedReason::HighWater)
+            }
+            ShedPolicy::DropNewest { .. } => Decision::Drop(ShedReason::Full),
+            ShedPolicy::Sample { .. } if occupancy >= limit => Decision::Drop(ShedReason::Full),
             ShedPolicy::Sample { keep_one_in, .. } => {
                 if self.rng.below(u64::from(keep_one_in)) == 0 {
                     Decision::KeepSampled {
@@ -272,10 +295,12 @@ mod tests {
             s.decide(2, 4, Priority::Normal),
             Decision::KeepSampled { one_in: 1 }
         );
+        // The last slot of 4 is the critical reserve.
         assert_eq!(
-            s.decide(4, 4, Priority::Normal),
+            s.decide(3, 4, Priority::Normal),
             Decision::Drop(ShedReason::Full)
         );
+        assert_eq!(s.decide(3, 4, Priority::Critical), Decision::Keep);
         assert_eq!(s.decide(4, 4, Priority::Critical), Decision::Keep);
     }
 

@@ -88,7 +88,8 @@ proptest! {
     }
 
     /// Shedding: every reading is decided and counted once; critical readings
-    /// and readings below the high-water mark are always kept.
+    /// and readings below the high-water mark (and the critical reserve) are
+    /// always kept, and normal readings never enter the reserve.
     #[test]
     fn shedding_counts_every_decision(
         high_water in 0usize..64,
@@ -107,11 +108,15 @@ proptest! {
         for &(occupancy, critical) in &offers {
             let priority = if critical { Priority::Critical } else { Priority::Normal };
             let d = s.decide(occupancy, 64, priority);
-            if critical || occupancy < high_water {
+            let limit = 64 - sluice_core::shed::critical_reserve(64);
+            if critical || occupancy < high_water.min(limit) {
                 prop_assert_eq!(d, Decision::Keep);
             }
+            if !critical && occupancy >= limit {
+                prop_assert!(matches!(d, Decision::Drop(_)), "{:?}", d);
+            }
             match d {
-                Decision::Drop(ShedReason::Full) => prop_assert!(sample && occupancy >= 64),
+                Decision::Drop(ShedReason::Full) => prop_assert!(occupancy >= limit),
                 Decision::Drop(ShedReason::HighWater) => prop_assert!(!sample),
                 Decision::Drop(ShedReason::Sampled) | Decision::KeepSampled { .. } => prop_assert!(sample),
                 Decision::Keep => {}
