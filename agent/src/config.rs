@@ -28,10 +28,19 @@ pub struct Config {
     /// Readings each source-to-worker ring holds; a power of two. Default 8192.
     #[serde(default = "default_ring_capacity")]
     pub ring_capacity: usize,
-    /// Most series each worker keeps state for; readings of further series
-    /// are counted and dropped. Default 10,000.
+    /// Most series each worker keeps state for. When a worker's table is
+    /// full, a new series takes the place of the one seen least recently
+    /// among those idle for a minute or more (its open windows are emitted
+    /// as partial); with none idle, its readings are counted and dropped.
+    /// Default 10,000.
     #[serde(default = "default_max_series")]
     pub max_series: usize,
+    /// A series not seen for this long (wall time, ms) is evicted: its open
+    /// windows are emitted as partial and its state (baselines included) is
+    /// forgotten, counted in `sluice_series_evicted_total`. 0: never.
+    /// Default 3,600,000 (an hour).
+    #[serde(default = "default_series_idle_ms")]
+    pub series_idle_ms: u64,
     /// What to do when readings arrive faster than the workers take them.
     #[serde(default)]
     pub shedding: Shedding,
@@ -209,6 +218,9 @@ const fn default_ring_capacity() -> usize {
 }
 const fn default_max_series() -> usize {
     10_000
+}
+const fn default_series_idle_ms() -> u64 {
+    3_600_000
 }
 
 /// A source.

@@ -162,6 +162,12 @@ pub fn render(r: &Running) -> String {
         &mut wk(|w| w.series_overflow.load(Relaxed)).into_iter(),
     );
     family(
+        "sluice_series_evicted_total",
+        "counter",
+        "Series evicted: idle for series_idle_ms, or making room in a full table.",
+        &mut wk(|w| w.evicted.load(Relaxed)).into_iter(),
+    );
+    family(
         "sluice_series",
         "gauge",
         "Series with state.",
@@ -428,6 +434,7 @@ pub fn snapshot(r: &Running) -> serde_json::Value {
         "late": sum(|w| w.late.load(Relaxed)),
         "unmatched": sum(|w| w.unmatched.load(Relaxed)),
         "series_overflow": sum(|w| w.series_overflow.load(Relaxed)),
+        "series_evicted": sum(|w| w.evicted.load(Relaxed)),
         "ring_depth": sum(|w| w.ring_depth.load(Relaxed)),
         "aggregates": r.output.aggregates.load(Relaxed),
         "alerts_raised": r.output.alerts_raised.load(Relaxed),

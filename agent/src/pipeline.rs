@@ -276,7 +276,8 @@ pub async fn run_with_reload(
             tx.clone(),
             stats,
         )
-        .with_alert_channel(alert_tx.clone());
+        .with_alert_channel(alert_tx.clone())
+        .with_series_idle(Duration::from_millis(config.series_idle_ms));
         if let Some(c) = &config.checkpoint {
             worker = worker.with_checkpoints(i, Duration::from_millis(c.interval_ms));
             if let Some(restart) = crash_restart {

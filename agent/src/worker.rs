@@ -8,7 +8,12 @@
 //! time elapsed since its last reading, less [`IDLE_GRACE`], so its open
 //! windows close even if no further reading comes (without trusting the
 //! sender's clock to agree with ours). Series state lives in a table capped
-//! at `max_series`; readings of series beyond it are counted and dropped.
+//! at `max_series`. A series not seen for `series_idle_ms` is evicted (its
+//! open windows emitted as partial, counted); when the table is full, a new
+//! series takes the place of the least recently seen one idle for
+//! [`EVICTABLE_AFTER`], and only with none is it counted and dropped. So a
+//! flood of new ids can fill the table, but never evict a sensor that keeps
+//! reporting, and never lock new sensors out for longer than that.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
@@ -42,6 +47,9 @@ const TICK: Duration = Duration::from_millis(100);
 pub const IDLE_GRACE: Timestamp = 100;
 /// Readings taken from one ring before looking at the next.
 const BATCH: usize = 512;
+/// A series idle this long (ms) may give its place in a full table to a
+/// new one (or sooner, with a shorter `series_idle_ms`).
+pub const EVICTABLE_AFTER: Timestamp = 60_000;
 
 /// What a worker counts.
 #[derive(Debug)]
@@ -52,8 +60,12 @@ pub struct WorkerStats {
     pub late: AtomicU64,
     /// Readings of series that no rule matches.
     pub unmatched: AtomicU64,
-    /// Readings dropped because the series table was full.
+    /// Readings dropped because the series table was full (and no series
+    /// in it was idle enough to make room).
     pub series_overflow: AtomicU64,
+    /// Series evicted: idle for `series_idle_ms`, or the least recently
+    /// seen idle one when the table was full.
+    pub evicted: AtomicU64,
     /// Series with state now.
     pub series: AtomicU64,
     /// Records dropped because the output task was gone.
@@ -82,6 +94,7 @@ impl Default for WorkerStats {
             late: AtomicU64::new(0),
             unmatched: AtomicU64::new(0),
             series_overflow: AtomicU64::new(0),
+            evicted: AtomicU64::new(0),
             series: AtomicU64::new(0),
             output_closed: AtomicU64::new(0),
             ring_depth: AtomicU64::new(0),
@@ -365,6 +378,13 @@ pub struct Worker {
     /// When the agent restarted after a crash with checkpoints on: windows
     /// that start before it are reported partial.
     partial_before: Option<Timestamp>,
+    /// Series idle this long (ms) are evicted (`series_idle_ms`).
+    idle_evict: Option<Timestamp>,
+    /// Series that may make room when the table is full, oldest last:
+    /// (last seen, key), from the last scan.
+    evictable: Vec<(Timestamp, SeriesKey)>,
+    /// When that scan was made.
+    last_scan: Option<Instant>,
 }
 
 impl Worker {
@@ -392,7 +412,84 @@ impl Worker {
             stats,
             checkpoints: None,
             partial_before: None,
+            idle_evict: None,
+            evictable: Vec::new(),
+            last_scan: None,
         }
+    }
+
+    /// Evicts series not seen for `idle` (see `series_idle_ms`).
+    pub fn with_series_idle(mut self, idle: Duration) -> Worker {
+        self.idle_evict = Some(idle.as_millis() as Timestamp).filter(|&ms| ms > 0);
+        self
+    }
+
+    /// How long a series must have been idle before a new one may take its
+    /// place in a full table: a minute, or `series_idle_ms` if shorter.
+    fn evictable_after(&self) -> Timestamp {
+        self.idle_evict
+            .map_or(EVICTABLE_AFTER, |t| t.min(EVICTABLE_AFTER))
+    }
+
+    /// Makes room in a full table at wall time `now`: evicts the series seen
+    /// least recently among those idle for [`Self::evictable_after`].
+    /// Candidates come from a scan of the table made at most once a second,
+    /// so a flood of new ids costs one scan a second, not one per reading.
+    fn make_room(&mut self, now: Timestamp) -> bool {
+        let after = self.evictable_after();
+        loop {
+            while let Some((seen, key)) = self.evictable.pop() {
+                // Still there, and not seen since the scan.
+                if self.series.get(&key).is_some_and(|s| s.last_seen == seen)
+                    && now.saturating_sub(seen) >= after
+                {
+                    self.evict(&key);
+                    return true;
+                }
+            }
+            if self
+                .last_scan
+                .is_some_and(|t| t.elapsed() < Duration::from_secs(1))
+            {
+                return false;
+            }
+            self.last_scan = Some(Instant::now());
+            self.evictable = self
+                .series
+                .iter()
+                .filter(|(_, s)| now.saturating_sub(s.last_seen) >= after)
+                .map(|(k, s)| (s.last_seen, k.clone()))
+                .collect();
+            // Oldest last, for `pop`.
+            self.evictable
+                .sort_unstable_by_key(|e| std::cmp::Reverse(e.0));
+            if self.evictable.is_empty() {
+                return false;
+            }
+        }
+    }
+
+    /// Forgets series `key`: its open windows are emitted as partial.
+    fn evict(&mut self, key: &SeriesKey) {
+        let Some(mut s) = self.series.remove(key) else {
+            return;
+        };
+        if let Some(windows) = &mut s.windows {
+            let mut done = Vec::new();
+            windows.flush(&mut done);
+            for d in done {
+                self.emit.send(aggregate(
+                    &self.agent,
+                    self.partial_before,
+                    &self.rules,
+                    key,
+                    s.rule,
+                    d,
+                ));
+            }
+        }
+        self.stats.evicted.fetch_add(1, Relaxed);
+        self.stats.series.store(self.series.len() as u64, Relaxed);
     }
 
     /// Sends alerts to `alerts` instead of with the other records.
@@ -429,7 +526,12 @@ impl Worker {
                 dropped += 1;
                 continue;
             };
-            if self.series.len() >= self.max_series {
+            // Dead series (idle past `series_idle_ms`) are not revived.
+            if self.series.len() >= self.max_series
+                || self
+                    .idle_evict
+                    .is_some_and(|idle| now_ms().saturating_sub(s.last_seen) >= idle)
+            {
                 dropped += 1;
                 continue;
             }
@@ -560,7 +662,7 @@ impl Worker {
     pub fn process(&mut self, reading: Reading) {
         self.stats.readings.fetch_add(1, Relaxed);
         if !self.series.contains_key(&reading.series) {
-            if self.series.len() >= self.max_series {
+            if self.series.len() >= self.max_series && !self.make_room(reading.ingest) {
                 self.stats.series_overflow.fetch_add(1, Relaxed);
                 return;
             }
@@ -685,6 +787,17 @@ impl Worker {
     /// record as it goes (not collecting them: at 10,000 series that list
     /// was the agent's largest allocation).
     fn tick(&mut self, now: Timestamp) {
+        if let Some(idle) = self.idle_evict {
+            let gone: Vec<SeriesKey> = self
+                .series
+                .iter()
+                .filter(|(_, s)| now.saturating_sub(s.last_seen) >= idle)
+                .map(|(k, _)| k.clone())
+                .collect();
+            for key in &gone {
+                self.evict(key);
+            }
+        }
         let mut done = Vec::new();
         for (key, s) in &mut self.series {
             let Some(windows) = &mut s.windows else {
@@ -771,6 +884,49 @@ mod tests {
             }
         }
         out
+    }
+
+    fn seen(series: &str, ingest: Timestamp) -> Reading {
+        Reading {
+            ingest,
+            ..reading(series, ingest, 1.0)
+        }
+    }
+
+    #[test]
+    fn a_full_table_makes_room_from_idle_series_never_from_active_ones() {
+        let (w, mut rx, stats) = worker(
+            "[[rules]]\nmatch = \"*\"\nwindow = { kind = \"tumbling\", size_ms = 600000 }\n",
+        );
+        let mut w = w.with_series_idle(Duration::from_secs(5));
+        let now = now_ms();
+        // max_series = 2, both idle: seen 10 s and 8 s ago.
+        w.process(seen("a", now - 10_000));
+        w.process(seen("b", now - 8_000));
+        // A new series takes the place of the one seen least recently, whose
+        // open window is emitted as partial.
+        w.process(seen("c", now));
+        assert_eq!(stats.series_overflow.load(Relaxed), 0);
+        assert_eq!(stats.evicted.load(Relaxed), 1);
+        let out = aggregates(&mut rx);
+        assert_eq!(
+            (out.len(), out[0].series.as_str(), out[0].partial),
+            (1, "a", true)
+        );
+        w.process(seen("d", now));
+        assert_eq!(stats.evicted.load(Relaxed), 2);
+        // c and d report: a flood of new ids cannot take their places.
+        for i in 0..1000 {
+            w.process(seen(&format!("junk-{i}"), now));
+        }
+        assert_eq!(stats.series_overflow.load(Relaxed), 1000);
+        w.process(seen("c", now + 1));
+        w.process(seen("d", now + 1));
+        assert_eq!(stats.series.load(Relaxed), 2);
+        // Idle past series_idle_ms: evicted by the tick, and not saved.
+        w.tick(now + 6_000);
+        assert_eq!(stats.series.load(Relaxed), 0);
+        assert_eq!(stats.evicted.load(Relaxed), 4);
     }
 
     /// The checkpoint `w` sends.
