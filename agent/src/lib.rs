@@ -4,6 +4,7 @@
 //! # Layout
 //!
 //! - [`config`]: the TOML configuration, its defaults and validation.
+//! - [`crash`]: crash points for the crash tests (`SLUICE_CRASH_AT`).
 //! - [`rules`]: series rules compiled into core windows and detectors.
 //! - [`worker`]: worker threads that own their series.
 //! - [`outbox`]: the SQLite store-and-forward queue.
@@ -18,6 +19,7 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod crash;
 pub mod demo;
 pub mod metrics;
 pub mod outbox;

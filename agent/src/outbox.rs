@@ -601,6 +601,9 @@ impl Outbox {
         // A full disk cannot take the mark: the records are still sent, and
         // the claim (which downsampling also honours) keeps them whole for
         // the life of this process.
+        if marked.is_ok() && !rows.is_empty() {
+            crate::crash::point("send.after_mark");
+        }
         if let Err(e) = marked {
             self.mark_failures += 1;
             if self.mark_failures == 1 {
@@ -922,7 +925,19 @@ impl Outbox {
             add_counter(&tx, "count", -dropped)?;
             add_counter(&tx, "dropped", dropped)?;
         }
+        if downsampled > 0 {
+            crate::crash::point("downsample.before_commit");
+        }
+        if !records.is_empty() {
+            crate::crash::point("append.before_commit");
+        }
         tx.commit()?;
+        if !records.is_empty() {
+            crate::crash::point("append.after_commit");
+        }
+        if !checkpoints.is_empty() {
+            crate::crash::point("checkpoint.after_commit");
+        }
         if self.last_of_topic.len() + newest.len() > MAX_TOPICS {
             self.last_of_topic.clear();
         }

@@ -549,6 +549,7 @@ async fn session(
                 if let Some(seq) = unassigned.pop_front() {
                     inflight.insert(pkid, seq);
                 }
+                crate::crash::point("send.after_publish");
             }
             Ok(Ok(Event::Incoming(Packet::PubAck(ack)))) => {
                 if let Some(seq) = inflight.remove(&ack.pkid) {
@@ -593,7 +594,12 @@ fn record_acks(
     undeleted.seqs.extend(acked.drain(..));
     undeleted.tried = Instant::now();
     let all: Vec<i64> = undeleted.seqs.iter().copied().collect();
-    match outbox.ack(&all) {
+    crate::crash::point("ack.before_delete");
+    let deleted = outbox.ack(&all);
+    if deleted.is_ok() {
+        crate::crash::point("ack.after_delete");
+    }
+    match deleted {
         Ok(()) => {
             if let Ok(mut c) = claimed.lock() {
                 for seq in &all {
