@@ -102,12 +102,22 @@ reconnect_max_ms = 500
     let mut agent = start_agent(SLUICE, &config, &log);
     let publisher = Publisher::connect(local.port, "sf-publisher");
     let mut sent = 0usize;
+    // Ordinary ids and hostile ones that topics must escape.
+    let ids = [
+        "s-0",
+        "s-1",
+        "s-2",
+        "a/../../alerts/x",
+        "bad#id",
+        "$SYS",
+        "p+q",
+    ];
     let send = |n: usize, sent: &mut usize| {
         let batch: Vec<String> = (0..n)
             .map(|i| {
                 format!(
-                    r#"{{"sensor":"s-{}","ts":{},"value":{}}}"#,
-                    (*sent + i) % 7,
+                    r#"{{"sensor":"{}","ts":{},"value":{}}}"#,
+                    ids[(*sent + i) % ids.len()],
                     now_ms(),
                     *sent + i
                 )
