@@ -1336,16 +1336,22 @@ fn downsample(
 const DOWNSAMPLE_SCAN: i64 = 4096;
 
 /// Two aggregate records of one series (JSON, as the workers write them),
-/// `a` older than `b`, merged into one over both windows: counts and sums
-/// add, min and max combine, mean and standard deviation by Chan's parallel
-/// formulas, first from `a` and last from `b`. Quantiles cannot be merged
-/// from their values and are left out; `downsampled` counts the original
-/// windows in it. `None` unless both are aggregates, and `None` if `b`
-/// starts before `a` ends: overlapping windows (hopping ones, say) share
-/// readings, and adding their counts would count those twice, so such
-/// records are left to be dropped (and counted) instead.
+/// `a` older than `b`, merged into one over both windows by the core's own
+/// merge (`sluice_core::aggregate`): counts and sums add, min and max
+/// combine, mean and standard deviation by Chan's parallel formulas, first
+/// from `a` and last from `b`. Counts are already weighted (a sampled
+/// reading counts as the readings it stands for), so a merge of sampled
+/// windows stays an unbiased estimate; their `count_stderr`s combine as
+/// independent errors and `sampled_one_in` keeps the larger rate.
+/// Quantiles cannot be merged from their values and are left out;
+/// `downsampled` counts the original windows in it. `None` unless both are
+/// aggregates, and `None` if `b` starts before `a` ends: overlapping windows
+/// (hopping ones, say) share readings, and adding their counts would count
+/// those twice, so such records are left to be dropped (and counted)
+/// instead.
 pub fn merge_aggregates(a: &[u8], b: &[u8]) -> Option<Vec<u8>> {
     use serde_json::{Map, Value};
+    use sluice_core::aggregate::{Accumulator, Aggregate, Point};
     let parse = |bytes: &[u8]| -> Option<Map<String, Value>> {
         match serde_json::from_slice(bytes).ok()? {
             Value::Object(m) if m.contains_key("count") && m.contains_key("start") => Some(m),
@@ -1360,60 +1366,44 @@ pub fn merge_aggregates(a: &[u8], b: &[u8]) -> Option<Vec<u8>> {
     if f(&b, "start")? < f(&a, "end")? {
         return None;
     }
-    let (na, nb) = (f(&a, "count")?, f(&b, "count")?);
-    let n = na + nb;
+    // The core's aggregate of a record (first at its start, last just
+    // before its end: a comes before b).
+    let rebuild = |m: &Map<String, Value>| -> Option<Aggregate> {
+        let (start, end) = (f(m, "start")? as i64, f(m, "end")? as i64);
+        let count = m.get("count")?.as_u64()?;
+        let mean = f(m, "mean")?;
+        Aggregate::from_summary(
+            count,
+            f(m, "sum")?,
+            mean,
+            f(m, "stddev").map_or(0.0, |s| s * s),
+            f(m, "min").unwrap_or(mean),
+            f(m, "max").unwrap_or(mean),
+            Point {
+                ts: start,
+                value: f(m, "first").unwrap_or(mean),
+            },
+            Point {
+                ts: end.saturating_sub(1).max(start),
+                value: f(m, "last").unwrap_or(mean),
+            },
+        )
+    };
+    let mut merged = rebuild(&a)?;
+    merged.merge(&rebuild(&b)?);
     let mut out = b.clone();
     let num = |x: f64| serde_json::Number::from_f64(x).map_or(Value::Null, Value::Number);
-    let (ma, mb) = (f(&a, "mean").unwrap_or(0.0), f(&b, "mean").unwrap_or(0.0));
-    let m2 = |m: &Map<String, Value>, cnt: f64| f(m, "stddev").map_or(0.0, |s| s * s * (cnt - 1.0));
-    let delta = mb - ma;
-    let mean = if n > 0.0 {
-        ma + delta * nb / n
-    } else {
-        f64::NAN
-    };
-    let total_m2 = m2(&a, na)
-        + m2(&b, nb)
-        + if n > 0.0 {
-            delta * delta * na * nb / n
-        } else {
-            0.0
-        };
-    out.insert("count".into(), Value::from((na + nb) as u64));
-    out.insert(
-        "sum".into(),
-        num(f(&a, "sum").unwrap_or(0.0) + f(&b, "sum").unwrap_or(0.0)),
-    );
-    out.insert("mean".into(), num(mean));
-    out.insert(
-        "stddev".into(),
-        if n > 1.0 {
-            num((total_m2 / (n - 1.0)).sqrt())
-        } else {
-            Value::Null
-        },
-    );
-    let pick = |k: &str, better: fn(f64, f64) -> f64| match (f(&a, k), f(&b, k)) {
-        (Some(x), Some(y)) => num(better(x, y)),
-        (x, y) => num(x.or(y).unwrap_or(f64::NAN)),
-    };
-    out.insert("min".into(), pick("min", f64::min));
-    out.insert("max".into(), pick("max", f64::max));
-    out.insert(
-        "start".into(),
-        pick("start", f64::min)
-            .as_f64()
-            .map_or(Value::Null, |x| Value::from(x as i64)),
-    );
-    out.insert(
-        "end".into(),
-        pick("end", f64::max)
-            .as_f64()
-            .map_or(Value::Null, |x| Value::from(x as i64)),
-    );
-    if let Some(first) = a.get("first") {
-        out.insert("first".into(), first.clone());
-    }
+    let opt = |x: Option<f64>| x.map_or(Value::Null, num);
+    out.insert("count".into(), Value::from(merged.count()));
+    out.insert("sum".into(), num(merged.sum()));
+    out.insert("mean".into(), opt(merged.mean()));
+    out.insert("stddev".into(), opt(merged.stddev()));
+    out.insert("min".into(), opt(merged.min()));
+    out.insert("max".into(), opt(merged.max()));
+    out.insert("first".into(), opt(merged.first().map(|p| p.value)));
+    out.insert("last".into(), opt(merged.last().map(|p| p.value)));
+    out.insert("start".into(), a["start"].clone());
+    out.insert("end".into(), b["end"].clone());
     out.insert(
         "late".into(),
         Value::from((f(&a, "late").unwrap_or(0.0) + f(&b, "late").unwrap_or(0.0)) as u64),
@@ -1426,11 +1416,17 @@ pub fn merge_aggregates(a: &[u8], b: &[u8]) -> Option<Vec<u8>> {
     if let (Some(why), None) = (a.get("partial_reason"), out.get("partial_reason")) {
         out.insert("partial_reason".into(), why.clone());
     }
-    if let Some(k) = pick("sampled_one_in", f64::max)
-        .as_f64()
-        .filter(|k| k.is_finite())
-    {
+    let rate = match (f(&a, "sampled_one_in"), f(&b, "sampled_one_in")) {
+        (Some(x), Some(y)) => Some(x.max(y)),
+        (x, y) => x.or(y),
+    };
+    if let Some(k) = rate.filter(|k| k.is_finite()) {
         out.insert("sampled_one_in".into(), Value::from(k as u64));
+    }
+    let (ea, eb) = (f(&a, "count_stderr"), f(&b, "count_stderr"));
+    if ea.is_some() || eb.is_some() {
+        let (ea, eb) = (ea.unwrap_or(0.0), eb.unwrap_or(0.0));
+        out.insert("count_stderr".into(), num((ea * ea + eb * eb).sqrt()));
     }
     out.remove("quantiles");
     let windows =
@@ -1668,6 +1664,22 @@ mod tests {
         assert!(
             merge_aggregates(&aggregate(0, 10_000, 100), &aggregate(1_000, 11_000, 100)).is_none()
         );
+    }
+
+    #[test]
+    fn sampled_windows_merge_into_an_estimate_with_a_combined_error() {
+        let sampled = |start: i64, stderr: f64, one_in: u64| {
+            let mut v: serde_json::Value =
+                serde_json::from_slice(&aggregate(start, start + 1000, 8)).unwrap();
+            v["count_stderr"] = stderr.into();
+            v["sampled_one_in"] = one_in.into();
+            serde_json::to_vec(&v).unwrap()
+        };
+        let merged = merge_aggregates(&sampled(0, 3.0, 4), &sampled(1000, 4.0, 2)).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&merged).unwrap();
+        assert_eq!(v["count"], 16);
+        assert_eq!(v["sampled_one_in"], 4);
+        assert_eq!(v["count_stderr"], 5.0);
     }
 
     #[test]

@@ -60,9 +60,15 @@ pub struct AggregateRecord {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub partial_reason: Option<&'static str>,
     /// When shedding sampled this series, the rate it kept (one in this
-    /// many): scale `count` and `sum` by it.
+    /// many). `count`, `sum`, `mean` and `stddev` already estimate the whole
+    /// window: each kept reading counts as the readings it stands for.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sampled_one_in: Option<u32>,
+    /// When sampled: the standard error of `count` as an estimate, at most
+    /// `sqrt(count · (sampled_one_in − 1))` (exact when every reading of the
+    /// window was sampled; smaller when some were kept whole).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub count_stderr: Option<f64>,
 }
 
 /// The statistics of an exponentially decaying window.
@@ -573,6 +579,7 @@ mod tests {
             partial: false,
             partial_reason: None,
             sampled_one_in: None,
+            count_stderr: None,
         })
     }
 

@@ -61,12 +61,15 @@ impl<A: Accumulator> DecayingReport<A> {
         &mut self,
         ts: Timestamp,
         value: f64,
+        weight: u32,
         mut emit: impl FnMut(Closed<A>),
     ) -> Result<(), Rejection> {
         let before = self.stats;
         let mut closed = false;
-        // A reading too late for its report period is refused by both.
-        self.period.push(ts, value, |c| {
+        // A reading too late for its report period is refused by both. The
+        // decaying statistics weigh each reading kept once (a sampled
+        // reading does not stand for several in an exponential average).
+        self.period.push_weighted(ts, value, weight, |c| {
             closed = true;
             emit(c)
         })?;
@@ -88,19 +91,21 @@ impl<A: Accumulator> DecayingReport<A> {
 }
 
 impl<A: Accumulator> Window<A> {
-    /// Adds a reading; closed windows go to `emit`.
+    /// Adds a reading that stands for `weight` readings (1, or `k` when
+    /// shedding kept one in `k`); closed windows go to `emit`.
     pub fn push(
         &mut self,
         ts: Timestamp,
         value: f64,
+        weight: u32,
         emit: impl FnMut(Closed<A>),
     ) -> Result<(), Rejection> {
         match self {
-            Window::Tumbling1(w) => w.push(ts, value, emit),
-            Window::Tumbling(w) => w.push(ts, value, emit),
-            Window::Hopping(w) => w.push(ts, value, emit),
-            Window::Count(w) => w.push(ts, value, emit),
-            Window::Decaying(w) => w.push(ts, value, emit),
+            Window::Tumbling1(w) => w.push_weighted(ts, value, weight, emit),
+            Window::Tumbling(w) => w.push_weighted(ts, value, weight, emit),
+            Window::Hopping(w) => w.push_weighted(ts, value, weight, emit),
+            Window::Count(w) => w.push_weighted(ts, value, weight, emit),
+            Window::Decaying(w) => w.push(ts, value, weight, emit),
         }
     }
 

@@ -218,9 +218,9 @@ impl Windows {
         let mut result = Ok(());
         self.step(
             out,
-            |w, emit| result = w.push(ts, value, emit),
+            |w, emit| result = w.push(ts, value, weight, emit),
             |w, emit| {
-                let _ = w.push(ts, value, emit);
+                let _ = w.push(ts, value, weight, emit);
             },
         );
         if result == Err(Rejection::Late) {
@@ -332,6 +332,8 @@ fn aggregate(
         partial: done.closed.partial || after_crash,
         partial_reason: after_crash.then_some("restored_after_crash"),
         sampled_one_in: (done.sampled_one_in > 1).then_some(done.sampled_one_in),
+        count_stderr: (done.sampled_one_in > 1)
+            .then(|| (a.count() as f64 * f64::from(done.sampled_one_in - 1)).sqrt()),
     })
 }
 
@@ -891,6 +893,27 @@ mod tests {
             ingest,
             ..reading(series, ingest, 1.0)
         }
+    }
+
+    #[test]
+    fn sampled_readings_count_as_the_readings_they_stand_for() {
+        let (mut w, mut rx, _) =
+            worker("[[rules]]\nmatch = \"*\"\nwindow = { kind = \"tumbling\", size_ms = 1000 }\n");
+        // Nine readings of 1.0 kept whole, and one of 10.0 kept as one in ten.
+        for i in 0..9 {
+            w.process(reading("s", i, 1.0));
+        }
+        w.process(Reading {
+            weight: 10,
+            ..reading("s", 9, 10.0)
+        });
+        w.process(reading("s", 1_000, 0.0));
+        let got = aggregates(&mut rx);
+        let a = &got[0];
+        assert_eq!((a.count, a.sum, a.sampled_one_in), (19, 109.0, Some(10)));
+        assert!((a.mean - 109.0 / 19.0).abs() < 1e-12, "{a:?}");
+        // The bound on the count's error: sqrt(19 · 9).
+        assert!((a.count_stderr.unwrap() - (19.0f64 * 9.0).sqrt()).abs() < 1e-9);
     }
 
     #[test]

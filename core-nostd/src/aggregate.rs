@@ -26,6 +26,14 @@ pub trait Accumulator: Clone {
     /// Adds one value observed at event time `ts`. The value is finite: windows
     /// reject NaN and infinities before calling this.
     fn add(&mut self, ts: Timestamp, value: f64);
+    /// Adds a value that stands for `weight` readings (kept by sampling one
+    /// in `weight`; 0 counts as 1). The default adds it `weight` times;
+    /// [`Aggregate`] weighs it in one step.
+    fn add_weighted(&mut self, ts: Timestamp, value: f64, weight: u32) {
+        for _ in 0..weight.max(1) {
+            self.add(ts, value);
+        }
+    }
     /// Adds everything `other` summarises, as if its values had arrived after
     /// this one's.
     fn merge(&mut self, other: &Self);
@@ -125,6 +133,39 @@ impl Aggregate {
         self.sample_variance().map(crate::math::sqrt)
     }
 
+    /// An aggregate rebuilt from the statistics it reports: `count`
+    /// (weighted), `sum`, `mean`, `sample_variance` (0 for one value), `min`,
+    /// `max`, and the `first` and `last` points. For merging aggregates that
+    /// were reported rather than kept, with [`Accumulator::merge`] (the
+    /// outbox merges stored windows so). `None` for a count of 0.
+    #[allow(clippy::too_many_arguments)]
+    pub fn from_summary(
+        count: u64,
+        sum: f64,
+        mean: f64,
+        sample_variance: f64,
+        min: f64,
+        max: f64,
+        first: Point,
+        last: Point,
+    ) -> Option<Aggregate> {
+        (count > 0).then(|| Aggregate {
+            count,
+            sum,
+            compensation: 0.0,
+            min,
+            max,
+            mean,
+            m2: if count > 1 {
+                sample_variance * (count - 1) as f64
+            } else {
+                0.0
+            },
+            first,
+            last,
+        })
+    }
+
     /// The value with the earliest event time (the first added on ties).
     pub fn first(&self) -> Option<Point> {
         (self.count > 0).then_some(self.first)
@@ -170,6 +211,17 @@ impl Accumulator for Aggregate {
 
     #[inline]
     fn add(&mut self, ts: Timestamp, value: f64) {
+        self.add_weighted(ts, value, 1);
+    }
+
+    /// A value standing for `weight` readings: the count and the sum grow by
+    /// `weight` and `weight · value`, and the mean and variance are those of
+    /// the readings it stands for (West's weighted Welford update, with
+    /// frequency weights), so that a sampled window's statistics are
+    /// unbiased estimates of the whole window's.
+    #[inline]
+    fn add_weighted(&mut self, ts: Timestamp, value: f64, weight: u32) {
+        let w = u64::from(weight.max(1));
         let point = Point { ts, value };
         if self.count == 0 {
             self.first = point;
@@ -182,14 +234,14 @@ impl Accumulator for Aggregate {
                 self.last = point;
             }
         }
-        self.count += 1;
-        self.add_to_sum(value);
+        self.count += w;
+        self.add_to_sum(value * w as f64);
         self.min = self.min.min(value);
         self.max = self.max.max(value);
-        // Welford.
+        // Welford (West's form for weights).
         let delta = value - self.mean;
-        self.mean += delta / self.count as f64;
-        self.m2 += delta * (value - self.mean);
+        self.mean += delta * (w as f64 / self.count as f64);
+        self.m2 += w as f64 * delta * (value - self.mean);
     }
 
     fn merge(&mut self, other: &Self) {
@@ -247,6 +299,35 @@ mod tests {
         assert_eq!(a.min(), None);
         assert_eq!(a.first(), None);
         assert_eq!(a.sum(), 0.0);
+    }
+
+    #[test]
+    fn a_weighted_value_counts_as_the_readings_it_stands_for() {
+        // Nine readings of 1.0, and one of 10.0 kept as one in ten.
+        let mut weighted = Aggregate::empty();
+        let mut expanded = Aggregate::empty();
+        for i in 0..9 {
+            weighted.add(i, 1.0);
+            expanded.add(i, 1.0);
+        }
+        weighted.add_weighted(9, 10.0, 10);
+        for _ in 0..10 {
+            expanded.add(9, 10.0);
+        }
+        assert_eq!(weighted.count(), 19);
+        assert_eq!(weighted.sum(), 109.0);
+        assert!((weighted.mean().unwrap() - 109.0 / 19.0).abs() < 1e-12);
+        let (a, b) = (
+            weighted.sample_variance().unwrap(),
+            expanded.sample_variance().unwrap(),
+        );
+        assert!((a - b).abs() < 1e-9 * b, "{a} vs {b}");
+        assert_eq!(weighted.max(), Some(10.0));
+        // Merging weighted aggregates is the same as merging expanded ones.
+        let mut m = weighted;
+        m.merge(&weighted);
+        assert_eq!(m.count(), 38);
+        assert!((m.mean().unwrap() - weighted.mean().unwrap()).abs() < 1e-12);
     }
 
     #[test]

@@ -65,6 +65,20 @@ impl<A: Accumulator> CountWindow<A> {
         value: f64,
         emit: impl FnOnce(Closed<A>),
     ) -> Result<(), Rejection> {
+        self.push_weighted(ts, value, 1, emit)
+    }
+
+    /// [`Self::push`] for a value that stands for `weight` readings: it
+    /// takes one place in the window (which counts values received) and
+    /// weighs `weight` in its aggregate.
+    #[inline]
+    pub fn push_weighted(
+        &mut self,
+        ts: Timestamp,
+        value: f64,
+        weight: u32,
+        emit: impl FnOnce(Closed<A>),
+    ) -> Result<(), Rejection> {
         if let Err(why) = check_finite(value) {
             return self.stats.reject(why);
         }
@@ -75,7 +89,7 @@ impl<A: Accumulator> CountWindow<A> {
             self.earliest = self.earliest.min(ts);
             self.latest = self.latest.max(ts);
         }
-        self.acc.add(ts, value);
+        self.acc.add_weighted(ts, value, weight);
         self.filled += 1;
         self.stats.accepted += 1;
         if self.filled == self.size {

@@ -150,6 +150,19 @@ impl<const P: usize, A: Accumulator> HoppingWindow<P, A> {
         value: f64,
         emit: impl FnMut(Closed<A>),
     ) -> Result<(), Rejection> {
+        self.push_weighted(ts, value, 1, emit)
+    }
+
+    /// [`Self::push`] for a value that stands for `weight` readings (kept by
+    /// sampling; see [`Accumulator::add_weighted`]).
+    #[inline]
+    pub fn push_weighted(
+        &mut self,
+        ts: Timestamp,
+        value: f64,
+        weight: u32,
+        emit: impl FnMut(Closed<A>),
+    ) -> Result<(), Rejection> {
         if let Err(why) = check_finite(value).and(check_time(ts)) {
             return self.stats.reject(why);
         }
@@ -166,14 +179,14 @@ impl<const P: usize, A: Accumulator> HoppingWindow<P, A> {
         }
         let slot = &mut self.panes[pane.rem_euclid(P as i64) as usize];
         match slot {
-            Some(p) if p.index == pane => p.acc.add(ts, value),
+            Some(p) if p.index == pane => p.acc.add_weighted(ts, value, weight),
             _ => {
                 debug_assert!(
                     slot.is_none(),
                     "open panes exceed P: construction bound broken"
                 );
                 let mut acc = A::empty();
-                acc.add(ts, value);
+                acc.add_weighted(ts, value, weight);
                 *slot = Some(Pane { index: pane, acc });
             }
         }
@@ -314,6 +327,18 @@ impl<const P: usize, A: Accumulator> TumblingWindow<P, A> {
         emit: impl FnMut(Closed<A>),
     ) -> Result<(), Rejection> {
         self.0.push(ts, value, emit)
+    }
+
+    /// See [`HoppingWindow::push_weighted`].
+    #[inline]
+    pub fn push_weighted(
+        &mut self,
+        ts: Timestamp,
+        value: f64,
+        weight: u32,
+        emit: impl FnMut(Closed<A>),
+    ) -> Result<(), Rejection> {
+        self.0.push_weighted(ts, value, weight, emit)
     }
 
     /// See [`HoppingWindow::advance_to`].
