@@ -640,9 +640,10 @@ port = {port}
     })
     .await;
     // Far more aggregates than the output client's queue (1,024) and the
-    // aggregate channel (16) hold, paced so that the ring never sheds.
+    // aggregate channel (16) hold, paced by the agent's own progress (under
+    // emulation it is slow) so that the ring never sheds.
     let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-    let total = 4_000;
+    let total = 2_500;
     for i in 0..total {
         let m = format!(
             r#"{{"sensor":"s-{}","ts":{},"value":{i}}}"#,
@@ -651,7 +652,10 @@ port = {port}
         );
         socket.send_to(m.as_bytes(), ("127.0.0.1", udp)).unwrap();
         if i % 200 == 199 {
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            wait_until("the agent to take the last 200", &log, || {
+                metric(metrics, "sluice_readings_processed_total").unwrap_or(0) > i as u64
+            })
+            .await;
         }
     }
     wait_until("every aggregate upstream through the outbox", &log, || {
