@@ -366,3 +366,97 @@ window = { kind = "tumbling", size_ms = 600000 }
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(text.contains("did not stop cleanly"), "{text}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checkpoint_only_mode_does_not_report_a_window_again_after_kill_9() {
+    // No outbox: checkpoints (and window marks) in their own file, and
+    // aggregates only on the local broker.
+    let broker = Broker::start("cponly");
+    let tmp = sluice_tests::temp_dir("cponly");
+    let dir = tmp.path().to_path_buf();
+    let (udp, metrics) = (free_port(), free_port());
+    let config = dir.join("cponly.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+agent_id = "cponly"
+workers = 1
+[sources.u]
+kind = "udp"
+bind = "127.0.0.1:{udp}"
+[metrics]
+listen = "127.0.0.1:{metrics}"
+stats_interval_s = 0
+[[rules]]
+match = "*"
+window = {{ kind = "tumbling", size_ms = 600000 }}
+[output.mqtt]
+host = "127.0.0.1"
+port = {port}
+[checkpoint]
+interval_ms = 600000
+path = "{db}"
+"#,
+            port = broker.port,
+            db = dir.join("state.db").display(),
+        ),
+    )
+    .unwrap();
+    let log = dir.join("cponly.log");
+    let got = Arc::new(Mutex::new(Vec::<Value>::new()));
+    {
+        let sink = got.clone();
+        sluice_tests::subscribe(
+            broker.port,
+            "cponly-sub",
+            "sluice/cponly/agg/#",
+            QoS::AtLeastOnce,
+            true,
+            move |p| {
+                sink.lock()
+                    .unwrap()
+                    .push(serde_json::from_slice(&p.payload).unwrap());
+            },
+        )
+        .await;
+    }
+    let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+    // Ten-minute windows from twenty minutes ago: W, then W + 1.
+    let w = (now_ms() / 600_000 - 2) * 600_000;
+    let ready = || metric(metrics, "sluice_readings_processed_total").is_some();
+    // Run 1: readings in W; SIGTERM saves W, open, in a checkpoint.
+    let mut agent = start_agent(SLUICE, &config, &log);
+    wait_until("run 1", &log, ready).await;
+    for i in 0..10 {
+        send(&socket, udp, "a", w + i, 1.0);
+    }
+    wait_until("the readings", &log, || {
+        metric(metrics, "sluice_readings_processed_total") == Some(10)
+    })
+    .await;
+    terminate(&mut agent);
+    // Run 2: W restored; a reading in W + 1 closes it and it is reported.
+    let mut agent = start_agent(SLUICE, &config, &log);
+    wait_until("run 2", &log, ready).await;
+    send(&socket, udp, "a", w + 600_000, 1.0);
+    wait_until("W reported", &log, || {
+        got.lock().unwrap().iter().any(|v| v["start"] == w)
+    })
+    .await;
+    // Its mark commits a moment after it is published; then a crash, long
+    // before the next checkpoint.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    agent.kill().unwrap();
+    agent.wait().unwrap();
+    // Run 3: the checkpoint still holds W open, but its mark says it was
+    // reported: it must not be reported again.
+    let mut agent = start_agent(SLUICE, &config, &log);
+    wait_until("run 3", &log, ready).await;
+    send(&socket, udp, "a", w + 1_200_000, 1.0);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    terminate(&mut agent);
+    let got = got.lock().unwrap().clone();
+    let reports_of_w = got.iter().filter(|v| v["start"] == w).count();
+    assert_eq!(reports_of_w, 1, "W reported {reports_of_w} times: {got:?}");
+}

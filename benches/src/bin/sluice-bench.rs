@@ -96,6 +96,11 @@ struct Args {
     /// the system's).
     #[arg(long)]
     burst_recv_buffer: Option<usize>,
+    /// With --burst-udp: every this many burst datagrams is a reading of a
+    /// critical series (`c-…`, under a rule with `priority = "critical"`);
+    /// reports how many the agent sent on in aggregates (none may be shed).
+    #[arg(long)]
+    critical_every: Option<u64>,
     /// Exit non-zero unless the counts are right: every reading the agent
     /// processed is in an aggregate, none shed, and every spike after the
     /// warm-up raised an alert (for CI; never asserts on timings).
@@ -148,6 +153,10 @@ struct Burst {
     /// RcvbufErrors` in /proc/net/snmp, during the burst).
     kernel_drops: u64,
     kernel_drops_system: u64,
+    /// With --critical-every: critical readings sent in the burst, and
+    /// those the agent's aggregates hold.
+    critical_sent: u64,
+    critical_in_aggregates: u64,
     /// Alert latency (spike → alert) by when the spike was sent.
     alert_before: Percentiles,
     alert_during: Percentiles,
@@ -478,22 +487,37 @@ stats_interval_s = 0
 /// turn) as UDP datagrams to 127.0.0.1:`port` for `duration`, paced every
 /// 200 µs; returns how many it sent. Behind schedule it sends what is due
 /// at once: the rate is the target's unless this thread cannot keep up.
-fn udp_burst(port: u16, rate: u64, sensors: u32, duration: Duration) -> u64 {
+/// With `critical_every`, every that many datagrams is a reading of a
+/// critical series `c-…`; returns (sent, of them critical).
+fn udp_burst(
+    port: u16,
+    rate: u64,
+    sensors: u32,
+    duration: Duration,
+    critical_every: Option<u64>,
+) -> (u64, u64) {
     use std::fmt::Write;
     let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("udp socket");
     socket.connect(("127.0.0.1", port)).expect("udp connect");
     let mut rng = SplitMix64::new(0xb0_57);
     let (start, mut sent, mut line) = (Instant::now(), 0u64, String::with_capacity(96));
+    let mut critical = 0u64;
     while start.elapsed() < duration {
         let due = (start.elapsed().as_secs_f64() * rate as f64) as u64;
         let ts = epoch_us() / 1000;
         while sent < due {
             let sensor = sent % u64::from(sensors.max(1));
             let value = 20.0 + (sensor % 10) as f64 + rng.next_f64() * 2.0 - 1.0;
+            let prefix = if critical_every.is_some_and(|n| sent % n.max(1) == 0) {
+                critical += 1;
+                "c"
+            } else {
+                "s"
+            };
             line.clear();
             let _ = write!(
                 line,
-                r#"{{"sensor":"s-{sensor:04}","ts":{ts},"value":{value:.3}}}"#
+                r#"{{"sensor":"{prefix}-{sensor:04}","ts":{ts},"value":{value:.3}}}"#
             );
             // A full socket buffer drops it in the kernel (counted there);
             // ECONNREFUSED from an earlier datagram is nothing to stop for.
@@ -502,7 +526,7 @@ fn udp_burst(port: u16, rate: u64, sensors: u32, duration: Duration) -> u64 {
         }
         std::thread::sleep(Duration::from_micros(200));
     }
-    sent
+    (sent, critical)
 }
 
 /// `Udp: RcvbufErrors` from /proc/net/snmp: datagrams dropped because a
@@ -574,6 +598,13 @@ async fn through_agent(w: Workload, port: u16, args: &Args, agent_bin: &Path) ->
         .replace("{pid}", &std::process::id().to_string());
     // The UDP burst's source.
     let udp_port = sluice_tests::free_port();
+    if args.critical_every.is_some() {
+        // First match wins: the critical series' rule goes first.
+        text = text.replace(
+            "[[rules]]\nmatch = \"*\"",
+            "[[rules]]\nmatch = \"c-*\"\npriority = \"critical\"\nwindow = { kind = \"tumbling\", size_ms = 1000 }\n[[rules]]\nmatch = \"*\"",
+        );
+    }
     if args.burst_udp {
         text += &format!("[sources.burst]\nkind = \"udp\"\nbind = \"127.0.0.1:{udp_port}\"\n");
         if let Some(size) = args.burst_recv_buffer {
@@ -639,14 +670,17 @@ async fn through_agent(w: Workload, port: u16, args: &Args, agent_bin: &Path) ->
     let alert_times = Arc::new(Mutex::new(Vec::<(i64, i64)>::new()));
     let agg_hist = Arc::new(Mutex::new(histogram()));
     let counts = Arc::new(Mutex::new((0u64, 0u64, 0u64, 0u64))); // aggregates, their readings, alerts, spikes alerted
+    // Readings of critical series (`c-…`) the aggregates hold.
+    let critical_received = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let task = {
-        let (spikes, alert_hist, agg_hist, counts, alert_times) = (
+        let (spikes, alert_hist, agg_hist, counts, alert_times, critical) = (
             spikes.clone(),
             alert_hist.clone(),
             agg_hist.clone(),
             counts.clone(),
             alert_times.clone(),
+            critical_received.clone(),
         );
         subscribe(
             port,
@@ -655,6 +689,9 @@ async fn through_agent(w: Workload, port: u16, args: &Args, agent_bin: &Path) ->
             stop.clone(),
             move |topic, payload, now| {
                 let mut c = counts.lock().unwrap();
+                if topic.starts_with("agg/c-") {
+                    critical.fetch_add(field_i64(payload, "count").unwrap_or(0) as u64, Relaxed);
+                }
                 if topic.starts_with("agg/") {
                     c.0 += 1;
                     c.1 += field_i64(payload, "count").unwrap_or(0) as u64;
@@ -776,6 +813,7 @@ async fn through_agent(w: Workload, port: u16, args: &Args, agent_bin: &Path) ->
     // (factor − 1) × the rate.
     let burst_at = w.duration / 3;
     let burst_udp = args.burst_udp;
+    let critical_every = args.critical_every;
     let burst_task = args.burst_factor.map(|factor| {
         let extra = Workload {
             rate: w.rate * (factor.max(2) - 1),
@@ -793,15 +831,18 @@ async fn through_agent(w: Workload, port: u16, args: &Args, agent_bin: &Path) ->
                 ..extra
             };
             let drops_before = udp_rcvbuf_errors();
-            let sent = if burst_udp {
+            let (sent, critical) = if burst_udp {
                 let (rate, sensors, duration) = (extra.rate, extra.sensors, extra.duration);
-                tokio::task::spawn_blocking(move || udp_burst(udp_port, rate, sensors, duration))
-                    .await
-                    .expect("udp burst")
+                tokio::task::spawn_blocking(move || {
+                    udp_burst(udp_port, rate, sensors, duration, critical_every)
+                })
+                .await
+                .expect("udp burst")
             } else {
-                publish_all(&extra, port, "sensors", &Spikes::default())
+                let sent = publish_all(&extra, port, "sensors", &Spikes::default())
                     .await
-                    .readings
+                    .readings;
+                (sent, 0)
             };
             (
                 extra.epoch_start_us,
@@ -809,6 +850,7 @@ async fn through_agent(w: Workload, port: u16, args: &Args, agent_bin: &Path) ->
                 sent,
                 sent as f64 / extra.start.elapsed().as_secs_f64(),
                 udp_rcvbuf_errors().saturating_sub(drops_before),
+                critical,
             )
         })
     });
@@ -835,7 +877,7 @@ async fn through_agent(w: Workload, port: u16, args: &Args, agent_bin: &Path) ->
     let late = metric(metrics_port, "sluice_readings_late_total");
     let mut burst_outcome = None;
     if let (Some(task), Some(factor)) = (burst_task, args.burst_factor) {
-        let (from, to, extra_sent, extra_rate, kernel_drops_system) =
+        let (from, to, extra_sent, extra_rate, kernel_drops_system, critical_sent) =
             task.await.expect("burst task");
         let kernel_drops = metric(metrics_port, "sluice_source_kernel_drops_total");
         let times = alert_times.lock().unwrap().clone();
@@ -869,6 +911,8 @@ async fn through_agent(w: Workload, port: u16, args: &Args, agent_bin: &Path) ->
             shed,
             kernel_drops,
             kernel_drops_system,
+            critical_sent,
+            critical_in_aggregates: critical_received.load(Relaxed),
             alert_before: window(i64::MIN, from),
             alert_during: window(from, to),
             alert_first_2s_after: window(to, to + 2_000_000),
@@ -1111,6 +1155,14 @@ fn print_phase(label: &str, p: &Phase) {
             "    shed by the agent {}; dropped by the kernel from a full UDP socket buffer {} (the agent's count; the system's: {})",
             b.shed, b.kernel_drops, b.kernel_drops_system
         );
+        if b.critical_sent > 0 {
+            println!(
+                "    critical readings: {} sent, {} in aggregates ({} missing)",
+                b.critical_sent,
+                b.critical_in_aggregates,
+                b.critical_sent.saturating_sub(b.critical_in_aggregates)
+            );
+        }
         for (name, l) in [
             ("before", b.alert_before),
             ("during", b.alert_during),
