@@ -35,8 +35,9 @@ pub struct Config {
     /// Default 10,000.
     #[serde(default = "default_max_series")]
     pub max_series: usize,
-    /// A series not seen for this long (wall time, ms) is evicted: its open
-    /// windows are emitted as partial and its state (baselines included) is
+    /// A series not seen for this long (wall time while the agent runs, ms:
+    /// the time it was down does not count) is evicted: its open windows
+    /// are emitted as partial and its state (baselines included) is
     /// forgotten, counted in `sluice_series_evicted_total`. 0: never.
     /// Default 3,600,000 (an hour).
     #[serde(default = "default_series_idle_ms")]

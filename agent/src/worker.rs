@@ -387,6 +387,10 @@ pub struct Worker {
     evictable: Vec<(Timestamp, SeriesKey)>,
     /// When that scan was made.
     last_scan: Option<Instant>,
+    /// When this worker started, ms: a series counts as idle only since
+    /// then, so that the time the agent was down (a restart after a night
+    /// off) does not evict the series restored from a checkpoint.
+    started: Timestamp,
 }
 
 impl Worker {
@@ -417,6 +421,7 @@ impl Worker {
             idle_evict: None,
             evictable: Vec::new(),
             last_scan: None,
+            started: now_ms(),
         }
     }
 
@@ -443,7 +448,7 @@ impl Worker {
             while let Some((seen, key)) = self.evictable.pop() {
                 // Still there, and not seen since the scan.
                 if self.series.get(&key).is_some_and(|s| s.last_seen == seen)
-                    && now.saturating_sub(seen) >= after
+                    && now.saturating_sub(seen.max(self.started)) >= after
                 {
                     self.evict(&key);
                     return true;
@@ -459,7 +464,7 @@ impl Worker {
             self.evictable = self
                 .series
                 .iter()
-                .filter(|(_, s)| now.saturating_sub(s.last_seen) >= after)
+                .filter(|(_, s)| now.saturating_sub(s.last_seen.max(self.started)) >= after)
                 .map(|(k, s)| (s.last_seen, k.clone()))
                 .collect();
             // Oldest last, for `pop`.
@@ -528,12 +533,10 @@ impl Worker {
                 dropped += 1;
                 continue;
             };
-            // Dead series (idle past `series_idle_ms`) are not revived.
-            if self.series.len() >= self.max_series
-                || self
-                    .idle_evict
-                    .is_some_and(|idle| now_ms().saturating_sub(s.last_seen) >= idle)
-            {
+            // (A checkpoint holds no dead series: they are evicted before
+            // it is saved. The time the agent was down does not count as
+            // idle: see `started`.)
+            if self.series.len() >= self.max_series {
                 dropped += 1;
                 continue;
             }
@@ -793,7 +796,7 @@ impl Worker {
             let gone: Vec<SeriesKey> = self
                 .series
                 .iter()
-                .filter(|(_, s)| now.saturating_sub(s.last_seen) >= idle)
+                .filter(|(_, s)| now.saturating_sub(s.last_seen.max(self.started)) >= idle)
                 .map(|(k, _)| k.clone())
                 .collect();
             for key in &gone {
@@ -923,6 +926,8 @@ mod tests {
         );
         let mut w = w.with_series_idle(Duration::from_secs(5));
         let now = now_ms();
+        // Idle counts from the worker's start: this one has run a minute.
+        w.started = now - 60_000;
         // max_series = 2, both idle: seen 10 s and 8 s ago.
         w.process(seen("a", now - 10_000));
         w.process(seen("b", now - 8_000));
@@ -950,6 +955,20 @@ mod tests {
         w.tick(now + 6_000);
         assert_eq!(stats.series.load(Relaxed), 0);
         assert_eq!(stats.evicted.load(Relaxed), 4);
+    }
+
+    #[test]
+    fn the_time_the_agent_was_down_does_not_count_as_idle() {
+        let (w, _rx, stats) = worker(CHECKPOINTED);
+        let mut w = w.with_series_idle(Duration::from_secs(5));
+        let now = now_ms();
+        // Last seen two hours ago, before a restart (as restored from a
+        // checkpoint): idle only since this worker started.
+        w.process(seen("a", now - 7_200_000));
+        w.tick(now);
+        assert_eq!(stats.series.load(Relaxed), 1);
+        w.tick(now + 6_000);
+        assert_eq!(stats.series.load(Relaxed), 0);
     }
 
     /// The checkpoint `w` sends.

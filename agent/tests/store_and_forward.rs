@@ -383,9 +383,59 @@ port = {upstream}
     config
 }
 
+/// The agent on `config`, logging to `log`, in a "full disk": no file it
+/// writes may grow past `bytes` (RLIMIT_FSIZE makes such writes fail with
+/// EFBIG, as a full disk makes them fail with ENOSPC).
+fn agent_with_file_size_limit(
+    config: &std::path::Path,
+    log: &std::path::Path,
+    bytes: u64,
+) -> sluice_tests::ChildGuard {
+    use std::os::unix::process::CommandExt;
+    let mut command = sluice_tests::own_binary(SLUICE);
+    command
+        .args(["run", "--config"])
+        .arg(config)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap());
+    // SAFETY: setrlimit(2) is async-signal-safe; it runs in the child
+    // between fork and exec.
+    unsafe {
+        command.pre_exec(move || {
+            let limit = libc::rlimit {
+                rlim_cur: bytes,
+                rlim_max: libc::RLIM_INFINITY,
+            };
+            if libc::setrlimit(libc::RLIMIT_FSIZE, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    sluice_tests::ChildGuard(command.spawn().unwrap())
+}
+
+/// Space returns: lifts the file size limit of the running `agent`.
+fn lift_file_size_limit(agent: &sluice_tests::ChildGuard) {
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: prlimit(2) on our own child, with a valid limit and no old value.
+    let raised = unsafe {
+        libc::prlimit(
+            agent.id() as i32,
+            libc::RLIMIT_FSIZE,
+            &unlimited,
+            std::ptr::null_mut(),
+        )
+    };
+    assert_eq!(raised, 0, "{}", std::io::Error::last_os_error());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_pauses_appends_and_they_resume_when_space_returns() {
-    use std::os::unix::process::CommandExt;
     let upstream = Broker::start("full-upstream");
     let tmp = sluice_tests::temp_dir("full");
     let dir = tmp.path().to_path_buf();
@@ -402,27 +452,7 @@ async fn a_full_disk_pauses_appends_and_they_resume_when_space_returns() {
     let seqs = distinct_seqs(upstream.port, "full").await;
     // The disk is "full" past 256 KiB per file: RLIMIT_FSIZE makes writes
     // beyond it fail (EFBIG), as a full disk makes them fail (ENOSPC).
-    let mut command = sluice_tests::own_binary(SLUICE);
-    command
-        .args(["run", "--config"])
-        .arg(&config)
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap());
-    // SAFETY: setrlimit(2) is async-signal-safe; it runs in the child
-    // between fork and exec.
-    unsafe {
-        command.pre_exec(|| {
-            let limit = libc::rlimit {
-                rlim_cur: 256 << 10,
-                rlim_max: libc::RLIM_INFINITY,
-            };
-            if libc::setrlimit(libc::RLIMIT_FSIZE, &limit) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let mut agent = sluice_tests::ChildGuard(command.spawn().unwrap());
+    let mut agent = agent_with_file_size_limit(&config, &log, 256 << 10);
     wait_until("the agent", &log, || {
         metric(metrics, "sluice_outbox_appended_total").is_some()
     })
@@ -466,20 +496,7 @@ async fn a_full_disk_pauses_appends_and_they_resume_when_space_returns() {
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(text.contains("outbox append failed"), "{text}");
     // Space returns.
-    let unlimited = libc::rlimit {
-        rlim_cur: libc::RLIM_INFINITY,
-        rlim_max: libc::RLIM_INFINITY,
-    };
-    // SAFETY: prlimit(2) on our own child, with a valid limit and no old value.
-    let raised = unsafe {
-        libc::prlimit(
-            agent.id() as i32,
-            libc::RLIMIT_FSIZE,
-            &unlimited,
-            std::ptr::null_mut(),
-        )
-    };
-    assert_eq!(raised, 0, "{}", std::io::Error::last_os_error());
+    lift_file_size_limit(&agent);
     wait_until("appends to resume and the backlog to drain", &log, || {
         metric(metrics, "sluice_outbox_appended_total").unwrap_or(0) > committed_before
             && metric(metrics, "sluice_outbox_backlog") == Some(0)
@@ -672,7 +689,6 @@ port = {port}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_never_jams_the_uplink_the_backlog_drains_without_a_flood_of_resends() {
-    use std::os::unix::process::CommandExt;
     let upstream = Broker::start("fulldrain-upstream");
     let tmp = sluice_tests::temp_dir("fulldrain");
     let dir = tmp.path().to_path_buf();
@@ -724,28 +740,7 @@ async fn a_full_disk_never_jams_the_uplink_the_backlog_drains_without_a_flood_of
     }
     // The disk is full from the start: no file may grow past 32 KiB, so the
     // WAL that deletes (acknowledgements) write to fills at once.
-    let mut command = sluice_tests::own_binary(SLUICE);
-    command
-        .args(["run", "--config"])
-        .arg(&config)
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap());
-    // SAFETY: setrlimit(2) is async-signal-safe; it runs in the child
-    // between fork and exec.
-    unsafe {
-        command.pre_exec(|| {
-            let limit = libc::rlimit {
-                rlim_cur: 32 << 10,
-                rlim_max: libc::RLIM_INFINITY,
-            };
-            if libc::setrlimit(libc::RLIMIT_FSIZE, &limit) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let mut agent = sluice_tests::ChildGuard(command.spawn().unwrap());
+    let mut agent = agent_with_file_size_limit(&config, &log, 32 << 10);
     wait_until(
         "the whole backlog upstream while the disk stays full",
         &log,
@@ -769,20 +764,7 @@ async fn a_full_disk_never_jams_the_uplink_the_backlog_drains_without_a_flood_of
         "{text}"
     );
     // Space returns: the deletes go through and the backlog empties.
-    let unlimited = libc::rlimit {
-        rlim_cur: libc::RLIM_INFINITY,
-        rlim_max: libc::RLIM_INFINITY,
-    };
-    // SAFETY: prlimit(2) on our own child, with a valid limit and no old value.
-    let raised = unsafe {
-        libc::prlimit(
-            agent.id() as i32,
-            libc::RLIMIT_FSIZE,
-            &unlimited,
-            std::ptr::null_mut(),
-        )
-    };
-    assert_eq!(raised, 0, "{}", std::io::Error::last_os_error());
+    lift_file_size_limit(&agent);
     wait_until("the acknowledged records deleted", &log, || {
         metric(metrics, "sluice_outbox_backlog") == Some(0)
     })
