@@ -101,6 +101,14 @@ struct Args {
     /// reports how many the agent sent on in aggregates (none may be shed).
     #[arg(long)]
     critical_every: Option<u64>,
+    /// The agent's `ring_capacity` (default: the agent's, 8192).
+    #[arg(long)]
+    ring_capacity: Option<usize>,
+    /// Shed by sampling (keep one in 4) once a ring is this full (a
+    /// fraction), instead of the default drop-newest at 0.8: with a small
+    /// ring, an overload the agent could otherwise absorb.
+    #[arg(long)]
+    sample_above: Option<f64>,
     /// Exit non-zero unless the counts are right: every reading the agent
     /// processed is in an aggregate, none shed, and every spike after the
     /// warm-up raised an alert (for CI; never asserts on timings).
@@ -598,6 +606,19 @@ async fn through_agent(w: Workload, port: u16, args: &Args, agent_bin: &Path) ->
         .replace("{pid}", &std::process::id().to_string());
     // The UDP burst's source.
     let udp_port = sluice_tests::free_port();
+    if let Some(f) = args.sample_above {
+        text = text.replace(
+            "max_series = 20000",
+            &format!("max_series = 20000\n[shedding]\npolicy = \"sample\"\nhigh_water = {f}\nkeep_one_in = 4"),
+        );
+    }
+    // After [shedding] went in: top-level keys come before any table.
+    if let Some(n) = args.ring_capacity {
+        text = text.replace(
+            "max_series = 20000",
+            &format!("max_series = 20000\nring_capacity = {n}"),
+        );
+    }
     if args.critical_every.is_some() {
         // First match wins: the critical series' rule goes first.
         text = text.replace(
