@@ -476,10 +476,20 @@ impl Worker {
         }
     }
 
-    /// Forgets series `key`: its open windows are emitted as partial.
+    /// Evicts series `key` (see [`Self::forget`]), counted.
     fn evict(&mut self, key: &SeriesKey) {
+        let rules = self.rules.clone();
+        if self.forget(key, &rules) {
+            self.stats.evicted.fetch_add(1, Relaxed);
+        }
+    }
+
+    /// Forgets series `key`: its open windows are emitted as partial, as
+    /// records of `rules` (the rules that built its state). Whether it was
+    /// there.
+    fn forget(&mut self, key: &SeriesKey, rules: &Rules) -> bool {
         let Some(mut s) = self.series.remove(key) else {
-            return;
+            return false;
         };
         if let Some(windows) = &mut s.windows {
             let mut done = Vec::new();
@@ -488,15 +498,15 @@ impl Worker {
                 self.emit.send(aggregate(
                     &self.agent,
                     self.partial_before,
-                    &self.rules,
+                    rules,
                     key,
                     s.rule,
                     d,
                 ));
             }
         }
-        self.stats.evicted.fetch_add(1, Relaxed);
         self.stats.series.store(self.series.len() as u64, Relaxed);
+        true
     }
 
     /// Sends alerts to `alerts` instead of with the other records.
@@ -766,24 +776,9 @@ impl Worker {
             }
             s.rule = new;
         }
-        let mut done = Vec::new();
+        // Their last records, under the rules that built them.
         for key in gone {
-            if let Some(mut s) = self.series.remove(&key)
-                && let Some(w) = &mut s.windows
-            {
-                w.flush(&mut done);
-                // Their last records, under the rules that built them.
-                for d in done.drain(..) {
-                    self.emit.send(aggregate(
-                        &self.agent,
-                        self.partial_before,
-                        &old,
-                        &key,
-                        s.rule,
-                        d,
-                    ));
-                }
-            }
+            self.forget(&key, &old);
         }
         self.stats.series.store(self.series.len() as u64, Relaxed);
     }
