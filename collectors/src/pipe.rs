@@ -67,6 +67,11 @@ struct Lane {
     shedder: Shedder,
     staged: Vec<Reading>,
     kept: Vec<Reading>,
+    /// A critical reading waited [`CRITICAL_WAIT`] for room in vain, and the
+    /// ring has not moved since: the worker is stuck, so further critical
+    /// readings are not waited for (one stall costs the source one wait, not
+    /// one per reading; the watchdog restarts a stuck worker).
+    stalled: bool,
 }
 
 /// The longest a flush waits for room for one critical reading.
@@ -99,6 +104,7 @@ impl Handoff {
                     shedder: Shedder::new(policy, seed.wrapping_add(i as u64))?,
                     staged: Vec::new(),
                     kept: Vec::new(),
+                    stalled: false,
                 })
             })
             .collect::<Result<_, ShedError>>()?;
@@ -175,13 +181,17 @@ impl Handoff {
                 occupancy += 1;
                 lane.kept.push(reading);
             }
-            let mut kept = lane.kept.drain(..);
+            // Taken out of the lane (and put back, capacity and all) so that
+            // the lane can be borrowed while the leftovers are handled.
+            let mut buffer = std::mem::take(&mut lane.kept);
+            let mut kept = buffer.drain(..);
             let pushed = lane.producer.push_iter(&mut kept);
             add(&self.stats.delivered, pushed as u64);
-            if pushed > 0
-                && let Some(thread) = &lane.wake
-            {
-                thread.unpark();
+            if pushed > 0 {
+                lane.stalled = false;
+                if let Some(thread) = &lane.wake {
+                    thread.unpark();
+                }
             }
             // Kept by the policy but the ring was full: a critical reading
             // waits for room (see the module docs); a normal one (the worker
@@ -190,7 +200,7 @@ impl Handoff {
                 let critical = (self.priority)(&reading.series) == Priority::Critical;
                 let weight = reading.weight;
                 let lost = if critical {
-                    wait_for_room(&mut lane.producer, lane.wake.as_ref(), reading, &self.stats)
+                    wait_for_room(lane, reading, &self.stats)
                 } else {
                     true
                 };
@@ -204,33 +214,38 @@ impl Handoff {
                     add(&self.stats.delivered, 1);
                 }
             }
+            lane.kept = buffer;
         }
     }
 }
 
-/// Pushes a critical `reading` into a full ring, waking its worker and
-/// waiting (in short sleeps, up to [`CRITICAL_WAIT`]) for room; counts the
-/// time waited. Returns whether it was lost (the worker never made room).
-fn wait_for_room(
-    producer: &mut ReadingProducer,
-    wake: Option<&std::thread::Thread>,
-    mut reading: Reading,
-    stats: &SourceStats,
-) -> bool {
+/// Pushes a critical `reading` into its lane's full ring, waking the
+/// worker and waiting (in short sleeps, up to [`CRITICAL_WAIT`]) for room;
+/// counts the time waited. Returns whether it was lost (the worker never
+/// made room). A lane whose last wait was in vain, and whose ring has not
+/// moved since, is not waited for again (see `Lane::stalled`).
+fn wait_for_room(lane: &mut Lane, mut reading: Reading, stats: &SourceStats) -> bool {
     let start = std::time::Instant::now();
     let lost = loop {
-        match producer.try_push(reading) {
-            Ok(()) => break false,
+        match lane.producer.try_push(reading) {
+            Ok(()) => {
+                lane.stalled = false;
+                break false;
+            }
             Err(sluice_core::ring::Full(back)) => reading = back,
         }
+        if lane.stalled {
+            break true;
+        }
         if start.elapsed() >= CRITICAL_WAIT {
+            lane.stalled = true;
             tracing::error!(
                 series = %reading.series,
                 "a critical reading found its ring full for {CRITICAL_WAIT:?}: the worker is stuck; dropped (counted as full)"
             );
             break true;
         }
-        if let Some(thread) = wake {
+        if let Some(thread) = &lane.wake {
             thread.unpark();
         }
         std::thread::sleep(std::time::Duration::from_micros(200));

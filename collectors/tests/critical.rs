@@ -95,3 +95,38 @@ fn ten_times_overload_loses_no_critical_reading_sampling_or_dropping() {
         );
     }
 }
+
+#[test]
+fn a_stuck_worker_costs_the_source_one_wait_not_one_per_critical_reading() {
+    // A ring of 16 that nobody drains, and 20 critical readings in a flush.
+    let (tx, _rx) = reading_ring(16).unwrap();
+    let stats = Arc::new(SourceStats::default());
+    let mut handoff = Handoff::new(
+        vec![tx],
+        ShedPolicy::DropNewest { high_water: 12 },
+        7,
+        stats.clone(),
+    )
+    .unwrap()
+    .with_priority(Arc::new(|_: &str| Priority::Critical));
+    for i in 0..20 {
+        let mut series = sluice_collectors::SeriesKey::new();
+        let _ = series.push_str("c-1");
+        handoff.stage(Reading {
+            series,
+            ts: i,
+            value: 1.0,
+            ingest: 0,
+            weight: 1,
+        });
+    }
+    handoff.flush();
+    // The ring took 16; the first of the other 4 waited CRITICAL_WAIT in
+    // vain, and the rest were not waited for (the waits would add up to
+    // four times CRITICAL_WAIT).
+    assert_eq!(stats.delivered.load(Relaxed), 16);
+    assert_eq!(stats.shed_full.load(Relaxed), 4);
+    let waited = Duration::from_micros(stats.critical_wait_us.load(Relaxed));
+    let one = sluice_collectors::pipe::CRITICAL_WAIT;
+    assert!(waited >= one && waited < 3 * one, "waited {waited:?}");
+}
