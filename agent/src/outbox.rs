@@ -1028,14 +1028,7 @@ impl Outbox {
             next_seq: last.unwrap_or(0) + 1,
             dropped: counter(&self.conn, "dropped")? as u64,
             downsampled: counter(&self.conn, "downsampled")? as u64,
-            dead_letters: if self.has_table("dead_letters")? {
-                self.conn
-                    .query_row("SELECT COUNT(*) FROM dead_letters", [], |r| {
-                        r.get::<_, i64>(0)
-                    })? as u64
-            } else {
-                0
-            },
+            dead_letters: self.dead_letter_count()?,
             dead_lettered: counter(&self.conn, "dead_lettered").unwrap_or(0) as u64,
             epoch: self.epoch,
         })
@@ -1071,6 +1064,18 @@ impl Outbox {
         }
         tx.commit()?;
         Ok(moved > 0)
+    }
+
+    /// How many records wait in the dead letters.
+    pub fn dead_letter_count(&self) -> Result<u64, OutboxError> {
+        if !self.has_table("dead_letters")? {
+            return Ok(0);
+        }
+        Ok(self
+            .conn
+            .query_row("SELECT COUNT(*) FROM dead_letters", [], |r| {
+                r.get::<_, i64>(0)
+            })? as u64)
     }
 
     /// The records set aside, oldest first (at most `limit`).

@@ -449,6 +449,7 @@ async fn session(
     let mut live_in_flight = 0usize;
     let mut last_live_look = Instant::now() - LIVE_LOOK;
     let mut acked = Vec::new();
+    let mut last_gauge = Instant::now();
     let result = loop {
         if stop.load(Relaxed) {
             let _ = client.try_disconnect();
@@ -456,6 +457,14 @@ async fn session(
         }
         if !undeleted.seqs.is_empty() && undeleted.tried.elapsed() >= Duration::from_secs(1) {
             record_acks(outbox, stats, claimed, &mut acked, undeleted);
+        }
+        // The dead letters change beside the agent too (`sluice outbox
+        // retry|purge`): the gauge follows within a second.
+        if last_gauge.elapsed() >= Duration::from_secs(1) {
+            last_gauge = Instant::now();
+            if let Ok(n) = outbox.dead_letter_count() {
+                stats.dead_letters.store(n, Relaxed);
+            }
         }
         // Top up the in-flight window as each PUBACK frees a slot: a steady
         // stream of publishes also carries the TCP ACKs for the broker's

@@ -403,11 +403,16 @@ reconnect_max_ms = 400
         !status.contains(&format!("epoch: {appended_epoch}")),
         "{status}"
     );
-    drop(agent);
-    // Purged for good, from the command line.
+    // Purged for good, from the command line, beside the running agent,
+    // whose gauge follows.
     let (ok, purged) = outbox_cli(&config, &["purge", "5"]);
     assert!(
         ok && purged.contains("1 dead letter(s) deleted"),
         "{purged}"
     );
+    wait_until("the gauge to follow the purge", &log, || {
+        metric(metrics, "sluice_outbox_dead_letters") == Some(0)
+    })
+    .await;
+    drop(agent);
 }
