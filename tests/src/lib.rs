@@ -1,7 +1,10 @@
 //! Integration, end-to-end and fault-injection tests that span Sluice's
 //! crates live in this package's `tests/` folder and in the crates' own
 //! `tests/`; this library holds what they share: a real Mosquitto broker per
-//! test, and an MQTT publisher. Production code never depends on it.
+//! test, an MQTT publisher, and a power cut for SQLite files
+//! ([`powercut`]). Production code never depends on it.
+
+pub mod powercut;
 
 use std::time::{Duration, Instant};
 
