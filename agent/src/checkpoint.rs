@@ -41,7 +41,7 @@ use std::collections::HashMap;
 use serde::{Deserialize, Serialize};
 use sluice_core::Timestamp;
 
-use crate::config::{Rule, WindowRule};
+use crate::config::{HoppingRule, Rule, TumblingRule, WindowRule};
 use crate::outbox::SavedCheckpoint;
 use crate::rules::{Detector, DetectorState, Quantiles, Window};
 
@@ -187,11 +187,10 @@ pub fn detector_fingerprint(rule: &Rule) -> u64 {
 /// (`None` for count windows, which close by count: they start afresh).
 pub fn lateness(rule: &WindowRule) -> Option<Timestamp> {
     match *rule {
-        WindowRule::Tumbling { lateness_ms, .. } | WindowRule::Hopping { lateness_ms, .. } => {
-            Some(lateness_ms)
-        }
-        WindowRule::Decaying { .. } => Some(0),
-        WindowRule::Count { .. } => None,
+        WindowRule::Tumbling(TumblingRule { lateness_ms, .. })
+        | WindowRule::Hopping(HoppingRule { lateness_ms, .. }) => Some(lateness_ms),
+        WindowRule::Decaying(_) => Some(0),
+        WindowRule::Count(_) => None,
     }
 }
 

@@ -2,10 +2,14 @@
 //!
 //! Every struct here rejects unknown keys, documents each field, and takes
 //! its defaults from one place (the `default_*` functions and `Default`
-//! impls next to it). [`Config::load`] parses (syntax and type errors carry
-//! the line and column from the TOML parser), then [`Config::validate`]
-//! checks the values, naming the key and what is allowed. Secrets (MQTT
-//! passwords) come from a file or an environment variable, never inline.
+//! impls next to it). [`Config::parse`] reads the document with positions,
+//! then [`Config::validate`] checks the values; every error, of syntax, type
+//! or value, starts with the line and the key's full path
+//! (`line 12: rules[0].anomaly.alpha: must be in (0, 1), e.g. 0.01`).
+//! Validation errors are written `key: why`, the key relative to the table
+//! that checks it, and each enclosing table prefixes its own path. Secrets
+//! (MQTT passwords) come from a file or an environment variable, never
+//! inline.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -14,6 +18,8 @@ use serde::{Deserialize, Serialize};
 use sluice_collectors::mqtt::{MqttSettings, TlsSettings};
 use sluice_collectors::serial::SerialSettings;
 use sluice_collectors::udp::UdpSettings;
+use sluice_core::anomaly::RuleError;
+use sluice_core::window::WindowError;
 
 /// The whole configuration.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -224,8 +230,8 @@ const fn default_series_idle_ms() -> u64 {
     3_600_000
 }
 
-/// A source.
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+/// A source: `[sources.<name>]` with `kind = "mqtt" | "udp" | "serial"`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Source {
     /// Subscribe to topics on an MQTT broker.
@@ -308,42 +314,63 @@ pub enum PriorityKind {
     Critical,
 }
 
-/// A window over event time (ms) or a count of readings.
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
-#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+/// A window over event time (ms) or a count of readings:
+/// `{ kind = "tumbling" | "hopping" | "count" | "decaying", … }`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
 pub enum WindowRule {
     /// Back-to-back windows of `size_ms`.
-    Tumbling {
-        /// Window length, ms.
-        size_ms: i64,
-        /// How long to wait for out-of-order readings, ms (at most 3 windows).
-        #[serde(default)]
-        lateness_ms: i64,
-    },
+    Tumbling(TumblingRule),
     /// Windows of `size_ms` every `slide_ms` (a multiple of the slide).
-    Hopping {
-        /// Window length, ms.
-        size_ms: i64,
-        /// Distance between window starts, ms.
-        slide_ms: i64,
-        /// How long to wait for out-of-order readings, ms.
-        #[serde(default)]
-        lateness_ms: i64,
-    },
+    Hopping(HoppingRule),
     /// Windows of `size` readings.
-    Count {
-        /// Readings per window.
-        size: u64,
-    },
+    Count(CountRule),
     /// An exponentially decaying window (decaying sum, mean and standard
     /// deviation), reported every `every_ms` of event time together with the
     /// plain aggregates of that period.
-    Decaying {
-        /// Readings after which a reading's weight has halved.
-        half_life: f64,
-        /// Report period, ms.
-        every_ms: i64,
-    },
+    Decaying(DecayingRule),
+}
+
+/// `kind = "tumbling"`.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TumblingRule {
+    /// Window length, ms.
+    pub size_ms: i64,
+    /// How long to wait for out-of-order readings, ms (at most 3 windows).
+    #[serde(default)]
+    pub lateness_ms: i64,
+}
+
+/// `kind = "hopping"`.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HoppingRule {
+    /// Window length, ms.
+    pub size_ms: i64,
+    /// Distance between window starts, ms.
+    pub slide_ms: i64,
+    /// How long to wait for out-of-order readings, ms.
+    #[serde(default)]
+    pub lateness_ms: i64,
+}
+
+/// `kind = "count"`.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CountRule {
+    /// Readings per window.
+    pub size: u64,
+}
+
+/// `kind = "decaying"`.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DecayingRule {
+    /// Readings after which a reading's weight has halved.
+    pub half_life: f64,
+    /// Report period, ms.
+    pub every_ms: i64,
 }
 
 /// Alert when a value is far from its exponentially decaying mean.
@@ -508,21 +535,37 @@ impl Config {
         Self::parse(&text).map_err(|e| ConfigError(format!("{}: {e}", path.display())))
     }
 
-    /// Parses and validates a configuration document. Parse errors carry the
-    /// parser's line and column; validation errors get the line of the key
-    /// they name (or of its closest enclosing table present in the file).
+    /// Parses and validates a configuration document. Every error names the
+    /// key's full path (`rules[0].anomaly.alpha`) and the line it is on
+    /// (a key that is missing: the line of its table); syntax errors give
+    /// the parser's line and column.
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
-        let config: Config = toml::from_str(text).map_err(|e| ConfigError(e.to_string()))?;
+        let doc = toml::de::DeTable::parse(text).map_err(|e| ConfigError(e.to_string()))?;
+        let mut tree = doc.clone();
+        let located = |span: std::ops::Range<usize>, key: Option<&str>, message: &str| {
+            let mut path = key_at(doc.get_ref(), span.start);
+            if let Some(key) = key {
+                path = if path.is_empty() {
+                    key.into()
+                } else {
+                    format!("{path}.{key}")
+                };
+            }
+            let line = text
+                .get(..span.start)
+                .map_or(1, |t| t.matches('\n').count() + 1);
+            ConfigError(if path.is_empty() {
+                format!("line {line}: {message}")
+            } else {
+                format!("line {line}: {path}: {message}")
+            })
+        };
+        retag(tree.get_mut()).map_err(|(span, key, why)| located(span, key, &why))?;
+        let config = Config::deserialize(toml::de::Deserializer::from(tree))
+            .map_err(|e| located(e.span().unwrap_or(0..0), None, e.message()))?;
         config.validate().map_err(|ConfigError(message)| {
-            let line = message.split_once(": ").and_then(|(key, why)| {
-                // "sources.u: max_datagram must be ..." names the field in the text.
-                let field = why
-                    .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-                    .next()
-                    .unwrap_or("");
-                line_of(text, &format!("{key}.{field}")).or_else(|| line_of(text, key))
-            });
-            match line {
+            let key = message.split_once(": ").map_or("", |(key, _)| key);
+            match line_of(text, key) {
                 Some(line) => ConfigError(format!("line {line}: {message}")),
                 None => ConfigError(message),
             }
@@ -574,7 +617,7 @@ impl Config {
                 Source::Serial(s) => s.validate(),
             };
             if let Err(why) = checked {
-                return err(&format!("sources.{name}"), &why);
+                return Err(ConfigError(format!("sources.{name}.{why}")));
             }
         }
         if self.rules.is_empty() {
@@ -600,11 +643,11 @@ impl Config {
                 );
             }
             (Some(o), Some(u)) => {
-                if o.max_records == 0 || o.max_bytes == 0 {
-                    return err(
-                        "outbox.max_records",
-                        "max_records and max_bytes must be > 0",
-                    );
+                if o.max_records == 0 {
+                    return err("outbox.max_records", "must be > 0");
+                }
+                if o.max_bytes == 0 {
+                    return err("outbox.max_bytes", "must be > 0");
                 }
                 if u.host.is_empty() {
                     return err("uplink.host", "must not be empty");
@@ -622,7 +665,7 @@ impl Config {
                 }
                 u.connection(&self.agent_id)
                     .validate()
-                    .map_err(|e| ConfigError(format!("uplink: {e}")))?;
+                    .map_err(|e| ConfigError(format!("uplink.{e}")))?;
             }
             (None, None) => {}
         }
@@ -670,12 +713,13 @@ impl Config {
 }
 
 impl Rule {
+    /// Errors start with the key (below the rule) they are about.
     fn validate(&self) -> Result<(), String> {
         glob::Pattern::new(&self.pattern)
             .map_err(|e| format!("match: bad glob {:?}: {e}", self.pattern))?;
         if let Some(w) = &self.window {
             crate::rules::window_for::<sluice_core::aggregate::Aggregate>(w)
-                .map_err(|e| format!("window: {e}"))?;
+                .map_err(|e| format!("window.{}", window_problem(w, e)))?;
         }
         if !self.quantiles.is_empty() && self.window.is_none() {
             return Err("quantiles: need a window".into());
@@ -691,15 +735,110 @@ impl Rule {
             return Err("match: the rule computes nothing: add a window, anomaly, thresholds or rate_of_change".into());
         }
         if let Some(a) = &self.anomaly {
-            crate::rules::zscore_for(a).map_err(|e| format!("anomaly: {e}"))?;
+            crate::rules::zscore_for(a).map_err(|e| {
+                let levels = Levels {
+                    raise: ("k", a.k),
+                    clear: "clear_k",
+                    raise_after: a.raise_after,
+                    positive: true,
+                };
+                format!("anomaly.{}", levels.problem(&e))
+            })?;
         }
         for (i, t) in self.thresholds.iter().enumerate() {
-            crate::rules::threshold_for(t).map_err(|e| format!("thresholds[{i}]: {e}"))?;
+            let limit = match (t.above, t.below) {
+                (Some(limit), None) => ("above", limit),
+                (None, Some(limit)) => ("below", limit),
+                _ => {
+                    return Err(format!(
+                        "thresholds[{i}].above: set exactly one of above and below"
+                    ));
+                }
+            };
+            crate::rules::threshold_at(limit.0 == "above", limit.1, t).map_err(|e| {
+                let levels = Levels {
+                    raise: limit,
+                    clear: "clear_at",
+                    raise_after: t.raise_after,
+                    positive: false,
+                };
+                format!("thresholds[{i}].{}", levels.problem(&e))
+            })?;
         }
         if let Some(r) = &self.rate_of_change {
-            crate::rules::rate_for(r).map_err(|e| format!("rate_of_change: {e}"))?;
+            crate::rules::rate_for(r).map_err(|e| {
+                let levels = Levels {
+                    raise: ("per_second_above", r.per_second_above),
+                    clear: "clear_below",
+                    raise_after: r.raise_after,
+                    positive: false,
+                };
+                format!("rate_of_change.{}", levels.problem(&e))
+            })?;
         }
         Ok(())
+    }
+}
+
+/// A window rule's error, as `key: why` with the key it is about.
+fn window_problem(w: &WindowRule, e: WindowError) -> String {
+    let key = match (e, w) {
+        (WindowError::NotPositive, WindowRule::Hopping(h)) if h.size_ms > 0 => "slide_ms",
+        (WindowError::NotPositive, WindowRule::Count(_)) => "size",
+        (WindowError::NotPositive, WindowRule::Decaying(_)) => "every_ms",
+        (WindowError::LengthNotMultipleOfSlide, _) => "slide_ms",
+        (WindowError::NotPositive, _) => "size_ms",
+        (WindowError::NegativeLateness | WindowError::TooFewPanes { .. }, _) => "lateness_ms",
+        (WindowError::BadDecay, _) => "half_life",
+    };
+    match e {
+        WindowError::LengthNotMultipleOfSlide => {
+            format!("{key}: must divide size_ms into whole slides")
+        }
+        WindowError::BadDecay => format!("{key}: must be > 0 (readings)"),
+        e => format!("{key}: {e}"),
+    }
+}
+
+/// The keys of a detector's levels, to name the one a core error is about.
+struct Levels {
+    /// The raise level's key and value.
+    raise: (&'static str, f64),
+    /// The clear level's key.
+    clear: &'static str,
+    raise_after: u32,
+    /// The raise level must be > 0 (a level of |z|).
+    positive: bool,
+}
+
+impl Levels {
+    fn problem(&self, e: &RuleError) -> String {
+        let (raise_key, raise) = self.raise;
+        if self.positive && raise <= 0.0 && !matches!(e, RuleError::ZeroCount) {
+            // Checked after the levels' order in the core: say the first cause.
+            return format!("{raise_key}: must be > 0");
+        }
+        let key = match e {
+            RuleError::ClearAboveRaise | RuleError::NotFinite | RuleError::NegativeScore
+                if raise.is_nan() || raise.is_infinite() =>
+            {
+                raise_key
+            }
+            RuleError::ClearAboveRaise | RuleError::NotFinite | RuleError::NegativeScore => {
+                self.clear
+            }
+            RuleError::ZeroCount if self.raise_after == 0 => "raise_after",
+            RuleError::ZeroCount => "clear_after",
+            RuleError::Decay(_) => return "alpha: must be in (0, 1), e.g. 0.01".into(),
+            RuleError::NotPositive => raise_key,
+        };
+        match e {
+            RuleError::ZeroCount => format!("{key}: must be >= 1"),
+            RuleError::ClearAboveRaise if key == self.clear => {
+                format!("{key}: must not be past the raise level ({raise_key} = {raise})")
+            }
+            e => format!("{key}: {e}"),
+        }
     }
 }
 
@@ -717,11 +856,16 @@ impl MqttOutput {
             crate::topic::check_template(template, needs_series)
                 .map_err(|e| format!("{key}: {e}"))?;
         }
-        if self.alert_qos > 1 || self.aggregate_qos > 1 {
-            return Err("alert_qos, aggregate_qos: must be 0 or 1".into());
+        for (key, qos) in [
+            ("alert_qos", self.alert_qos),
+            ("aggregate_qos", self.aggregate_qos),
+        ] {
+            if qos > 1 {
+                return Err(format!("{key}: must be 0 or 1"));
+            }
         }
         if self.password_file.is_some() && self.password_env.is_some() {
-            return Err("password_file, password_env: set one, not both".into());
+            return Err("password_env: set password_file or password_env, not both".into());
         }
         Ok(())
     }
@@ -739,6 +883,137 @@ impl MqttOutput {
         s.tls = self.tls.clone();
         s
     }
+}
+
+/// Tables whose shape `kind` names (`[sources.<name>]`, a rule's `window`)
+/// are rewritten from `{ kind = "x", … }` to `{ x = { … } }` (the key `x`
+/// keeps the span of the value `"x"`), the form serde reads for
+/// [`SourceByKind`] and [`WindowByKind`]. Serde's own internally tagged
+/// form would buffer the table, and an error inside it (an unknown key, a
+/// bad value) would point at the table, not at the key.
+type Located = (std::ops::Range<usize>, Option<&'static str>, String);
+
+fn retag(doc: &mut toml::de::DeTable<'_>) -> Result<(), Located> {
+    use toml::de::DeValue;
+    if let Some(sources) = doc.get_mut("sources")
+        && let DeValue::Table(sources) = sources.get_mut()
+    {
+        for (_, source) in sources.iter_mut() {
+            move_kind(source)?;
+        }
+    }
+    if let Some(rules) = doc.get_mut("rules")
+        && let DeValue::Array(rules) = rules.get_mut()
+    {
+        for rule in rules.iter_mut() {
+            if let DeValue::Table(rule) = rule.get_mut()
+                && let Some(window) = rule.get_mut("window")
+            {
+                move_kind(window)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn move_kind(value: &mut toml::Spanned<toml::de::DeValue<'_>>) -> Result<(), Located> {
+    use toml::de::{DeTable, DeValue};
+    let span = value.span();
+    // Not a table: serde says what type was expected.
+    let DeValue::Table(table) = value.get_mut() else {
+        return Ok(());
+    };
+    let Some(kind) = table.remove("kind") else {
+        return Err((span, Some("kind"), "missing: say which kind this is".into()));
+    };
+    let kind_span = kind.span();
+    let DeValue::String(name) = kind.into_inner() else {
+        return Err((kind_span, None, "must be a string".into()));
+    };
+    let mut wrapped = DeTable::new();
+    wrapped.insert(
+        toml::Spanned::new(kind_span, name),
+        toml::Spanned::new(span.clone(), DeValue::Table(std::mem::take(table))),
+    );
+    *value = toml::Spanned::new(span, DeValue::Table(wrapped));
+    Ok(())
+}
+
+/// `[sources.<name>]` as [`retag`] leaves it.
+#[derive(Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum SourceByKind {
+    Mqtt(MqttSettings),
+    Udp(UdpSettings),
+    Serial(SerialSettings),
+}
+
+/// Reads the form [`retag`] leaves (see [`Config::parse`]).
+impl<'de> Deserialize<'de> for Source {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Ok(match SourceByKind::deserialize(d)? {
+            SourceByKind::Mqtt(s) => Source::Mqtt(s),
+            SourceByKind::Udp(s) => Source::Udp(s),
+            SourceByKind::Serial(s) => Source::Serial(s),
+        })
+    }
+}
+
+/// A rule's `window` as [`retag`] leaves it.
+#[derive(Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum WindowByKind {
+    Tumbling(TumblingRule),
+    Hopping(HoppingRule),
+    Count(CountRule),
+    Decaying(DecayingRule),
+}
+
+/// Reads the form [`retag`] leaves (see [`Config::parse`]).
+impl<'de> Deserialize<'de> for WindowRule {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Ok(match WindowByKind::deserialize(d)? {
+            WindowByKind::Tumbling(w) => WindowRule::Tumbling(w),
+            WindowByKind::Hopping(w) => WindowRule::Hopping(w),
+            WindowByKind::Count(w) => WindowRule::Count(w),
+            WindowByKind::Decaying(w) => WindowRule::Decaying(w),
+        })
+    }
+}
+
+/// The dotted path (`rules[1].window.size_ms`) of the deepest key whose
+/// name or value covers byte `at` of the document; empty if none does.
+fn key_at(table: &toml::de::DeTable<'_>, at: usize) -> String {
+    use toml::de::DeValue;
+    fn within(table: &toml::de::DeTable<'_>, at: usize, prefix: &str) -> Option<String> {
+        for (key, value) in table.iter() {
+            let path = if prefix.is_empty() {
+                key.get_ref().to_string()
+            } else {
+                format!("{prefix}.{}", key.get_ref())
+            };
+            let deeper = match value.get_ref() {
+                DeValue::Table(t) => within(t, at, &path),
+                DeValue::Array(items) => items.iter().enumerate().find_map(|(i, item)| {
+                    let path = format!("{path}[{i}]");
+                    match item.get_ref() {
+                        DeValue::Table(t) => within(t, at, &path),
+                        _ => None,
+                    }
+                    .or_else(|| item.span().contains(&at).then_some(path))
+                }),
+                _ => None,
+            };
+            if deeper.is_some() {
+                return deeper;
+            }
+            if key.span().contains(&at) || value.span().contains(&at) {
+                return Some(path);
+            }
+        }
+        None
+    }
+    within(table, at, "").unwrap_or_default()
 }
 
 /// The line (1-based) where the dotted key `path` (with `[i]` array indices,
@@ -783,10 +1058,33 @@ mod tests {
     fn validation_errors_name_the_key_and_its_line() {
         let text = "agent_id = \"a\"\n[sources.u]\nkind = \"udp\"\nbind = \"127.0.0.1:9\"\nmax_datagram = 0\n[[rules]]\nmatch = \"*\"\nwindow = { kind = \"tumbling\", size_ms = 1000 }\n[[rules]]\nmatch = \"x\"\nwindow = { kind = \"tumbling\", size_ms = 0 }\n[output]\nconsole = true\n";
         let e = Config::parse(text).unwrap_err().0;
-        assert_eq!(e, "line 5: sources.u: max_datagram must be 1..=65507");
+        assert_eq!(e, "line 5: sources.u.max_datagram: must be 1..=65507");
         let fixed = text.replace("max_datagram = 0", "max_datagram = 100");
         let e = Config::parse(&fixed).unwrap_err().0;
-        assert!(e.starts_with("line 11: rules[1].window:"), "{e}");
+        assert!(e.starts_with("line 11: rules[1].window.size_ms:"), "{e}");
+    }
+
+    #[test]
+    fn a_window_rule_prints_and_fingerprints_as_before() {
+        // Checkpoints carry a fingerprint of the rule's JSON: a window rule
+        // must serialize as it did when it was an internally tagged struct
+        // variant, or an upgrade would discard every saved window.
+        let rule = WindowRule::Tumbling(TumblingRule {
+            size_ms: 1000,
+            lateness_ms: 200,
+        });
+        assert_eq!(
+            serde_json::to_string(&rule).unwrap(),
+            r#"{"kind":"tumbling","size_ms":1000,"lateness_ms":200}"#
+        );
+        let effective = Config::parse(
+            "[sources.u]\nkind = \"udp\"\nbind = \"127.0.0.1:9\"\n[[rules]]\nmatch = \"*\"\nwindow = { kind = \"hopping\", size_ms = 2000, slide_ms = 1000 }\n[output]\nconsole = true\n",
+        )
+        .unwrap()
+        .to_toml();
+        assert!(effective.contains("kind = \"hopping\""), "{effective}");
+        assert!(effective.contains("kind = \"udp\""), "{effective}");
+        Config::parse(&effective).unwrap();
     }
 
     #[test]

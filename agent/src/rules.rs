@@ -14,7 +14,10 @@ use sluice_core::window::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::{AnomalyRule, PriorityKind, RateRule, Rule, ThresholdRule, WindowRule};
+use crate::config::{
+    AnomalyRule, CountRule, DecayingRule, HoppingRule, PriorityKind, RateRule, Rule, ThresholdRule,
+    TumblingRule, WindowRule,
+};
 
 /// Panes of a tumbling window: lateness up to 3 windows.
 const TUMBLING_PANES: usize = 4;
@@ -145,28 +148,28 @@ impl<A: Accumulator> Window<A> {
 pub fn window_for<A: Accumulator>(rule: &WindowRule) -> Result<Window<A>, WindowError> {
     Ok(match *rule {
         // Without lateness one pane suffices: a quarter of the memory.
-        WindowRule::Tumbling {
+        WindowRule::Tumbling(TumblingRule {
             size_ms,
             lateness_ms: 0,
-        } => Window::Tumbling1(TumblingWindow::new(size_ms, 0)?),
-        WindowRule::Tumbling {
+        }) => Window::Tumbling1(TumblingWindow::new(size_ms, 0)?),
+        WindowRule::Tumbling(TumblingRule {
             size_ms,
             lateness_ms,
-        } => Window::Tumbling(Box::new(TumblingWindow::new(size_ms, lateness_ms)?)),
-        WindowRule::Hopping {
+        }) => Window::Tumbling(Box::new(TumblingWindow::new(size_ms, lateness_ms)?)),
+        WindowRule::Hopping(HoppingRule {
             size_ms,
             slide_ms,
             lateness_ms,
-        } => Window::Hopping(Box::new(HoppingWindow::new(
+        }) => Window::Hopping(Box::new(HoppingWindow::new(
             size_ms,
             slide_ms,
             lateness_ms,
         )?)),
-        WindowRule::Count { size } => Window::Count(CountWindow::new(size)?),
-        WindowRule::Decaying {
+        WindowRule::Count(CountRule { size }) => Window::Count(CountWindow::new(size)?),
+        WindowRule::Decaying(DecayingRule {
             half_life,
             every_ms,
-        } => {
+        }) => {
             let stats = DecayingStats::from_half_life(half_life)?;
             Window::Decaying(Box::new(DecayingReport {
                 stats,
@@ -261,21 +264,24 @@ pub fn zscore_for(a: &AnomalyRule) -> Result<ZScoreDetector, RuleError> {
 /// The threshold detector a rule asks for.
 pub fn threshold_for(t: &ThresholdRule) -> Result<ThresholdDetector, String> {
     match (t.above, t.below) {
-        (Some(limit), None) => ThresholdDetector::above(
-            limit,
-            t.clear_at.unwrap_or(limit),
-            t.raise_after,
-            t.clear_after,
-        )
-        .map_err(|e| e.to_string()),
-        (None, Some(limit)) => ThresholdDetector::below(
-            limit,
-            t.clear_at.unwrap_or(limit),
-            t.raise_after,
-            t.clear_after,
-        )
-        .map_err(|e| e.to_string()),
+        (Some(limit), None) => threshold_at(true, limit, t).map_err(|e| e.to_string()),
+        (None, Some(limit)) => threshold_at(false, limit, t).map_err(|e| e.to_string()),
         _ => Err("set exactly one of above and below".into()),
+    }
+}
+
+/// A threshold detector raising at or `above` (else at or below) `limit`,
+/// with the rule's clear level and debounce counts.
+pub fn threshold_at(
+    above: bool,
+    limit: f64,
+    t: &ThresholdRule,
+) -> Result<ThresholdDetector, RuleError> {
+    let clear = t.clear_at.unwrap_or(limit);
+    if above {
+        ThresholdDetector::above(limit, clear, t.raise_after, t.clear_after)
+    } else {
+        ThresholdDetector::below(limit, clear, t.raise_after, t.clear_after)
     }
 }
 

@@ -104,16 +104,19 @@ impl JsonMapping {
         if self.values.iter().any(|v| v.is_empty()) {
             return Err("values: field names must not be empty".into());
         }
-        if self.max_future_ms < 0 || self.max_age_ms < 0 {
-            return Err("max_future_ms and max_age_ms must be >= 0".into());
+        if self.max_future_ms < 0 {
+            return Err("max_future_ms: must be >= 0".into());
+        }
+        if self.max_age_ms < 0 {
+            return Err("max_age_ms: must be >= 0".into());
         }
         if self.max_message_bytes == 0 {
-            return Err("max_message_bytes must be > 0".into());
+            return Err("max_message_bytes: must be > 0".into());
         }
         if let SeriesSource::Field(f) = &self.series
             && f.is_empty()
         {
-            return Err("series.field must not be empty".into());
+            return Err("series.field: must not be empty".into());
         }
         Ok(())
     }

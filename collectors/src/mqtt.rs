@@ -157,42 +157,45 @@ impl MqttSettings {
     /// Checks the settings; the error names the key and what is allowed.
     pub fn validate(&self) -> Result<(), String> {
         if self.host.is_empty() {
-            return Err("host must not be empty".into());
+            return Err("host: must not be empty".into());
         }
         if self.topics.is_empty() || self.topics.iter().any(|t| !rumqttc::valid_filter(t)) {
             return Err("topics: list one or more valid MQTT topic filters".into());
         }
         if self.qos > 1 {
-            return Err(format!("qos must be 0 or 1, not {}", self.qos));
+            return Err(format!("qos: must be 0 or 1, not {}", self.qos));
         }
         if self.client_id.is_empty() && !self.clean_session {
             return Err(
-                "client_id must be set for a persistent session (clean_session = false)".into(),
+                "client_id: must be set for a persistent session (clean_session = false)".into(),
             );
         }
         if self.keep_alive_s < 5 {
-            return Err("keep_alive_s must be >= 5".into());
+            return Err("keep_alive_s: must be >= 5".into());
         }
         if self.reconnect_min_ms == 0 {
-            return Err("reconnect_min_ms must be > 0".into());
+            return Err("reconnect_min_ms: must be > 0".into());
         }
         if self.max_packet_bytes <= self.json.max_message_bytes {
             return Err(format!(
-                "max_packet_bytes ({}) must be larger than json.max_message_bytes ({}), or messages the decoder would refuse cost the connection instead",
+                "max_packet_bytes: {} must be larger than json.max_message_bytes ({}), or messages the decoder would refuse cost the connection instead",
                 self.max_packet_bytes, self.json.max_message_bytes
             ));
         }
         if self.password_file.is_some() && self.password_env.is_some() {
-            return Err("set password_file or password_env, not both".into());
+            return Err("password_env: set password_file or password_env, not both".into());
         }
         if (self.password_file.is_some() || self.password_env.is_some()) && self.username.is_none()
         {
-            return Err("password_file/password_env need a username".into());
+            return Err("username: needed with password_file or password_env".into());
         }
         if let Some(tls) = &self.tls
             && tls.client_cert_file.is_some() != tls.client_key_file.is_some()
         {
-            return Err("tls: set both client_cert_file and client_key_file, or neither".into());
+            return Err(
+                "tls.client_key_file: set both client_cert_file and client_key_file, or neither"
+                    .into(),
+            );
         }
         self.json.validate().map_err(|e| format!("json.{e}"))
     }

@@ -108,13 +108,13 @@ impl SerialSettings {
         self.data_bits()?;
         self.stop_bits()?;
         if self.baud == 0 {
-            return Err("baud must be > 0".into());
+            return Err("baud: must be > 0".into());
         }
         if self.max_line == 0 {
-            return Err("max_line must be > 0".into());
+            return Err("max_line: must be > 0".into());
         }
         if self.reopen_min_ms == 0 {
-            return Err("reopen_min_ms must be > 0".into());
+            return Err("reopen_min_ms: must be > 0".into());
         }
         self.json.validate().map_err(|e| format!("json.{e}"))
     }
@@ -125,7 +125,7 @@ impl SerialSettings {
             6 => Ok(DataBits::Six),
             7 => Ok(DataBits::Seven),
             8 => Ok(DataBits::Eight),
-            n => Err(format!("data_bits must be 5, 6, 7 or 8, not {n}")),
+            n => Err(format!("data_bits: must be 5, 6, 7 or 8, not {n}")),
         }
     }
 
@@ -133,7 +133,7 @@ impl SerialSettings {
         match self.stop_bits {
             1 => Ok(StopBits::One),
             2 => Ok(StopBits::Two),
-            n => Err(format!("stop_bits must be 1 or 2, not {n}")),
+            n => Err(format!("stop_bits: must be 1 or 2, not {n}")),
         }
     }
 }

@@ -84,16 +84,16 @@ impl UdpSettings {
     /// Checks the settings; the error names the key and what is allowed.
     pub fn validate(&self) -> Result<(), String> {
         if !(1..=65_507).contains(&self.max_datagram) {
-            return Err("max_datagram must be 1..=65507".into());
+            return Err("max_datagram: must be 1..=65507".into());
         }
         if self.batch == 0 {
-            return Err("batch must be >= 1".into());
+            return Err("batch: must be >= 1".into());
         }
         if self
             .recv_buffer
             .is_some_and(|b| !(4096..=1 << 30).contains(&b))
         {
-            return Err("recv_buffer must be 4096..=1073741824 bytes".into());
+            return Err("recv_buffer: must be 4096..=1073741824 bytes".into());
         }
         self.json.validate().map_err(|e| format!("json.{e}"))
     }
