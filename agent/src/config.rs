@@ -515,6 +515,29 @@ const fn default_qos1() -> u8 {
     1
 }
 
+/// What [`Config::preflight`] found; each line starts with the line and key.
+#[derive(Debug, Default)]
+pub struct Preflight {
+    /// What stops the agent at start (a file missing or unreadable, a
+    /// password variable not set).
+    pub errors: Vec<String>,
+    /// What may be fine by the time the agent runs (a serial device not
+    /// plugged in yet, a state directory systemd creates).
+    pub notes: Vec<String>,
+}
+
+/// What only the running agent can check, for `sluice check` to say.
+pub const CHECKED_AT_RUN_TIME: &str = "brokers being reachable and accepting the credentials, UDP ports being free to bind, serial devices opening, and the outbox and checkpoint files being writable are checked only when the agent runs";
+
+/// `message` (`key: why`) with the line of the key in `text` before it.
+fn with_line(text: &str, message: String) -> String {
+    let key = message.split_once(": ").map_or("", |(key, _)| key);
+    match line_of(text, key) {
+        Some(line) => format!("line {line}: {message}"),
+        None => message,
+    }
+}
+
 /// A configuration error, naming the key (and the line, for parse errors).
 #[derive(Debug)]
 pub struct ConfigError(pub String);
@@ -563,14 +586,70 @@ impl Config {
         retag(tree.get_mut()).map_err(|(span, key, why)| located(span, key, &why))?;
         let config = Config::deserialize(toml::de::Deserializer::from(tree))
             .map_err(|e| located(e.span().unwrap_or(0..0), None, e.message()))?;
-        config.validate().map_err(|ConfigError(message)| {
-            let key = message.split_once(": ").map_or("", |(key, _)| key);
-            match line_of(text, key) {
-                Some(line) => ConfigError(format!("line {line}: {message}")),
-                None => ConfigError(message),
-            }
-        })?;
+        config
+            .validate()
+            .map_err(|ConfigError(message)| ConfigError(with_line(text, message)))?;
         Ok(config)
+    }
+
+    /// Checks, without side effects, what the document alone does not show
+    /// and the agent would otherwise find only when it starts: the files a
+    /// connection reads (TLS CA, client certificate and key, password files
+    /// and variables: each read and parsed as at start), serial devices and
+    /// the directory of the outbox or checkpoint file. `text` is the
+    /// document, for the lines.
+    pub fn preflight(&self, text: &str) -> Preflight {
+        let mut found = Preflight::default();
+        let mut connections = Vec::new();
+        for (name, source) in &self.sources {
+            match source {
+                Source::Mqtt(m) => connections.push((format!("sources.{name}"), m.clone())),
+                Source::Serial(s) if !s.device.exists() => found.notes.push(with_line(
+                    text,
+                    format!(
+                        "sources.{name}.device: {} does not exist now (the source waits for it, retrying with backoff)",
+                        s.device.display()
+                    ),
+                )),
+                _ => {}
+            }
+        }
+        if let Some(m) = &self.output.mqtt {
+            connections.push(("output.mqtt".into(), m.connection(&self.agent_id)));
+        }
+        if let Some(u) = &self.uplink {
+            connections.push(("uplink".into(), u.connection(&self.agent_id)));
+        }
+        for (prefix, mut settings) in connections {
+            if let Err(e) = settings
+                .resolve_password()
+                .and_then(|()| settings.options().map(drop))
+            {
+                found.errors.push(with_line(text, format!("{prefix}.{e}")));
+            }
+        }
+        let files = [
+            ("outbox.path", self.outbox.as_ref().map(|o| &o.path)),
+            (
+                "checkpoint.path",
+                self.checkpoint.as_ref().and_then(|c| c.path.as_ref()),
+            ),
+        ];
+        for (key, path) in files {
+            if let Some(dir) = path.and_then(|p| p.parent())
+                && !dir.as_os_str().is_empty()
+                && !dir.is_dir()
+            {
+                found.notes.push(with_line(
+                    text,
+                    format!(
+                        "{key}: the directory {} does not exist (the service's StateDirectory= creates /var/lib/sluice when it starts; elsewhere create it, or the agent will not start)",
+                        dir.display()
+                    ),
+                ));
+            }
+        }
+        found
     }
 
     /// The effective configuration, defaults filled in, as TOML.

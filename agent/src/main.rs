@@ -24,11 +24,16 @@ enum Command {
         #[arg(short, long)]
         config: PathBuf,
     },
-    /// Validate a configuration file and print it with every default filled in.
+    /// Validate a configuration file and the files it names (TLS, passwords)
+    /// and print it with every default filled in.
     Check {
         /// The TOML configuration file.
         #[arg(short, long)]
         config: PathBuf,
+        /// Print only notes and errors, not the effective configuration
+        /// (for the service's ExecStartPre).
+        #[arg(short, long)]
+        quiet: bool,
     },
     /// Inspect the outbox named in a configuration file.
     Outbox {
@@ -116,17 +121,42 @@ fn main() -> ExitCode {
         )
         .init();
     match cli.command {
-        Command::Check { config } => match Config::load(&config) {
-            Ok(c) => {
-                print!("{}", c.to_toml());
-                eprintln!("{}: OK", config.display());
-                ExitCode::SUCCESS
+        Command::Check { config, quiet } => {
+            let checked = std::fs::read_to_string(&config)
+                .map_err(|e| e.to_string())
+                .and_then(|text| {
+                    let parsed = Config::parse(&text).map_err(|e| e.to_string())?;
+                    Ok((parsed.preflight(&text), parsed))
+                });
+            match checked {
+                Ok((found, c)) => {
+                    if !quiet {
+                        print!("{}", c.to_toml());
+                    }
+                    for note in &found.notes {
+                        eprintln!("note: {}: {note}", config.display());
+                    }
+                    for error in &found.errors {
+                        eprintln!("error: {}: {error}", config.display());
+                    }
+                    if !found.errors.is_empty() {
+                        return ExitCode::from(2);
+                    }
+                    if !quiet {
+                        eprintln!(
+                            "{}: OK ({})",
+                            config.display(),
+                            sluice::config::CHECKED_AT_RUN_TIME
+                        );
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {}: {e}", config.display());
+                    ExitCode::from(2)
+                }
             }
-            Err(e) => {
-                eprintln!("error: {e}");
-                ExitCode::from(2)
-            }
-        },
+        }
         Command::Run { config: path } => {
             let config = match Config::load(&path) {
                 Ok(c) => c,

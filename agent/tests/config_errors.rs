@@ -231,3 +231,120 @@ fn an_unknown_key_or_a_missing_kind_is_named_on_its_own_line() {
         "{e}"
     );
 }
+
+/// A config whose uplink and output read the files given.
+fn with_files(ca: &str, password: &str, device: &str, outbox_dir: &str) -> String {
+    format!(
+        "[sources.bench]\nkind = \"serial\"\ndevice = \"{device}\"\n\n[[rules]]\nmatch = \"*\"\nwindow = {{ kind = \"tumbling\", size_ms = 1000 }}\n\n[output.mqtt]\nhost = \"127.0.0.1\"\nusername = \"u\"\npassword_file = \"{password}\"\n\n[outbox]\npath = \"{outbox_dir}/outbox.db\"\n\n[uplink]\nhost = \"127.0.0.1\"\n\n[uplink.tls]\nca_file = \"{ca}\"\n"
+    )
+}
+
+#[test]
+fn check_reads_the_files_a_connection_needs_and_notes_what_may_appear_later() {
+    let dir = sluice_tests::temp_dir("preflight");
+    let (ca, _, _) = sluice_tests::test_pki(dir.path(), "preflight");
+    let password = dir.path().join("password");
+    std::fs::write(&password, "secret\n").unwrap();
+    let d = dir.path().display();
+    let good = with_files(
+        &ca.display().to_string(),
+        &password.display().to_string(),
+        &format!("{d}/tty"),
+        &d.to_string(),
+    );
+    std::fs::write(dir.path().join("tty"), b"").unwrap();
+    let found = Config::parse(&good).unwrap().preflight(&good);
+    assert!(
+        found.errors.is_empty() && found.notes.is_empty(),
+        "{found:?}"
+    );
+
+    let missing = good
+        .replace(&ca.display().to_string(), "/nonexistent/ca.pem")
+        .replace(&password.display().to_string(), &format!("{d}/nopassword"));
+    let found = Config::parse(&missing).unwrap().preflight(&missing);
+    assert_eq!(found.errors.len(), 2, "{found:?}");
+    assert!(
+        found.errors[0].starts_with(&format!(
+            "line 12: output.mqtt.password_file: {d}/nopassword: "
+        )),
+        "{found:?}"
+    );
+    assert!(
+        found.errors[1].starts_with("line 21: uplink.tls.ca_file: /nonexistent/ca.pem: "),
+        "{found:?}"
+    );
+
+    // A file that holds no certificate.
+    let garbage = good.replace(&ca.display().to_string(), &password.display().to_string());
+    let found = Config::parse(&garbage).unwrap().preflight(&garbage);
+    assert!(
+        found.errors[0].contains("uplink.tls.ca_file: ")
+            && found.errors[0].contains("no certificate"),
+        "{found:?}"
+    );
+
+    // Only notes: a device not plugged in, a directory systemd creates.
+    let later = good
+        .replace(&format!("{d}/tty"), "/dev/ttyNOPE0")
+        .replace(&format!("{d}/outbox.db"), "/nonexistent/state/outbox.db");
+    let found = Config::parse(&later).unwrap().preflight(&later);
+    assert!(found.errors.is_empty(), "{found:?}");
+    assert_eq!(found.notes.len(), 2, "{found:?}");
+    assert!(
+        found.notes[0].starts_with("line 3: sources.bench.device: /dev/ttyNOPE0 does not exist")
+    );
+    assert!(
+        found.notes[1]
+            .starts_with("line 15: outbox.path: the directory /nonexistent/state does not exist")
+    );
+}
+
+#[test]
+fn sluice_check_fails_on_a_missing_file_and_is_silent_with_quiet() {
+    let dir = sluice_tests::temp_dir("check-files");
+    let (ca, _, _) = sluice_tests::test_pki(dir.path(), "check");
+    let password = dir.path().join("password");
+    std::fs::write(&password, "secret\n").unwrap();
+    std::fs::write(dir.path().join("tty"), b"").unwrap();
+    let d = dir.path().display().to_string();
+    let good = with_files(
+        &ca.display().to_string(),
+        &password.display().to_string(),
+        &format!("{d}/tty"),
+        &d,
+    );
+    let config = dir.path().join("sluice.toml");
+    let check = |text: &str, quiet: bool| {
+        std::fs::write(&config, text).unwrap();
+        let mut command = sluice_tests::own_binary(env!("CARGO_BIN_EXE_sluice"));
+        command.args(["check", "--config"]).arg(&config);
+        if quiet {
+            command.arg("--quiet");
+        }
+        let out = command.output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, stdout, stderr) = check(&good, true);
+    assert_eq!((code, stdout.as_str(), stderr.as_str()), (Some(0), "", ""));
+    let (code, stdout, stderr) = check(&good, false);
+    assert_eq!(code, Some(0));
+    assert!(stdout.contains("[uplink.tls]"), "{stdout}");
+    assert!(
+        stderr.contains("OK (") && stderr.contains("checked only when the agent runs"),
+        "{stderr}"
+    );
+    let (code, _, stderr) = check(
+        &good.replace(&ca.display().to_string(), "/nonexistent/ca.pem"),
+        true,
+    );
+    assert_eq!(code, Some(2));
+    assert!(
+        stderr.contains("line 21: uplink.tls.ca_file: /nonexistent/ca.pem: "),
+        "{stderr}"
+    );
+}

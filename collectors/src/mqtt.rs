@@ -257,7 +257,7 @@ pub fn resolve_secret(
 ) -> Result<Option<String>, String> {
     if let Some(file) = file {
         let text = std::fs::read_to_string(file)
-            .map_err(|e| format!("password_file {}: {e}", file.display()))?;
+            .map_err(|e| format!("password_file: {}: {e}", file.display()))?;
         return Ok(Some(text.lines().next().unwrap_or_default().to_owned()));
     }
     if let Some(var) = env {
@@ -272,16 +272,16 @@ pub fn resolve_secret(
 pub fn rustls_config(tls: &TlsSettings) -> Result<rustls::ClientConfig, String> {
     let mut roots = rustls::RootCertStore::empty();
     let certs = CertificateDer::pem_file_iter(&tls.ca_file)
-        .map_err(|e| format!("tls.ca_file {}: {e}", tls.ca_file.display()))?;
+        .map_err(|e| format!("tls.ca_file: {}: {e}", tls.ca_file.display()))?;
     for cert in certs {
-        let cert = cert.map_err(|e| format!("tls.ca_file {}: {e}", tls.ca_file.display()))?;
+        let cert = cert.map_err(|e| format!("tls.ca_file: {}: {e}", tls.ca_file.display()))?;
         roots
             .add(cert)
-            .map_err(|e| format!("tls.ca_file {}: {e}", tls.ca_file.display()))?;
+            .map_err(|e| format!("tls.ca_file: {}: {e}", tls.ca_file.display()))?;
     }
     if roots.is_empty() {
         return Err(format!(
-            "tls.ca_file {}: no certificate in it",
+            "tls.ca_file: {}: no certificate in it",
             tls.ca_file.display()
         ));
     }
@@ -295,12 +295,12 @@ pub fn rustls_config(tls: &TlsSettings) -> Result<rustls::ClientConfig, String> 
         (Some(cert_file), Some(key_file)) => {
             let chain = CertificateDer::pem_file_iter(cert_file)
                 .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-                .map_err(|e| format!("tls.client_cert_file {}: {e}", cert_file.display()))?;
+                .map_err(|e| format!("tls.client_cert_file: {}: {e}", cert_file.display()))?;
             let key = PrivateKeyDer::from_pem_file(key_file)
-                .map_err(|e| format!("tls.client_key_file {}: {e}", key_file.display()))?;
+                .map_err(|e| format!("tls.client_key_file: {}: {e}", key_file.display()))?;
             builder
                 .with_client_auth_cert(chain, key)
-                .map_err(|e| format!("tls client certificate: {e}"))
+                .map_err(|e| format!("tls.client_cert_file: {e}"))
         }
         _ => Ok(builder.with_no_client_auth()),
     }
