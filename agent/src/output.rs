@@ -100,7 +100,8 @@ pub struct AlertEvent {
     /// Its score: the signed z-score for `zscore` (compared by magnitude),
     /// the value for thresholds, the rate per second for `rate_of_change`.
     pub score: Option<f64>,
-    /// The level the score crossed.
+    /// The level the score crossed: the raise level for `raised`, the
+    /// clear level for `cleared`.
     pub threshold: f64,
     /// Event time of the reading, ms since the epoch.
     pub event_ts: Timestamp,
@@ -167,6 +168,10 @@ struct MqttSink {
     online: Arc<std::sync::atomic::AtomicBool>,
     /// The connection's name in logs: `output` or `output-alerts`.
     name: &'static str,
+    /// Messages handed to the client, and those it has written to the
+    /// broker: the difference is what its queue still holds.
+    handed: AtomicU64,
+    written: Arc<AtomicU64>,
 }
 
 impl MqttSink {
@@ -193,6 +198,8 @@ impl MqttSink {
         events.set_network_options(sluice_collectors::mqtt::network_options());
         let online = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let up = online.clone();
+        let written = Arc::new(AtomicU64::new(0));
+        let wrote = written.clone();
         let events = tokio::spawn(async move {
             let mut delay = Duration::from_millis(200);
             let mut disconnecting = false;
@@ -201,6 +208,9 @@ impl MqttSink {
                     // After our DISCONNECT, the broker closes the connection:
                     // only then has everything before it surely gone out.
                     Ok(Event::Outgoing(Outgoing::Disconnect)) => disconnecting = true,
+                    Ok(Event::Outgoing(Outgoing::Publish(_))) => {
+                        wrote.fetch_add(1, Relaxed);
+                    }
                     Err(_) if disconnecting => break,
                     Ok(Event::Incoming(rumqttc::Packet::ConnAck(_))) => {
                         delay = Duration::from_millis(200);
@@ -226,6 +236,8 @@ impl MqttSink {
             events,
             online,
             name,
+            handed: AtomicU64::new(0),
+            written,
         })
     }
 
@@ -247,12 +259,10 @@ impl MqttSink {
         stats: &OutputStats,
     ) -> Result<(), rumqttc::ClientError> {
         if !self.online.load(Relaxed) {
-            if self
-                .client
-                .try_publish(topic, qos, retain, payload)
-                .is_err()
-                && stats.dropped_offline.fetch_add(1, Relaxed) == 0
-            {
+            let queued = self.client.try_publish(topic, qos, retain, payload);
+            if queued.is_ok() {
+                self.handed.fetch_add(1, Relaxed);
+            } else if stats.dropped_offline.fetch_add(1, Relaxed) == 0 {
                 tracing::warn!(
                     connection = self.name,
                     "output broker unreachable and its queue full: live records are dropped \
@@ -266,7 +276,7 @@ impl MqttSink {
             .publish(topic.clone(), qos, retain, payload.clone());
         if !shutdown.is_cancelled() {
             tokio::select! {
-                sent = publish => return sent,
+                sent = publish => return self.handed_if(sent),
                 _ = shutdown.cancelled() => {}
             }
         }
@@ -280,9 +290,20 @@ impl MqttSink {
         )
         .await
         {
-            Ok(sent) => sent,
-            Err(_) => self.client.try_publish(topic, qos, retain, payload),
+            Ok(sent) => self.handed_if(sent),
+            Err(_) => self.handed_if(self.client.try_publish(topic, qos, retain, payload)),
         }
+    }
+
+    /// `sent`, counting it as handed to the client if it was.
+    fn handed_if(
+        &self,
+        sent: Result<(), rumqttc::ClientError>,
+    ) -> Result<(), rumqttc::ClientError> {
+        if sent.is_ok() {
+            self.handed.fetch_add(1, Relaxed);
+        }
+        sent
     }
 
     async fn publish(&self, record: &Record, stats: &OutputStats, shutdown: &CancellationToken) {
@@ -332,15 +353,22 @@ impl MqttSink {
 
     /// Disconnects once what was queued has gone out (bounded wait: a broker
     /// that is gone cannot take it).
-    async fn close(self, stats: &OutputStats) {
+    async fn close(self) {
         let _ = self.client.try_disconnect();
         if tokio::time::timeout(Duration::from_secs(5), self.events)
             .await
             .is_err()
         {
+            // A QoS 1 message written again after a reconnect counts twice
+            // in `written`: never below zero.
+            let lost = self
+                .handed
+                .load(Relaxed)
+                .saturating_sub(self.written.load(Relaxed));
             tracing::warn!(
-                failed_publishes = stats.publish_errors.load(Relaxed),
-                "output broker unreachable at shutdown: records still queued for it are lost"
+                connection = self.name,
+                lost,
+                "output broker unreachable at shutdown: the live records still queued for it are lost (an outbox, if configured, holds the aggregates)"
             );
         }
     }
@@ -551,7 +579,7 @@ async fn deliver(mut lane: Lane) {
         }
     }
     if let Some(sink) = lane.sink {
-        sink.close(stats).await;
+        sink.close().await;
     }
 }
 

@@ -370,7 +370,10 @@ impl Detector {
                     rule,
                     transition,
                     score: verdict.score,
-                    threshold: d.limit(),
+                    threshold: match transition {
+                        Transition::Raised => d.limit(),
+                        Transition::Cleared => d.clear_level(),
+                    },
                 });
             }
             Detector::Rate(d) => *d.levels(),
@@ -501,5 +504,31 @@ impl Rules {
     pub fn state(&self, i: usize) -> (Option<Window>, Option<Window<Quantiles>>, Vec<Detector>) {
         let r = &self.rules[i];
         (r.window.clone(), r.quantiles.clone(), r.detectors.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_threshold_change_carries_the_level_it_crossed() {
+        for (above, below, clear_at, values, levels) in [
+            (Some(80.0), None, 75.0, [90.0, 70.0], [80.0, 75.0]),
+            (None, Some(10.0), 12.0, [5.0, 13.0], [10.0, 12.0]),
+        ] {
+            let rule = ThresholdRule {
+                above,
+                below,
+                clear_at: Some(clear_at),
+                raise_after: 1,
+                clear_after: 1,
+            };
+            let mut d = Detector::Threshold("t", threshold_for(&rule).unwrap());
+            for (i, (value, level)) in values.into_iter().zip(levels).enumerate() {
+                let change = d.observe(i as i64, value).expect("a change");
+                assert_eq!(change.threshold, level, "{value} crossed {level}");
+            }
+        }
     }
 }

@@ -629,6 +629,64 @@ fn sigterm_is_bounded_when_the_output_broker_is_gone() {
     assert!(log.matches("publish failed").count() <= 1, "{log}");
 }
 
+/// With the output broker gone, each of the two output connections says
+/// once, by name, how many live records it held and lost at shutdown (the
+/// outbox, when configured, keeps the aggregates).
+#[test]
+fn a_dead_output_broker_costs_one_named_line_per_connection_with_what_it_lost() {
+    let (udp, dead, metrics) = (
+        sluice_tests::free_port(),
+        sluice_tests::free_port(),
+        sluice_tests::free_port(),
+    );
+    let (_dir, config) = temp_file(
+        "dead.toml",
+        &format!(
+            "agent_id = \"dead\"\n[sources.u]\nkind = \"udp\"\nbind = \"127.0.0.1:{udp}\"\n[[rules]]\nmatch = \"*\"\nwindow = {{ kind = \"count\", size = 1 }}\nthresholds = [{{ above = 80.0 }}]\n[output.mqtt]\nhost = \"127.0.0.1\"\nport = {dead}\n[metrics]\nlisten = \"127.0.0.1:{metrics}\"\nstats_interval_s = 0\n"
+        ),
+    );
+    let mut agent = Agent::start(&config);
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let start = Instant::now();
+    while !agent.log().contains("sluice running") {
+        assert!(start.elapsed() < WAIT, "{}", agent.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Five aggregates; an alert raised and cleared (event and retained
+    // state each): four alert messages.
+    let t0 = now_ms();
+    for (i, value) in [1.0, 2.0, 90.0, 3.0, 4.0].into_iter().enumerate() {
+        socket
+            .send_to(
+                reading("s-1", t0 + i as i64, value).as_bytes(),
+                ("127.0.0.1", udp),
+            )
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let start = Instant::now();
+    while metric(metrics, "sluice_alerts_cleared_total") != Some(1)
+        || metric(metrics, "sluice_aggregates_total") != Some(5)
+    {
+        assert!(start.elapsed() < WAIT, "{}", agent.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(agent.terminate().success(), "{}", agent.log());
+    let log = agent.log();
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("unreachable at shutdown"))
+        .collect();
+    assert_eq!(lines.len(), 2, "{log}");
+    for (name, lost) in [("output", 5), ("output-alerts", 4)] {
+        let line = lines
+            .iter()
+            .find(|l| l.contains(&format!("connection=\"{name}\"")))
+            .unwrap_or_else(|| panic!("no line for {name}: {log}"));
+        assert!(line.contains(&format!("lost={lost}")), "{name}: {line}");
+    }
+}
+
 /// A window boundary closes every series' window at once. With the output
 /// stalled (its broker gone), those aggregates wait in the aggregate
 /// channel, which holds one per series, while the worker goes on taking

@@ -372,6 +372,12 @@ impl ThresholdDetector {
         self.sign * self.machine.levels().raise_at()
     }
 
+    /// The value the reading must be back past to clear, in the reading's
+    /// units (for `above`, values below it clear; for `below`, above it).
+    pub fn clear_level(&self) -> f64 {
+        self.sign * self.machine.levels().clear_below()
+    }
+
     /// Scores `value` (the score is the value itself); refuses NaN and
     /// infinities without touching any state.
     #[inline]
