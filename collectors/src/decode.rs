@@ -236,9 +236,50 @@ impl JsonDecoder {
                 Reason::NonFinite,
                 &format_args!("a number too large for a double near byte {}", e.index()),
             ),
-            Err(e) => sink.reject(Reason::Malformed, &e),
+            Err(e) => sink.reject(
+                Reason::Malformed,
+                &NotJson {
+                    message,
+                    at: e.index(),
+                    // The parser stops at the last token when the input
+                    // runs out after `{`, `[`, `:` or `,`.
+                    ended: e.is_eof()
+                        || message.get(e.index()).is_some_and(|b| b"{[:,".contains(b))
+                            && message[e.index() + 1..].iter().all(u8::is_ascii_whitespace),
+                },
+            ),
         }
         self.tape = Some(tape.reset());
+    }
+}
+
+/// Why a message is not JSON, for the log: where the parser stopped and
+/// the text around it (escaped, so a control character cannot reach the
+/// terminal or the journal raw), instead of the parser's own terms.
+/// Formatted only when the (rate-limited) line is written.
+struct NotJson<'m> {
+    message: &'m [u8],
+    at: usize,
+    /// The message ended inside a value.
+    ended: bool,
+}
+
+impl std::fmt::Display for NotJson<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        const BEFORE: usize = 30;
+        const AFTER: usize = 10;
+        let len = self.message.len();
+        if self.ended || self.at >= len {
+            f.write_str("not JSON: it ends before the value does: ")?;
+        } else {
+            write!(f, "not JSON at byte {}: ", self.at)?;
+        }
+        let at = self.at.min(len);
+        let (start, end) = (at.saturating_sub(BEFORE), (at + AFTER).min(len));
+        f.write_str(if start > 0 { "\"…" } else { "\"" })?;
+        let text = String::from_utf8_lossy(&self.message[start..end]);
+        write!(f, "{}", text.escape_debug())?;
+        f.write_str(if end < len { "…\"" } else { "\"" })
     }
 }
 

@@ -10,6 +10,7 @@ const NOW: i64 = 1_732_600_000_000;
 struct Collect {
     readings: Vec<Reading>,
     rejected: Vec<Reason>,
+    details: Vec<String>,
 }
 
 impl DecodeSink for Collect {
@@ -19,6 +20,7 @@ impl DecodeSink for Collect {
     fn reject(&mut self, reason: Reason, detail: &dyn std::fmt::Display) {
         assert!(!detail.to_string().is_empty());
         self.rejected.push(reason);
+        self.details.push(detail.to_string());
     }
 }
 
@@ -149,6 +151,30 @@ fn time_formats() {
         );
         assert_eq!(c.rejected, vec![], "{format:?} {ts}");
         assert_eq!(c.readings[0].ts, expect, "{format:?} {ts}");
+    }
+}
+
+#[test]
+fn bad_json_is_said_in_words_a_user_can_act_on_with_an_excerpt() {
+    for (message, detail) in [
+        ("nope", "not JSON at byte 0: \"nope\""),
+        (
+            "{\"sensor\":\"a\",\"value\":tru}",
+            "not JSON at byte 22: \"{\\\"sensor\\\":\\\"a\\\",\\\"value\\\":tru}\"",
+        ),
+        (
+            "{\"sensor\":",
+            "not JSON: it ends before the value does: \"{\\\"sensor\\\":\"",
+        ),
+        (
+            &format!("{{\"sensor\":\"a\",{}x", " ".repeat(60)),
+            "not JSON at byte 74: \"…                              x\"",
+        ),
+        ("\u{1b}[31m", "not JSON at byte 0: \"\\u{1b}[31m\""),
+    ] {
+        let c = decode(message);
+        assert_eq!(c.rejected, vec![Reason::Malformed], "{message:?}");
+        assert_eq!(c.details, vec![detail.to_string()], "{message:?}");
     }
 }
 
