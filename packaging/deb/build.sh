@@ -10,8 +10,8 @@
 #
 #   packaging/deb/build.sh [TARGET ...]   (default: all three)
 #
-# Needs cargo-deb and cargo-zigbuild (cargo install --locked cargo-deb
-# cargo-zigbuild) and zig (pip install ziglang); see packaging/cross/README.md.
+# Needs cargo-deb, cargo-zigbuild and zig, at the versions in
+# packaging/cross/README.md.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -21,6 +21,8 @@ if [ ${#targets[@]} -eq 0 ]; then
 fi
 
 glibc_floor="${SLUICE_GLIBC:-2.28}"
+# The time every file in the package carries (reproducible builds).
+epoch="${SOURCE_DATE_EPOCH:-$(git log -1 --format=%ct 2>/dev/null || echo 0)}"
 for tool in cargo-deb cargo-zigbuild; do
     command -v "$tool" >/dev/null || { echo "error: $tool not found: cargo install --locked $tool" >&2; exit 1; }
 done
@@ -29,6 +31,8 @@ for target in "${targets[@]}"; do
     cargo zigbuild -p sluice --bin sluice --profile dist --target "$target.$glibc_floor"
     deb=$(cargo deb -p sluice --profile dist --target "$target" --no-build | tail -n 1)
     work=$(mktemp -d)
+    # mktemp -d makes the directory 0700; it becomes the package's ./
+    chmod 0755 "$work"
     dpkg-deb -R "$deb" "$work"
     bin="$work/usr/bin/sluice"
     depends=()
@@ -52,7 +56,10 @@ for target in "${targets[@]}"; do
     depends+=("procps")
     line=$(printf '%s\n' "${depends[@]}" | sort -u | paste -sd, - | sed 's/,/, /g')
     sed -i -E "s/^Depends:.*/Depends: $line/" "$work/DEBIAN/control"
-    dpkg-deb --root-owner-group -Zxz -b "$work" "$deb" > /dev/null
+    # Every file and directory gets the commit's time, as cargo-deb set
+    # them, so that the same commit builds the same package.
+    find "$work" -exec touch -h -d "@$epoch" {} +
+    SOURCE_DATE_EPOCH="$epoch" dpkg-deb --root-owner-group -Zxz -b "$work" "$deb" > /dev/null
     rm -rf "$work"
     echo "$deb: Depends: $line; /usr/bin/sluice $(dpkg-deb --fsys-tarfile "$deb" | tar -tvf - ./usr/bin/sluice | awk '{print $3}') bytes"
 done
