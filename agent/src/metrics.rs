@@ -107,6 +107,12 @@ pub fn render(r: &Running) -> String {
         &mut src(|s| s.connects.load(Relaxed).to_string()).into_iter(),
     );
     family(
+        "sluice_source_up",
+        "gauge",
+        "1 while the source is connected (MQTT), has its device open (serial) or is bound (UDP).",
+        &mut src(|s| u8::from(s.up.load(Relaxed)).to_string()).into_iter(),
+    );
+    family(
         "sluice_source_disconnects_total",
         "counter",
         "Lost connections or devices.",
@@ -415,6 +421,7 @@ pub fn snapshot(r: &Running) -> serde_json::Value {
             (
                 n.clone(),
                 json!({
+                    "up": s.up.load(Relaxed),
                     "messages": s.messages.load(Relaxed),
                     "decoded": s.decoded.load(Relaxed),
                     "delivered": s.delivered.load(Relaxed),

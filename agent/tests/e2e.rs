@@ -642,7 +642,7 @@ fn a_dead_output_broker_costs_one_named_line_per_connection_with_what_it_lost() 
     let (_dir, config) = temp_file(
         "dead.toml",
         &format!(
-            "agent_id = \"dead\"\n[sources.u]\nkind = \"udp\"\nbind = \"127.0.0.1:{udp}\"\n[[rules]]\nmatch = \"*\"\nwindow = {{ kind = \"count\", size = 1 }}\nthresholds = [{{ above = 80.0 }}]\n[output.mqtt]\nhost = \"127.0.0.1\"\nport = {dead}\n[metrics]\nlisten = \"127.0.0.1:{metrics}\"\nstats_interval_s = 0\n"
+            "agent_id = \"dead\"\n[sources.u]\nkind = \"udp\"\nbind = \"127.0.0.1:{udp}\"\n[sources.m]\nkind = \"mqtt\"\nhost = \"127.0.0.1\"\nport = {dead}\ntopics = [\"sensors/+\"]\nreconnect_min_ms = 50\nreconnect_max_ms = 100\n[[rules]]\nmatch = \"*\"\nwindow = {{ kind = \"count\", size = 1 }}\nthresholds = [{{ above = 80.0 }}]\n[output.mqtt]\nhost = \"127.0.0.1\"\nport = {dead}\n[metrics]\nlisten = \"127.0.0.1:{metrics}\"\nstats_interval_s = 0\n"
         ),
     );
     let mut agent = Agent::start(&config);
@@ -667,12 +667,30 @@ fn a_dead_output_broker_costs_one_named_line_per_connection_with_what_it_lost() 
     let start = Instant::now();
     while metric(metrics, "sluice_alerts_cleared_total") != Some(1)
         || metric(metrics, "sluice_aggregates_total") != Some(5)
+        || metric(metrics, "sluice_source_disconnects_total").unwrap_or(0) < 3
     {
         assert!(start.elapsed() < WAIT, "{}", agent.log());
         std::thread::sleep(Duration::from_millis(20));
     }
+    // The MQTT source is down, and says so at the unit's level (warn), once
+    // for a failing stretch however often it retries; the UDP source is up.
+    let text = http_get(metrics, "/metrics");
+    assert!(
+        text.contains("sluice_source_up{source=\"m\"} 0"),
+        "{text}"
+    );
+    assert!(
+        text.contains("sluice_source_up{source=\"u\"} 1"),
+        "{text}"
+    );
     assert!(agent.terminate().success(), "{}", agent.log());
     let log = agent.log();
+    let down: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("WARN") && l.contains("MQTT broker unreachable"))
+        .collect();
+    assert_eq!(down.len(), 1, "{log}");
+    assert!(down[0].contains("source=sources.m"), "{}", down[0]);
     let lines: Vec<&str> = log
         .lines()
         .filter(|l| l.contains("unreachable at shutdown"))

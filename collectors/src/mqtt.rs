@@ -126,6 +126,9 @@ const fn default_max_packet_bytes() -> usize {
     268_435_460
 }
 
+/// How often a source that cannot reach its broker says so again.
+const STILL_DOWN: Duration = Duration::from_secs(300);
+
 /// A connection that lasted this long counts as up: the reconnect backoff
 /// starts afresh after it fails. One that fails sooner (a broker that
 /// accepts and then drops it) keeps backing off.
@@ -313,6 +316,8 @@ pub struct MqttSource {
     decoder: JsonDecoder,
     handoff: Handoff,
     log: RateLimitedLog,
+    /// The source's name in logs (`sources.<name>`).
+    name: String,
 }
 
 impl MqttSource {
@@ -326,6 +331,7 @@ impl MqttSource {
             settings,
             handoff,
             log: RateLimitedLog::new(name, LOG_INTERVAL),
+            name: name.to_owned(),
         })
     }
 
@@ -346,6 +352,8 @@ impl MqttSource {
         );
         let stats = self.handoff.stats().clone();
         let mut connected_at: Option<std::time::Instant> = None;
+        // A failing stretch: since when, attempts, when it was last logged.
+        let mut failing: Option<(std::time::Instant, u64, std::time::Instant)> = None;
         loop {
             let event = tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -354,8 +362,13 @@ impl MqttSource {
             match event {
                 Ok(Event::Incoming(Packet::ConnAck(_))) => {
                     add(&stats.connects, 1);
+                    stats.up.store(true, std::sync::atomic::Ordering::Relaxed);
                     connected_at = Some(std::time::Instant::now());
-                    tracing::info!(broker = %self.broker(), "MQTT connected; subscribing");
+                    if let Some((since, attempts, _)) = failing.take() {
+                        tracing::info!(source = %self.name, broker = %self.broker(), attempts, "MQTT connected after {:?} unreachable; subscribing", since.elapsed());
+                    } else {
+                        tracing::info!(source = %self.name, broker = %self.broker(), "MQTT connected; subscribing");
+                    }
                     for topic in &self.settings.topics {
                         // The request queue is drained by `poll`, so use the
                         // non-blocking form; it holds 64 requests.
@@ -386,15 +399,33 @@ impl MqttSource {
                 Ok(_) => {}
                 Err(e) => {
                     add(&stats.disconnects, 1);
+                    stats.up.store(false, std::sync::atomic::Ordering::Relaxed);
                     if connected_at.is_some_and(|t| t.elapsed() >= STEADY) {
                         backoff.reset();
                     }
                     let delay = backoff.next_delay();
+                    let now = std::time::Instant::now();
                     if connected_at.is_some() {
-                        tracing::warn!(broker = %self.broker(), error = %e, "MQTT connection lost; reconnecting in {delay:?}");
+                        tracing::warn!(source = %self.name, broker = %self.broker(), error = %e, "MQTT connection lost; reconnecting in {delay:?}");
                     } else {
-                        tracing::debug!(broker = %self.broker(), error = %e, "MQTT connect failed; retrying in {delay:?}");
+                        // One warning when a failing stretch starts, then a
+                        // reminder every STILL_DOWN; the attempts between
+                        // at debug (sluice_source_up says it meanwhile).
+                        match &mut failing {
+                            None => {
+                                tracing::warn!(source = %self.name, broker = %self.broker(), error = %e, "MQTT broker unreachable; retrying with backoff (sluice_source_up is 0 until it connects)")
+                            }
+                            Some((since, attempts, logged)) if logged.elapsed() >= STILL_DOWN => {
+                                *logged = now;
+                                tracing::warn!(source = %self.name, broker = %self.broker(), error = %e, attempts = *attempts + 1, "MQTT broker still unreachable after {:?}", since.elapsed());
+                            }
+                            Some(_) => {
+                                tracing::debug!(source = %self.name, broker = %self.broker(), error = %e, "MQTT connect failed; retrying in {delay:?}")
+                            }
+                        }
                     }
+                    let (since, attempts, logged) = failing.unwrap_or((now, 0, now));
+                    failing = Some((since, attempts + 1, logged));
                     connected_at = None;
                     tokio::select! {
                         _ = shutdown.cancelled() => break,

@@ -187,6 +187,10 @@ impl SerialSource {
             match builder.open_native_async() {
                 Ok(mut port) => {
                     add(&self.handoff.stats().connects, 1);
+                    self.handoff
+                        .stats()
+                        .up
+                        .store(true, std::sync::atomic::Ordering::Relaxed);
                     tracing::info!(device = %self.settings.device.display(), "serial port open");
                     backoff.reset();
                     failing_since_logged = false;
@@ -198,6 +202,10 @@ impl SerialSource {
                         break;
                     }
                     add(&self.handoff.stats().disconnects, 1);
+                    self.handoff
+                        .stats()
+                        .up
+                        .store(false, std::sync::atomic::Ordering::Relaxed);
                     tracing::warn!(device = %self.settings.device.display(), "serial port lost: {cause}; reopening");
                 }
                 Err(e) => {

@@ -119,6 +119,9 @@ pub struct SourceStats {
     pub connects: AtomicU64,
     /// Times the connection or device failed.
     pub disconnects: AtomicU64,
+    /// Whether the source is connected (MQTT), has its device open
+    /// (serial) or is bound (UDP).
+    pub up: std::sync::atomic::AtomicBool,
     /// Datagrams the kernel dropped before the source could read them (a
     /// full UDP receive buffer): the socket's own drop count (`SO_MEMINFO`),
     /// read after each batch. Always 0 for other sources.

@@ -140,6 +140,7 @@ impl UdpSource {
             }
         };
         add(&handoff.stats().connects, 1);
+        handoff.stats().up.store(true, Relaxed);
         Ok(Self {
             socket,
             decoder: JsonDecoder::new(settings.json.clone()),

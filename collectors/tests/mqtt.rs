@@ -369,3 +369,29 @@ async fn a_session_dropped_right_after_connecting_keeps_backing_off() {
     assert!(connects.iter().all(|&c| c <= 15), "{connects:?}");
     assert!(connects.iter().sum::<u64>() >= 3, "{connects:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_source_says_whether_it_is_up() {
+    let mut broker = Broker::start("up");
+    broker.kill();
+    let (handoff, _rx, stats) = one_lane(256, ShedPolicy::DropNewest { high_water: 256 });
+    let source = MqttSource::new(
+        "up-test",
+        settings(broker.port, &["sensors/+"], "sluice-up"),
+        handoff,
+    )
+    .unwrap();
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(source.run(shutdown.clone()));
+    wait_for("failed connects", WAIT, || {
+        stats.disconnects.load(Relaxed) >= 2
+    })
+    .await;
+    assert!(!stats.up.load(Relaxed), "no broker: down");
+    broker.restart();
+    wait_for("up", WAIT, || stats.up.load(Relaxed)).await;
+    broker.kill();
+    wait_for("down again", WAIT, || !stats.up.load(Relaxed)).await;
+    shutdown.cancel();
+    task.await.unwrap();
+}
