@@ -3,6 +3,7 @@
 //!
 //! # Layout
 //!
+//! - [`cli`]: the command line.
 //! - [`config`]: the TOML configuration, its defaults and validation.
 //! - [`crash`]: crash points for the crash tests (`SLUICE_CRASH_AT`).
 //! - [`rules`]: series rules compiled into core windows and detectors.
@@ -18,6 +19,7 @@
 //! `main.rs` only parses the command line and calls into these.
 
 pub mod checkpoint;
+pub mod cli;
 pub mod config;
 pub mod crash;
 pub mod demo;

@@ -4,97 +4,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use clap::Parser;
+use sluice::cli::{Cli, Command, OutboxAction};
 use sluice::config::Config;
 use tokio_util::sync::CancellationToken;
-
-/// Sluice: sensor analytics at the edge.
-#[derive(Parser)]
-#[command(version, about)]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Subcommand)]
-enum Command {
-    /// Run the agent with a configuration file.
-    Run {
-        /// The TOML configuration file.
-        #[arg(short, long)]
-        config: PathBuf,
-    },
-    /// Validate a configuration file and the files it names (TLS, passwords)
-    /// and print it with every default filled in.
-    Check {
-        /// The TOML configuration file.
-        #[arg(short, long)]
-        config: PathBuf,
-        /// Print only notes and errors, not the effective configuration
-        /// (for the service's ExecStartPre).
-        #[arg(short, long)]
-        quiet: bool,
-    },
-    /// Inspect the outbox named in a configuration file.
-    Outbox {
-        /// What to do.
-        #[command(subcommand)]
-        action: OutboxAction,
-        /// The TOML configuration file.
-        #[arg(short, long, global = true)]
-        config: Option<PathBuf>,
-    },
-    /// Run the pipeline on generated sensors; nothing to install or configure.
-    Demo {
-        /// Stop after this many seconds (default: run until Ctrl-C).
-        #[arg(long)]
-        seconds: Option<u64>,
-        /// Print the demo's configuration and exit.
-        #[arg(long)]
-        print_config: bool,
-    },
-}
-
-#[derive(Subcommand)]
-enum OutboxAction {
-    /// Backlog, its bytes, the oldest record's age, the next seq, the epoch,
-    /// drops and dead letters (reads only).
-    Status,
-    /// SQLite's full integrity check and every record's checksum (reads only).
-    Verify,
-    /// List the records set aside as dead letters, with why (reads only).
-    DeadLetters {
-        /// Also print each record's payload.
-        #[arg(long)]
-        payload: bool,
-    },
-    /// Queue dead letters again, as new records at the end of the outbox.
-    Retry {
-        /// Their seqs.
-        #[arg(required_unless_present = "all")]
-        seqs: Vec<i64>,
-        /// Every dead letter.
-        #[arg(long, conflicts_with = "seqs")]
-        all: bool,
-    },
-    /// Forward what can be read of a damaged outbox file (one the agent
-    /// moved aside): its readable records are queued in this outbox, each
-    /// keeping its identity (epoch, seq) there, so upstream drops any it
-    /// already holds.
-    Salvage {
-        /// The damaged file (`<outbox>.corrupt-<ms>`).
-        file: PathBuf,
-    },
-    /// Delete dead letters for good.
-    Purge {
-        /// Their seqs.
-        #[arg(required_unless_present = "all")]
-        seqs: Vec<i64>,
-        /// Every dead letter.
-        #[arg(long, conflicts_with = "seqs")]
-        all: bool,
-    },
-}
 
 fn main() -> ExitCode {
     // A file size limit (`ulimit -f`, systemd's `LimitFSIZE=`) must show as a

@@ -675,14 +675,8 @@ fn a_dead_output_broker_costs_one_named_line_per_connection_with_what_it_lost() 
     // The MQTT source is down, and says so at the unit's level (warn), once
     // for a failing stretch however often it retries; the UDP source is up.
     let text = http_get(metrics, "/metrics");
-    assert!(
-        text.contains("sluice_source_up{source=\"m\"} 0"),
-        "{text}"
-    );
-    assert!(
-        text.contains("sluice_source_up{source=\"u\"} 1"),
-        "{text}"
-    );
+    assert!(text.contains("sluice_source_up{source=\"m\"} 0"), "{text}");
+    assert!(text.contains("sluice_source_up{source=\"u\"} 1"), "{text}");
     assert!(agent.terminate().success(), "{}", agent.log());
     let log = agent.log();
     let down: Vec<&str> = log
