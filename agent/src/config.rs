@@ -298,6 +298,10 @@ pub struct Rule {
     pub thresholds: Vec<ThresholdRule>,
     /// A rate-of-change rule.
     pub rate_of_change: Option<RateRule>,
+    /// Raise an `absent` alert when a series that has reported sends
+    /// nothing for this long (ms, on the agent's clock; at least 100);
+    /// its next reading clears it. Default: none.
+    pub absent_after_ms: Option<u64>,
     /// `critical` series are never shed; `normal` (default) ones may be.
     #[serde(default)]
     pub priority: PriorityKind,
@@ -810,8 +814,15 @@ impl Rule {
             && self.anomaly.is_none()
             && self.thresholds.is_empty()
             && self.rate_of_change.is_none()
+            && self.absent_after_ms.is_none()
         {
-            return Err("match: the rule computes nothing: add a window, anomaly, thresholds or rate_of_change".into());
+            return Err("match: the rule computes nothing: add a window, anomaly, thresholds, rate_of_change or absent_after_ms".into());
+        }
+        if self
+            .absent_after_ms
+            .is_some_and(|ms| !(100..=i64::MAX as u64 / 2).contains(&ms))
+        {
+            return Err("absent_after_ms: must be at least 100".into());
         }
         if let Some(a) = &self.anomaly {
             crate::rules::zscore_for(a).map_err(|e| {

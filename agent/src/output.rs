@@ -456,16 +456,42 @@ impl OutboxFeed {
     }
 }
 
+/// `ms` since the epoch as the local time of day, `HH:MM:SS` (and `.mmm`
+/// with `millis`); the date is left out: console lines are read as they
+/// come.
+pub fn clock(ms: Timestamp, millis: bool) -> String {
+    let secs = ms.div_euclid(1000) as libc::time_t;
+    // SAFETY: an all-zero `tm` is a valid value (integers, and a null
+    // `tm_zone` pointer that localtime_r overwrites); localtime_r is the
+    // thread-safe form and writes only into the `tm` we own.
+    let tm = unsafe {
+        let mut tm: libc::tm = std::mem::zeroed();
+        (!libc::localtime_r(&secs, &mut tm).is_null()).then_some(tm)
+    };
+    let (h, m, s) = tm.map_or_else(
+        || {
+            let day = ms.rem_euclid(86_400_000) / 1000;
+            (day / 3600, day / 60 % 60, day % 60)
+        },
+        |tm| (tm.tm_hour.into(), tm.tm_min.into(), tm.tm_sec.into()),
+    );
+    if millis {
+        format!("{h:02}:{m:02}:{s:02}.{:03}", ms.rem_euclid(1000))
+    } else {
+        format!("{h:02}:{m:02}:{s:02}")
+    }
+}
+
 /// Prints records on standard output, one line each.
 fn print(record: &Record) {
     match record {
         Record::Stats(_) | Record::Checkpoint { .. } => {}
         Record::Aggregate(a) => {
             println!(
-                "agg   {:<24} [{} .. {})  n={:<4} mean={:>9.3}  min={:>9.3}  max={:>9.3}{}{}",
+                "agg   {:<24} {}-{}  n={:<4} mean={:>9.3}  min={:>9.3}  max={:>9.3}{}{}",
                 a.series,
-                a.start,
-                a.end,
+                clock(a.start, true),
+                clock(a.end, true),
                 a.count,
                 a.mean,
                 a.min,
@@ -501,7 +527,7 @@ pub async fn run(
     records: mpsc::Receiver<Record>,
     alerts: mpsc::Receiver<Record>,
     mqtt: Option<&MqttOutput>,
-    console: bool,
+    console: Console,
     agent: Arc<str>,
     stats: Arc<OutputStats>,
     shutdown: CancellationToken,
@@ -517,7 +543,7 @@ pub async fn run(
     let alert_lane = tokio::spawn(deliver(Lane {
         rx: alerts,
         sink: alert_sink,
-        console,
+        console: console.clone(),
         agent: agent.clone(),
         stats: stats.clone(),
         shutdown: shutdown.clone(),
@@ -539,11 +565,24 @@ pub async fn run(
         .map_err(|e| format!("alert output task failed: {e}"))
 }
 
+/// What the console gets.
+#[derive(Clone, Debug)]
+pub enum Console {
+    /// Nothing.
+    Off,
+    /// Each aggregate and alert as a line on standard output
+    /// (`output.console = true`).
+    Lines,
+    /// Each aggregate and alert as a record, for a caller that shows them
+    /// its own way (`sluice demo`); dropped if the caller falls behind.
+    Tap(mpsc::Sender<Record>),
+}
+
 /// One channel's way out: to the outbox, the console and an MQTT connection.
 struct Lane {
     rx: mpsc::Receiver<Record>,
     sink: Option<MqttSink>,
-    console: bool,
+    console: Console,
     agent: Arc<str>,
     stats: Arc<OutputStats>,
     shutdown: CancellationToken,
@@ -568,8 +607,14 @@ async fn deliver(mut lane: Lane) {
             Record::Alert(_) => stats.alerts_cleared.fetch_add(1, Relaxed),
             Record::Stats(_) | Record::Checkpoint { .. } => 0,
         };
-        if lane.console {
-            print(&record);
+        match &lane.console {
+            Console::Off => {}
+            Console::Lines => print(&record),
+            Console::Tap(tap) => {
+                if !matches!(record, Record::Stats(_)) {
+                    let _ = tap.try_send(record.clone());
+                }
+            }
         }
         if let Some(feed) = &lane.outbox {
             feed.store(&record, &lane.agent).await;

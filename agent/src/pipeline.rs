@@ -84,7 +84,33 @@ pub async fn run_with_reload(
     config: Config,
     shutdown: CancellationToken,
     started: Option<oneshot::Sender<Running>>,
+    reload: Option<mpsc::Receiver<Config>>,
+) -> anyhow::Result<Running> {
+    let console = if config.output.console {
+        output::Console::Lines
+    } else {
+        output::Console::Off
+    };
+    run_with(config, shutdown, started, reload, console).await
+}
+
+/// [`run`], with aggregates and alerts also sent to `tap` as records (what
+/// `sluice demo` prints), whatever `output.console` says.
+pub async fn run_tapped(
+    config: Config,
+    shutdown: CancellationToken,
+    started: Option<oneshot::Sender<Running>>,
+    tap: mpsc::Sender<output::Record>,
+) -> anyhow::Result<Running> {
+    run_with(config, shutdown, started, None, output::Console::Tap(tap)).await
+}
+
+async fn run_with(
+    config: Config,
+    shutdown: CancellationToken,
+    started: Option<oneshot::Sender<Running>>,
     mut reload: Option<mpsc::Receiver<Config>>,
+    console: output::Console,
 ) -> anyhow::Result<Running> {
     let agent: Arc<str> = config.agent_id.as_str().into();
     let rules = Arc::new(Rules::compile(&config.rules).map_err(anyhow::Error::msg)?);
@@ -225,9 +251,8 @@ pub async fn run_with_reload(
     }
     let output_task = {
         let feed = outbox_feed.take();
-        let (mqtt, console, agent, stats, stopping) = (
+        let (mqtt, agent, stats, stopping) = (
             config.output.mqtt.clone(),
-            config.output.console,
             agent.clone(),
             output_stats.clone(),
             shutdown.clone(),

@@ -406,6 +406,8 @@ pub struct CompiledRule {
     /// (computed once here: hashing settings per series made a checkpoint
     /// of 10,000 series several times slower).
     fingerprints: (u64, u64),
+    /// `absent_after_ms`.
+    absent_after: Option<Timestamp>,
 }
 
 /// The rules of a configuration, in order.
@@ -447,6 +449,7 @@ impl Rules {
                     crate::checkpoint::window_fingerprint(r),
                     crate::checkpoint::detector_fingerprint(r),
                 ),
+                absent_after: r.absent_after_ms.map(|ms| ms as Timestamp),
                 config: r.clone(),
                 pattern: glob::Pattern::new(&r.pattern).map_err(|e| bad("match", &e))?,
                 quantiles: match (&r.window, r.quantiles.is_empty()) {
@@ -498,6 +501,12 @@ impl Rules {
     /// [`crate::checkpoint::window_fingerprint`]).
     pub fn fingerprints(&self, i: usize) -> (u64, u64) {
         self.rules[i].fingerprints
+    }
+
+    /// How long a series under rule `i` may send nothing before it is
+    /// reported absent (`absent_after_ms`), ms.
+    pub fn absent_after(&self, i: usize) -> Option<Timestamp> {
+        self.rules[i].absent_after
     }
 
     /// Fresh state for a series under rule `i`.

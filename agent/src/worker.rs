@@ -118,6 +118,10 @@ struct Series {
     /// Largest event time seen, and the wall time it was seen at.
     last_event: Timestamp,
     last_seen: Timestamp,
+    /// An `absent` alert is raised (see `absent_after_ms`). Not saved in
+    /// checkpoints: after a restart a series still silent is reported
+    /// absent again once `absent_after_ms` has passed since the start.
+    absent: bool,
 }
 
 /// A series' aggregate window and, when its rule asks for quantiles, the
@@ -588,6 +592,7 @@ impl Worker {
                     detectors,
                     last_event: s.last_event,
                     last_seen: s.last_seen,
+                    absent: false,
                 }),
             );
             restored += 1;
@@ -694,6 +699,7 @@ impl Worker {
                     detectors,
                     last_event: reading.ts,
                     last_seen: reading.ingest,
+                    absent: false,
                 }),
             );
             self.stats.series.store(self.series.len() as u64, Relaxed);
@@ -703,9 +709,11 @@ impl Worker {
             .series
             .get_mut(&reading.series)
             .expect("inserted above");
+        let silent_ms = reading.ingest.saturating_sub(series.last_seen);
         series.last_event = series.last_event.max(reading.ts);
         series.last_seen = reading.ingest;
         let rule = series.rule;
+        let back = std::mem::take(&mut series.absent);
         if let Some(windows) = &mut series.windows
             && windows.push(reading.ts, reading.value, reading.weight, &mut records)
                 == Err(Rejection::Late)
@@ -714,6 +722,19 @@ impl Worker {
         }
         let detected = now_ms();
         let mut alerts = Vec::new();
+        if back {
+            alerts.push(AlertEvent {
+                agent: self.agent.clone(),
+                series: reading.series.to_string(),
+                rule: "absent",
+                state: "cleared",
+                value: reading.value,
+                score: Some(silent_ms as f64),
+                threshold: self.rules.absent_after(rule).unwrap_or(0) as f64,
+                event_ts: reading.ts,
+                detected_ts: detected,
+            });
+        }
         for d in &mut series.detectors {
             if let Some(change) = d.observe(reading.ts, reading.value) {
                 alerts.push(AlertEvent {
@@ -800,6 +821,26 @@ impl Worker {
         }
         let mut done = Vec::new();
         for (key, s) in &mut self.series {
+            if let Some(after) = self.rules.absent_after(s.rule) {
+                // Silent since the last reading, or since this worker
+                // started (the time the agent was down does not count).
+                let silent = now.saturating_sub(s.last_seen.max(self.started));
+                if !s.absent && silent >= after {
+                    s.absent = true;
+                    self.emit.send(Record::Alert(AlertEvent {
+                        agent: self.agent.clone(),
+                        series: key.to_string(),
+                        rule: "absent",
+                        state: "raised",
+                        // No reading raised it (null in JSON).
+                        value: f64::NAN,
+                        score: Some(now.saturating_sub(s.last_seen) as f64),
+                        threshold: after as f64,
+                        event_ts: s.last_event,
+                        detected_ts: now,
+                    }));
+                }
+            }
             let Some(windows) = &mut s.windows else {
                 continue;
             };
@@ -964,6 +1005,36 @@ mod tests {
         assert_eq!(stats.series.load(Relaxed), 1);
         w.tick(now + 6_000);
         assert_eq!(stats.series.load(Relaxed), 0);
+    }
+
+    fn alerts(rx: &mut mpsc::Receiver<Record>) -> Vec<(String, &'static str, &'static str)> {
+        let mut out = Vec::new();
+        while let Ok(r) = rx.try_recv() {
+            if let Record::Alert(a) = r {
+                out.push((a.series, a.rule, a.state));
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn a_series_that_falls_silent_raises_absent_once_and_clears_when_it_returns() {
+        let (mut w, mut rx, _) = worker("[[rules]]\nmatch = \"*\"\nabsent_after_ms = 3000\n");
+        let now = now_ms();
+        w.process(seen("a", now));
+        w.process(seen("b", now));
+        w.tick(now + 2_999);
+        assert_eq!(alerts(&mut rx), vec![]);
+        w.process(seen("b", now + 2_999));
+        w.tick(now + 3_000);
+        assert_eq!(alerts(&mut rx), vec![("a".into(), "absent", "raised")]);
+        // Once, however often the worker ticks.
+        w.tick(now + 60_000);
+        assert_eq!(alerts(&mut rx), vec![("b".into(), "absent", "raised")]);
+        w.process(seen("a", now + 61_000));
+        assert_eq!(alerts(&mut rx), vec![("a".into(), "absent", "cleared")]);
+        w.tick(now + 61_100);
+        assert_eq!(alerts(&mut rx), vec![]);
     }
 
     /// The checkpoint `w` sends.

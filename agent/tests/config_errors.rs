@@ -170,6 +170,7 @@ fn a_value_out_of_range_names_its_key_and_line() {
         ("rules[0].thresholds[0].raise_after", "3", "0"),
         ("rules[0].rate_of_change.per_second_above", "5.0", "nan"),
         ("rules[0].rate_of_change.clear_below", "2.0", "6.0"),
+        ("rules[0].absent_after_ms", "30000", "10"),
         ("rules[1].window.slide_ms", "10000", "7000"),
         ("rules[2].window.half_life", "100.0", "0.0"),
         ("rules[2].window.every_ms", "5000", "0"),

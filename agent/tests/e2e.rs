@@ -427,7 +427,7 @@ fn every_shipped_config_parses() {
 #[test]
 fn the_demo_prints_aggregates_and_an_alert_and_stops() {
     let out = sluice_tests::own_binary(env!("CARGO_BIN_EXE_sluice"))
-        .args(["demo", "--seconds", "9"])
+        .args(["demo", "--seconds", "10"])
         .output()
         .unwrap();
     assert!(
@@ -436,18 +436,29 @@ fn the_demo_prints_aggregates_and_an_alert_and_stops() {
         String::from_utf8_lossy(&out.stderr)
     );
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        stdout.lines().filter(|l| l.starts_with("agg ")).count() >= 40,
-        "{stdout}"
-    );
-    // s-0003 spikes at 7 s.
-    assert!(
-        stdout
-            .lines()
-            .any(|l| l.starts_with("ALERT raised") && l.contains("s-0003")),
-        "{stdout}"
-    );
-    assert!(stdout.contains("[final]"));
+    // Everything fits a terminal 80 columns wide.
+    assert!(stdout.lines().all(|l| l.chars().count() <= 80), "{stdout}");
+    // One row per window: a clock time and eight means (or `-`).
+    let rows: Vec<Vec<&str>> = stdout
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .filter(|w| {
+            w.len() == 9 && w[0].len() == 8 && w[0].chars().filter(|&c| c == ':').count() == 2
+        })
+        .collect();
+    assert!(rows.len() >= 6, "{stdout}");
+    assert!(stdout.contains("window   s-0000"), "{stdout}");
+    // s-0003 spikes at 7 s; s-0007 falls silent at 5 s: a `-` in its
+    // column, and an `absent` alert 3 s later.
+    let alert = |series: &str, rule: &str| {
+        stdout.lines().any(|l| {
+            l.starts_with("!! ") && l.contains(series) && l.contains(&format!("{rule} raised"))
+        })
+    };
+    assert!(alert("s-0003", "zscore"), "{stdout}");
+    assert!(alert("s-0007", "absent"), "{stdout}");
+    assert!(rows.iter().any(|r| r[8] == "-"), "{stdout}");
+    assert!(stdout.contains("-- final: readings "), "{stdout}");
 }
 
 fn reload_config(broker_port: u16, metrics_port: u16, above: f64) -> String {
