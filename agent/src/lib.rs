@@ -3,32 +3,35 @@
 //!
 //! # Layout
 //!
-//! - [`cli`]: the command line.
+//! The folders follow the data path; each module depends only on the ones
+//! below it in this list (and on `sluice-core` and `sluice-collectors`):
+//!
+//! - [`ops::crash`]: crash points for the crash tests (`SLUICE_CRASH_AT`).
+//! - [`output::topic`]: series and agent ids as topic levels; topics no
+//!   broker takes.
+//! - [`store::outbox`]: the SQLite store-and-forward queue, checkpoints and
+//!   window marks.
+//! - [`pipeline::rules`]: what a rule asks for (the `[[rules]]` settings)
+//!   and its compiled form: core windows and detectors.
 //! - [`config`]: the TOML configuration, its defaults and validation.
-//! - [`crash`]: crash points for the crash tests (`SLUICE_CRASH_AT`).
-//! - [`rules`]: series rules compiled into core windows and detectors.
-//! - [`worker`]: worker threads that own their series.
-//! - [`outbox`]: the SQLite store-and-forward queue.
-//! - [`output`]: aggregate and alert records, and their delivery.
-//! - [`topic`]: series and agent ids as topic levels; topics no broker takes.
-//! - [`metrics`]: Prometheus `/metrics` and the periodic stats message.
-//! - [`uplink`]: the outbox writer and the uplink to the upstream broker.
+//! - [`store::uplink`]: the outbox writer and the uplink to the upstream
+//!   broker.
+//! - [`output`]: aggregate and alert records and their delivery (MQTT,
+//!   console).
+//! - [`pipeline::checkpoint`], [`pipeline::worker`]: the workers that own
+//!   their series, and their saved state.
+//! - [`ops::metrics`]: the running pipeline's counters, Prometheus
+//!   `/metrics` and the periodic stats message.
 //! - [`pipeline`]: wiring and orderly shutdown.
-//! - [`demo`]: `sluice demo`, the pipeline on generated sensors.
+//! - [`ops::service`]: systemd readiness and the watchdog.
+//! - [`demo`], [`cli`]: `sluice demo`, and the command line.
 //!
 //! `main.rs` only parses the command line and calls into these.
 
-pub mod checkpoint;
 pub mod cli;
 pub mod config;
-pub mod crash;
 pub mod demo;
-pub mod metrics;
-pub mod outbox;
+pub mod ops;
 pub mod output;
 pub mod pipeline;
-pub mod rules;
-pub mod service;
-pub mod topic;
-pub mod uplink;
-pub mod worker;
+pub mod store;

@@ -94,7 +94,7 @@ fn main() -> ExitCode {
                 let watch = shutdown.clone();
                 tokio::spawn(async move {
                     if let Ok(running) = started_rx.await {
-                        sluice::service::ready_and_watchdog(running, watch).await;
+                        sluice::ops::service::ready_and_watchdog(running, watch).await;
                     }
                 });
                 sluice::pipeline::run_with_reload(
@@ -192,7 +192,7 @@ async fn reload_on_sighup(path: PathBuf, reload: tokio::sync::mpsc::Sender<Confi
 
 /// `sluice outbox status|verify|dead-letters|retry|purge`.
 fn outbox_command(action: OutboxAction, config: Option<PathBuf>) -> ExitCode {
-    use sluice::outbox::Outbox;
+    use sluice::store::outbox::Outbox;
     let Some(path) = config else {
         eprintln!("error: --config FILE is required");
         return ExitCode::from(2);
@@ -226,7 +226,7 @@ fn outbox_command(action: OutboxAction, config: Option<PathBuf>) -> ExitCode {
             Outbox::open(
                 &o.path,
                 o.durability,
-                sluice::outbox::OnCorrupt::Refuse,
+                sluice::store::outbox::OnCorrupt::Refuse,
                 o.max_records,
                 o.max_bytes,
             )
@@ -309,7 +309,7 @@ fn outbox_command(action: OutboxAction, config: Option<PathBuf>) -> ExitCode {
                     &"salvage reads another file (one moved aside), not the outbox itself",
                 );
             }
-            let report = match sluice::outbox::salvage_read(&file) {
+            let report = match sluice::store::outbox::salvage_read(&file) {
                 Ok(r) => r,
                 Err(e) => return fail(&e),
             };

@@ -842,7 +842,7 @@ fn idle_metrics_connections_cannot_take_the_agents_descriptors() {
     std::thread::sleep(std::time::Duration::from_millis(300));
     let during = open_fds(agent.id());
     assert!(
-        during <= before + sluice::metrics::MAX_CONNECTIONS + 8,
+        during <= before + sluice::ops::metrics::MAX_CONNECTIONS + 8,
         "{before} descriptors before, {during} with 300 idle clients"
     );
     drop(idle);

@@ -308,10 +308,10 @@ async fn a_record_the_broker_refuses_is_set_aside_and_the_rest_go_on() {
     let tmp = sluice_tests::temp_dir("refuse");
     let db = tmp.path().join("outbox.db");
     let appended_epoch = {
-        let (mut outbox, _) = sluice::outbox::Outbox::open(
+        let (mut outbox, _) = sluice::store::outbox::Outbox::open(
             &db,
-            sluice::outbox::Durability::Normal,
-            sluice::outbox::OnCorrupt::Refuse,
+            sluice::store::outbox::Durability::Normal,
+            sluice::store::outbox::OnCorrupt::Refuse,
             u64::MAX,
             u64::MAX,
         )
@@ -376,7 +376,7 @@ reconnect_max_ms = 400
     // Found in a bounded number of tries, not by hammering the broker.
     let connects = metric(metrics, "sluice_uplink_connects_total").unwrap();
     assert!(
-        connects <= u64::from(sluice::uplink::STRIKES) + 3,
+        connects <= u64::from(sluice::store::uplink::STRIKES) + 3,
         "{connects} connections"
     );
     let (ok, listed) = outbox_cli(&config, &["dead-letters"]);

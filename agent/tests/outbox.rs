@@ -9,7 +9,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use proptest::prelude::*;
-use sluice::outbox::{Durability, OnCorrupt, OnFull, Outbox};
+use sluice::store::outbox::{Durability, OnCorrupt, OnFull, Outbox};
 
 /// A database path in a fresh directory, removed when the guard drops.
 fn temp_db(name: &str) -> (sluice_tests::TempDir, PathBuf) {
@@ -352,7 +352,7 @@ fn window_record(series: &str, i: i64) -> (String, Vec<u8>) {
 #[test]
 fn downsampling_keeps_every_reading_in_coarser_windows() {
     let (_dir, path) = temp_db("downsample");
-    let claimed = sluice::outbox::Claimed::default();
+    let claimed = sluice::store::outbox::Claimed::default();
     let mut outbox = Outbox::open(&path, Durability::Normal, OnCorrupt::Refuse, 30, 1 << 20)
         .unwrap()
         .0
@@ -639,8 +639,8 @@ proptest! {
     #[test]
     fn downsampling_loses_and_double_counts_nothing(actions in ds_actions(), max in 8u64..16) {
         let (_dir, path) = temp_db("ds-model");
-        let claimed = sluice::outbox::Claimed::default();
-        let open_ds = |claimed: &sluice::outbox::Claimed| {
+        let claimed = sluice::store::outbox::Claimed::default();
+        let open_ds = |claimed: &sluice::store::outbox::Claimed| {
             Outbox::open(&path, Durability::Normal, OnCorrupt::Refuse, max, u64::MAX)
                 .unwrap()
                 .0
@@ -946,7 +946,7 @@ fn the_previous_releases_outbox_is_upgraded_in_place() {
 fn downsampling(
     path: &std::path::Path,
     max_records: u64,
-    claimed: &sluice::outbox::Claimed,
+    claimed: &sluice::store::outbox::Claimed,
 ) -> Outbox {
     Outbox::open(
         path,
@@ -965,7 +965,7 @@ fn downsampling_pairs_windows_of_thousands_of_interleaved_series() {
     // 2,000 series, one window each per round: a series' next window comes
     // 2,000 records after its last, far beyond any fixed look-ahead.
     let (_dir, path) = temp_db("ds-many");
-    let claimed = sluice::outbox::Claimed::default();
+    let claimed = sluice::store::outbox::Claimed::default();
     let mut outbox = downsampling(&path, 6_000, &claimed);
     for round in 0..4 {
         let records: Vec<(String, Vec<u8>)> = (0..2_000)
@@ -996,7 +996,7 @@ fn downsampling_pairs_windows_of_thousands_of_interleaved_series() {
 #[test]
 fn a_record_read_for_sending_is_never_rewritten_even_after_a_restart() {
     let (_dir, path) = temp_db("ds-sent");
-    let claimed = sluice::outbox::Claimed::default();
+    let claimed = sluice::store::outbox::Claimed::default();
     let originals: Vec<(String, Vec<u8>)> = (0..20).map(|i| window_record("a", i)).collect();
     {
         let mut outbox = downsampling(&path, 100, &claimed);
@@ -1008,7 +1008,7 @@ fn a_record_read_for_sending_is_never_rewritten_even_after_a_restart() {
             6
         );
     }
-    let fresh = sluice::outbox::Claimed::default();
+    let fresh = sluice::store::outbox::Claimed::default();
     let mut outbox = downsampling(&path, 10, &fresh);
     outbox.append(&[window_record("a", 20)], 2).unwrap();
     let left = outbox.peek(0, 100).unwrap();
@@ -1027,7 +1027,7 @@ fn a_record_read_for_sending_is_never_rewritten_even_after_a_restart() {
 #[test]
 fn drop_oldest_spares_the_records_in_flight() {
     let (_dir, path) = temp_db("drop-inflight");
-    let claimed = sluice::outbox::Claimed::default();
+    let claimed = sluice::store::outbox::Claimed::default();
     let mut outbox = Outbox::open(&path, Durability::Normal, OnCorrupt::Refuse, 10, u64::MAX)
         .unwrap()
         .0
@@ -1060,7 +1060,7 @@ fn a_power_loss_that_rolls_back_seqs_never_reuses_an_identity_upstream_has() {
     let side = |suffix: &str| PathBuf::from(format!("{}{suffix}", path.display()));
     let snapshot = dir.path().join("snapshot");
     std::fs::create_dir(&snapshot).unwrap();
-    let claimed = sluice::outbox::Claimed::default();
+    let claimed = sluice::store::outbox::Claimed::default();
     let mut upstream = std::collections::BTreeSet::new();
     {
         let mut outbox = open(&path, u64::MAX);

@@ -12,7 +12,7 @@
 
 use std::collections::BTreeSet;
 
-use sluice::outbox::{Durability, OnCorrupt, Outbox};
+use sluice::store::outbox::{Durability, OnCorrupt, Outbox};
 use sluice_tests::powercut::{self, PowerCut, splitmix};
 
 /// What the file holds, by the ids written into the payloads.

@@ -525,7 +525,7 @@ async fn a_full_disk_pauses_appends_and_they_resume_when_space_returns() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn live_records_are_not_held_behind_a_draining_backlog() {
-    use sluice::outbox::{Durability, OnCorrupt, Outbox};
+    use sluice::store::outbox::{Durability, OnCorrupt, Outbox};
     let upstream = Broker::start("live-upstream");
     let tmp = sluice_tests::temp_dir("live");
     let dir = tmp.path().to_path_buf();
@@ -696,10 +696,10 @@ async fn a_full_disk_never_jams_the_uplink_the_backlog_drains_without_a_flood_of
     // A backlog of 5,000 records, written while there was room.
     let total = 5_000usize;
     {
-        let (mut outbox, _) = sluice::outbox::Outbox::open(
+        let (mut outbox, _) = sluice::store::outbox::Outbox::open(
             &db,
-            sluice::outbox::Durability::Normal,
-            sluice::outbox::OnCorrupt::Refuse,
+            sluice::store::outbox::Durability::Normal,
+            sluice::store::outbox::OnCorrupt::Refuse,
             u64::MAX,
             u64::MAX,
         )
@@ -781,10 +781,10 @@ async fn a_moved_aside_backlog_is_salvaged_and_forwarded_under_its_own_identity(
     let db = dir.join("salvage.db");
     // A backlog of 300 records, never forwarded.
     let epoch = {
-        let (mut outbox, _) = sluice::outbox::Outbox::open(
+        let (mut outbox, _) = sluice::store::outbox::Outbox::open(
             &db,
-            sluice::outbox::Durability::Normal,
-            sluice::outbox::OnCorrupt::Refuse,
+            sluice::store::outbox::Durability::Normal,
+            sluice::store::outbox::OnCorrupt::Refuse,
             u64::MAX,
             u64::MAX,
         )

@@ -13,12 +13,12 @@ use std::hint::black_box;
 use std::sync::Arc;
 
 use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
-use sluice::checkpoint;
 use sluice::config::Config;
-use sluice::outbox::{Durability, OnCorrupt, Outbox};
 use sluice::output::Record;
-use sluice::rules::Rules;
-use sluice::worker::{RulesSlot, Worker, WorkerStats};
+use sluice::pipeline::checkpoint;
+use sluice::pipeline::rules::Rules;
+use sluice::pipeline::worker::{RulesSlot, Worker, WorkerStats};
+use sluice::store::outbox::{Durability, OnCorrupt, Outbox};
 use sluice_collectors::{Reading, SeriesKey};
 use sluice_core::rng::SplitMix64;
 use tokio::sync::mpsc;

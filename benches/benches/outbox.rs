@@ -6,7 +6,7 @@
 
 use std::time::Instant;
 
-use sluice::outbox::{Durability, OnCorrupt, Outbox};
+use sluice::store::outbox::{Durability, OnCorrupt, Outbox};
 
 fn main() {
     let n: usize = std::env::var("RECORDS")

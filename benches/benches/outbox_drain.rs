@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use sluice::config::UplinkConfig;
-use sluice::outbox::{Durability, OnCorrupt, Outbox};
-use sluice::uplink::{UplinkStats, run_uplink};
+use sluice::store::outbox::{Durability, OnCorrupt, Outbox};
+use sluice::store::uplink::{UplinkStats, run_uplink};
 use sluice_tests::Broker;
 
 const PAYLOAD: &[u8] = br#"{"agent":"gateway-01","series":"s-0042","start":1732600000000,"end":1732600001000,"count":20,"sum":427.4,"mean":21.37,"min":19.8,"max":23.1,"stddev":0.92,"first":21.1,"last":20.9,"late":0,"partial":false}"#;

@@ -18,8 +18,12 @@ use serde::{Deserialize, Serialize};
 use sluice_collectors::mqtt::{MqttSettings, TlsSettings};
 use sluice_collectors::serial::SerialSettings;
 use sluice_collectors::udp::UdpSettings;
-use sluice_core::anomaly::RuleError;
-use sluice_core::window::WindowError;
+
+use crate::pipeline::rules::Rule;
+
+mod document;
+
+use document::{key_at, retag, with_line};
 
 /// The whole configuration.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -102,11 +106,11 @@ pub struct OutboxConfig {
     /// `normal` (default): a commit survives the agent crashing; `full`: it
     /// also survives power loss (an fsync per commit).
     #[serde(default)]
-    pub durability: crate::outbox::Durability,
+    pub durability: crate::store::outbox::Durability,
     /// A damaged file at start: `move_aside` (default: rename it and start
     /// empty) or `refuse` (do not start).
     #[serde(default)]
-    pub on_corrupt: crate::outbox::OnCorrupt,
+    pub on_corrupt: crate::store::outbox::OnCorrupt,
     /// Most records kept; past it the oldest are dropped (counted). Default 1,000,000.
     #[serde(default = "default_outbox_records")]
     pub max_records: u64,
@@ -117,7 +121,7 @@ pub struct OutboxConfig {
     /// aggregates of a series pairwise into coarser windows; drop only what
     /// cannot be merged).
     #[serde(default)]
-    pub on_full: crate::outbox::OnFull,
+    pub on_full: crate::store::outbox::OnFull,
     /// Also store and forward alert events. Default false.
     #[serde(default)]
     pub include_alerts: bool,
@@ -242,6 +246,26 @@ pub enum Source {
     Serial(SerialSettings),
 }
 
+/// `[sources.<name>]` as `document::retag` leaves it.
+#[derive(Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum SourceByKind {
+    Mqtt(MqttSettings),
+    Udp(UdpSettings),
+    Serial(SerialSettings),
+}
+
+/// Reads the form `document::retag` leaves (see [`Config::parse`]).
+impl<'de> Deserialize<'de> for Source {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Ok(match SourceByKind::deserialize(d)? {
+            SourceByKind::Mqtt(s) => Source::Mqtt(s),
+            SourceByKind::Udp(s) => Source::Udp(s),
+            SourceByKind::Serial(s) => Source::Serial(s),
+        })
+    }
+}
+
 /// The shedding policy.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -274,178 +298,6 @@ pub enum ShedKind {
     DropNewest,
     /// Keep one in `keep_one_in` above the high-water mark.
     Sample,
-}
-
-/// What to compute for the series a glob matches.
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct Rule {
-    /// Glob on series keys: `*` any run of characters, `?` one, `[a-z]` a
-    /// class. E.g. `s-*`, `*/temperature`.
-    #[serde(rename = "match")]
-    pub pattern: String,
-    /// The window whose aggregates are published; none if absent.
-    pub window: Option<WindowRule>,
-    /// Quantiles to report with each window's aggregates, each in (0, 1),
-    /// e.g. `[0.5, 0.9, 0.99]` (within 1 % of the exact values; needs a
-    /// window). Default: none.
-    #[serde(default)]
-    pub quantiles: Vec<f64>,
-    /// An EWMA z-score anomaly rule.
-    pub anomaly: Option<AnomalyRule>,
-    /// Threshold rules.
-    #[serde(default)]
-    pub thresholds: Vec<ThresholdRule>,
-    /// A rate-of-change rule.
-    pub rate_of_change: Option<RateRule>,
-    /// Raise an `absent` alert when a series that has reported sends
-    /// nothing for this long (ms, on the agent's clock; at least 100);
-    /// its next reading clears it. Default: none.
-    pub absent_after_ms: Option<u64>,
-    /// `critical` series are never shed; `normal` (default) ones may be.
-    #[serde(default)]
-    pub priority: PriorityKind,
-}
-
-/// Shedding priority of a series.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
-#[serde(rename_all = "snake_case")]
-pub enum PriorityKind {
-    /// May be shed under overload.
-    #[default]
-    Normal,
-    /// Never shed by the policy.
-    Critical,
-}
-
-/// A window over event time (ms) or a count of readings:
-/// `{ kind = "tumbling" | "hopping" | "count" | "decaying", … }`.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
-pub enum WindowRule {
-    /// Back-to-back windows of `size_ms`.
-    Tumbling(TumblingRule),
-    /// Windows of `size_ms` every `slide_ms` (a multiple of the slide).
-    Hopping(HoppingRule),
-    /// Windows of `size` readings.
-    Count(CountRule),
-    /// An exponentially decaying window (decaying sum, mean and standard
-    /// deviation), reported every `every_ms` of event time together with the
-    /// plain aggregates of that period.
-    Decaying(DecayingRule),
-}
-
-/// `kind = "tumbling"`.
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct TumblingRule {
-    /// Window length, ms.
-    pub size_ms: i64,
-    /// How long to wait for out-of-order readings, ms (at most 3 windows).
-    #[serde(default)]
-    pub lateness_ms: i64,
-}
-
-/// `kind = "hopping"`.
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct HoppingRule {
-    /// Window length, ms.
-    pub size_ms: i64,
-    /// Distance between window starts, ms.
-    pub slide_ms: i64,
-    /// How long to wait for out-of-order readings, ms.
-    #[serde(default)]
-    pub lateness_ms: i64,
-}
-
-/// `kind = "count"`.
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct CountRule {
-    /// Readings per window.
-    pub size: u64,
-}
-
-/// `kind = "decaying"`.
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct DecayingRule {
-    /// Readings after which a reading's weight has halved.
-    pub half_life: f64,
-    /// Report period, ms.
-    pub every_ms: i64,
-}
-
-/// Alert when a value is far from its exponentially decaying mean.
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct AnomalyRule {
-    /// EWMA smoothing factor α in (0, 1). Default 0.01.
-    #[serde(default = "default_alpha")]
-    pub alpha: f64,
-    /// Raise when |z| ≥ k. Default 4.
-    #[serde(default = "default_k")]
-    pub k: f64,
-    /// Clear when |z| < clear_k (≤ k). Default: k.
-    pub clear_k: Option<f64>,
-    /// Readings that only train the baseline. Default 30.
-    #[serde(default = "default_warmup")]
-    pub warmup: u64,
-    /// Consecutive readings at or above k to raise. Default 1.
-    #[serde(default = "one")]
-    pub raise_after: u32,
-    /// Consecutive readings below clear_k to clear. Default 1.
-    #[serde(default = "one")]
-    pub clear_after: u32,
-}
-
-const fn default_alpha() -> f64 {
-    0.01
-}
-const fn default_k() -> f64 {
-    4.0
-}
-const fn default_warmup() -> u64 {
-    30
-}
-const fn one() -> u32 {
-    1
-}
-
-/// Alert when a value crosses a limit.
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct ThresholdRule {
-    /// Raise at or above this value (set `above` or `below`, not both).
-    pub above: Option<f64>,
-    /// Raise at or below this value.
-    pub below: Option<f64>,
-    /// Clear once the value is back past this one (below it for `above`,
-    /// above it for `below`). Default: the limit itself.
-    pub clear_at: Option<f64>,
-    /// Consecutive readings past the limit to raise. Default 1.
-    #[serde(default = "one")]
-    pub raise_after: u32,
-    /// Consecutive readings back to clear. Default 1.
-    #[serde(default = "one")]
-    pub clear_after: u32,
-}
-
-/// Alert when a value changes faster than a limit.
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct RateRule {
-    /// Raise when |Δvalue| per second ≥ this.
-    pub per_second_above: f64,
-    /// Clear when it is below this (≤ the limit). Default: the limit.
-    pub clear_below: Option<f64>,
-    /// Consecutive readings to raise. Default 1.
-    #[serde(default = "one")]
-    pub raise_after: u32,
-    /// Consecutive readings to clear. Default 1.
-    #[serde(default = "one")]
-    pub clear_after: u32,
 }
 
 /// Where records go.
@@ -532,15 +384,6 @@ pub struct Preflight {
 
 /// What only the running agent can check, for `sluice check` to say.
 pub const CHECKED_AT_RUN_TIME: &str = "brokers being reachable and accepting the credentials, UDP ports being free to bind, serial devices opening, and the outbox and checkpoint files being writable are checked only when the agent runs";
-
-/// `message` (`key: why`) with the line of the key in `text` before it.
-fn with_line(text: &str, message: String) -> String {
-    let key = message.split_once(": ").map_or("", |(key, _)| key);
-    match line_of(text, key) {
-        Some(line) => format!("line {line}: {message}"),
-        None => message,
-    }
-}
 
 /// A configuration error, naming the key (and the line, for parse errors).
 #[derive(Debug)]
@@ -742,7 +585,7 @@ impl Config {
                     ("uplink.aggregate_topic", &u.aggregate_topic),
                     ("uplink.alert_topic", &u.alert_topic),
                 ] {
-                    if let Err(e) = crate::topic::check_template(t, true) {
+                    if let Err(e) = crate::output::topic::check_template(t, true) {
                         return err(key, &e);
                     }
                 }
@@ -795,143 +638,6 @@ impl Config {
     }
 }
 
-impl Rule {
-    /// Errors start with the key (below the rule) they are about.
-    fn validate(&self) -> Result<(), String> {
-        glob::Pattern::new(&self.pattern)
-            .map_err(|e| format!("match: bad glob {:?}: {e}", self.pattern))?;
-        if let Some(w) = &self.window {
-            crate::rules::window_for::<sluice_core::aggregate::Aggregate>(w)
-                .map_err(|e| format!("window.{}", window_problem(w, e)))?;
-        }
-        if !self.quantiles.is_empty() && self.window.is_none() {
-            return Err("quantiles: need a window".into());
-        }
-        if self.quantiles.iter().any(|q| !(*q > 0.0 && *q < 1.0)) {
-            return Err("quantiles: each must be in (0, 1), e.g. 0.99".into());
-        }
-        if self.window.is_none()
-            && self.anomaly.is_none()
-            && self.thresholds.is_empty()
-            && self.rate_of_change.is_none()
-            && self.absent_after_ms.is_none()
-        {
-            return Err("match: the rule computes nothing: add a window, anomaly, thresholds, rate_of_change or absent_after_ms".into());
-        }
-        if self
-            .absent_after_ms
-            .is_some_and(|ms| !(100..=i64::MAX as u64 / 2).contains(&ms))
-        {
-            return Err("absent_after_ms: must be at least 100".into());
-        }
-        if let Some(a) = &self.anomaly {
-            crate::rules::zscore_for(a).map_err(|e| {
-                let levels = Levels {
-                    raise: ("k", a.k),
-                    clear: "clear_k",
-                    raise_after: a.raise_after,
-                    positive: true,
-                };
-                format!("anomaly.{}", levels.problem(&e))
-            })?;
-        }
-        for (i, t) in self.thresholds.iter().enumerate() {
-            let limit = match (t.above, t.below) {
-                (Some(limit), None) => ("above", limit),
-                (None, Some(limit)) => ("below", limit),
-                _ => {
-                    return Err(format!(
-                        "thresholds[{i}].above: set exactly one of above and below"
-                    ));
-                }
-            };
-            crate::rules::threshold_at(limit.0 == "above", limit.1, t).map_err(|e| {
-                let levels = Levels {
-                    raise: limit,
-                    clear: "clear_at",
-                    raise_after: t.raise_after,
-                    positive: false,
-                };
-                format!("thresholds[{i}].{}", levels.problem(&e))
-            })?;
-        }
-        if let Some(r) = &self.rate_of_change {
-            crate::rules::rate_for(r).map_err(|e| {
-                let levels = Levels {
-                    raise: ("per_second_above", r.per_second_above),
-                    clear: "clear_below",
-                    raise_after: r.raise_after,
-                    positive: false,
-                };
-                format!("rate_of_change.{}", levels.problem(&e))
-            })?;
-        }
-        Ok(())
-    }
-}
-
-/// A window rule's error, as `key: why` with the key it is about.
-fn window_problem(w: &WindowRule, e: WindowError) -> String {
-    let key = match (e, w) {
-        (WindowError::NotPositive, WindowRule::Hopping(h)) if h.size_ms > 0 => "slide_ms",
-        (WindowError::NotPositive, WindowRule::Count(_)) => "size",
-        (WindowError::NotPositive, WindowRule::Decaying(_)) => "every_ms",
-        (WindowError::LengthNotMultipleOfSlide, _) => "slide_ms",
-        (WindowError::NotPositive, _) => "size_ms",
-        (WindowError::NegativeLateness | WindowError::TooFewPanes { .. }, _) => "lateness_ms",
-        (WindowError::BadDecay, _) => "half_life",
-    };
-    match e {
-        WindowError::LengthNotMultipleOfSlide => {
-            format!("{key}: must divide size_ms into whole slides")
-        }
-        WindowError::BadDecay => format!("{key}: must be > 0 (readings)"),
-        e => format!("{key}: {e}"),
-    }
-}
-
-/// The keys of a detector's levels, to name the one a core error is about.
-struct Levels {
-    /// The raise level's key and value.
-    raise: (&'static str, f64),
-    /// The clear level's key.
-    clear: &'static str,
-    raise_after: u32,
-    /// The raise level must be > 0 (a level of |z|).
-    positive: bool,
-}
-
-impl Levels {
-    fn problem(&self, e: &RuleError) -> String {
-        let (raise_key, raise) = self.raise;
-        if self.positive && raise <= 0.0 && !matches!(e, RuleError::ZeroCount) {
-            // Checked after the levels' order in the core: say the first cause.
-            return format!("{raise_key}: must be > 0");
-        }
-        let key = match e {
-            RuleError::ClearAboveRaise | RuleError::NotFinite | RuleError::NegativeScore
-                if raise.is_nan() || raise.is_infinite() =>
-            {
-                raise_key
-            }
-            RuleError::ClearAboveRaise | RuleError::NotFinite | RuleError::NegativeScore => {
-                self.clear
-            }
-            RuleError::ZeroCount if self.raise_after == 0 => "raise_after",
-            RuleError::ZeroCount => "clear_after",
-            RuleError::Decay(_) => return "alpha: must be in (0, 1), e.g. 0.01".into(),
-            RuleError::NotPositive => raise_key,
-        };
-        match e {
-            RuleError::ZeroCount => format!("{key}: must be >= 1"),
-            RuleError::ClearAboveRaise if key == self.clear => {
-                format!("{key}: must not be past the raise level ({raise_key} = {raise})")
-            }
-            e => format!("{key}: {e}"),
-        }
-    }
-}
-
 impl MqttOutput {
     fn validate(&self) -> Result<(), String> {
         if self.host.is_empty() {
@@ -943,7 +649,7 @@ impl MqttOutput {
             ("aggregate_topic", &self.aggregate_topic, true),
             ("stats_topic", &self.stats_topic, false),
         ] {
-            crate::topic::check_template(template, needs_series)
+            crate::output::topic::check_template(template, needs_series)
                 .map_err(|e| format!("{key}: {e}"))?;
         }
         for (key, qos) in [
@@ -975,171 +681,6 @@ impl MqttOutput {
     }
 }
 
-/// Tables whose shape `kind` names (`[sources.<name>]`, a rule's `window`)
-/// are rewritten from `{ kind = "x", … }` to `{ x = { … } }` (the key `x`
-/// keeps the span of the value `"x"`), the form serde reads for
-/// [`SourceByKind`] and [`WindowByKind`]. Serde's own internally tagged
-/// form would buffer the table, and an error inside it (an unknown key, a
-/// bad value) would point at the table, not at the key.
-type Located = (std::ops::Range<usize>, Option<&'static str>, String);
-
-fn retag(doc: &mut toml::de::DeTable<'_>) -> Result<(), Located> {
-    use toml::de::DeValue;
-    if let Some(sources) = doc.get_mut("sources")
-        && let DeValue::Table(sources) = sources.get_mut()
-    {
-        for (_, source) in sources.iter_mut() {
-            move_kind(source)?;
-        }
-    }
-    if let Some(rules) = doc.get_mut("rules")
-        && let DeValue::Array(rules) = rules.get_mut()
-    {
-        for rule in rules.iter_mut() {
-            if let DeValue::Table(rule) = rule.get_mut()
-                && let Some(window) = rule.get_mut("window")
-            {
-                move_kind(window)?;
-            }
-        }
-    }
-    Ok(())
-}
-
-fn move_kind(value: &mut toml::Spanned<toml::de::DeValue<'_>>) -> Result<(), Located> {
-    use toml::de::{DeTable, DeValue};
-    let span = value.span();
-    // Not a table: serde says what type was expected.
-    let DeValue::Table(table) = value.get_mut() else {
-        return Ok(());
-    };
-    let Some(kind) = table.remove("kind") else {
-        return Err((span, Some("kind"), "missing: say which kind this is".into()));
-    };
-    let kind_span = kind.span();
-    let DeValue::String(name) = kind.into_inner() else {
-        return Err((kind_span, None, "must be a string".into()));
-    };
-    let mut wrapped = DeTable::new();
-    wrapped.insert(
-        toml::Spanned::new(kind_span, name),
-        toml::Spanned::new(span.clone(), DeValue::Table(std::mem::take(table))),
-    );
-    *value = toml::Spanned::new(span, DeValue::Table(wrapped));
-    Ok(())
-}
-
-/// `[sources.<name>]` as [`retag`] leaves it.
-#[derive(Deserialize)]
-#[serde(rename_all = "snake_case")]
-enum SourceByKind {
-    Mqtt(MqttSettings),
-    Udp(UdpSettings),
-    Serial(SerialSettings),
-}
-
-/// Reads the form [`retag`] leaves (see [`Config::parse`]).
-impl<'de> Deserialize<'de> for Source {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        Ok(match SourceByKind::deserialize(d)? {
-            SourceByKind::Mqtt(s) => Source::Mqtt(s),
-            SourceByKind::Udp(s) => Source::Udp(s),
-            SourceByKind::Serial(s) => Source::Serial(s),
-        })
-    }
-}
-
-/// A rule's `window` as [`retag`] leaves it.
-#[derive(Deserialize)]
-#[serde(rename_all = "snake_case")]
-enum WindowByKind {
-    Tumbling(TumblingRule),
-    Hopping(HoppingRule),
-    Count(CountRule),
-    Decaying(DecayingRule),
-}
-
-/// Reads the form [`retag`] leaves (see [`Config::parse`]).
-impl<'de> Deserialize<'de> for WindowRule {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        Ok(match WindowByKind::deserialize(d)? {
-            WindowByKind::Tumbling(w) => WindowRule::Tumbling(w),
-            WindowByKind::Hopping(w) => WindowRule::Hopping(w),
-            WindowByKind::Count(w) => WindowRule::Count(w),
-            WindowByKind::Decaying(w) => WindowRule::Decaying(w),
-        })
-    }
-}
-
-/// The dotted path (`rules[1].window.size_ms`) of the deepest key whose
-/// name or value covers byte `at` of the document; empty if none does.
-fn key_at(table: &toml::de::DeTable<'_>, at: usize) -> String {
-    use toml::de::DeValue;
-    fn within(table: &toml::de::DeTable<'_>, at: usize, prefix: &str) -> Option<String> {
-        for (key, value) in table.iter() {
-            let path = if prefix.is_empty() {
-                key.get_ref().to_string()
-            } else {
-                format!("{prefix}.{}", key.get_ref())
-            };
-            let deeper = match value.get_ref() {
-                DeValue::Table(t) => within(t, at, &path),
-                DeValue::Array(items) => items.iter().enumerate().find_map(|(i, item)| {
-                    let path = format!("{path}[{i}]");
-                    match item.get_ref() {
-                        DeValue::Table(t) => within(t, at, &path),
-                        _ => None,
-                    }
-                    .or_else(|| item.span().contains(&at).then_some(path))
-                }),
-                _ => None,
-            };
-            if deeper.is_some() {
-                return deeper;
-            }
-            if key.span().contains(&at) || value.span().contains(&at) {
-                return Some(path);
-            }
-        }
-        None
-    }
-    within(table, at, "").unwrap_or_default()
-}
-
-/// The line (1-based) where the dotted key `path` (with `[i]` array indices,
-/// as validation errors write it) is defined in `text`, or where its deepest
-/// enclosing table or array element is; `None` if not even the first key is.
-fn line_of(text: &str, path: &str) -> Option<usize> {
-    let doc = toml::de::DeTable::parse(text).ok()?;
-    let mut table = doc.get_ref();
-    let mut found: Option<std::ops::Range<usize>> = None;
-    for segment in path.split('.') {
-        let (name, index) = match segment.split_once('[') {
-            Some((name, rest)) => (name, rest.trim_end_matches(']').parse::<usize>().ok()),
-            None => (segment, None),
-        };
-        let Some((_, value)) = table.iter().find(|(k, _)| k.get_ref().as_ref() == name) else {
-            break;
-        };
-        found = Some(value.span());
-        let mut value = value.get_ref();
-        if let Some(i) = index {
-            let toml::de::DeValue::Array(items) = value else {
-                break;
-            };
-            let Some(item) = items.get(i) else { break };
-            found = Some(item.span());
-            value = item.get_ref();
-        }
-        match value {
-            toml::de::DeValue::Table(t) => table = t,
-            _ => break,
-        }
-    }
-    let span = found?;
-    Some(text.get(..span.start)?.matches('\n').count() + 1)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1156,6 +697,7 @@ mod tests {
 
     #[test]
     fn a_window_rule_prints_and_fingerprints_as_before() {
+        use crate::pipeline::rules::{TumblingRule, WindowRule};
         // Checkpoints carry a fingerprint of the rule's JSON: a window rule
         // must serialize as it did when it was an internally tagged struct
         // variant, or an upgrade would discard every saved window.

@@ -14,10 +14,9 @@ use sluice_core::window::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::{
-    AnomalyRule, CountRule, DecayingRule, HoppingRule, PriorityKind, RateRule, Rule, ThresholdRule,
-    TumblingRule, WindowRule,
-};
+mod settings;
+
+pub use settings::*;
 
 /// Panes of a tumbling window: lateness up to 3 windows.
 const TUMBLING_PANES: usize = 4;
@@ -391,6 +390,21 @@ impl Detector {
     }
 }
 
+fn fingerprint<T: Serialize>(settings: &T) -> u64 {
+    sluice_core::hash::hash64(&serde_json::to_vec(settings).unwrap_or_default(), 0)
+}
+
+/// Fingerprint of the settings that shape a rule's windows (a checkpoint
+/// restores a window only under the same settings).
+pub fn window_fingerprint(rule: &Rule) -> u64 {
+    fingerprint(&(&rule.window, &rule.quantiles))
+}
+
+/// Fingerprint of the settings that shape a rule's detectors.
+pub fn detector_fingerprint(rule: &Rule) -> u64 {
+    fingerprint(&(&rule.anomaly, &rule.thresholds, &rule.rate_of_change))
+}
+
 /// A rule, compiled.
 pub struct CompiledRule {
     /// The rule as configured, to tell on reload what changed.
@@ -445,10 +459,7 @@ impl Rules {
                 ));
             }
             compiled.push(CompiledRule {
-                fingerprints: (
-                    crate::checkpoint::window_fingerprint(r),
-                    crate::checkpoint::detector_fingerprint(r),
-                ),
+                fingerprints: (window_fingerprint(r), detector_fingerprint(r)),
                 absent_after: r.absent_after_ms.map(|ms| ms as Timestamp),
                 config: r.clone(),
                 pattern: glob::Pattern::new(&r.pattern).map_err(|e| bad("match", &e))?,
@@ -498,7 +509,7 @@ impl Rules {
     }
 
     /// Fingerprints of rule `i`'s window and detector settings (see
-    /// [`crate::checkpoint::window_fingerprint`]).
+    /// [`window_fingerprint`]).
     pub fn fingerprints(&self, i: usize) -> (u64, u64) {
         self.rules[i].fingerprints
     }
@@ -513,6 +524,144 @@ impl Rules {
     pub fn state(&self, i: usize) -> (Option<Window>, Option<Window<Quantiles>>, Vec<Detector>) {
         let r = &self.rules[i];
         (r.window.clone(), r.quantiles.clone(), r.detectors.clone())
+    }
+}
+
+impl Rule {
+    /// Checks the rule; an error starts with the key (below the rule) it
+    /// is about: `window.size_ms: …`.
+    pub fn validate(&self) -> Result<(), String> {
+        glob::Pattern::new(&self.pattern)
+            .map_err(|e| format!("match: bad glob {:?}: {e}", self.pattern))?;
+        if let Some(w) = &self.window {
+            window_for::<sluice_core::aggregate::Aggregate>(w)
+                .map_err(|e| format!("window.{}", window_problem(w, e)))?;
+        }
+        if !self.quantiles.is_empty() && self.window.is_none() {
+            return Err("quantiles: need a window".into());
+        }
+        if self.quantiles.iter().any(|q| !(*q > 0.0 && *q < 1.0)) {
+            return Err("quantiles: each must be in (0, 1), e.g. 0.99".into());
+        }
+        if self.window.is_none()
+            && self.anomaly.is_none()
+            && self.thresholds.is_empty()
+            && self.rate_of_change.is_none()
+            && self.absent_after_ms.is_none()
+        {
+            return Err("match: the rule computes nothing: add a window, anomaly, thresholds, rate_of_change or absent_after_ms".into());
+        }
+        if self
+            .absent_after_ms
+            .is_some_and(|ms| !(100..=i64::MAX as u64 / 2).contains(&ms))
+        {
+            return Err("absent_after_ms: must be at least 100".into());
+        }
+        if let Some(a) = &self.anomaly {
+            zscore_for(a).map_err(|e| {
+                let levels = Levels {
+                    raise: ("k", a.k),
+                    clear: "clear_k",
+                    raise_after: a.raise_after,
+                    positive: true,
+                };
+                format!("anomaly.{}", levels.problem(&e))
+            })?;
+        }
+        for (i, t) in self.thresholds.iter().enumerate() {
+            let limit = match (t.above, t.below) {
+                (Some(limit), None) => ("above", limit),
+                (None, Some(limit)) => ("below", limit),
+                _ => {
+                    return Err(format!(
+                        "thresholds[{i}].above: set exactly one of above and below"
+                    ));
+                }
+            };
+            threshold_at(limit.0 == "above", limit.1, t).map_err(|e| {
+                let levels = Levels {
+                    raise: limit,
+                    clear: "clear_at",
+                    raise_after: t.raise_after,
+                    positive: false,
+                };
+                format!("thresholds[{i}].{}", levels.problem(&e))
+            })?;
+        }
+        if let Some(r) = &self.rate_of_change {
+            rate_for(r).map_err(|e| {
+                let levels = Levels {
+                    raise: ("per_second_above", r.per_second_above),
+                    clear: "clear_below",
+                    raise_after: r.raise_after,
+                    positive: false,
+                };
+                format!("rate_of_change.{}", levels.problem(&e))
+            })?;
+        }
+        Ok(())
+    }
+}
+
+/// A window rule's error, as `key: why` with the key it is about.
+fn window_problem(w: &WindowRule, e: WindowError) -> String {
+    let key = match (e, w) {
+        (WindowError::NotPositive, WindowRule::Hopping(h)) if h.size_ms > 0 => "slide_ms",
+        (WindowError::NotPositive, WindowRule::Count(_)) => "size",
+        (WindowError::NotPositive, WindowRule::Decaying(_)) => "every_ms",
+        (WindowError::LengthNotMultipleOfSlide, _) => "slide_ms",
+        (WindowError::NotPositive, _) => "size_ms",
+        (WindowError::NegativeLateness | WindowError::TooFewPanes { .. }, _) => "lateness_ms",
+        (WindowError::BadDecay, _) => "half_life",
+    };
+    match e {
+        WindowError::LengthNotMultipleOfSlide => {
+            format!("{key}: must divide size_ms into whole slides")
+        }
+        WindowError::BadDecay => format!("{key}: must be > 0 (readings)"),
+        e => format!("{key}: {e}"),
+    }
+}
+
+/// The keys of a detector's levels, to name the one a core error is about.
+struct Levels {
+    /// The raise level's key and value.
+    raise: (&'static str, f64),
+    /// The clear level's key.
+    clear: &'static str,
+    raise_after: u32,
+    /// The raise level must be > 0 (a level of |z|).
+    positive: bool,
+}
+
+impl Levels {
+    fn problem(&self, e: &RuleError) -> String {
+        let (raise_key, raise) = self.raise;
+        if self.positive && raise <= 0.0 && !matches!(e, RuleError::ZeroCount) {
+            // Checked after the levels' order in the core: say the first cause.
+            return format!("{raise_key}: must be > 0");
+        }
+        let key = match e {
+            RuleError::ClearAboveRaise | RuleError::NotFinite | RuleError::NegativeScore
+                if raise.is_nan() || raise.is_infinite() =>
+            {
+                raise_key
+            }
+            RuleError::ClearAboveRaise | RuleError::NotFinite | RuleError::NegativeScore => {
+                self.clear
+            }
+            RuleError::ZeroCount if self.raise_after == 0 => "raise_after",
+            RuleError::ZeroCount => "clear_after",
+            RuleError::Decay(_) => return "alpha: must be in (0, 1), e.g. 0.01".into(),
+            RuleError::NotPositive => raise_key,
+        };
+        match e {
+            RuleError::ZeroCount => format!("{key}: must be >= 1"),
+            RuleError::ClearAboveRaise if key == self.clear => {
+                format!("{key}: must not be past the raise level ({raise_key} = {raise})")
+            }
+            e => format!("{key}: {e}"),
+        }
     }
 }
 

@@ -20,7 +20,7 @@
 //! A record that no broker can take is set aside (moved to the outbox's
 //! dead letters, counted, logged) instead of being sent, and the lane goes
 //! on: one whose checksum does not match (damaged on disk), whose topic is
-//! invalid ([`crate::topic::problem`]: a wildcard, a control character, as
+//! invalid ([`crate::output::topic::problem`]: a wildcard, a control character, as
 //! records written by earlier releases may hold), or that is larger than the
 //! client's packet limit. A record the broker itself refuses shows only as a
 //! closed connection (MQTT 3.1.1 has no per-message refusal): when
@@ -58,7 +58,7 @@ use rumqttc::{AsyncClient, Event, Outgoing, Packet, QoS};
 use tokio::sync::mpsc;
 
 use crate::config::UplinkConfig;
-use crate::outbox::{Claimed, Outbox, Queued, with_identity};
+use crate::store::outbox::{Claimed, Outbox, Queued, with_identity};
 
 /// How often the live lane looks for new records when it has none.
 const LIVE_LOOK: Duration = Duration::from_millis(20);
@@ -374,7 +374,7 @@ fn unsendable(record: &Queued, packet: &[u8]) -> Option<String> {
     if !record.intact {
         return Some("checksum mismatch: the record was damaged on disk".into());
     }
-    if let Some(problem) = crate::topic::problem(&record.topic) {
+    if let Some(problem) = crate::output::topic::problem(&record.topic) {
         return Some(format!("invalid topic: {problem}"));
     }
     // Fixed header (at most 5 bytes), topic length, topic, packet id.
@@ -558,7 +558,7 @@ async fn session(
                 if let Some(seq) = unassigned.pop_front() {
                     inflight.insert(pkid, seq);
                 }
-                crate::crash::point("send.after_publish");
+                crate::ops::crash::point("send.after_publish");
             }
             Ok(Ok(Event::Incoming(Packet::PubAck(ack)))) => {
                 if let Some(seq) = inflight.remove(&ack.pkid) {
@@ -603,10 +603,10 @@ fn record_acks(
     undeleted.seqs.extend(acked.drain(..));
     undeleted.tried = Instant::now();
     let all: Vec<i64> = undeleted.seqs.iter().copied().collect();
-    crate::crash::point("ack.before_delete");
+    crate::ops::crash::point("ack.before_delete");
     let deleted = outbox.ack(&all);
     if deleted.is_ok() {
-        crate::crash::point("ack.after_delete");
+        crate::ops::crash::point("ack.after_delete");
     }
     match deleted {
         Ok(()) => {

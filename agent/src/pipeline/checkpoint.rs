@@ -41,9 +41,9 @@ use std::collections::HashMap;
 use serde::{Deserialize, Serialize};
 use sluice_core::Timestamp;
 
-use crate::config::{HoppingRule, Rule, TumblingRule, WindowRule};
-use crate::outbox::SavedCheckpoint;
-use crate::rules::{Detector, DetectorState, Quantiles, Window};
+use crate::pipeline::rules::{Detector, DetectorState, Quantiles, Window};
+use crate::pipeline::rules::{HoppingRule, TumblingRule, WindowRule};
+use crate::store::outbox::SavedCheckpoint;
 
 /// The encoding's version; a checkpoint of another version is skipped.
 pub const FORMAT: u16 = 1;
@@ -166,20 +166,6 @@ pub fn decode(bytes: &[u8]) -> Result<Vec<SeriesState>, String> {
         Ok(e) => Err(format!("format {} (this build reads {FORMAT})", e.format)),
         Err(e) => Err(e.to_string()),
     }
-}
-
-fn fingerprint<T: Serialize>(settings: &T) -> u64 {
-    sluice_core::hash::hash64(&serde_json::to_vec(settings).unwrap_or_default(), 0)
-}
-
-/// Fingerprint of the settings that shape a rule's windows.
-pub fn window_fingerprint(rule: &Rule) -> u64 {
-    fingerprint(&(&rule.window, &rule.quantiles))
-}
-
-/// Fingerprint of the settings that shape a rule's detectors.
-pub fn detector_fingerprint(rule: &Rule) -> u64 {
-    fingerprint(&(&rule.anomaly, &rule.thresholds, &rule.rate_of_change))
 }
 
 /// How far past a window mark event time must be moved so that every window

@@ -5,17 +5,38 @@
 //! requests capped at 8 KiB and 2 s, so that a stray client can cost neither
 //! memory nor a task for long.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
+use sluice_collectors::{Reason, SourceStats};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
-use crate::pipeline::Running;
-use sluice_collectors::Reason;
+use crate::output::OutputStats;
+use crate::pipeline::worker::WorkerStats;
+use crate::store::uplink::UplinkStats;
+
+/// What a running pipeline exposes (to metrics, the demo and tests).
+#[derive(Clone)]
+pub struct Running {
+    /// Counters of each source, by name.
+    pub sources: BTreeMap<String, Arc<SourceStats>>,
+    /// Counters of each worker.
+    pub workers: Vec<Arc<WorkerStats>>,
+    /// Counters of the output task.
+    pub output: Arc<OutputStats>,
+    /// Addresses the UDP sources listen on, by name.
+    pub udp_addrs: BTreeMap<String, SocketAddr>,
+    /// Where `/metrics` is served, if it is.
+    pub metrics_addr: Option<SocketAddr>,
+    /// Store-and-forward counters (zero without an outbox).
+    pub uplink: Arc<UplinkStats>,
+}
 
 /// The Prometheus text exposition of `r`.
 pub fn render(r: &Running) -> String {
@@ -136,7 +157,7 @@ pub fn render(r: &Running) -> String {
         "Ingest time minus event time of the latest reading.",
         &mut src(|s| s.skew_ms.load(Relaxed).to_string()).into_iter(),
     );
-    let wk = |f: fn(&crate::worker::WorkerStats) -> u64| {
+    let wk = |f: fn(&WorkerStats) -> u64| {
         r.workers
             .iter()
             .enumerate()
@@ -432,8 +453,7 @@ pub fn snapshot(r: &Running) -> serde_json::Value {
             )
         })
         .collect();
-    let sum =
-        |f: fn(&crate::worker::WorkerStats) -> u64| r.workers.iter().map(|w| f(w)).sum::<u64>();
+    let sum = |f: fn(&WorkerStats) -> u64| r.workers.iter().map(|w| f(w)).sum::<u64>();
     json!({
         "ts": sluice_collectors::reading::now_ms(),
         "sources": sources,

@@ -29,9 +29,11 @@ use sluice_core::anomaly::Transition;
 use sluice_core::window::{Closed, DecayingStats, Rejection};
 use tokio::sync::mpsc;
 
-use crate::checkpoint::{self, DetectorsRef, SeriesRef, SeriesState, WindowsRef, WindowsState};
 use crate::output::{AggregateRecord, AlertEvent, DecayingSummary, Record};
-use crate::rules::{Detector, Quantiles, Rules, Window};
+use crate::pipeline::checkpoint::{
+    self, DetectorsRef, SeriesRef, SeriesState, WindowsRef, WindowsState,
+};
+use crate::pipeline::rules::{Detector, Quantiles, Rules, Window};
 
 /// How often idle series are ticked.
 const TICK: Duration = Duration::from_millis(100);
@@ -534,7 +536,7 @@ impl Worker {
         self
     }
 
-    /// Takes back series state from a checkpoint (see [`crate::checkpoint`]).
+    /// Takes back series state from a checkpoint (see [`crate::pipeline::checkpoint`]).
     /// `marks` tells which windows were emitted after it.
     pub fn restore(&mut self, saved: Vec<SeriesState>, marks: &HashMap<String, Timestamp>) {
         let (mut restored, mut dropped) = (0u64, 0u64);
@@ -612,7 +614,7 @@ impl Worker {
     }
 
     /// This worker's state, encoded as a checkpoint (what it saves every
-    /// `checkpoint.interval_ms`; see [`crate::checkpoint`]).
+    /// `checkpoint.interval_ms`; see [`crate::pipeline::checkpoint`]).
     pub fn checkpoint(&self) -> Vec<u8> {
         let series = self
             .series

@@ -19,7 +19,7 @@ use std::time::Duration;
 use sd_notify::NotifyState;
 use tokio_util::sync::CancellationToken;
 
-use crate::pipeline::Running;
+use crate::ops::metrics::Running;
 
 /// Tells systemd the agent is ready, then pings its watchdog (if enabled)
 /// while the workers are alive, until `stop`.

@@ -6,8 +6,11 @@
 //! workers drain their rings and close open windows as partial, the output
 //! task delivers what it holds and disconnects; then `run` returns.
 
+pub mod checkpoint;
+pub mod rules;
+pub mod worker;
+
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::time::Duration;
@@ -22,13 +25,12 @@ use sluice_core::shed::Priority;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use crate::checkpoint;
 use crate::config::{Config, Source};
-use crate::outbox::{Durability, OnCorrupt, Outbox};
 use crate::output::{self, OutboxFeed, OutputStats};
-use crate::rules::Rules;
-use crate::uplink::{self, UplinkStats};
-use crate::worker::{RulesSlot, Worker, WorkerStats};
+use crate::pipeline::worker::{RulesSlot, Worker, WorkerStats};
+use crate::store::outbox::{Durability, OnCorrupt, Outbox};
+use crate::store::uplink::{self, UplinkStats};
+use rules::Rules;
 
 /// Alerts, and records for the outbox writer, waiting, at most.
 const OUTPUT_QUEUE: usize = 1024;
@@ -50,22 +52,7 @@ fn record_queue(config: &Config) -> usize {
 /// How long shutdown may take before `run` gives up waiting.
 const SHUTDOWN_BOUND: Duration = Duration::from_secs(10);
 
-/// What a running pipeline exposes (to metrics, the demo and tests).
-#[derive(Clone)]
-pub struct Running {
-    /// Counters of each source, by name.
-    pub sources: BTreeMap<String, Arc<SourceStats>>,
-    /// Counters of each worker.
-    pub workers: Vec<Arc<WorkerStats>>,
-    /// Counters of the output task.
-    pub output: Arc<OutputStats>,
-    /// Addresses the UDP sources listen on, by name.
-    pub udp_addrs: BTreeMap<String, SocketAddr>,
-    /// Where `/metrics` is served, if it is.
-    pub metrics_addr: Option<SocketAddr>,
-    /// Store-and-forward counters (zero without an outbox).
-    pub uplink: Arc<UplinkStats>,
-}
+pub use crate::ops::metrics::Running;
 
 /// Runs the pipeline for `config` until `shutdown` is cancelled. `started`
 /// (if given) receives the running pipeline's counters once every source is up.
@@ -146,7 +133,7 @@ async fn run_with(
             Outbox::open(&path, durability, on_corrupt, max_records, max_bytes)
                 .map_err(|e| anyhow::anyhow!("outbox: {e}"))
         };
-        let claimed = crate::outbox::Claimed::default();
+        let claimed = crate::store::outbox::Claimed::default();
         let (mut writer_box, note) = open()?;
         // Records appended from now on carry this run's epoch.
         writer_box
@@ -388,11 +375,11 @@ async fn run_with(
         source_tasks.push(task);
     }
     if let Some(addr) = config.metrics.listen {
-        let listener = crate::metrics::bind(addr)
+        let listener = crate::ops::metrics::bind(addr)
             .await
             .with_context(|| format!("metrics.listen {addr}"))?;
         running.metrics_addr = Some(listener.local_addr()?);
-        tokio::spawn(crate::metrics::serve(
+        tokio::spawn(crate::ops::metrics::serve(
             listener,
             running.clone(),
             sources_stop.clone(),
@@ -416,7 +403,7 @@ async fn run_with(
                     _ = tokio::time::sleep(Duration::from_secs(every)) => {}
                 }
                 if stats_tx
-                    .send(crate::output::Record::Stats(crate::metrics::snapshot(
+                    .send(crate::output::Record::Stats(crate::ops::metrics::snapshot(
                         &running,
                     )))
                     .await

@@ -1,0 +1,270 @@
+//! What the workers produce, and the task that delivers it: aggregate
+//! records and alert events, as JSON over MQTT and/or lines on the console.
+
+mod console;
+mod mqtt;
+mod record;
+pub mod topic;
+
+use console::print;
+pub use console::{Console, clock};
+use mqtt::MqttSink;
+pub use record::{AggregateRecord, AlertEvent, DecayingSummary, OutputStats, Record};
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::MqttOutput;
+use crate::output::topic::render as topic;
+use crate::store::uplink::ToStore;
+
+/// Where records for the outbox go: the writer thread's channel, and the
+/// upstream topic templates.
+pub struct OutboxFeed {
+    /// The writer's channel.
+    pub items: mpsc::Sender<ToStore>,
+    /// What the store keeps.
+    pub keeps: Keeps,
+    /// Upstream topic template for aggregates.
+    pub aggregate_topic: String,
+    /// Upstream topic template for alerts, if alerts are stored too.
+    pub alert_topic: Option<String>,
+}
+
+/// What the store keeps of the records (it always keeps checkpoints when
+/// they are on). Three states, not a pair of flags: the pair once let
+/// checkpoint-only mode skip its window marks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Keeps {
+    /// The records, to forward (an outbox without checkpoints).
+    Records,
+    /// The records, and each aggregate's window mark (outbox and
+    /// checkpoints: a mark commits with its record).
+    RecordsAndMarks,
+    /// Only each aggregate's window mark (checkpoints without an outbox), so
+    /// that a restored checkpoint never emits a window again.
+    Marks,
+}
+
+impl Keeps {
+    /// What a store with an outbox (`records`) and/or checkpoints keeps.
+    pub fn new(records: bool, checkpoints: bool) -> Keeps {
+        match (records, checkpoints) {
+            (true, true) => Keeps::RecordsAndMarks,
+            (true, false) => Keeps::Records,
+            (false, _) => Keeps::Marks,
+        }
+    }
+}
+
+impl OutboxFeed {
+    /// Queues a worker's checkpoint (moved: it may be megabytes).
+    async fn save(&self, worker: usize, state: Vec<u8>) {
+        let _ = self.items.send(ToStore::Checkpoint { worker, state }).await;
+    }
+
+    /// Queues a record for the outbox (waiting while the writer is behind);
+    /// with checkpoints only, an aggregate's window mark.
+    async fn store(&self, record: &Record, agent: &str) {
+        let item = match (record, self.keeps) {
+            (Record::Checkpoint { .. } | Record::Stats(_), _) => return,
+            (Record::Aggregate(a), Keeps::Marks) => {
+                let mark = ToStore::Mark {
+                    series: a.series.clone(),
+                    end: a.end,
+                };
+                let _ = self.items.send(mark).await;
+                return;
+            }
+            (Record::Alert(_), Keeps::Marks) => return,
+            (Record::Aggregate(a), keeps) => (
+                topic(&self.aggregate_topic, agent, &a.series),
+                serde_json::to_vec(a),
+                (keeps == Keeps::RecordsAndMarks).then(|| (a.series.clone(), a.end)),
+            ),
+            (Record::Alert(e), _) => match &self.alert_topic {
+                Some(t) => (topic(t, agent, &e.series), serde_json::to_vec(e), None),
+                None => return,
+            },
+        };
+        if let (topic, Ok(payload), mark) = item {
+            let _ = self
+                .items
+                .send(ToStore::Record {
+                    topic,
+                    payload,
+                    mark,
+                })
+                .await;
+        }
+    }
+}
+
+/// Delivers records until every sender is gone, then closes the outputs.
+///
+/// Alerts arrive on their own channel (`alerts`) and go out from their own
+/// task over their own MQTT connection: the burst of aggregates that closes
+/// at every window boundary (one per series) never queues ahead of an alert,
+/// in a channel, in this task, or in a client's request queue.
+#[allow(clippy::too_many_arguments)]
+pub async fn run(
+    records: mpsc::Receiver<Record>,
+    alerts: mpsc::Receiver<Record>,
+    mqtt: Option<&MqttOutput>,
+    console: Console,
+    agent: Arc<str>,
+    stats: Arc<OutputStats>,
+    shutdown: CancellationToken,
+    outbox: Option<OutboxFeed>,
+) -> Result<(), String> {
+    let sink = mqtt
+        .map(|m| MqttSink::connect(m, agent.clone(), "", "output"))
+        .transpose()?;
+    let alert_sink = mqtt
+        .map(|m| MqttSink::connect(m, agent.clone(), "-alerts", "output-alerts"))
+        .transpose()?;
+    let outbox = outbox.map(Arc::new);
+    let alert_lane = tokio::spawn(deliver(Lane {
+        rx: alerts,
+        sink: alert_sink,
+        console: console.clone(),
+        agent: agent.clone(),
+        stats: stats.clone(),
+        shutdown: shutdown.clone(),
+        outbox: outbox.clone(),
+    }));
+    // Both close at once: each waits (bounded) for its broker.
+    deliver(Lane {
+        rx: records,
+        sink,
+        console,
+        agent,
+        stats,
+        shutdown,
+        outbox,
+    })
+    .await;
+    alert_lane
+        .await
+        .map_err(|e| format!("alert output task failed: {e}"))
+}
+
+/// One channel's way out: to the outbox, the console and an MQTT connection.
+struct Lane {
+    rx: mpsc::Receiver<Record>,
+    sink: Option<MqttSink>,
+    console: Console,
+    agent: Arc<str>,
+    stats: Arc<OutputStats>,
+    shutdown: CancellationToken,
+    outbox: Option<Arc<OutboxFeed>>,
+}
+
+/// Delivers what comes on `lane.rx` until every sender is gone, then closes
+/// the lane's MQTT connection.
+async fn deliver(mut lane: Lane) {
+    let stats = &lane.stats;
+    while let Some(record) = lane.rx.recv().await {
+        if let Record::Checkpoint { worker, state } = record {
+            // Only the store takes these.
+            if let Some(feed) = &lane.outbox {
+                feed.save(worker, state).await;
+            }
+            continue;
+        }
+        match &record {
+            Record::Aggregate(_) => stats.aggregates.fetch_add(1, Relaxed),
+            Record::Alert(e) if e.state == "raised" => stats.alerts_raised.fetch_add(1, Relaxed),
+            Record::Alert(_) => stats.alerts_cleared.fetch_add(1, Relaxed),
+            Record::Stats(_) | Record::Checkpoint { .. } => 0,
+        };
+        match &lane.console {
+            Console::Off => {}
+            Console::Lines => print(&record),
+            Console::Tap(tap) => {
+                if !matches!(record, Record::Stats(_)) {
+                    let _ = tap.try_send(record.clone());
+                }
+            }
+        }
+        if let Some(feed) = &lane.outbox {
+            feed.store(&record, &lane.agent).await;
+        }
+        if let Some(sink) = &lane.sink {
+            sink.publish(&record, stats, &lane.shutdown).await;
+        }
+    }
+    if let Some(sink) = lane.sink {
+        sink.close().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sluice_core::Timestamp;
+
+    fn aggregate(series: &str, end: Timestamp) -> Record {
+        Record::Aggregate(AggregateRecord {
+            agent: "a".into(),
+            series: series.into(),
+            start: end - 1000,
+            end,
+            count: 1,
+            sum: 1.0,
+            mean: 1.0,
+            min: 1.0,
+            max: 1.0,
+            stddev: None,
+            first: 1.0,
+            last: 1.0,
+            quantiles: None,
+            decaying: None,
+            late: 0,
+            partial: false,
+            partial_reason: None,
+            sampled_one_in: None,
+            count_stderr: None,
+        })
+    }
+
+    /// What the feed hands the writer for one aggregate, when the store
+    /// keeps `keeps`.
+    fn stored(keeps: Keeps) -> Vec<ToStore> {
+        let (items, mut rx) = mpsc::channel(8);
+        let feed = OutboxFeed {
+            items,
+            keeps,
+            aggregate_topic: "up/{series}".into(),
+            alert_topic: None,
+        };
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        runtime.block_on(feed.store(&aggregate("s", 5000), "a"));
+        drop(feed);
+        std::iter::from_fn(|| rx.try_recv().ok()).collect()
+    }
+
+    #[test]
+    fn checkpoint_only_mode_stores_window_marks() {
+        match &stored(Keeps::Marks)[..] {
+            [ToStore::Mark { series, end }] => assert_eq!((series.as_str(), *end), ("s", 5000)),
+            other => panic!("{other:?}"),
+        }
+        match &stored(Keeps::RecordsAndMarks)[..] {
+            [ToStore::Record { topic, mark, .. }] => {
+                assert_eq!(topic, "up/s");
+                assert_eq!(mark, &Some(("s".to_string(), 5000)));
+            }
+            other => panic!("{other:?}"),
+        }
+        match &stored(Keeps::Records)[..] {
+            [ToStore::Record { mark: None, .. }] => {}
+            other => panic!("{other:?}"),
+        }
+    }
+}

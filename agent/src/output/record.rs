@@ -1,0 +1,136 @@
+//! The records the workers produce and the outputs deliver, and the
+//! output's counters.
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+
+use serde::Serialize;
+use sluice_core::Timestamp;
+
+/// A closed window of a series.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct AggregateRecord {
+    /// The gateway.
+    pub agent: Arc<str>,
+    /// The series key.
+    pub series: String,
+    /// Window start, ms since the epoch (inclusive).
+    pub start: Timestamp,
+    /// Window end, ms since the epoch (exclusive).
+    pub end: Timestamp,
+    /// Readings in the window.
+    pub count: u64,
+    /// Their sum.
+    pub sum: f64,
+    /// Their mean.
+    pub mean: f64,
+    /// The smallest.
+    pub min: f64,
+    /// The largest.
+    pub max: f64,
+    /// Sample standard deviation (absent for one reading).
+    pub stddev: Option<f64>,
+    /// The value with the earliest event time.
+    pub first: f64,
+    /// The value with the latest event time.
+    pub last: f64,
+    /// The quantiles the rule asks for (`p50`, `p99`, `p99.9`, …), each
+    /// within 1 % of the exact value.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub quantiles: Option<std::collections::BTreeMap<String, f64>>,
+    /// For a decaying window: its statistics at the end of the period.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub decaying: Option<DecayingSummary>,
+    /// Readings of this series refused as late since the previous record.
+    pub late: u64,
+    /// Some readings may be missing: it was closed early (by shutdown), or
+    /// it was restored after a crash (see `partial_reason`).
+    pub partial: bool,
+    /// Why `partial`, when it is not a shutdown: `"restored_after_crash"`
+    /// for a window that started before the agent restarted from a crash,
+    /// whose readings since the last checkpoint were lost.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub partial_reason: Option<&'static str>,
+    /// When shedding sampled this series, the rate it kept (one in this
+    /// many). `count`, `sum`, `mean` and `stddev` already estimate the whole
+    /// window: each kept reading counts as the readings it stands for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sampled_one_in: Option<u32>,
+    /// When sampled: the standard error of `count` as an estimate, at most
+    /// `sqrt(count · (sampled_one_in − 1))` (exact when every reading of the
+    /// window was sampled; smaller when some were kept whole).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub count_stderr: Option<f64>,
+}
+
+/// The statistics of an exponentially decaying window.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct DecayingSummary {
+    /// Decaying mean.
+    pub mean: f64,
+    /// Decaying standard deviation.
+    pub stddev: f64,
+    /// Decaying sum S_t = Σ λ^i x_{t−i}.
+    pub sum: f64,
+    /// Decaying weight Σ λ^i (tends to 1/(1 − λ)).
+    pub weight: f64,
+}
+
+/// A raise or clear of an alert.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct AlertEvent {
+    /// The gateway.
+    pub agent: Arc<str>,
+    /// The series key.
+    pub series: String,
+    /// The rule: `zscore`, `threshold_above`, `threshold_below`, `rate_of_change`.
+    pub rule: &'static str,
+    /// `raised` or `cleared`.
+    pub state: &'static str,
+    /// The reading that changed the state.
+    pub value: f64,
+    /// Its score: the signed z-score for `zscore` (compared by magnitude),
+    /// the value for thresholds, the rate per second for `rate_of_change`.
+    pub score: Option<f64>,
+    /// The level the score crossed: the raise level for `raised`, the
+    /// clear level for `cleared`.
+    pub threshold: f64,
+    /// Event time of the reading, ms since the epoch.
+    pub event_ts: Timestamp,
+    /// When the agent detected it, ms since the epoch.
+    pub detected_ts: Timestamp,
+}
+
+/// Something to deliver.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Record {
+    /// A closed window.
+    Aggregate(AggregateRecord),
+    /// An alert change.
+    Alert(AlertEvent),
+    /// A stats snapshot (the periodic stats message).
+    Stats(serde_json::Value),
+    /// A worker's checkpoint (for the store only; see `checkpoint`).
+    Checkpoint {
+        /// The worker.
+        worker: usize,
+        /// Its encoded state.
+        state: Vec<u8>,
+    },
+}
+
+/// What the output task delivered.
+#[derive(Debug, Default)]
+pub struct OutputStats {
+    /// Aggregates handed to the outputs.
+    pub aggregates: AtomicU64,
+    /// Alerts raised.
+    pub alerts_raised: AtomicU64,
+    /// Alerts cleared.
+    pub alerts_cleared: AtomicU64,
+    /// Publishes that failed (the MQTT client's queue was gone).
+    pub publish_errors: AtomicU64,
+    /// Live messages dropped because the output broker was unreachable and
+    /// the client's queue was full (the outbox stores regardless).
+    pub dropped_offline: AtomicU64,
+}
