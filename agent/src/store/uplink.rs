@@ -439,15 +439,8 @@ async fn session(
     // Isolating: one record at a time until one past the range is sent.
     let mut isolating = isolate.map(|(_, hi)| hi);
     let mut window = if isolating.is_some() { 1 } else { full_window };
-    // Sent in order, waiting for their packet id; then by packet id.
-    let mut unassigned: VecDeque<i64> = VecDeque::new();
-    let mut inflight: HashMap<u16, i64> = HashMap::new();
-    // Per lane: records read ahead and not yet sent, and the newest seq read
-    // (one query a window, not one per PUBACK).
-    let (mut backlog, mut backlog_read, mut backlog_done) = (VecDeque::new(), 0i64, false);
-    let (mut live, mut live_read) = (VecDeque::new(), live_from - 1);
-    let mut live_in_flight = 0usize;
-    let mut last_live_look = Instant::now() - LIVE_LOOK;
+    let mut lanes = Lanes::new(live_from, full_window);
+    let mut inflight = InFlight::default();
     let mut acked = Vec::new();
     let mut last_gauge = Instant::now();
     let result = loop {
@@ -470,78 +463,33 @@ async fn session(
         // stream of publishes also carries the TCP ACKs for the broker's
         // PUBACKs, which would otherwise wait out a delayed ACK when the
         // broker leaves Nagle on, as Mosquitto does by default.
-        let mut room = window.saturating_sub(unassigned.len() + inflight.len());
+        let mut room = window.saturating_sub(inflight.len());
         if undeleted.seqs.len() >= MAX_UNDELETED {
             room = 0;
         }
         while room > 0 {
-            let mut next = None;
-            if backlog_done || live_in_flight < window / 2 {
-                if live.is_empty() && last_live_look.elapsed() >= LIVE_LOOK {
-                    let _in_call = busy(&stats.uplink_busy_since);
-                    let read = outbox
-                        .peek_claim(live_read, i64::MAX, full_window, claimed)
-                        .map_err(|e| e.to_string())?;
-                    last_live_look = Instant::now();
-                    if let Some(r) = read.last() {
-                        live_read = r.seq;
-                    }
-                    live.extend(
-                        read.into_iter()
-                            .filter(|r| !undeleted.seqs.contains(&r.seq)),
-                    );
-                }
-                next = live.pop_front();
-                if next.is_some() {
-                    live_in_flight += 1;
-                }
-            }
-            if next.is_none() && !backlog_done {
-                if backlog.is_empty() {
-                    let _in_call = busy(&stats.uplink_busy_since);
-                    let read = outbox
-                        .peek_claim(backlog_read, live_from, full_window, claimed)
-                        .map_err(|e| e.to_string())?;
-                    match read.last() {
-                        Some(r) => backlog_read = r.seq,
-                        None => {
-                            backlog_done = true;
-                            continue;
-                        }
-                    }
-                    // Acknowledged already, and waiting to be deleted.
-                    backlog.extend(
-                        read.into_iter()
-                            .filter(|r| !undeleted.seqs.contains(&r.seq)),
-                    );
-                    if backlog.is_empty() {
-                        continue;
-                    }
-                }
-                next = backlog.pop_front();
-            }
-            let Some(r) = next else { break };
+            let Some(r) = lanes.next(outbox, stats, claimed, undeleted, window)? else {
+                break;
+            };
             if isolating.is_some_and(|hi| r.seq > hi) {
                 // Past the range: back to the whole window.
                 (isolating, window) = (None, full_window);
-                room = window.saturating_sub(unassigned.len() + inflight.len());
+                room = window.saturating_sub(inflight.len());
             }
             let packet = with_identity(r.epoch, r.id_seq, &r.payload);
             if let Some(why) = unsendable(&r, &packet) {
-                if r.seq >= live_from {
-                    live_in_flight -= 1;
-                }
+                lanes.finished(r.seq);
                 set_aside(outbox, stats, claimed, r.seq, &why);
                 continue;
             }
             client
                 .try_publish(r.topic, QoS::AtLeastOnce, false, packet)
                 .map_err(|e| e.to_string())?;
-            unassigned.push_back(r.seq);
+            inflight.unassigned.push_back(r.seq);
             stats.sent.fetch_add(1, Relaxed);
             room -= 1;
         }
-        let idle = unassigned.is_empty() && inflight.is_empty();
+        let idle = inflight.len() == 0;
         let event = tokio::time::timeout(
             if idle {
                 LIVE_LOOK
@@ -555,29 +503,28 @@ async fn session(
             Err(_) => {}
             Ok(Err(e)) => break Err(e.to_string()),
             Ok(Ok(Event::Outgoing(Outgoing::Publish(pkid)))) => {
-                if let Some(seq) = unassigned.pop_front() {
-                    inflight.insert(pkid, seq);
+                if let Some(seq) = inflight.unassigned.pop_front() {
+                    inflight.by_pkid.insert(pkid, seq);
                 }
                 crate::ops::crash::point("send.after_publish");
             }
             Ok(Ok(Event::Incoming(Packet::PubAck(ack)))) => {
-                if let Some(seq) = inflight.remove(&ack.pkid) {
-                    if seq >= live_from {
-                        live_in_flight -= 1;
-                    }
+                if let Some(seq) = inflight.by_pkid.remove(&ack.pkid) {
+                    lanes.finished(seq);
                     acked.push(seq);
                     report.acked += 1;
                 }
             }
             Ok(Ok(_)) => {}
         }
-        if !acked.is_empty() && (acked.len() >= full_window.max(64) || inflight.is_empty()) {
+        if !acked.is_empty() && (acked.len() >= full_window.max(64) || inflight.by_pkid.is_empty())
+        {
             record_acks(outbox, stats, claimed, &mut acked, undeleted);
         }
     };
-    let outstanding = || unassigned.iter().chain(inflight.values()).copied();
+    let outstanding = || inflight.seqs();
     report.outstanding = outstanding().min().zip(outstanding().max());
-    if isolating.is_some() && unassigned.len() + inflight.len() == 1 {
+    if isolating.is_some() && inflight.len() == 1 {
         report.alone = outstanding().next();
     }
     // Acknowledgements that came before a stop or a failure are kept, so
@@ -586,6 +533,126 @@ async fn session(
         record_acks(outbox, stats, claimed, &mut acked, undeleted);
     }
     result
+}
+
+/// The records sent and not acknowledged: in order while they wait for
+/// their packet id, then by packet id.
+#[derive(Default)]
+struct InFlight {
+    unassigned: VecDeque<i64>,
+    by_pkid: HashMap<u16, i64>,
+}
+
+impl InFlight {
+    fn len(&self) -> usize {
+        self.unassigned.len() + self.by_pkid.len()
+    }
+
+    fn seqs(&self) -> impl Iterator<Item = i64> + '_ {
+        self.unassigned.iter().chain(self.by_pkid.values()).copied()
+    }
+}
+
+/// The two lanes that share the in-flight window (see [`session`]): the
+/// backlog (seqs below `live_from`, committed before this session) and the
+/// live lane (from `live_from` on). Each holds records read ahead and not
+/// yet sent, and the newest seq read (one query a window, not one per
+/// PUBACK).
+struct Lanes {
+    live_from: i64,
+    full_window: usize,
+    backlog: VecDeque<Queued>,
+    backlog_read: i64,
+    backlog_done: bool,
+    live: VecDeque<Queued>,
+    live_read: i64,
+    /// Live records sent and not yet acknowledged or set aside.
+    live_in_flight: usize,
+    last_live_look: Instant,
+}
+
+impl Lanes {
+    fn new(live_from: i64, full_window: usize) -> Lanes {
+        Lanes {
+            live_from,
+            full_window,
+            backlog: VecDeque::new(),
+            backlog_read: 0,
+            backlog_done: false,
+            live: VecDeque::new(),
+            live_read: live_from - 1,
+            live_in_flight: 0,
+            last_live_look: Instant::now() - LIVE_LOOK,
+        }
+    }
+
+    /// The next record to send: live records while the backlog is done or
+    /// while they hold less than half of `window`, else the backlog's
+    /// oldest. Records acknowledged and waiting to be deleted
+    /// (`undeleted`) are skipped.
+    fn next(
+        &mut self,
+        outbox: &mut Outbox,
+        stats: &UplinkStats,
+        claimed: &Claimed,
+        undeleted: &Undeleted,
+        window: usize,
+    ) -> Result<Option<Queued>, String> {
+        loop {
+            if self.backlog_done || self.live_in_flight < window / 2 {
+                if self.live.is_empty() && self.last_live_look.elapsed() >= LIVE_LOOK {
+                    let _in_call = busy(&stats.uplink_busy_since);
+                    let read = outbox
+                        .peek_claim(self.live_read, i64::MAX, self.full_window, claimed)
+                        .map_err(|e| e.to_string())?;
+                    self.last_live_look = Instant::now();
+                    if let Some(r) = read.last() {
+                        self.live_read = r.seq;
+                    }
+                    self.live.extend(
+                        read.into_iter()
+                            .filter(|r| !undeleted.seqs.contains(&r.seq)),
+                    );
+                }
+                if let Some(r) = self.live.pop_front() {
+                    self.live_in_flight += 1;
+                    return Ok(Some(r));
+                }
+            }
+            if self.backlog_done {
+                return Ok(None);
+            }
+            if self.backlog.is_empty() {
+                let _in_call = busy(&stats.uplink_busy_since);
+                let read = outbox
+                    .peek_claim(self.backlog_read, self.live_from, self.full_window, claimed)
+                    .map_err(|e| e.to_string())?;
+                match read.last() {
+                    Some(r) => self.backlog_read = r.seq,
+                    None => {
+                        self.backlog_done = true;
+                        continue;
+                    }
+                }
+                // Acknowledged already, and waiting to be deleted.
+                self.backlog.extend(
+                    read.into_iter()
+                        .filter(|r| !undeleted.seqs.contains(&r.seq)),
+                );
+                if self.backlog.is_empty() {
+                    continue;
+                }
+            }
+            return Ok(self.backlog.pop_front());
+        }
+    }
+
+    /// Record `seq` left the window (acknowledged, or set aside).
+    fn finished(&mut self, seq: i64) {
+        if seq >= self.live_from {
+            self.live_in_flight -= 1;
+        }
+    }
 }
 
 /// Deletes the acknowledged records `acked` (and any that a full disk kept
