@@ -1,0 +1,270 @@
+//! The W1 load: publishers at a fixed rate (with spikes), a subscriber,
+//! and the broker-only baseline phase.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use sluice_core::rng::SplitMix64;
+
+use crate::report::{Phase, histogram, percentiles};
+
+pub(crate) fn epoch_us() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as i64)
+}
+
+/// The fixed-rate workload: which reading goes when, with which value.
+#[derive(Clone)]
+pub(crate) struct Workload {
+    pub(crate) rate: u64,
+    pub(crate) sensors: u32,
+    pub(crate) connections: u32,
+    pub(crate) spike_every: u64,
+    pub(crate) duration: Duration,
+    /// Wall clock at the schedule's start, µs since the epoch.
+    pub(crate) epoch_start_us: i64,
+    pub(crate) start: Instant,
+    /// Names the publishers' client ids.
+    pub(crate) tag: &'static str,
+    /// Event time from the actual send time instead of the schedule (for a
+    /// burst, which may fall behind its schedule: old event times would be
+    /// refused as late instead of loading the agent).
+    pub(crate) ts_now: bool,
+}
+
+/// Spikes sent: (sensor, ts ms) → intended send time, µs since the epoch.
+pub(crate) type Spikes = Arc<Mutex<HashMap<(u32, i64), i64>>>;
+
+pub(crate) struct Sent {
+    pub(crate) readings: u64,
+    pub(crate) spikes: u64,
+    pub(crate) spikes_after_warmup: u64,
+}
+
+/// Publishes connection `c`'s share of the workload: sensors `c, c+C, …`,
+/// each reading at its intended time, ts = the intended time.
+pub(crate) async fn publish(
+    w: Workload,
+    port: u16,
+    c: u32,
+    topic_prefix: &str,
+    spikes: Spikes,
+) -> Sent {
+    let mut options = MqttOptions::new(
+        format!("bench-{}-{c}-{}", w.tag, std::process::id()),
+        "127.0.0.1",
+        port,
+    );
+    options.set_max_packet_size(1 << 16, 1 << 16);
+    // A short request queue: a reading waits to be made rather than queued
+    // (its event time would age in the queue).
+    let (client, mut events) = AsyncClient::new(options, 64);
+    events.set_network_options(sluice_collectors::mqtt::network_options());
+    let driver = tokio::spawn(async move { while events.poll().await.is_ok() {} });
+    let mine: Vec<u32> = (c..w.sensors).step_by(w.connections as usize).collect();
+    if mine.is_empty() {
+        return Sent {
+            readings: 0,
+            spikes: 0,
+            spikes_after_warmup: 0,
+        };
+    }
+    // This connection's rate and the interval between its readings.
+    let share = w.rate as f64 * mine.len() as f64 / f64::from(w.sensors);
+    let interval_ns = 1e9 / share;
+    let total = (share * w.duration.as_secs_f64()) as u64;
+    let mut rng = SplitMix64::new(0x5eed ^ u64::from(c));
+    let mut per_sensor = vec![0u64; mine.len()];
+    let mut sent = Sent {
+        readings: 0,
+        spikes: 0,
+        spikes_after_warmup: 0,
+    };
+    let mut k = 0u64;
+    while k < total {
+        let now = w.start.elapsed().as_nanos() as f64;
+        while k < total && (k as f64) * interval_ns <= now {
+            let i = (k % mine.len() as u64) as usize;
+            let sensor = mine[i];
+            let n = per_sensor[i];
+            per_sensor[i] += 1;
+            let intended_us = w.epoch_start_us + ((k as f64) * interval_ns / 1000.0) as i64;
+            let ts = if w.ts_now {
+                epoch_us() / 1000
+            } else {
+                intended_us / 1000
+            };
+            // Gaussian noise, σ = 1 (Box-Muller).
+            let (u1, u2) = (rng.next_f64().max(1e-12), rng.next_f64());
+            let noise = (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos();
+            // Every spike_every-th reading of a sensor, each sensor at its
+            // own phase, so that spikes spread evenly over time instead of
+            // every sensor spiking in the same millisecond.
+            let phase = (u64::from(sensor) * 7919) % w.spike_every.max(1);
+            let spike = n > 0 && (n + phase).is_multiple_of(w.spike_every);
+            let value = 20.0 + f64::from(sensor % 10) + noise + if spike { 15.0 } else { 0.0 };
+            if spike {
+                sent.spikes += 1;
+                // The detector is active after 30 readings.
+                if n >= 30 {
+                    sent.spikes_after_warmup += 1;
+                }
+                spikes.lock().unwrap().insert((sensor, ts), intended_us);
+            }
+            let payload = format!(
+                r#"{{"sensor":"s-{sensor:04}","ts":{ts},"value":{value:.3},"t":{intended_us}}}"#
+            );
+            if client
+                .publish(
+                    format!("{topic_prefix}/s-{sensor:04}"),
+                    QoS::AtMostOnce,
+                    false,
+                    payload,
+                )
+                .await
+                .is_err()
+            {
+                break;
+            }
+            sent.readings += 1;
+            k += 1;
+        }
+        if k < total {
+            let next = Duration::from_nanos(((k as f64) * interval_ns) as u64);
+            tokio::time::sleep_until((w.start + next).into()).await;
+        }
+    }
+    let _ = client.disconnect().await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), driver).await;
+    sent
+}
+
+/// Publishes the whole workload; returns what was sent.
+pub(crate) async fn publish_all(
+    w: &Workload,
+    port: u16,
+    topic_prefix: &str,
+    spikes: &Spikes,
+) -> Sent {
+    let tasks: Vec<_> = (0..w.connections)
+        .map(|c| {
+            let (w, spikes, prefix) = (w.clone(), spikes.clone(), topic_prefix.to_string());
+            tokio::spawn(async move { publish(w, port, c, &prefix, spikes).await })
+        })
+        .collect();
+    let mut total = Sent {
+        readings: 0,
+        spikes: 0,
+        spikes_after_warmup: 0,
+    };
+    for t in tasks {
+        let s = t.await.expect("publisher task");
+        total.readings += s.readings;
+        total.spikes += s.spikes;
+        total.spikes_after_warmup += s.spikes_after_warmup;
+    }
+    total
+}
+
+/// A subscriber that hands every message to `on` with its arrival time (µs
+/// since the epoch); stops when `stop` is set.
+pub(crate) async fn subscribe(
+    port: u16,
+    id: &str,
+    filters: &[&str],
+    stop: Arc<AtomicBool>,
+    mut on: impl FnMut(&str, &[u8], i64) + Send + 'static,
+) -> tokio::task::JoinHandle<()> {
+    let mut options = MqttOptions::new(format!("{id}-{}", std::process::id()), "127.0.0.1", port);
+    options.set_max_packet_size(1 << 20, 1 << 20);
+    let (client, mut events) = AsyncClient::new(options, 1024);
+    events.set_network_options(sluice_collectors::mqtt::network_options());
+    for f in filters {
+        client
+            .subscribe(*f, QoS::AtMostOnce)
+            .await
+            .expect("subscribe");
+    }
+    let mut acked = 0;
+    while acked < filters.len() {
+        if let Ok(Event::Incoming(Packet::SubAck(_))) = events.poll().await {
+            acked += 1;
+        }
+    }
+    tokio::spawn(async move {
+        let _client = client;
+        while !stop.load(Relaxed) {
+            match tokio::time::timeout(Duration::from_millis(100), events.poll()).await {
+                Ok(Ok(Event::Incoming(Packet::Publish(p)))) => on(&p.topic, &p.payload, epoch_us()),
+                Ok(Err(_)) => tokio::time::sleep(Duration::from_millis(50)).await,
+                _ => {}
+            }
+        }
+    })
+}
+
+pub(crate) fn field_i64(payload: &[u8], key: &str) -> Option<i64> {
+    let text = std::str::from_utf8(payload).ok()?;
+    let at = text.find(&format!("\"{key}\":"))? + key.len() + 3;
+    let rest = &text[at..];
+    let end = rest
+        .find(|c: char| !(c.is_ascii_digit() || c == '-'))
+        .unwrap_or(rest.len());
+    rest[..end].parse().ok()
+}
+
+/// Phase 1: publisher → broker → subscriber.
+pub(crate) async fn broker_only(w: Workload, port: u16) -> Phase {
+    let hist = Arc::new(Mutex::new(histogram()));
+    let received = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let task = {
+        let (hist, received) = (hist.clone(), received.clone());
+        subscribe(
+            port,
+            "bench-baseline",
+            &["baseline/#"],
+            stop.clone(),
+            move |_, payload, now| {
+                if let Some(t) = field_i64(payload, "t") {
+                    let _ = hist.lock().unwrap().record((now - t).max(1) as u64);
+                    received.fetch_add(1, Relaxed);
+                }
+            },
+        )
+        .await
+    };
+    let w = Workload {
+        start: Instant::now(),
+        epoch_start_us: epoch_us(),
+        ..w
+    };
+    let sent = publish_all(&w, port, "baseline", &Spikes::default()).await;
+    let elapsed = w.start.elapsed();
+    // Until every reading has arrived, or a second of silence.
+    let mut last = (received.load(Relaxed), Instant::now());
+    while received.load(Relaxed) < sent.readings && last.1.elapsed() < Duration::from_secs(1) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let now = received.load(Relaxed);
+        if now != last.0 {
+            last = (now, Instant::now());
+        }
+    }
+    stop.store(true, Relaxed);
+    let _ = task.await;
+    let hist = hist.lock().unwrap().clone();
+    let mut phase = Phase {
+        rate: w.rate,
+        sent: sent.readings,
+        achieved_rate: sent.readings as f64 / elapsed.as_secs_f64(),
+        received: received.load(Relaxed),
+        ..Phase::default()
+    };
+    phase.latency_ms.insert("broker".into(), percentiles(&hist));
+    phase.histograms.push(("broker".into(), hist));
+    phase
+}
