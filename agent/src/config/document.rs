@@ -78,7 +78,7 @@ enum WindowByKind {
     Decaying(DecayingRule),
 }
 
-/// Reads the form [`retag`] leaves (see [`Config::parse`]).
+/// Reads the form `retag` leaves (see `Config::parse`).
 impl<'de> Deserialize<'de> for WindowRule {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         Ok(match WindowByKind::deserialize(d)? {

@@ -251,7 +251,7 @@ impl Windows {
 /// The sending side of a worker.
 struct Emitter {
     /// Aggregates, checkpoints and stats, in order. Its room
-    /// (`record_queue` in `pipeline.rs`) holds a window boundary's
+    /// (`record_queue` in `pipeline/mod.rs`) holds a window boundary's
     /// aggregates: every series closes its window within one tick, 10,000
     /// records at once, more than the output drains in that time. They wait
     /// there while the worker goes on taking readings and raising alerts;

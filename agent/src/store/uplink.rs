@@ -37,7 +37,7 @@
 //!
 //! Deleting an acknowledged record writes to the WAL, which a full disk
 //! refuses. Such a failure never ends the session: the seqs are kept in
-//! memory ([`Undeleted`]), never sent again, protected from drop-oldest and
+//! memory (`Undeleted`), never sent again, protected from drop-oldest and
 //! downsampling, and deleted as soon as a retry (every second, and with each
 //! batch of acknowledgements) goes through. So the backlog keeps draining
 //! upstream while the disk stays full. Past [`MAX_UNDELETED`] of them the
