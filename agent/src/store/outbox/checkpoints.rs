@@ -114,3 +114,48 @@ impl Outbox {
         Ok(n)
     }
 }
+
+/// In the transaction of an append: the window marks and checkpoints, each
+/// under a new generation, and the marks older than every checkpoint
+/// pruned (see [`Outbox::commit`]).
+pub(super) fn save(
+    tx: &rusqlite::Transaction<'_>,
+    marks: &[(String, i64)],
+    checkpoints: &[(usize, Vec<u8>)],
+    now_ms: i64,
+) -> Result<(), OutboxError> {
+    if !marks.is_empty() || !checkpoints.is_empty() {
+        add_counter(tx, "generation", 1)?;
+        let generation = counter(tx, "generation")?;
+        if !marks.is_empty() {
+            let mut mark = tx.prepare_cached(
+                "INSERT INTO window_marks (series, end_ms, generation) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (series) DO UPDATE
+                 SET end_ms = MAX(end_ms, excluded.end_ms), generation = excluded.generation",
+            )?;
+            for (series, end) in marks {
+                mark.execute(params![series, end, generation])?;
+            }
+        }
+        if !checkpoints.is_empty() {
+            let mut save = tx.prepare_cached(
+                "INSERT OR REPLACE INTO checkpoints (worker, saved_ms, checksum, state, generation)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?;
+            for (worker, state) in checkpoints {
+                save.execute(params![
+                    *worker as i64,
+                    now_ms,
+                    checksum(state),
+                    state,
+                    generation
+                ])?;
+            }
+            tx.execute(
+                "DELETE FROM window_marks WHERE generation < (SELECT MIN(generation) FROM checkpoints)",
+                [],
+            )?;
+        }
+    }
+    Ok(())
+}

@@ -92,68 +92,13 @@ impl Outbox {
         now_ms: i64,
     ) -> Result<Committed, OutboxError> {
         let tx = write_transaction(&mut self.conn)?;
-        if !marks.is_empty() || !checkpoints.is_empty() {
-            add_counter(&tx, "generation", 1)?;
-            let generation = counter(&tx, "generation")?;
-            if !marks.is_empty() {
-                let mut mark = tx.prepare_cached(
-                    "INSERT INTO window_marks (series, end_ms, generation) VALUES (?1, ?2, ?3)
-                     ON CONFLICT (series) DO UPDATE
-                     SET end_ms = MAX(end_ms, excluded.end_ms), generation = excluded.generation",
-                )?;
-                for (series, end) in marks {
-                    mark.execute(params![series, end, generation])?;
-                }
-            }
-            if !checkpoints.is_empty() {
-                let mut save = tx.prepare_cached(
-                    "INSERT OR REPLACE INTO checkpoints (worker, saved_ms, checksum, state, generation)
-                     VALUES (?1, ?2, ?3, ?4, ?5)",
-                )?;
-                for (worker, state) in checkpoints {
-                    save.execute(params![
-                        *worker as i64,
-                        now_ms,
-                        checksum(state),
-                        state,
-                        generation
-                    ])?;
-                }
-                tx.execute(
-                    "DELETE FROM window_marks WHERE generation < (SELECT MIN(generation) FROM checkpoints)",
-                    [],
-                )?;
-            }
-        }
-        let mut seqs = Vec::with_capacity(records.len());
-        let mut added_bytes = 0i64;
+        checkpoints::save(&tx, marks, checkpoints, now_ms)?;
         // Applied to `last_of_topic` only once the transaction commits.
-        let mut newest: std::collections::HashMap<&str, i64> = Default::default();
-        {
-            let mut insert = tx.prepare_cached(
-                "INSERT INTO records (topic, payload, created_ms, prev, checksum, epoch)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            )?;
-            for (topic, payload) in records {
-                let prev = newest
-                    .get(topic.as_str())
-                    .or_else(|| self.last_of_topic.get(topic))
-                    .copied()
-                    .unwrap_or(-1);
-                insert.execute(params![
-                    topic,
-                    payload,
-                    now_ms,
-                    prev,
-                    record_checksum(topic, payload),
-                    self.epoch
-                ])?;
-                let seq = tx.last_insert_rowid();
-                newest.insert(topic, seq);
-                seqs.push(seq);
-                added_bytes += payload.len() as i64;
-            }
-        }
+        let Inserted {
+            seqs,
+            bytes: added_bytes,
+            newest,
+        } = insert(&tx, records, now_ms, self.epoch, &self.last_of_topic)?;
         add_counter(&tx, "count", seqs.len() as i64)?;
         add_counter(&tx, "bytes", added_bytes)?;
         let (mut count, mut bytes) = (counter(&tx, "count")? as u64, counter(&tx, "bytes")? as u64);
@@ -189,36 +134,8 @@ impl Outbox {
                 .lock()
                 .map_err(|_| OutboxError("claimed set poisoned".into()))?
                 .clone();
-            let mut oldest = tx.prepare_cached(
-                "SELECT seq, LENGTH(payload) FROM records WHERE seq > ?1 ORDER BY seq LIMIT 256",
-            )?;
-            let mut delete = tx.prepare_cached("DELETE FROM records WHERE seq = ?1")?;
-            let mut after = 0;
-            'drop: while count > self.max_records || bytes > self.max_bytes {
-                let rows: Vec<(i64, i64)> = oldest
-                    .query_map([after], |r| Ok((r.get(0)?, r.get(1)?)))?
-                    .collect::<Result<_, _>>()?;
-                if rows.is_empty() {
-                    break;
-                }
-                for (seq, len) in rows {
-                    after = seq;
-                    if in_flight.contains(&seq) {
-                        continue;
-                    }
-                    delete.execute([seq])?;
-                    count -= 1;
-                    bytes = bytes.saturating_sub(len as u64);
-                    dropped += 1;
-                    add_counter(&tx, "bytes", -len)?;
-                    if count <= self.max_records && bytes <= self.max_bytes {
-                        break 'drop;
-                    }
-                }
-            }
-            drop((oldest, delete));
-            add_counter(&tx, "count", -dropped)?;
-            add_counter(&tx, "dropped", dropped)?;
+            let bounds = (self.max_records, self.max_bytes);
+            dropped = drop_oldest(&tx, &in_flight, (&mut count, &mut bytes), bounds)?;
         }
         if downsampled > 0 {
             crate::ops::crash::point("downsample.before_commit");
@@ -302,4 +219,100 @@ impl Outbox {
     pub fn backlog(&self) -> Result<u64, OutboxError> {
         Ok(counter(&self.conn, "count")? as u64)
     }
+}
+
+/// What [`insert`] inserted.
+struct Inserted<'r> {
+    seqs: Vec<i64>,
+    /// Their payload bytes.
+    bytes: i64,
+    /// The newest seq per topic.
+    newest: std::collections::HashMap<&'r str, i64>,
+}
+
+/// Inserts `records` with their identity and checksum, each linked to the
+/// newest record of its topic before it (`prev`, for downsampling).
+fn insert<'r>(
+    tx: &rusqlite::Transaction<'_>,
+    records: &'r [(String, Vec<u8>)],
+    now_ms: i64,
+    epoch: i64,
+    last_of_topic: &std::collections::HashMap<String, i64>,
+) -> Result<Inserted<'r>, OutboxError> {
+    let mut seqs = Vec::with_capacity(records.len());
+    let mut added_bytes = 0i64;
+    let mut newest: std::collections::HashMap<&str, i64> = Default::default();
+    {
+        let mut insert = tx.prepare_cached(
+            "INSERT INTO records (topic, payload, created_ms, prev, checksum, epoch)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        )?;
+        for (topic, payload) in records {
+            let prev = newest
+                .get(topic.as_str())
+                .or_else(|| last_of_topic.get(topic))
+                .copied()
+                .unwrap_or(-1);
+            insert.execute(params![
+                topic,
+                payload,
+                now_ms,
+                prev,
+                record_checksum(topic, payload),
+                epoch
+            ])?;
+            let seq = tx.last_insert_rowid();
+            newest.insert(topic, seq);
+            seqs.push(seq);
+            added_bytes += payload.len() as i64;
+        }
+    }
+    Ok(Inserted {
+        seqs,
+        bytes: added_bytes,
+        newest,
+    })
+}
+
+/// Deletes the oldest records until `count` and `bytes` are within
+/// `(max_records, max_bytes)`, sparing those `in_flight`; returns how many
+/// it deleted (the running totals are updated as it goes).
+fn drop_oldest(
+    tx: &rusqlite::Transaction<'_>,
+    in_flight: &std::collections::HashSet<i64>,
+    (count, bytes): (&mut u64, &mut u64),
+    (max_records, max_bytes): (u64, u64),
+) -> Result<i64, OutboxError> {
+    let mut dropped = 0i64;
+    let mut oldest = tx.prepare_cached(
+        "SELECT seq, LENGTH(payload) FROM records WHERE seq > ?1 ORDER BY seq LIMIT 256",
+    )?;
+    let mut delete = tx.prepare_cached("DELETE FROM records WHERE seq = ?1")?;
+    let mut after = 0;
+    'drop: while *count > max_records || *bytes > max_bytes {
+        let rows: Vec<(i64, i64)> = oldest
+            .query_map([after], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<Result<_, _>>()?;
+        if rows.is_empty() {
+            break;
+        }
+        for (seq, len) in rows {
+            after = seq;
+            if in_flight.contains(&seq) {
+                continue;
+            }
+            delete.execute([seq])?;
+            *count -= 1;
+            *bytes = bytes.saturating_sub(len as u64);
+            dropped += 1;
+            add_counter(tx, "bytes", -len)?;
+            if *count <= max_records && *bytes <= max_bytes {
+                break 'drop;
+            }
+        }
+    }
+    drop((oldest, delete));
+    add_counter(tx, "count", -dropped)?;
+    add_counter(tx, "dropped", dropped)?;
+    Ok(dropped)
 }
