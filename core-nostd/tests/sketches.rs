@@ -151,6 +151,47 @@ fn count_min_overestimates_within_epsilon_n_at_least_one_minus_delta_of_the_time
 }
 
 #[test]
+fn count_min_rows_are_independent_so_a_heavy_item_cannot_shadow_a_query_in_every_row() {
+    // One heavy item (about 99 % of N) among light ones. A query exceeds
+    // εN only if it shares a counter with the heavy item in every one of
+    // the 8 rows: with independent rows that has probability 64^-8 per
+    // query. Rows derived from one hash by double hashing collide in every
+    // row far more often (such a query was found at the first seed).
+    let (w, d) = (64, 8);
+    for seed in 0..3u64 {
+        let mut cm = CountMin::with_storage(vec![0u64; w * d], w, d, seed, false).unwrap();
+        cm.add(b"heavy", 1_000_000);
+        for i in 0..10_000u64 {
+            cm.add(&i.to_le_bytes(), 1);
+        }
+        let bound = cm.error_bound();
+        let over = (1_000_000u64..1_200_000)
+            .filter(|i| cm.estimate(&i.to_le_bytes()) as f64 > bound)
+            .count();
+        assert_eq!(over, 0, "seed {seed}: {over} queries over εN = {bound}");
+    }
+}
+
+#[test]
+fn memory_bytes_counts_inline_storage_once_and_outside_storage_once() {
+    use core::mem::size_of;
+    // Inline arrays are part of the struct: its size is the memory.
+    let hll = HyperLogLog::<[u8; M]>::new(1);
+    assert_eq!(hll.memory_bytes(), size_of::<HyperLogLog<[u8; M]>>());
+    let cm = CountMin::with_storage([0u64; 64], 16, 4, 1, false).unwrap();
+    assert_eq!(cm.memory_bytes(), size_of::<CountMin<[u64; 64]>>());
+    let bloom = BloomFilter::with_storage([0u64; 32], 100, 1).unwrap();
+    assert_eq!(bloom.memory_bytes(), size_of::<BloomFilter<[u64; 32]>>());
+    let dd = DdSketch::with_storage([0u64; 256], 0.01).unwrap();
+    assert_eq!(dd.memory_bytes(), size_of::<DdSketch<[u64; 256]>>());
+    // Storage elsewhere (a Vec) adds its elements to the struct.
+    let cm = CountMin::with_storage(vec![0u64; 64], 16, 4, 1, false).unwrap();
+    assert_eq!(cm.memory_bytes(), size_of::<CountMin<Vec<u64>>>() + 64 * 8);
+    let hll = HyperLogLog::with_storage(vec![0u8; M], 1).unwrap();
+    assert_eq!(hll.memory_bytes(), size_of::<HyperLogLog<Vec<u8>>>() + M);
+}
+
+#[test]
 fn count_min_merge_equals_the_union() {
     let (w, d) = (272, 5);
     let mut a = CountMin::with_storage(vec![0u64; w * d], w, d, 1, false).unwrap();
@@ -361,6 +402,43 @@ fn ddsketch_meets_its_relative_error_and_merges_exactly() {
         );
     }
     assert_eq!(whole.quantile(1.5), None);
+}
+
+#[test]
+fn ddsketch_counts_each_collapsed_value_once() {
+    // 16 buckets per sign; 200 rising values, each ~2.4 buckets above the
+    // last: every new one collapses the lowest buckets, and the values
+    // collapsed before move up again. Each counts once: at most the 16
+    // buckets of the window hold values that kept their accuracy.
+    let mut s = DdSketch::with_storage([0u64; 32], 0.01).unwrap();
+    let n = 200;
+    for k in 0..n {
+        s.insert(1.05f64.powi(k));
+    }
+    assert!(s.collapsed() <= n as u64, "{} of {n}", s.collapsed());
+    assert!(s.collapsed() >= n as u64 - 16, "{} of {n}", s.collapsed());
+    // The same through a merge, and through the serialized form.
+    let mut a = DdSketch::with_storage([0u64; 32], 0.01).unwrap();
+    let mut b = DdSketch::with_storage([0u64; 32], 0.01).unwrap();
+    for k in 0..n {
+        if k % 2 == 0 { &mut a } else { &mut b }.insert(1.05f64.powi(k));
+    }
+    a.merge(&b).unwrap();
+    assert!(
+        a.collapsed() <= n as u64,
+        "merged: {} of {n}",
+        a.collapsed()
+    );
+    a.insert(1.05f64.powi(n + 5));
+    let bytes = bytes_of(a.serialized_len(), |buf| a.write_to(buf));
+    let mut back = DdSketch::read_from(&bytes, [0u64; 32]).unwrap();
+    assert_eq!(back.collapsed(), a.collapsed());
+    back.insert(1.05f64.powi(n + 10));
+    assert!(
+        back.collapsed() <= n as u64 + 2,
+        "read back: {}",
+        back.collapsed()
+    );
 }
 
 #[test]

@@ -146,7 +146,7 @@ impl<S: AsRef<[u64]> + AsMut<[u64]>> BloomFilter<S> {
 
     /// Bytes of memory the filter uses.
     pub fn memory_bytes(&self) -> usize {
-        8 * self.words.as_ref().len() + core::mem::size_of::<Self>()
+        super::footprint(self, self.words.as_ref())
     }
 
     /// Adds every item of `other` (bitwise OR). Size, hashes and seed must match.

@@ -15,6 +15,27 @@ use super::wire::{Reader, Writer, check_storage, family};
 use super::{SketchError, hash_item};
 use crate::hash::shard_of;
 
+/// Spreads the rows' salts over the 64 bits (the golden ratio's odd
+/// constant).
+const ROW_SALT: u64 = 0x9E37_79B9_7F4A_7C15;
+
+/// MurmurHash3's 64-bit finalizer: a bijection in which every input bit
+/// affects every output bit.
+#[inline(always)]
+fn fmix64(mut h: u64) -> u64 {
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    h ^ (h >> 33)
+}
+
+/// The update byte in the serialized form: bit 0 conservative update,
+/// bit 1 set when the rows are hashed independently (every sketch this
+/// build writes). A sketch without bit 1 was written before, with double
+/// hashing: its counters are in other places, so it is refused.
+const INDEPENDENT_ROWS: u8 = 2;
+
 /// A Count-Min sketch over counters in `S` (`width × depth`, row-major).
 ///
 /// ```
@@ -85,12 +106,16 @@ impl<S: AsRef<[u64]> + AsMut<[u64]>> CountMin<S> {
         })
     }
 
-    /// The counter of `hash` in `row` (Kirsch–Mitzenmacher double hashing).
+    /// The counter of `hash` in `row`: the item's hash mixed with the row's
+    /// own constant by a bijective 64-bit finalizer, so that the rows of two
+    /// items with different hashes are independent. (Double hashing,
+    /// `h1 + row·h2`, made two items that met in two rows meet in every
+    /// row, so a heavy item could shadow a query in all of them far more
+    /// often than δ.)
     #[inline(always)]
     fn cell(&self, hash: u64, row: usize) -> usize {
-        let h2 = hash.rotate_left(32) | 1;
-        let h = hash.wrapping_add((row as u64).wrapping_mul(h2));
-        row * self.width + shard_of(h, self.width)
+        let salt = ROW_SALT.wrapping_mul(row as u64 + 1);
+        row * self.width + shard_of(fmix64(hash ^ salt), self.width)
     }
 
     /// Adds `count` occurrences of an item.
@@ -169,7 +194,7 @@ impl<S: AsRef<[u64]> + AsMut<[u64]>> CountMin<S> {
 
     /// Bytes of memory the sketch uses.
     pub fn memory_bytes(&self) -> usize {
-        8 * self.counters.as_ref().len() + core::mem::size_of::<Self>()
+        super::footprint(self, self.counters.as_ref())
     }
 
     /// Adds everything `other` has counted. Width, depth and seed must match.
@@ -207,7 +232,7 @@ impl<S: AsRef<[u64]> + AsMut<[u64]>> CountMin<S> {
         let mut w = Writer::start(buf, family::COUNT_MIN, self.seed, self.body_len())?;
         w.u32(self.width as u32);
         w.u32(self.depth as u32);
-        w.u8(u8::from(self.conservative));
+        w.u8(u8::from(self.conservative) | INDEPENDENT_ROWS);
         w.u64(self.total);
         for &c in self.counters.as_ref() {
             w.u64(c);
@@ -222,9 +247,14 @@ impl<S: AsRef<[u64]> + AsMut<[u64]>> CountMin<S> {
         let width = r.u32()? as usize;
         let depth = r.u32()? as usize;
         let conservative = match r.u8()? {
-            0 => false,
-            1 => true,
-            _ => return Err(SketchError::Corrupt("Count-Min update flag is not 0 or 1")),
+            0 | 1 => {
+                return Err(SketchError::Incompatible(
+                    "a Count-Min written by Sluice 0.1 (double-hashed rows)",
+                ));
+            }
+            INDEPENDENT_ROWS => false,
+            b if b == INDEPENDENT_ROWS | 1 => true,
+            _ => return Err(SketchError::Corrupt("Count-Min update byte")),
         };
         let total = r.u64()?;
         if width == 0 || depth == 0 || depth > 64 {

@@ -34,6 +34,10 @@ struct Store {
     lo: i64,
     hi: i64,
     empty: bool,
+    /// Values in the lowest bucket (`lo`) that were moved there by a
+    /// collapse (already counted as collapsed). A collapse folds buckets
+    /// into the lowest one, so every value that lost its accuracy is there.
+    carried: u64,
 }
 
 impl Store {
@@ -42,6 +46,7 @@ impl Store {
         lo: 0,
         hi: 0,
         empty: true,
+        carried: 0,
     };
 
     #[inline(always)]
@@ -49,9 +54,10 @@ impl Store {
         index.rem_euclid(b as i64) as usize
     }
 
-    /// Adds `n` to bucket `index`; returns how many values lost accuracy to a
-    /// collapse.
-    fn add(&mut self, buckets: &mut [u64], mut index: i64, n: u64) -> u64 {
+    /// Adds `n` to bucket `index`, `already` of which lost their accuracy
+    /// before (a merged sketch's collapsed values); returns how many values
+    /// newly lost accuracy to a collapse.
+    fn add(&mut self, buckets: &mut [u64], mut index: i64, n: u64, already: u64) -> u64 {
         let b = buckets.len() as i64;
         let mut collapsed = 0;
         if self.empty {
@@ -65,8 +71,9 @@ impl Store {
                 self.offset = index;
             } else {
                 let lowest = self.hi - b + 1;
-                collapsed += self.collapse_below(buckets, lowest) + n;
+                collapsed += self.collapse_below(buckets, lowest) + (n - already);
                 index = lowest;
+                self.carried += n - already;
             }
         } else if index >= self.offset + b {
             collapsed += self.collapse_below(buckets, index - b + 1);
@@ -74,6 +81,10 @@ impl Store {
         buckets[Self::slot(index, buckets.len())] += n;
         self.lo = self.lo.min(index);
         self.hi = self.hi.max(index);
+        // A merged sketch's collapsed values sit in its lowest bucket, which
+        // lands on this store's lowest (its window, B wide, reaches down to
+        // there): they stay counted once.
+        self.carried += already;
         collapsed
     }
 
@@ -88,10 +99,18 @@ impl Store {
             *slot = 0;
         }
         self.offset = offset;
+        // The values collapsed before were in the lowest bucket, among those
+        // moved now: they count once.
+        let newly = if self.lo < offset {
+            moved.saturating_sub(self.carried)
+        } else {
+            0
+        };
         if moved > 0 {
             buckets[Self::slot(offset, b)] += moved;
             self.lo = offset;
             self.hi = self.hi.max(offset);
+            self.carried = moved;
         } else if self.lo < offset {
             // Everything below was empty; the store is now empty up to `hi`.
             self.lo = offset.min(self.hi);
@@ -99,7 +118,7 @@ impl Store {
                 *self = Store::EMPTY;
             }
         }
-        moved
+        newly
     }
 
     /// Non-empty `(index, count)` pairs from `lo` to `hi`.
@@ -211,9 +230,9 @@ impl<S: AsRef<[u64]> + AsMut<[u64]>> DdSketch<S> {
             let index = self.index(magnitude);
             let (pos, neg) = self.buckets.as_mut().split_at_mut(half);
             self.collapsed += if value > 0.0 {
-                self.positive.add(pos, index, n)
+                self.positive.add(pos, index, n, 0)
             } else {
-                self.negative.add(neg, index, n)
+                self.negative.add(neg, index, n, 0)
             };
         }
         self.count += n;
@@ -300,7 +319,7 @@ impl<S: AsRef<[u64]> + AsMut<[u64]>> DdSketch<S> {
 
     /// Bytes of memory the sketch uses.
     pub fn memory_bytes(&self) -> usize {
-        8 * self.buckets.as_ref().len() + core::mem::size_of::<Self>()
+        super::footprint(self, self.buckets.as_ref())
     }
 
     /// Adds every value of `other`. Accuracy and bucket count must match.
@@ -315,11 +334,19 @@ impl<S: AsRef<[u64]> + AsMut<[u64]>> DdSketch<S> {
         let half = self.half();
         let (their_pos, their_neg) = other.buckets.as_ref().split_at(half);
         let (pos, neg) = self.buckets.as_mut().split_at_mut(half);
-        for (i, c) in other.positive.iter(their_pos) {
-            self.collapsed += self.positive.add(pos, i, c);
+        // Their collapsed values (in each store's lowest bucket) are counted
+        // in `other.collapsed`, and passed on as such. Highest buckets
+        // first: by the time their lowest comes, this store's window reaches
+        // no lower than it (theirs was full), so it lands on, or collapses
+        // into, this store's lowest bucket, where collapsed values are kept.
+        let already = |store: &Store, i: i64| if i == store.lo { store.carried } else { 0 };
+        for (i, c) in other.positive.iter(their_pos).rev() {
+            let known = already(&other.positive, i);
+            self.collapsed += self.positive.add(pos, i, c, known);
         }
-        for (i, c) in other.negative.iter(their_neg) {
-            self.collapsed += self.negative.add(neg, i, c);
+        for (i, c) in other.negative.iter(their_neg).rev() {
+            let known = already(&other.negative, i);
+            self.collapsed += self.negative.add(neg, i, c, known);
         }
         self.zero += other.zero;
         self.count += other.count;
@@ -410,6 +437,7 @@ impl<S: AsRef<[u64]> + AsMut<[u64]>> DdSketch<S> {
                 lo,
                 hi,
                 empty,
+                carried: 0,
             };
             if empty {
                 *store = Store::EMPTY;
@@ -427,6 +455,19 @@ impl<S: AsRef<[u64]> + AsMut<[u64]>> DdSketch<S> {
         }
         if in_buckets != s.count {
             return Err(SketchError::Corrupt("DDSketch bucket counts do not add up"));
+        }
+        if s.collapsed > s.count {
+            return Err(SketchError::Corrupt("DDSketch collapsed count"));
+        }
+        // Which values were collapsed is not written, only how many: they
+        // sit in the lowest bucket of a store whose window is full.
+        let mut left = s.collapsed;
+        let (pos, neg) = s.buckets.as_ref().split_at(half);
+        for (store, buckets) in [(&mut s.positive, pos), (&mut s.negative, neg)] {
+            if !store.empty && store.hi - store.lo + 1 == half as i64 {
+                store.carried = left.min(buckets[Store::slot(store.lo, half)]);
+                left -= store.carried;
+            }
         }
         if s.count > 0 && !(s.min <= s.max && s.min.is_finite() && s.max.is_finite()) {
             return Err(SketchError::Corrupt("DDSketch extremes"));

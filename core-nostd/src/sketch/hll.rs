@@ -141,7 +141,7 @@ impl<S: AsRef<[u8]> + AsMut<[u8]>> HyperLogLog<S> {
 
     /// Bytes of memory the sketch uses.
     pub fn memory_bytes(&self) -> usize {
-        self.registers.as_ref().len() + core::mem::size_of::<Self>()
+        super::footprint(self, self.registers.as_ref())
     }
 
     /// The number of registers, `m`.

@@ -109,6 +109,21 @@ impl core::fmt::Display for SketchError {
 
 impl core::error::Error for SketchError {}
 
+/// The memory a sketch `this` uses whose state lives in `storage`: the
+/// struct itself, plus the storage when it lies outside the struct (a `Vec`
+/// or a borrowed slice). An inline array is already part of the struct and
+/// counts once.
+pub(crate) fn footprint<T, E>(this: &T, storage: &[E]) -> usize {
+    let size = core::mem::size_of::<T>();
+    let start = this as *const T as usize;
+    let data = storage.as_ptr() as usize;
+    if (start..start + size).contains(&data) {
+        size
+    } else {
+        size + core::mem::size_of_val(storage)
+    }
+}
+
 /// Hashes an item (any bytes) for a sketch with `seed`.
 #[inline(always)]
 pub(crate) fn hash_item(item: &[u8], seed: u64) -> u64 {
