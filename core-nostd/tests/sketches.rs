@@ -282,9 +282,8 @@ fn reservoir_samples_are_uniform() {
                     r.sample().to_vec()
                 }
                 _ => {
-                    let seed = rng.next_u64();
-                    let mut a = Reservoir::new(vec![0u64; k], seed).unwrap();
-                    let mut b = Reservoir::new(vec![0u64; k], seed).unwrap();
+                    let mut a = Reservoir::new(vec![0u64; k], rng.next_u64()).unwrap();
+                    let mut b = Reservoir::new(vec![0u64; k], rng.next_u64()).unwrap();
                     // Unequal halves: 70 and 30 items.
                     (0..70).for_each(|i| a.offer(i));
                     (70..n).for_each(|i| b.offer(i));
@@ -304,6 +303,33 @@ fn reservoir_samples_are_uniform() {
         );
         assert!(chi2 < CHI2_99_P001, "algorithm {algorithm}: χ² = {chi2}");
     }
+}
+
+#[test]
+fn merged_reservoirs_of_two_shards_sample_pairs_independently() {
+    // Two shards, each its own reservoir with its own seed, 20 items each;
+    // the merge is a uniform 4-subset of the 40 items, so a given pair
+    // (shard A's 4th item, shard B's 4th) is in it with probability
+    // 4·3/(40·39). Shards seeded alike sample the same positions, so the
+    // pair comes up far more often; merging requires no equal seeds.
+    let (k, trials) = (4usize, 20_000u64);
+    let mut rng = SplitMix64::new(7);
+    let mut together = 0u64;
+    for _ in 0..trials {
+        let mut a = Reservoir::new(vec![0u64; k], rng.next_u64()).unwrap();
+        let mut b = Reservoir::new(vec![0u64; k], rng.next_u64()).unwrap();
+        (0..20).for_each(|i| a.offer(i));
+        (100..120).for_each(|i| b.offer(i));
+        a.merge(&b).unwrap();
+        let sample = a.sample();
+        together += u64::from(sample.contains(&3) && sample.contains(&103));
+    }
+    let p = 12.0 / 1560.0;
+    let (mean, sd) = (trials as f64 * p, (trials as f64 * p * (1.0 - p)).sqrt());
+    assert!(
+        (together as f64 - mean).abs() < 4.0 * sd,
+        "pair sampled together {together} times, expected {mean:.0} ± {sd:.0}"
+    );
 }
 
 #[test]

@@ -14,8 +14,10 @@
 //! any `AsRef<[T]> + AsMut<[T]>` the caller provides (a slice, or a `Vec` in
 //! std code whose size comes from configuration). Nothing allocates.
 //!
-//! Every sketch merges with a compatible one (same parameters and seed;
-//! anything else is [`SketchError::Incompatible`]) and serializes to bytes in
+//! Every sketch merges with a compatible one (same parameters, and for the
+//! sketches that hash items the same seed; anything else is
+//! [`SketchError::Incompatible`]; reservoirs, whose seed only drives their
+//! generator, need different seeds) and serializes to bytes in
 //! the format below, which is what gateways forward upstream to be merged.
 //!
 //! # Serialized format (version 1, little-endian)

@@ -14,6 +14,12 @@
 //! hypergeometric distribution (a uniform `k`-subset of the union has that many
 //! from each side), then takes that many at random from each sample.
 //!
+//! The seed only drives the generator: reservoirs to be merged need not
+//! share it, and must not. Two shards seeded alike skip the same numbers of
+//! items, so they sample the same positions of their streams and their
+//! samples are not independent; give each reservoir its own seed (for
+//! example from the shard, series and window it samples).
+//!
 //! **Memory**: `k` items plus a few words.
 
 use super::SketchError;
@@ -181,13 +187,11 @@ impl<T: Copy, S: AsRef<[T]> + AsMut<[T]>> Reservoir<T, S> {
     }
 
     /// Replaces this sample with a uniform sample of the union of both
-    /// streams. Capacities and seeds must match. Later offers use Algorithm R.
+    /// streams. Capacities must match; seeds should differ (see the module
+    /// docs). Later offers use Algorithm R.
     pub fn merge<U: AsRef<[T]>>(&mut self, other: &Reservoir<T, U>) -> Result<(), SketchError> {
         if self.capacity() != other.items.as_ref().len() {
             return Err(SketchError::Incompatible("different reservoir capacities"));
-        }
-        if self.seed != other.seed {
-            return Err(SketchError::Incompatible("different seeds"));
         }
         let k = self.capacity();
         let (n1, n2) = (self.seen, other.seen);
