@@ -468,6 +468,58 @@ fn ddsketch_counts_each_collapsed_value_once() {
 }
 
 #[test]
+fn ddsketch_never_answers_a_collapsed_quantile_as_if_it_were_accurate() {
+    // 160 buckets per sign at 1 % cover a factor of about 24: heavy tails
+    // (Pareto, shape 1) and wide lognormals collapse most of their values.
+    // Every answer is either within α of the exact quantile or flagged as
+    // collapsed (then the true value is at most the answer).
+    let alpha = 0.01;
+    for (name, heavy) in [("pareto", true), ("lognormal", false)] {
+        let (mut flagged, mut accurate) = (0, 0);
+        for seed in 0..20u64 {
+            let mut rng = SplitMix64::new(seed);
+            let mut values: Vec<f64> = (0..20_000)
+                .map(|_| {
+                    let u = rng.next_f64().max(1e-300);
+                    if heavy {
+                        1.0 / u
+                    } else {
+                        let u2 = rng.next_f64();
+                        let z = (-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos();
+                        (2.0 * z).exp()
+                    }
+                })
+                .collect();
+            let mut s = DdSketch::with_storage([0u64; 320], alpha).unwrap();
+            values.iter().for_each(|&v| {
+                s.insert(v);
+            });
+            values.sort_by(f64::total_cmp);
+            let grid = (1..100).map(|i| i as f64 / 100.0);
+            for q in grid.chain([0.999, 0.9995, 0.9999]) {
+                let exact = exact_quantile(&values, q);
+                let answer = s.quantile_detail(q).unwrap();
+                if answer.collapsed {
+                    flagged += 1;
+                    assert!(answer.value >= exact * (1.0 - alpha), "{name} q={q}");
+                } else {
+                    accurate += 1;
+                    assert!(
+                        (answer.value - exact).abs() <= alpha * exact + 1e-9,
+                        "{name} seed {seed} q={q}: {} vs {exact}, not flagged",
+                        answer.value
+                    );
+                }
+            }
+        }
+        assert!(
+            flagged > 0 && accurate > 0,
+            "{name}: {flagged} flagged, {accurate} accurate"
+        );
+    }
+}
+
+#[test]
 fn ddsketch_collapses_the_lowest_buckets_when_out_of_room() {
     // 16 buckets per sign at 1 % cover a factor of about 1.4: values over
     // 1..1e6 must collapse the low ones, and the high quantiles stay exact.

@@ -222,6 +222,7 @@ mod tests {
             first: 1.0,
             last: 1.0,
             quantiles: None,
+            quantiles_collapsed: Vec::new(),
             decaying: None,
             late: 0,
             partial: false,

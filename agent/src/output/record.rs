@@ -38,6 +38,12 @@ pub struct AggregateRecord {
     /// within 1 % of the exact value.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub quantiles: Option<std::collections::BTreeMap<String, f64>>,
+    /// The quantiles whose rank fell among values the sketch folded
+    /// together for lack of buckets (data spanning more than it covers):
+    /// each is an upper bound (a lower one for negative values), not within
+    /// 1 %. Absent when every quantile keeps its accuracy.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub quantiles_collapsed: Vec<String>,
     /// For a decaying window: its statistics at the end of the period.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub decaying: Option<DecayingSummary>,

@@ -303,12 +303,17 @@ fn aggregate(
     let after_crash = partial_before.is_some_and(|t| done.closed.start < t);
     let a = &done.closed.acc;
     let levels = &rules.config(rule).quantiles;
+    let mut quantiles_collapsed = Vec::new();
     let quantiles = done.quantiles.filter(|_| !levels.is_empty()).map(|q| {
         levels
             .iter()
             .filter_map(|&level| {
                 let name = format!("p{}", (level * 100_000.0).round() / 1000.0);
-                Some((name, q.quantile(level)?))
+                let answer = q.quantile_detail(level)?;
+                if answer.collapsed {
+                    quantiles_collapsed.push(name.clone());
+                }
+                Some((name, answer.value))
             })
             .collect()
     });
@@ -326,6 +331,7 @@ fn aggregate(
         first: a.first().map_or(f64::NAN, |p| p.value),
         last: a.last().map_or(f64::NAN, |p| p.value),
         quantiles,
+        quantiles_collapsed,
         decaying: done.decaying.and_then(|d| {
             Some(DecayingSummary {
                 mean: d.mean()?,
@@ -1184,6 +1190,25 @@ mod tests {
         // λ = 0.5: S = 2 + 0.5·4 = 4, W = 1.5, mean = 8/3.
         assert_eq!((got[0].start, got[0].end, got[0].count), (0, 1000, 2));
         assert!((d.mean - 8.0 / 3.0).abs() < 1e-12 && (d.sum - 4.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn a_quantile_among_collapsed_values_is_marked_in_the_record() {
+        // The sketch's buckets cover a factor of about 13 at 1 %: over
+        // 1..=100 the lowest values are folded together, so p5 is only an
+        // upper bound, while p50 keeps its 1 %.
+        let (mut w, mut rx, _) = worker(
+            "[[rules]]\nmatch = \"*\"\nwindow = { kind = \"tumbling\", size_ms = 1000 }\nquantiles = [0.05, 0.5]\n",
+        );
+        for i in 0..100 {
+            w.process(reading("a", i, f64::from(i as u32 + 1)));
+        }
+        w.process(reading("a", 1_000, 0.0));
+        let got = aggregates(&mut rx);
+        assert_eq!(got[0].quantiles_collapsed, vec!["p5".to_string()]);
+        let q = got[0].quantiles.as_ref().unwrap();
+        assert!(q["p5"] >= 5.0, "an upper bound: {q:?}");
+        assert!((q["p50"] - 50.0).abs() <= 0.5 + 0.01 * 50.0, "{q:?}");
     }
 
     #[test]

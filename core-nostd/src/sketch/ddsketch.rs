@@ -135,6 +135,17 @@ impl Store {
     }
 }
 
+/// A quantile, and whether it keeps the relative-error guarantee (see
+/// [`DdSketch::quantile_detail`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct QuantileAnswer {
+    /// The answer.
+    pub value: f64,
+    /// The rank fell among values collapsed for lack of buckets: the answer
+    /// is a bound (see [`DdSketch::quantile_detail`]), not within α.
+    pub collapsed: bool,
+}
+
 /// A DDSketch over `2·B` buckets in `S` (the first half positive values, the
 /// second negative ones).
 ///
@@ -245,45 +256,82 @@ impl<S: AsRef<[u64]> + AsMut<[u64]>> DdSketch<S> {
     /// The value at quantile `q` (0 = minimum, 1 = maximum), within relative
     /// error α of the exact one; `None` when empty or `q` is not in [0, 1].
     pub fn quantile(&self, q: f64) -> Option<f64> {
+        self.quantile_detail(q).map(|a| a.value)
+    }
+
+    /// [`Self::quantile`], saying whether the answer keeps the guarantee: a
+    /// rank that falls among the values collapsed for lack of buckets is
+    /// answered with the bucket they were folded into, and flagged
+    /// (`collapsed`): the true value is then at most the answer for a
+    /// positive one (at least, for a negative one), and may be far from it.
+    pub fn quantile_detail(&self, q: f64) -> Option<QuantileAnswer> {
         if self.count == 0 || !(0.0..=1.0).contains(&q) {
             return None;
         }
+        let exact = |value| {
+            Some(QuantileAnswer {
+                value,
+                collapsed: false,
+            })
+        };
         // The extremes are kept exactly.
         if q == 0.0 {
-            return Some(self.min);
+            return exact(self.min);
         }
         if q == 1.0 {
-            return Some(self.max);
+            return exact(self.max);
         }
         let rank = q * (self.count - 1) as f64;
         let half = self.half();
         let (pos, neg) = self.buckets.as_ref().split_at(half);
         let mut seen = 0u64;
         let mut found = None;
+        // Most negative first: a negative store's collapsed values (closest
+        // to zero) are the last of its lowest bucket.
         for (i, c) in self.negative.iter(neg).rev() {
+            let before = seen;
             seen += c;
             if seen as f64 > rank {
-                found = Some(-self.value(i));
+                let carried = if i == self.negative.lo {
+                    self.negative.carried
+                } else {
+                    0
+                };
+                let collapsed = rank >= (before + c - carried) as f64;
+                found = Some((-self.value(i), collapsed));
                 break;
             }
         }
         if found.is_none() {
             seen += self.zero;
             if seen as f64 > rank {
-                found = Some(0.0);
+                found = Some((0.0, false));
             }
         }
         if found.is_none() {
+            // A positive store's collapsed values (the smallest) are the
+            // first of its lowest bucket.
             for (i, c) in self.positive.iter(pos) {
+                let before = seen;
                 seen += c;
                 if seen as f64 > rank {
-                    found = Some(self.value(i));
+                    let carried = if i == self.positive.lo {
+                        self.positive.carried
+                    } else {
+                        0
+                    };
+                    let collapsed = rank < (before + carried) as f64;
+                    found = Some((self.value(i), collapsed));
                     break;
                 }
             }
         }
+        let (value, collapsed) = found.unwrap_or((self.max, false));
         // The exact extremes bound every answer.
-        Some(found.unwrap_or(self.max).clamp(self.min, self.max))
+        Some(QuantileAnswer {
+            value: value.clamp(self.min, self.max),
+            collapsed,
+        })
     }
 
     /// The relative accuracy α.

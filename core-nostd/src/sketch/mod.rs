@@ -47,7 +47,7 @@ mod wire;
 
 pub use bloom::{BloomFilter, Membership};
 pub use countmin::CountMin;
-pub use ddsketch::DdSketch;
+pub use ddsketch::{DdSketch, QuantileAnswer};
 pub use hll::HyperLogLog;
 pub use reservoir::{Reservoir, SampleItem};
 pub use spacesaving::{Counter, SpaceSaving};

@@ -216,9 +216,16 @@ impl<'de> Deserialize<'de> for Quantiles {
 }
 
 impl Quantiles {
-    /// The value at quantile `q`, within 1 % of the exact one.
+    /// The value at quantile `q`, within 1 % of the exact one unless it
+    /// falls among values collapsed for lack of buckets.
     pub fn quantile(&self, q: f64) -> Option<f64> {
         self.0.as_ref().and_then(|s| s.quantile(q))
+    }
+
+    /// [`Self::quantile`], and whether it fell among collapsed values (see
+    /// `DdSketch::quantile_detail`).
+    pub fn quantile_detail(&self, q: f64) -> Option<sluice_core::sketch::QuantileAnswer> {
+        self.0.as_ref().and_then(|s| s.quantile_detail(q))
     }
 }
 

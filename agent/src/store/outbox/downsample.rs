@@ -200,7 +200,9 @@ pub fn merge_aggregates(a: &[u8], b: &[u8]) -> Option<Vec<u8>> {
         let (ea, eb) = (ea.unwrap_or(0.0), eb.unwrap_or(0.0));
         out.insert("count_stderr".into(), num((ea * ea + eb * eb).sqrt()));
     }
+    // Quantiles do not merge from their values: dropped, with their marks.
     out.remove("quantiles");
+    out.remove("quantiles_collapsed");
     let windows =
         |m: &Map<String, Value>| m.get("downsampled").and_then(Value::as_u64).unwrap_or(1);
     out.insert("downsampled".into(), Value::from(windows(&a) + windows(&b)));
