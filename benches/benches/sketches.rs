@@ -164,13 +164,17 @@ fn others(c: &mut Criterion) {
             black_box(r.seen())
         })
     });
-    g.bench_function("space_saving_k64", |b| {
-        b.iter(|| {
-            let mut s = SpaceSaving::new(vec![Counter::default(); 64]).unwrap();
-            stream.iter().for_each(|&x| s.insert(x));
-            black_box(s.total())
-        })
-    });
+    for k in [64usize, 256, 1024] {
+        g.bench_function(format!("space_saving_k{k}"), |b| {
+            let slots = SpaceSaving::<(), ()>::index_len(k);
+            b.iter(|| {
+                let mut s =
+                    SpaceSaving::new(vec![Counter::default(); k], vec![0u32; slots]).unwrap();
+                stream.iter().for_each(|&x| s.insert(x));
+                black_box(s.total())
+            })
+        });
+    }
     g.bench_function("ddsketch_1%_2x2048", |b| {
         b.iter(|| {
             let mut s = DdSketch::with_storage(vec![0u64; 4096], 0.01).unwrap();

@@ -338,9 +338,21 @@ fn space_saving_keeps_every_item_above_n_over_k_with_bounded_error() {
     let stream = zipf_stream(5);
     let n = stream.len() as u64;
     let mut exact = vec![0u64; 5_000];
-    let mut whole = SpaceSaving::new(vec![Counter::default(); k]).unwrap();
-    let mut left = SpaceSaving::new(vec![Counter::default(); k]).unwrap();
-    let mut right = SpaceSaving::new(vec![Counter::default(); k]).unwrap();
+    let mut whole = SpaceSaving::new(
+        vec![Counter::default(); k],
+        vec![0u32; SpaceSaving::<(), ()>::index_len(k)],
+    )
+    .unwrap();
+    let mut left = SpaceSaving::new(
+        vec![Counter::default(); k],
+        vec![0u32; SpaceSaving::<(), ()>::index_len(k)],
+    )
+    .unwrap();
+    let mut right = SpaceSaving::new(
+        vec![Counter::default(); k],
+        vec![0u32; SpaceSaving::<(), ()>::index_len(k)],
+    )
+    .unwrap();
     for (i, &x) in stream.iter().enumerate() {
         exact[x as usize] += 1;
         whole.insert(u64::from(x));
@@ -553,7 +565,7 @@ fn samples() -> Vec<Vec<u8>> {
     let mut cm = CountMin::with_storage(vec![0u64; 20], 10, 2, 5, true).unwrap();
     let mut bloom = BloomFilter::with_storage(vec![0u64; 4], 20, 5).unwrap();
     let mut res = Reservoir::new(vec![0.0f64; 8], 5).unwrap();
-    let mut top = SpaceSaving::new(vec![Counter::default(); 4]).unwrap();
+    let mut top = SpaceSaving::new(vec![Counter::default(); 4], vec![0u32; 12]).unwrap();
     let mut dd = DdSketch::with_storage(vec![0u64; 16], 0.02).unwrap();
     for i in 0..100u32 {
         hll.insert(&i.to_le_bytes());
@@ -580,7 +592,7 @@ fn read_all(bytes: &[u8]) -> [bool; 6] {
         CountMin::read_from(bytes, vec![0u64; 20]).is_ok(),
         BloomFilter::read_from(bytes, vec![0u64; 4]).is_ok(),
         Reservoir::<f64, _>::read_from(bytes, vec![0.0f64; 8]).is_ok(),
-        SpaceSaving::read_from(bytes, vec![Counter::default(); 4]).is_ok(),
+        SpaceSaving::read_from(bytes, vec![Counter::default(); 4], vec![0u32; 12]).is_ok(),
         DdSketch::read_from(bytes, vec![0u64; 16]).is_ok(),
     ]
 }
@@ -614,11 +626,11 @@ fn serialization_round_trips_and_rejects_other_families() {
     for q in [0.0, 0.3, 0.5, 0.9, 1.0] {
         assert_eq!(back.quantile(q), dd.quantile(q));
     }
-    let mut top = SpaceSaving::new(vec![Counter::default(); 4]).unwrap();
+    let mut top = SpaceSaving::new(vec![Counter::default(); 4], vec![0u32; 12]).unwrap();
     top.add(7, 3);
     let bytes = bytes_of(top.serialized_len(), |b| top.write_to(b));
     assert_eq!(
-        SpaceSaving::read_from(&bytes, vec![Counter::default(); 4])
+        SpaceSaving::read_from(&bytes, vec![Counter::default(); 4], vec![0u32; 12])
             .unwrap()
             .get(7),
         top.get(7)
@@ -628,6 +640,44 @@ fn serialization_round_trips_and_rejects_other_families() {
 
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(2_000))]
+
+    /// The indexed heap against the stream itself: every tracked key is
+    /// found, no key twice, the guarantees hold, also after merges and
+    /// evictions in a small index where probes collide.
+    #[test]
+    fn space_saving_index_and_heap_keep_the_guarantees(
+        k in 1usize..12,
+        ops in prop::collection::vec((0u64..40, 1u64..5, any::<bool>()), 1..400),
+    ) {
+        let new = || SpaceSaving::new(vec![Counter::default(); k], vec![0u32; SpaceSaving::<(), ()>::index_len(k)]).unwrap();
+        let (mut a, mut b) = (new(), new());
+        let mut truth = std::collections::HashMap::<u64, u64>::new();
+        for (i, &(key, count, other)) in ops.iter().enumerate() {
+            if other { b.add(key, count) } else { a.add(key, count) }
+            *truth.entry(key).or_default() += count;
+            if i % 97 == 96 {
+                a.merge(&b).unwrap();
+                b = new();
+            }
+        }
+        a.merge(&b).unwrap();
+        let n: u64 = truth.values().sum();
+        prop_assert_eq!(a.total(), n);
+        let mut keys: Vec<u64> = a.counters().iter().map(|c| c.key).collect();
+        keys.sort_unstable();
+        keys.dedup();
+        prop_assert_eq!(keys.len(), a.counters().len());
+        for c in a.counters() {
+            prop_assert_eq!(a.get(c.key), Some(*c));
+        }
+        for (&key, &t) in &truth {
+            match a.get(key) {
+                Some(c) => prop_assert!(c.count - c.error <= t && t <= c.count, "{:?} vs {}", c, t),
+                None => prop_assert!(t <= a.untracked_bound(), "{} untracked above the bound", key),
+            }
+        }
+    }
+
 
     #[test]
     fn random_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..300)) {

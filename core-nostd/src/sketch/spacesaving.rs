@@ -16,10 +16,15 @@
 //! (Agarwal et al., *Mergeable summaries*, 2012).
 //!
 //! Items are 64-bit keys: an id, or the hash of a longer key (see
-//! [`crate::hash::hash64`]). Updates scan the `k` counters, which for the
-//! small `k` of a hot list (tens to hundreds) is faster than a heap.
+//! [`crate::hash::hash64`]). The counters form a binary min-heap on their
+//! count, and an open-addressing index (linear probing, in caller storage
+//! of [`SpaceSaving::index_len`] `u32`s: a table of the power of two at or
+//! above `2k` slots, then each counter's slot) maps a key to its counter: an
+//! update finds its key in expected O(1) and moves the counter in O(log k)
+//! swaps of O(1) each, where a scan of the `k` counters grew with `k`.
 //!
-//! **Memory**: `24·k` bytes.
+//! **Memory**: `24·k` bytes for the counters and `4·index_len(k)` (about
+//! `12·k` to `20·k`) for the index.
 
 use super::SketchError;
 use super::wire::{Reader, Writer, check_storage, family};
@@ -35,12 +40,12 @@ pub struct Counter {
     pub error: u64,
 }
 
-/// A Space-Saving summary over `k` counters in `S`.
+/// A Space-Saving summary over `k` counters in `S`, indexed by `I`.
 ///
 /// ```
 /// use sluice_core::sketch::{Counter, SpaceSaving};
 ///
-/// let mut top = SpaceSaving::new([Counter::default(); 4]).unwrap();
+/// let mut top = SpaceSaving::new([Counter::default(); 4], [0u32; 12]).unwrap();
 /// for key in [7, 7, 7, 1, 7, 2, 7, 3, 7, 4] {
 ///     top.insert(key);
 /// }
@@ -51,23 +56,45 @@ pub struct Counter {
 /// assert!(n <= 4);
 /// ```
 #[derive(Clone)]
-pub struct SpaceSaving<S> {
+pub struct SpaceSaving<S, I> {
+    /// A min-heap on `count` over `..used`.
     counters: S,
+    /// The table (slot → 1 + the position of its key's counter; 0 is
+    /// empty), then for each position the slot that points at it.
+    index: I,
     used: usize,
     total: u64,
 }
 
-impl<S: AsRef<[Counter]> + AsMut<[Counter]>> SpaceSaving<S> {
-    /// An empty summary with `storage.len()` counters.
-    pub fn new(mut storage: S) -> Result<Self, SketchError> {
-        if storage.as_ref().is_empty() {
+/// Slots in the index's table for `k` counters.
+const fn table_len(k: usize) -> usize {
+    (2 * k).next_power_of_two()
+}
+
+impl<S, I> SpaceSaving<S, I> {
+    /// Index entries for `k` counters: a table of the power of two at or
+    /// above `2k` slots, and one entry per counter.
+    pub const fn index_len(k: usize) -> usize {
+        table_len(k) + k
+    }
+}
+
+impl<S: AsRef<[Counter]> + AsMut<[Counter]>, I: AsRef<[u32]> + AsMut<[u32]>> SpaceSaving<S, I> {
+    /// An empty summary with `counters.len()` counters; `index` must have
+    /// [`Self::index_len`] slots.
+    pub fn new(mut counters: S, mut index: I) -> Result<Self, SketchError> {
+        let k = counters.as_ref().len();
+        if k == 0 || u32::try_from(k).is_err() {
             return Err(SketchError::BadParameters(
-                "Space-Saving needs at least one counter",
+                "Space-Saving needs 1 to 2^32 - 1 counters",
             ));
         }
-        storage.as_mut().fill(Counter::default());
+        check_storage(Self::index_len(k), index.as_ref().len())?;
+        counters.as_mut().fill(Counter::default());
+        index.as_mut().fill(0);
         Ok(Self {
-            counters: storage,
+            counters,
+            index,
             used: 0,
             total: 0,
         })
@@ -102,34 +129,40 @@ impl<S: AsRef<[Counter]> + AsMut<[Counter]>> SpaceSaving<S> {
     /// Adds `count` occurrences of `key`.
     pub fn add(&mut self, key: u64, count: u64) {
         self.total = self.total.saturating_add(count);
-        let used = self.used;
-        let counters = &mut self.counters.as_mut()[..];
-        if let Some(c) = counters[..used].iter_mut().find(|c| c.key == key) {
+        if let Some(pos) = self.find(key) {
+            let c = &mut self.counters.as_mut()[pos];
             c.count = c.count.saturating_add(count);
+            self.sift_down(pos);
             return;
         }
-        if used < counters.len() {
-            counters[used] = Counter {
+        if self.used < self.capacity() {
+            let pos = self.used;
+            self.counters.as_mut()[pos] = Counter {
                 key,
                 count,
                 error: 0,
             };
             self.used += 1;
+            self.index_insert(key, pos);
+            self.sift_up(pos);
             return;
         }
-        let min = (0..used).min_by_key(|&i| counters[i].count).unwrap_or(0);
-        let evicted = counters[min].count;
-        counters[min] = Counter {
+        // Full: the new key takes over the smallest counter, the heap's root.
+        let evicted = self.counters.as_ref()[0];
+        self.index_remove(evicted.key);
+        self.counters.as_mut()[0] = Counter {
             key,
-            count: evicted.saturating_add(count),
-            error: evicted,
+            count: evicted.count.saturating_add(count),
+            error: evicted.count,
         };
+        self.index_insert(key, 0);
+        self.sift_down(0);
     }
 
     /// The counter of `key`, if it is tracked. An untracked key occurred at
     /// most [`Self::untracked_bound`] times.
     pub fn get(&self, key: u64) -> Option<Counter> {
-        self.counters().iter().find(|c| c.key == key).copied()
+        self.find(key).map(|pos| self.counters.as_ref()[pos])
     }
 
     /// The most an untracked key can have occurred: the smallest count when
@@ -138,7 +171,146 @@ impl<S: AsRef<[Counter]> + AsMut<[Counter]>> SpaceSaving<S> {
         if self.used < self.capacity() {
             0
         } else {
-            self.counters().iter().map(|c| c.count).min().unwrap_or(0)
+            self.counters.as_ref()[0].count
+        }
+    }
+
+    fn mask(&self) -> usize {
+        table_len(self.capacity()) - 1
+    }
+
+    /// The slot that points at heap position `pos`.
+    fn slot_at(&self, pos: usize) -> usize {
+        self.index.as_ref()[table_len(self.capacity()) + pos] as usize
+    }
+
+    fn set_slot_at(&mut self, pos: usize, slot: usize) {
+        let at = table_len(self.capacity()) + pos;
+        self.index.as_mut()[at] = slot as u32;
+    }
+
+    /// The slot where `key`'s probe starts: Fibonacci hashing (the top bits
+    /// of the key times 2^64/φ), one multiply, which spreads small ids and
+    /// keeps hashes uniform.
+    #[inline(always)]
+    fn home(&self, key: u64) -> usize {
+        let bits = table_len(self.capacity()).trailing_zeros();
+        (key.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (63 - bits) >> 1) as usize
+    }
+
+    /// The index slot holding `key`, if it is tracked.
+    fn slot_of(&self, key: u64) -> Option<usize> {
+        let (index, counters) = (self.index.as_ref(), self.counters.as_ref());
+        let mut slot = self.home(key);
+        loop {
+            match index[slot] {
+                0 => return None,
+                p if counters[p as usize - 1].key == key => return Some(slot),
+                _ => slot = (slot + 1) & self.mask(),
+            }
+        }
+    }
+
+    /// The heap position of `key`'s counter, if it is tracked.
+    fn find(&self, key: u64) -> Option<usize> {
+        self.slot_of(key)
+            .map(|slot| self.index.as_ref()[slot] as usize - 1)
+    }
+
+    fn index_insert(&mut self, key: u64, pos: usize) {
+        let mask = self.mask();
+        let mut slot = self.home(key);
+        let index = self.index.as_mut();
+        while index[slot] != 0 {
+            slot = (slot + 1) & mask;
+        }
+        index[slot] = pos as u32 + 1;
+        self.set_slot_at(pos, slot);
+    }
+
+    /// Removes `key` from the index, shifting back the entries after it that
+    /// would otherwise be cut off from their home slot (no tombstones).
+    fn index_remove(&mut self, key: u64) {
+        let Some(mut hole) = self.slot_of(key) else {
+            return;
+        };
+        let mask = self.mask();
+        let mut j = hole;
+        loop {
+            j = (j + 1) & mask;
+            let entry = self.index.as_ref()[j];
+            if entry == 0 {
+                break;
+            }
+            let home = self.home(self.counters.as_ref()[entry as usize - 1].key);
+            // The entry may fill the hole unless its home lies cyclically
+            // in (hole, j].
+            let between = if hole <= j {
+                hole < home && home <= j
+            } else {
+                hole < home || home <= j
+            };
+            if !between {
+                self.index.as_mut()[hole] = entry;
+                self.set_slot_at(entry as usize - 1, hole);
+                hole = j;
+            }
+        }
+        self.index.as_mut()[hole] = 0;
+    }
+
+    /// Swaps heap positions `a` and `b`, and their index entries.
+    fn swap(&mut self, a: usize, b: usize) {
+        let (sa, sb) = (self.slot_at(a), self.slot_at(b));
+        self.counters.as_mut().swap(a, b);
+        let index = self.index.as_mut();
+        index[sa] = b as u32 + 1;
+        index[sb] = a as u32 + 1;
+        self.set_slot_at(a, sb);
+        self.set_slot_at(b, sa);
+    }
+
+    fn sift_up(&mut self, mut pos: usize) {
+        while pos > 0 {
+            let parent = (pos - 1) / 2;
+            if self.counters.as_ref()[parent].count <= self.counters.as_ref()[pos].count {
+                break;
+            }
+            self.swap(pos, parent);
+            pos = parent;
+        }
+    }
+
+    fn sift_down(&mut self, mut pos: usize) {
+        loop {
+            let c = self.counters.as_ref();
+            let (l, r) = (2 * pos + 1, 2 * pos + 2);
+            let mut smallest = pos;
+            if l < self.used && c[l].count < c[smallest].count {
+                smallest = l;
+            }
+            if r < self.used && c[r].count < c[smallest].count {
+                smallest = r;
+            }
+            if smallest == pos {
+                break;
+            }
+            self.swap(pos, smallest);
+            pos = smallest;
+        }
+    }
+
+    /// Restores the heap order and rebuilds the index after the counters
+    /// were changed in place (a merge, or reading a serialized summary).
+    fn rebuild(&mut self) {
+        let table = table_len(self.capacity());
+        self.index.as_mut()[..table].fill(0);
+        for pos in 0..self.used {
+            let key = self.counters.as_ref()[pos].key;
+            self.index_insert(key, pos);
+        }
+        for pos in (0..self.used / 2).rev() {
+            self.sift_down(pos);
         }
     }
 
@@ -164,9 +336,9 @@ impl<S: AsRef<[Counter]> + AsMut<[Counter]>> SpaceSaving<S> {
     }
 
     /// Adds the summary of another stream. Capacities must match.
-    pub fn merge<T: AsRef<[Counter]>>(
+    pub fn merge<T: AsRef<[Counter]>, J: AsRef<[u32]>>(
         &mut self,
-        other: &SpaceSaving<T>,
+        other: &SpaceSaving<T, J>,
     ) -> Result<(), SketchError> {
         if self.capacity() != other.counters.as_ref().len() {
             return Err(SketchError::Incompatible(
@@ -178,13 +350,17 @@ impl<S: AsRef<[Counter]> + AsMut<[Counter]>> SpaceSaving<S> {
         let their_floor = if other.used < theirs_capacity {
             0
         } else {
-            theirs.iter().map(|c| c.count).min().unwrap_or(0)
+            theirs.first().map_or(0, |c| c.count)
         };
         let our_floor = self.untracked_bound();
         let used = self.used;
         // Our items: add their count there, or their floor if they lack it.
-        for c in &mut self.counters.as_mut()[..used] {
-            match theirs.iter().find(|t| t.key == c.key) {
+        // (Their heap's root is their smallest count.)
+        for pos in 0..used {
+            let key = self.counters.as_ref()[pos].key;
+            let found = other_find(other, key);
+            let c = &mut self.counters.as_mut()[pos];
+            match found {
                 Some(t) => {
                     c.count = c.count.saturating_add(t.count);
                     c.error = c.error.saturating_add(t.error);
@@ -195,12 +371,16 @@ impl<S: AsRef<[Counter]> + AsMut<[Counter]>> SpaceSaving<S> {
                 }
             }
         }
-        // Their items we lack: charged our floor; kept if among the k largest.
+        // The counts grew by different amounts: restore the heap order.
+        for pos in (0..used / 2).rev() {
+            self.sift_down(pos);
+        }
+        // Their items we lack: charged our floor; kept if among the k
+        // largest. (One of ours that a candidate replaces had, merged, at
+        // least the count its counterpart would come with, and the root only
+        // grows: a replaced item never comes back as a candidate.)
         for t in theirs {
-            if self.counters.as_ref()[..used]
-                .iter()
-                .any(|c| c.key == t.key)
-            {
+            if self.find(t.key).is_some() {
                 continue;
             }
             let candidate = Counter {
@@ -209,14 +389,18 @@ impl<S: AsRef<[Counter]> + AsMut<[Counter]>> SpaceSaving<S> {
                 error: t.error.saturating_add(our_floor),
             };
             let k = self.capacity();
-            let counters = self.counters.as_mut();
             if self.used < k {
-                counters[self.used] = candidate;
+                let pos = self.used;
+                self.counters.as_mut()[pos] = candidate;
                 self.used += 1;
-            } else if let Some(min) = (0..k).min_by_key(|&i| counters[i].count)
-                && counters[min].count < candidate.count
-            {
-                counters[min] = candidate;
+                self.index_insert(candidate.key, pos);
+                self.sift_up(pos);
+            } else if self.counters.as_ref()[0].count < candidate.count {
+                let evicted = self.counters.as_ref()[0].key;
+                self.index_remove(evicted);
+                self.counters.as_mut()[0] = candidate;
+                self.index_insert(candidate.key, 0);
+                self.sift_down(0);
             }
         }
         self.total = self.total.saturating_add(other.total);
@@ -249,8 +433,9 @@ impl<S: AsRef<[Counter]> + AsMut<[Counter]>> SpaceSaving<S> {
     }
 
     /// Reads a summary written by [`Self::write_to`] into `storage`, which
-    /// must have its capacity.
-    pub fn read_from(bytes: &[u8], mut storage: S) -> Result<Self, SketchError> {
+    /// must have its capacity, and `index`, which must have
+    /// [`Self::index_len`] slots for it.
+    pub fn read_from(bytes: &[u8], mut storage: S, index: I) -> Result<Self, SketchError> {
         let mut r = Reader::open(bytes, family::SPACE_SAVING)?;
         let k = r.u32()? as usize;
         let used = r.u32()? as usize;
@@ -283,10 +468,32 @@ impl<S: AsRef<[Counter]> + AsMut<[Counter]>> SpaceSaving<S> {
             return Err(SketchError::Corrupt("Space-Saving has no seed"));
         }
         r.finish()?;
-        Ok(Self {
+        check_storage(Self::index_len(k), index.as_ref().len())?;
+        let mut s = Self {
             counters: storage,
+            index,
             used,
             total,
-        })
+        };
+        s.rebuild();
+        Ok(s)
+    }
+}
+
+/// The counter of `key` in `other`, by its index.
+fn other_find<T: AsRef<[Counter]>, J>(other: &SpaceSaving<T, J>, key: u64) -> Option<Counter>
+where
+    J: AsRef<[u32]>,
+{
+    let (index, counters) = (other.index.as_ref(), other.counters.as_ref());
+    let mask = table_len(counters.len()) - 1;
+    let bits = table_len(counters.len()).trailing_zeros();
+    let mut slot = (key.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (63 - bits) >> 1) as usize;
+    loop {
+        match index[slot] {
+            0 => return None,
+            p if counters[p as usize - 1].key == key => return Some(counters[p as usize - 1]),
+            _ => slot = (slot + 1) & mask,
+        }
     }
 }
