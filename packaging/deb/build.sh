@@ -56,6 +56,12 @@ for target in "${targets[@]}"; do
     depends+=("procps")
     line=$(printf '%s\n' "${depends[@]}" | sort -u | paste -sd, - | sed 's/,/, /g')
     sed -i -E "s/^Depends:.*/Depends: $line/" "$work/DEBIAN/control"
+    # The package's checksums (dpkg --verify, debsums; cargo-deb writes
+    # none), conffiles left out as dh_md5sums does: dpkg tracks those itself.
+    (cd "$work" && find . -path ./DEBIAN -prune -o -type f -printf '%P\n' | LC_ALL=C sort \
+        | grep -v -x -F -f <(sed 's|^/||' DEBIAN/conffiles 2>/dev/null || true) \
+        | tr '\n' '\0' | xargs -0 md5sum) > "$work/DEBIAN/md5sums"
+    chmod 0644 "$work/DEBIAN/md5sums"
     # Every file and directory gets the commit's time, as cargo-deb set
     # them, so that the same commit builds the same package.
     find "$work" -exec touch -h -d "@$epoch" {} +
