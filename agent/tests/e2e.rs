@@ -48,6 +48,15 @@ impl Agent {
     }
 
     /// Sends SIGTERM and waits (bounded) for the exit status.
+    /// Waits until the agent logs that it runs (every source is up).
+    fn wait_running(&self) {
+        let start = Instant::now();
+        while !self.log().contains("sluice running") {
+            assert!(start.elapsed() < WAIT, "{}", self.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     fn terminate(&mut self) -> std::process::ExitStatus {
         // SAFETY: kill(2) on our own child's pid.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
@@ -607,11 +616,7 @@ fn sigterm_is_bounded_when_the_output_broker_is_gone() {
     );
     let mut agent = Agent::start(&config);
     let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-    let start = Instant::now();
-    while !agent.log().contains("sluice running") {
-        assert!(start.elapsed() < WAIT, "{}", agent.log());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    agent.wait_running();
     // Far more records than the output queues hold, none deliverable.
     for i in 0..20_000 {
         let _ = socket.send_to(
@@ -658,11 +663,7 @@ fn a_dead_output_broker_costs_one_named_line_per_connection_with_what_it_lost() 
     );
     let mut agent = Agent::start(&config);
     let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-    let start = Instant::now();
-    while !agent.log().contains("sluice running") {
-        assert!(start.elapsed() < WAIT, "{}", agent.log());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    agent.wait_running();
     // Five aggregates; an alert raised and cleared (event and retained
     // state each): four alert messages.
     let t0 = now_ms();
