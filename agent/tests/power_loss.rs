@@ -13,7 +13,8 @@
 use std::collections::BTreeSet;
 
 use sluice::store::outbox::{Durability, OnCorrupt, Outbox};
-use sluice_tests::powercut::{self, PowerCut, splitmix};
+use sluice_core::rng::SplitMix64;
+use sluice_tests::powercut::{self, PowerCut};
 
 /// What the file holds, by the ids written into the payloads.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -71,7 +72,7 @@ fn read(outbox: &Outbox) -> Model {
 fn trial(pc: &PowerCut, durability: Durability, seed: u64, cut_at: Option<u64>) -> Trial {
     let dir = sluice_tests::temp_dir("powercut");
     let path = dir.path().join("outbox.db");
-    let mut rng = seed;
+    let mut rng = SplitMix64::new(seed);
     let mut outbox = open(&path, durability);
     outbox.begin_run().unwrap();
     let start = pc.ops();
@@ -84,8 +85,8 @@ fn trial(pc: &PowerCut, durability: Durability, seed: u64, cut_at: Option<u64>) 
     let mut next_id = 0u64;
     for step in 0..STEPS {
         let mut next = model.clone();
-        let result = if !splitmix(&mut rng).is_multiple_of(3) {
-            let n = 1 + splitmix(&mut rng) % 20;
+        let result = if !rng.next_u64().is_multiple_of(3) {
+            let n = 1 + rng.next_u64() % 20;
             let records: Vec<(String, Vec<u8>)> = (0..n)
                 .map(|_| {
                     next_id += 1;
@@ -93,7 +94,7 @@ fn trial(pc: &PowerCut, durability: Durability, seed: u64, cut_at: Option<u64>) 
                     ("t/a".to_string(), payload(next_id))
                 })
                 .collect();
-            let checkpoints = if splitmix(&mut rng).is_multiple_of(3) {
+            let checkpoints = if rng.next_u64().is_multiple_of(3) {
                 next.checkpoint = Some(step as u64);
                 vec![(0, (step as u64).to_le_bytes().repeat(64))]
             } else {
@@ -105,7 +106,7 @@ fn trial(pc: &PowerCut, durability: Durability, seed: u64, cut_at: Option<u64>) 
         } else {
             // Acknowledge the oldest records, as the uplink does.
             let waiting = outbox.peek(0, 100_000).unwrap();
-            let n = (splitmix(&mut rng) as usize % (waiting.len() + 1)).max(1);
+            let n = (rng.next_u64() as usize % (waiting.len() + 1)).max(1);
             let seqs: Vec<i64> = waiting.iter().take(n).map(|r| r.seq).collect();
             for r in waiting.iter().take(n) {
                 next.live.remove(&id_of(&r.payload));
@@ -131,7 +132,7 @@ fn trial(pc: &PowerCut, durability: Durability, seed: u64, cut_at: Option<u64>) 
     // Closing with the power off writes nothing (the close's checkpoint
     // fails, as it would).
     drop(outbox);
-    pc.restore(dir.path(), splitmix(&mut rng));
+    pc.restore(dir.path(), rng.next_u64());
     let outbox = open(&path, durability);
     assert_eq!(
         outbox.verify().unwrap_or_else(|e| panic!("{e}")),
@@ -152,9 +153,9 @@ fn each_cut(durability: Durability, seeds: u64, mut check: impl FnMut(u64, u64, 
     for seed in 0..seeds {
         let whole = trial(&pc, durability, seed, None);
         check(seed, whole.ops + 1, &whole);
-        let mut rng = seed ^ 0x5eed;
+        let mut rng = SplitMix64::new(seed ^ 0x5eed);
         for _ in 0..3 {
-            let at = 1 + splitmix(&mut rng) % whole.ops;
+            let at = 1 + rng.next_u64() % whole.ops;
             let t = trial(&pc, durability, seed, Some(at));
             check(seed, at, &t);
         }

@@ -18,6 +18,7 @@ use std::path::Path;
 use std::sync::{LazyLock, Mutex, MutexGuard, OnceLock};
 
 use rusqlite::ffi;
+use sluice_core::rng::SplitMix64;
 
 /// A change to a file since its last sync.
 enum Op {
@@ -393,11 +394,11 @@ pub struct PowerCut {
 pub fn install() -> PowerCut {
     let one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     REAL.get_or_init(|| {
-        // SAFETY: sqlite3_vfs_find(NULL) returns the default VFS, which
-        // lives as long as the process; the copy we register is leaked, so
-        // it does too, and it forwards everything but opening and deleting
-        // to the original (whose methods find their own state through the
-        // file, not the VFS, apart from pAppData, which the copy keeps).
+        // The copy registered below forwards everything but opening and
+        // deleting to the original, whose methods find their own state
+        // through the file, not the VFS (apart from pAppData, which the
+        // copy keeps).
+        // SAFETY: sqlite3_vfs_find(NULL) returns the default VFS, which lives as long as the process; the copy is leaked, so it does too.
         unsafe {
             let real = ffi::sqlite3_vfs_find(std::ptr::null());
             assert!(!real.is_null(), "SQLite has a default VFS");
@@ -457,7 +458,7 @@ impl PowerCut {
     pub fn restore(&self, dir: &Path, seed: u64) -> Restored {
         let mut st = state();
         assert!(st.cut, "restore after a cut");
-        let mut rng = seed;
+        let mut rng = SplitMix64::new(seed);
         let mut restored = Restored::default();
         let under: Vec<String> = st
             .files
@@ -469,7 +470,7 @@ impl PowerCut {
             let t = st.files.remove(&key).expect("listed");
             let mut image = t.durable.clone();
             for op in &t.pending {
-                if splitmix(&mut rng) & 1 == 0 {
+                if rng.next_u64() & 1 == 0 {
                     op.apply(image.get_or_insert_with(Vec::new));
                     restored.kept += 1;
                 } else {
@@ -501,13 +502,4 @@ impl Drop for PowerCut {
         st.cut = false;
         st.countdown = None;
     }
-}
-
-/// splitmix64: the seeded choices of which unsynced writes survive.
-pub fn splitmix(state: &mut u64) -> u64 {
-    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    let mut z = *state;
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
 }
