@@ -1,6 +1,7 @@
-//! The command line: `sluice run | check | outbox | demo`. Defined here, in
-//! the library, so that the tests can render the packaged manual pages and
-//! shell completions from it; `main.rs` parses it and acts.
+//! The command line: `sluice run | check | outbox | demo`, and how commands
+//! print ([`out`]). Defined here, in the library, so that the tests can
+//! render the packaged manual pages and shell completions from it; `main.rs`
+//! parses it and acts.
 
 use std::path::PathBuf;
 
@@ -95,4 +96,34 @@ pub enum OutboxAction {
         #[arg(long, conflicts_with = "seqs")]
         all: bool,
     },
+}
+
+/// Writes `args` to standard output for a command whose output is what it
+/// is for, flushed at once. A reader that went away (`sluice outbox status |
+/// head -1`) ends the process quietly with status 0, as ripgrep does; any
+/// other failure to write ends it with status 1 and the cause on standard
+/// error. Use it through [`outln!`](crate::outln).
+pub fn out(args: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    match stdout.write_fmt(args).and_then(|()| stdout.flush()) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(0),
+        Err(e) => {
+            eprintln!("error: cannot write to standard output: {e}");
+            std::process::exit(1)
+        }
+    }
+}
+
+/// `println!` for commands, through [`cli::out`](crate::cli::out): a reader
+/// that went away ends the command quietly instead of a panic.
+#[macro_export]
+macro_rules! outln {
+    () => {
+        $crate::cli::out(format_args!("\n"))
+    };
+    ($($arg:tt)*) => {
+        $crate::cli::out(format_args!("{}\n", format_args!($($arg)*)))
+    };
 }

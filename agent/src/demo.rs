@@ -63,9 +63,9 @@ pub async fn run(
     ));
     let running = started_rx.await?;
     let addr = running.udp_addrs["demo"];
-    println!("sluice demo: {SENSORS} sensors x {HZ} readings/s over UDP to {addr}.");
-    println!("s-0003 spikes every 7 s; s-0007 falls silent from 5 s to 15 s. Ctrl-C stops.");
-    println!("Each row: every sensor's mean over one 1-second window. Alerts as they come.");
+    crate::outln!("sluice demo: {SENSORS} sensors x {HZ} readings/s over UDP to {addr}.");
+    crate::outln!("s-0003 spikes every 7 s; s-0007 falls silent from 5 s to 15 s. Ctrl-C stops.");
+    crate::outln!("Each row: every sensor's mean over one 1-second window. Alerts as they come.");
     let color = std::io::stdout().is_terminal();
     let table = tokio::spawn(show(records, color));
     let generator = tokio::spawn(generate(addr, shutdown.clone()));
@@ -89,7 +89,7 @@ pub async fn run(
 fn print_status(r: &Running, label: &str) {
     let s = &r.sources["demo"];
     let o = &r.output;
-    println!(
+    crate::outln!(
         "-- {label}: readings {}, rejected {}, shed {}, windows {}, alerts +{} -{}",
         s.decoded.load(Relaxed),
         s.rejected_total(),
@@ -163,14 +163,14 @@ impl Table {
         };
         if self.rows.is_multiple_of(HEADER_EVERY) {
             let names: String = (0..SENSORS).map(|i| format!(" s-{i:04}")).collect();
-            println!("\nwindow  {names}");
+            crate::outln!("\nwindow  {names}");
         }
         self.rows += 1;
         let cells: String = cells
             .iter()
             .map(|c| c.map_or_else(|| format!("{:>7}", "-"), |m| format!("{m:>7.1}")))
             .collect();
-        println!("{}{cells}", clock(start, false));
+        crate::outln!("{}{cells}", clock(start, false));
     }
 
     fn alert(&mut self, e: &crate::output::AlertEvent) {
@@ -197,7 +197,7 @@ impl Table {
             (_, true) => ("ok", "\x1b[32m", "\x1b[0m"),
             (_, false) => ("ok", "", ""),
         };
-        println!(
+        crate::outln!(
             "{on}{mark} {} {} {} {}: {why}{off}",
             clock(e.detected_ts, false),
             e.series,

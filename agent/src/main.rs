@@ -7,6 +7,7 @@ use std::time::Duration;
 use clap::Parser;
 use sluice::cli::{Cli, Command, OutboxAction};
 use sluice::config::Config;
+use sluice::outln;
 use tokio_util::sync::CancellationToken;
 
 fn main() -> ExitCode {
@@ -52,7 +53,7 @@ fn main() -> ExitCode {
             match checked {
                 Ok((found, c)) => {
                     if !quiet {
-                        print!("{}", c.to_toml());
+                        sluice::cli::out(format_args!("{}", c.to_toml()));
                     }
                     for note in &found.notes {
                         eprintln!("note: {}: {note}", config.display());
@@ -111,7 +112,7 @@ fn main() -> ExitCode {
         Command::Demo {
             print_config: true, ..
         } => {
-            print!("{}", sluice::demo::CONFIG);
+            sluice::cli::out(format_args!("{}", sluice::demo::CONFIG));
             ExitCode::SUCCESS
         }
         Command::Demo { seconds, .. } => block_on_until_signal(|shutdown| async move {
@@ -242,19 +243,20 @@ fn outbox_command(action: OutboxAction, config: Option<PathBuf>) -> ExitCode {
         OutboxAction::Status => match outbox.status() {
             Ok(s) => {
                 let age = s.oldest_created_ms.map(|t| now - t);
-                println!("path: {}", o.path.display());
-                println!("epoch: {}", s.epoch);
-                println!("backlog: {} records, {} bytes", s.backlog, s.backlog_bytes);
-                println!(
+                outln!("path: {}", o.path.display());
+                outln!("epoch: {}", s.epoch);
+                outln!("backlog: {} records, {} bytes", s.backlog, s.backlog_bytes);
+                outln!(
                     "oldest: {}",
                     age.map_or("-".into(), |a| format!("{:.1} s ago", a as f64 / 1000.0))
                 );
-                println!("next seq: {}", s.next_seq);
-                println!("dropped (outbox full): {}", s.dropped);
-                println!("downsampled (outbox full): {}", s.downsampled);
-                println!(
+                outln!("next seq: {}", s.next_seq);
+                outln!("dropped (outbox full): {}", s.dropped);
+                outln!("downsampled (outbox full): {}", s.downsampled);
+                outln!(
                     "dead letters: {} waiting, {} ever (sluice outbox dead-letters)",
-                    s.dead_letters, s.dead_lettered
+                    s.dead_letters,
+                    s.dead_lettered
                 );
                 ExitCode::SUCCESS
             }
@@ -262,7 +264,7 @@ fn outbox_command(action: OutboxAction, config: Option<PathBuf>) -> ExitCode {
         },
         OutboxAction::Verify => match outbox.verify() {
             Ok(checked) => {
-                println!(
+                outln!(
                     "{}: integrity ok, {checked} record checksums ok",
                     o.path.display()
                 );
@@ -275,9 +277,9 @@ fn outbox_command(action: OutboxAction, config: Option<PathBuf>) -> ExitCode {
         },
         OutboxAction::DeadLetters { payload } => match outbox.dead_letters(usize::MAX >> 1) {
             Ok(letters) => {
-                println!("seq reason | topic | bytes | set aside");
+                outln!("seq reason | topic | bytes | set aside");
                 for d in &letters {
-                    println!(
+                    outln!(
                         "{} {} | {:?} | {} | {:.1} s ago",
                         d.seq,
                         d.reason,
@@ -286,10 +288,10 @@ fn outbox_command(action: OutboxAction, config: Option<PathBuf>) -> ExitCode {
                         (now - d.failed_ms) as f64 / 1000.0
                     );
                     if payload {
-                        println!("  {}", String::from_utf8_lossy(&d.payload).escape_debug());
+                        outln!("  {}", String::from_utf8_lossy(&d.payload).escape_debug());
                     }
                 }
-                println!("{} dead letter(s)", letters.len());
+                outln!("{} dead letter(s)", letters.len());
                 ExitCode::SUCCESS
             }
             Err(e) => fail(&e),
@@ -297,7 +299,7 @@ fn outbox_command(action: OutboxAction, config: Option<PathBuf>) -> ExitCode {
         OutboxAction::Retry { seqs, all } => {
             match outbox.retry_dead_letters((!all).then_some(&seqs[..]), now) {
                 Ok(new) => {
-                    println!("{} dead letter(s) queued again as seq {:?}", new.len(), new);
+                    outln!("{} dead letter(s) queued again as seq {:?}", new.len(), new);
                     ExitCode::SUCCESS
                 }
                 Err(e) => fail(&e),
@@ -315,7 +317,7 @@ fn outbox_command(action: OutboxAction, config: Option<PathBuf>) -> ExitCode {
             };
             match outbox.import(&report.records, now) {
                 Ok(seqs) => {
-                    println!(
+                    outln!(
                         "{}: {} record(s) queued in {} (as seq {}), each keeping its identity there",
                         file.display(),
                         seqs.len(),
@@ -326,14 +328,14 @@ fn outbox_command(action: OutboxAction, config: Option<PathBuf>) -> ExitCode {
                         }
                     );
                     if !report.damaged.is_empty() {
-                        println!(
+                        outln!(
                             "{} damaged record(s) left behind (checksum mismatch): seq {:?}",
                             report.damaged.len(),
                             report.damaged
                         );
                     }
                     for (from, to) in &report.unreadable {
-                        println!("unreadable: seq {from}..={to}");
+                        outln!("unreadable: seq {from}..={to}");
                     }
                     ExitCode::SUCCESS
                 }
@@ -343,7 +345,7 @@ fn outbox_command(action: OutboxAction, config: Option<PathBuf>) -> ExitCode {
         OutboxAction::Purge { seqs, all } => {
             match outbox.purge_dead_letters((!all).then_some(&seqs[..])) {
                 Ok(n) => {
-                    println!("{n} dead letter(s) deleted");
+                    outln!("{n} dead letter(s) deleted");
                     ExitCode::SUCCESS
                 }
                 Err(e) => fail(&e),

@@ -26,11 +26,16 @@ struct Agent {
 
 impl Agent {
     fn start(config: &std::path::Path) -> Agent {
+        Agent::start_with_stdout(config, Stdio::null())
+    }
+
+    /// The agent with its standard output going to `stdout`.
+    fn start_with_stdout(config: &std::path::Path, stdout: impl Into<Stdio>) -> Agent {
         let mut child = sluice_tests::own_binary(env!("CARGO_BIN_EXE_sluice"))
             .args(["run", "--config"])
             .arg(config)
             .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
+            .stdout(stdout)
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
@@ -468,6 +473,107 @@ fn the_demo_prints_aggregates_and_an_alert_and_stops() {
     assert!(alert("s-0007", "absent"), "{stdout}");
     assert!(rows.iter().any(|r| r[8] == "-"), "{stdout}");
     assert!(stdout.contains("-- final: readings "), "{stdout}");
+}
+
+/// A pipe whose reader is already gone: every write to it fails with
+/// EPIPE, as when `sluice … | head -1` has read its line.
+fn closed_pipe() -> std::io::PipeWriter {
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    writer
+}
+
+#[test]
+fn a_reader_that_goes_away_ends_a_command_quietly() {
+    let dir = sluice_tests::temp_dir("e2e-pipe");
+    let outbox = dir.path().join("outbox.db");
+    drop(
+        sluice::store::outbox::Outbox::open(
+            &outbox,
+            sluice::store::outbox::Durability::Full,
+            sluice::store::outbox::OnCorrupt::Refuse,
+            10,
+            1 << 20,
+        )
+        .unwrap(),
+    );
+    let config = dir.path().join("sluice.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "agent_id = \"x\"\n[sources.u]\nkind = \"udp\"\nbind = \"127.0.0.1:0\"\n[[rules]]\nmatch = \"*\"\nwindow = {{ kind = \"count\", size = 1 }}\n[outbox]\npath = {:?}\n[uplink]\nhost = \"127.0.0.1\"\n",
+            outbox.display()
+        ),
+    )
+    .unwrap();
+    let config = config.to_str().unwrap();
+    for args in [
+        vec!["check", "--config", config],
+        vec!["outbox", "status", "--config", config],
+        vec!["outbox", "dead-letters", "--config", config],
+        vec!["demo", "--print-config"],
+        vec!["demo", "--seconds", "3"],
+    ] {
+        let out = sluice_tests::own_binary(env!("CARGO_BIN_EXE_sluice"))
+            .args(&args)
+            .stdout(closed_pipe())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+        assert!(out.status.success(), "{args:?}: {:?} {stderr}", out.status);
+    }
+}
+
+#[test]
+fn console_lines_to_a_reader_that_went_away_stop_and_the_agent_goes_on() {
+    let dir = sluice_tests::temp_dir("e2e-console");
+    let outbox = dir.path().join("outbox.db");
+    let port = sluice_tests::free_port();
+    let config = dir.path().join("sluice.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "agent_id = \"x\"\n[sources.u]\nkind = \"udp\"\nbind = \"127.0.0.1:{port}\"\n[[rules]]\nmatch = \"*\"\nwindow = {{ kind = \"count\", size = 1 }}\n[output]\nconsole = true\n[outbox]\npath = {:?}\n[uplink]\nhost = \"127.0.0.1\"\nport = 1\n",
+            outbox.display()
+        ),
+    )
+    .unwrap();
+    let mut agent = Agent::start_with_stdout(&config, closed_pipe());
+    agent.wait_running();
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let now = now_ms();
+    for i in 0..5 {
+        socket
+            .send_to(
+                reading("s-1", now + i, i as f64).as_bytes(),
+                ("127.0.0.1", port),
+            )
+            .unwrap();
+    }
+    let start = Instant::now();
+    while agent.log().matches("console output stopped").count() == 0 {
+        assert!(start.elapsed() < WAIT, "{}", agent.log());
+        assert!(agent.child.try_wait().unwrap().is_none(), "{}", agent.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Every aggregate still reaches the outbox, and the agent runs on.
+    let status = || {
+        let out = sluice_tests::own_binary(env!("CARGO_BIN_EXE_sluice"))
+            .args(["outbox", "status", "--config"])
+            .arg(&config)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    while !status().contains("backlog: 5 records") {
+        assert!(start.elapsed() < WAIT, "{}\n{}", status(), agent.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(agent.terminate().success(), "{}", agent.log());
+    let log = agent.log();
+    assert_eq!(log.matches("console output stopped").count(), 1, "{log}");
+    assert!(!log.contains("panicked"), "{log}");
 }
 
 fn reload_config(broker_port: u16, metrics_port: u16, above: f64) -> String {

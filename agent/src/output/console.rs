@@ -1,6 +1,9 @@
 //! The console: records as lines on standard output, or handed to a
 //! caller (`sluice demo`) that shows them its own way.
 
+use std::io::Write;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+
 use sluice_core::Timestamp;
 use tokio::sync::mpsc;
 
@@ -45,12 +48,34 @@ pub fn clock(ms: Timestamp, millis: bool) -> String {
     }
 }
 
-/// Prints records on standard output, one line each.
+/// Set once standard output could not be written: console lines stop for
+/// good (every lane), once logged.
+static STOPPED: AtomicBool = AtomicBool::new(false);
+
+/// Prints records on standard output, one line each. Console lines are a
+/// convenience: if standard output cannot be written (its reader went away,
+/// as in `sluice run … | head`, or its disk is full) they stop, with one
+/// warning, and the agent goes on delivering to its outputs and outbox.
 pub(super) fn print(record: &Record) {
+    if STOPPED.load(Relaxed) {
+        return;
+    }
+    if let Err(e) = write(record, &mut std::io::stdout().lock())
+        && !STOPPED.swap(true, Relaxed)
+    {
+        tracing::warn!(
+            error = %e,
+            "console output stopped: standard output cannot be written; aggregates and alerts still go to the outputs and the outbox"
+        );
+    }
+}
+
+fn write(record: &Record, out: &mut impl Write) -> std::io::Result<()> {
     match record {
-        Record::Stats(_) | Record::Checkpoint { .. } => {}
+        Record::Stats(_) | Record::Checkpoint { .. } => Ok(()),
         Record::Aggregate(a) => {
-            println!(
+            writeln!(
+                out,
                 "agg   {:<24} {}-{}  n={:<4} mean={:>9.3}  min={:>9.3}  max={:>9.3}{}{}",
                 a.series,
                 clock(a.start, true),
@@ -65,9 +90,10 @@ pub(super) fn print(record: &Record) {
                     String::new()
                 },
                 if a.partial { "  (partial)" } else { "" }
-            );
+            )
         }
-        Record::Alert(e) => println!(
+        Record::Alert(e) => writeln!(
+            out,
             "ALERT {:<7} {:<24} {:<16} value={:.3} score={} threshold={:.3}",
             e.state,
             e.series,
