@@ -1,11 +1,13 @@
 //! Sketch update rates, and HyperLogLog and Count-Min against existing crates
-//! (`hyperloglogplus`, `pdatastructs`) in the same run at equal memory, with
-//! the accuracy of each printed beside the speed.
+//! (`datasketches`, `hyperloglogplus`, `pdatastructs`) in the same run at
+//! equal memory, with the accuracy of each printed beside the speed.
 //!
-//! Items are `u64`s. Sluice hashes their little-endian bytes with XXH3; the
-//! other crates hash the value with the `BuildHasher` they are given (std's
-//! SipHash-1-3 `RandomState` / `DefaultHasher`, their documented default), so
-//! the comparison is of each library as a user would run it.
+//! Items are `u64`s. Sluice's HyperLogLog and the `datasketches` crate hash
+//! their little-endian bytes with MurmurHash3 (seed 9001), the rest of
+//! Sluice's sketches with XXH3; the other crates hash the value with the
+//! `BuildHasher` they are given (std's SipHash-1-3 `RandomState` /
+//! `DefaultHasher`, their documented default), so the comparison is of each
+//! library as a user would run it.
 
 use std::collections::hash_map::RandomState;
 use std::hint::black_box;
@@ -15,13 +17,14 @@ use hyperloglogplus::{HyperLogLog as _, HyperLogLogPlus};
 use pdatastructs::countminsketch::CountMinSketch;
 use sluice_core::rng::SplitMix64;
 use sluice_core::sketch::{
-    BloomFilter, CountMin, Counter, DdSketch, HyperLogLog, Reservoir, SpaceSaving,
+    BloomFilter, CountMin, Counter, DdSketch, HyperLogLog, Reservoir, SpaceSaving, hll,
 };
 
 const N: u64 = 100_000;
 /// HLL precision 12: 4096 registers.
 const P: u8 = 12;
 const M: usize = 1 << P;
+type Hll = HyperLogLog<[u8; hll::storage_bytes(M)]>;
 
 /// Relative rms error of estimates over `runs` seeds at cardinality `n`.
 fn rms(runs: u64, n: u64, mut estimate: impl FnMut(u64) -> f64) -> f64 {
@@ -31,29 +34,62 @@ fn rms(runs: u64, n: u64, mut estimate: impl FnMut(u64) -> f64) -> f64 {
     (sq / runs as f64).sqrt()
 }
 
+/// An item as DataSketches' Java and C++ libraries hash it: its bytes only.
+struct Raw<'a>(&'a [u8]);
+
+impl std::hash::Hash for Raw<'_> {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        state.write(self.0);
+    }
+}
+
+fn datasketches_hll() -> datasketches::hll::HllSketch {
+    datasketches::hll::HllSketch::new(P, datasketches::hll::HllType::Hll4).unwrap()
+}
+
 fn hll(c: &mut Criterion) {
-    let ours = rms(30, N, |seed| {
-        let mut h = HyperLogLog::<[u8; M]>::new(seed);
-        (0..N).for_each(|i| h.insert(&(i ^ seed << 40).to_le_bytes()));
+    // Accuracy at n = 1e6 over 30 seeds (splitmix64 items), and the bytes
+    // each serializes to.
+    let n = 1_000_000;
+    let items = |seed: u64| {
+        let mut rng = SplitMix64::new(seed);
+        (0..n).map(move |_| rng.next_u64())
+    };
+    let mut sizes = (0, 0);
+    let ours = rms(30, n, |seed| {
+        let mut h = Hll::new();
+        items(seed).for_each(|i| h.insert(&i.to_le_bytes()));
+        sizes.0 = h.serialized_len();
         h.estimate()
     });
-    let theirs = rms(30, N, |seed| {
+    let theirs = rms(30, n, |seed| {
+        let mut h = datasketches_hll();
+        items(seed).for_each(|i| h.update(Raw(&i.to_le_bytes())));
+        sizes.1 = h.serialize().len();
+        h.estimate()
+    });
+    let plus = rms(30, n, |seed| {
         let mut h: HyperLogLogPlus<u64, _> = HyperLogLogPlus::new(P, RandomState::new()).unwrap();
-        (0..N).for_each(|i| h.insert(&(i ^ seed << 40)));
+        items(seed).for_each(|i| h.insert(&i));
         h.count()
     });
     eprintln!(
-        "accuracy: HLL p={P}, n={N}, 30 runs: sluice rms {:.4}, hyperloglogplus rms {:.4} (theory {:.4})",
-        ours,
-        theirs,
-        1.04 / (M as f64).sqrt()
+        "accuracy: HLL p={P}, n={n}, 30 runs: sluice rms {ours:.4} ({} bytes), datasketches HLL_4 rms {theirs:.4} ({} bytes), hyperloglogplus rms {plus:.4}",
+        sizes.0, sizes.1
     );
     let mut g = c.benchmark_group("hll_insert");
     g.throughput(Throughput::Elements(N));
     g.bench_function("sluice", |b| {
         b.iter(|| {
-            let mut h = HyperLogLog::<[u8; M]>::new(1);
+            let mut h = Hll::new();
             (0..N).for_each(|i| h.insert(&i.to_le_bytes()));
+            black_box(h.estimate())
+        })
+    });
+    g.bench_function("datasketches", |b| {
+        b.iter(|| {
+            let mut h = datasketches_hll();
+            (0..N).for_each(|i| h.update(Raw(&i.to_le_bytes())));
             black_box(h.estimate())
         })
     });

@@ -2,7 +2,7 @@
 //!
 //! | sketch | answers | guarantee |
 //! | --- | --- | --- |
-//! | [`HyperLogLog`] | how many distinct items | relative standard error ≈ 1.04/√m |
+//! | [`HyperLogLog`] | how many distinct items | nearly exact up to 3m/32 items, then relative standard error ≈ 0.83/√m (1.04/√m after a merge) |
 //! | [`CountMin`] | how often an item occurred | overestimate ≤ ε·N with probability 1 − δ |
 //! | [`BloomFilter`] | was an item seen | no false negatives; false positives ≈ p |
 //! | [`Reservoir`] | a uniform sample of k items | every item equally likely |
@@ -18,14 +18,16 @@
 //! sketches that hash items the same seed; anything else is
 //! [`SketchError::Incompatible`]; reservoirs, whose seed only drives their
 //! generator, need different seeds) and serializes to bytes in
-//! the format below, which is what gateways forward upstream to be merged.
+//! the format below, which is what gateways forward upstream to be merged;
+//! the [`HyperLogLog`] instead writes and reads the Apache DataSketches HLL
+//! format (see [`hll`]), so that any DataSketches library merges it.
 //!
 //! # Serialized format (version 1, little-endian)
 //!
 //! | bytes | field |
 //! | --- | --- |
 //! | 4 | magic `SLSK` |
-//! | 1 | family (1 HLL, 2 Count-Min, 3 Bloom, 4 reservoir, 5 Space-Saving, 6 DDSketch) |
+//! | 1 | family (2 Count-Min, 3 Bloom, 4 reservoir, 5 Space-Saving, 6 DDSketch) |
 //! | 1 | format version (1) |
 //! | 2 | reserved, zero |
 //! | 8 | hash seed |
@@ -40,7 +42,7 @@
 mod bloom;
 mod countmin;
 mod ddsketch;
-mod hll;
+pub mod hll;
 mod reservoir;
 mod spacesaving;
 mod wire;

@@ -8,9 +8,9 @@ const VERSION: u8 = 1;
 const HEADER: usize = 4 + 1 + 1 + 2 + 8 + 4;
 const CHECKSUM: usize = 4;
 
-/// Sketch families, as written in the header.
+/// Sketch families, as written in the header. 1 was the HyperLogLog's
+/// before it took the DataSketches HLL format; it stays unused.
 pub(crate) mod family {
-    pub(crate) const HLL: u8 = 1;
     pub(crate) const COUNT_MIN: u8 = 2;
     pub(crate) const BLOOM: u8 = 3;
     pub(crate) const RESERVOIR: u8 = 4;
