@@ -164,7 +164,10 @@ impl<S: AsRef<[u8]> + AsMut<[u8]>> HyperLogLog<S> {
     pub fn with_storage(mut storage: S) -> Result<Self, SketchError> {
         let len = storage.as_ref().len();
         let m = 2 * len / 3;
-        if !len.is_multiple_of(3) || !m.is_power_of_two() || !(MIN_REGISTERS..=MAX_REGISTERS).contains(&m) {
+        if !len.is_multiple_of(3)
+            || !m.is_power_of_two()
+            || !(MIN_REGISTERS..=MAX_REGISTERS).contains(&m)
+        {
             return Err(SketchError::BadParameters(
                 "HyperLogLog storage must be storage_bytes(m) bytes, m a power of two from 2^8 to 2^18",
             ));
