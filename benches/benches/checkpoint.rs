@@ -82,6 +82,7 @@ fn warm_worker(rules: &str) -> (Worker, mpsc::Receiver<Record>) {
                 value: 20.0 + rng.next_f64() * 2.0 - 1.0,
                 ingest: 0,
                 weight: 1,
+                labels: None,
             });
         }
         while rx.try_recv().is_ok() {}

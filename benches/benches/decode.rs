@@ -53,6 +53,7 @@ fn serde_w1(msg: &[u8], out: &mut Count) {
             value: m.value,
             ingest: NOW,
             weight: 1,
+            labels: None,
         });
     }
 }
@@ -83,6 +84,7 @@ fn serde_generic(msg: &[u8], out: &mut Count) {
             value,
             ingest: NOW,
             weight: 1,
+            labels: None,
         });
     }
 }

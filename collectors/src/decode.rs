@@ -22,7 +22,7 @@ use simd_json::tape::{Tape, Value};
 use simd_json::{Buffers, fill_tape};
 use sluice_core::Timestamp;
 
-use crate::reading::{Reading, SeriesKey};
+use crate::reading::{LabelValue, Labels, MAX_LABEL_LEN, Reading, SeriesKey};
 use crate::stats::Reason;
 
 /// Where a message's series key comes from.
@@ -79,6 +79,15 @@ pub struct JsonMapping {
     pub max_age_ms: i64,
     /// Largest message accepted, in bytes. Default 65,536.
     pub max_message_bytes: usize,
+    /// Fields (dotted paths) whose text (or integer) each reading carries as
+    /// a label, e.g. `["mac", "site"]`, for rules that count distinct
+    /// values, top values or first sightings. At most
+    /// [`crate::reading::MAX_LABELS`]; a value longer than
+    /// [`crate::reading::MAX_LABEL_LEN`] bytes, of another type, or holding a
+    /// character the series id policy refuses, refuses the message
+    /// (`bad_label`); a missing one leaves the reading without it. Default:
+    /// none.
+    pub labels: Vec<String>,
 }
 
 impl Default for JsonMapping {
@@ -91,6 +100,7 @@ impl Default for JsonMapping {
             max_future_ms: 300_000,
             max_age_ms: 7 * 24 * 3_600_000,
             max_message_bytes: 65_536,
+            labels: Vec::new(),
         }
     }
 }
@@ -117,6 +127,23 @@ impl JsonMapping {
             && f.is_empty()
         {
             return Err("series.field: must not be empty".into());
+        }
+        if self.labels.len() > crate::reading::MAX_LABELS {
+            return Err(format!(
+                "labels: at most {} labels",
+                crate::reading::MAX_LABELS
+            ));
+        }
+        if self.labels.iter().any(|l| l.is_empty()) {
+            return Err("labels: names must not be empty".into());
+        }
+        if let Some(l) = self
+            .labels
+            .iter()
+            .enumerate()
+            .find_map(|(i, l)| self.labels[..i].contains(l).then_some(l))
+        {
+            return Err(format!("labels: {l:?} is named twice"));
         }
         Ok(())
     }
@@ -162,6 +189,8 @@ pub struct JsonDecoder {
     timestamp: Path,
     values: Vec<(Path, String)>,
     all_numeric: bool,
+    labels: Vec<Path>,
+    label_names: std::sync::Arc<[Box<str>]>,
     buffers: Buffers,
     scratch: Vec<u8>,
     /// The reused tape; empty between messages, hence `'static`.
@@ -187,6 +216,8 @@ impl JsonDecoder {
             series,
             values,
             all_numeric,
+            labels: mapping.labels.iter().map(|l| Path::new(l)).collect(),
+            label_names: mapping.labels.iter().map(|l| l.as_str().into()).collect(),
             buffers: Buffers::new(1024),
             scratch: Vec::with_capacity(1024),
             tape: None,
@@ -225,6 +256,8 @@ impl JsonDecoder {
                     format: self.mapping.timestamp_format,
                     values: &self.values,
                     all_numeric: self.all_numeric,
+                    labels: &self.labels,
+                    label_names: &self.label_names,
                     max_future: self.mapping.max_future_ms,
                     max_age: self.mapping.max_age_ms,
                 };
@@ -316,6 +349,8 @@ struct Fields<'a> {
     format: TimeFormat,
     values: &'a [(Path, String)],
     all_numeric: bool,
+    labels: &'a [Path],
+    label_names: &'a std::sync::Arc<[Box<str>]>,
     max_future: i64,
     max_age: i64,
 }
@@ -344,6 +379,10 @@ impl Fields<'_> {
         let ts = match self.event_time(root, ingest) {
             Ok(ts) => ts,
             Err((reason, detail)) => return sink.reject(reason, &detail),
+        };
+        let labels = match self.labels(root, &key) {
+            Ok(labels) => labels,
+            Err(detail) => return sink.reject(Reason::BadLabel, &detail),
         };
         let named = self.values.len() > 1 || self.all_numeric;
         let mut found = 0;
@@ -382,6 +421,7 @@ impl Fields<'_> {
                 value,
                 ingest,
                 weight: 1,
+                labels: labels.clone(),
             });
         };
         for (path, name) in self.values {
@@ -413,6 +453,50 @@ impl Fields<'_> {
                 &format_args!("no value field in the message of {key}"),
             );
         }
+    }
+
+    /// The message's labels (none without labels in the mapping), or why
+    /// one is refused.
+    fn labels(&self, root: Value<'_, '_>, key: &SeriesKey) -> Result<Option<Box<Labels>>, String> {
+        if self.labels.is_empty() {
+            return Ok(None);
+        }
+        let mut values = heapless::Vec::new();
+        for (path, name) in self.labels.iter().zip(self.label_names.iter()) {
+            let value = match path.get(root) {
+                None => None,
+                Some(v) => {
+                    let mut text = LabelValue::new();
+                    let fits = if let Some(s) = v.as_str() {
+                        text.push_str(s).is_ok()
+                    } else if let Some(n) = v.as_i64() {
+                        write!(text, "{n}").is_ok()
+                    } else if let Some(n) = v.as_u64() {
+                        write!(text, "{n}").is_ok()
+                    } else {
+                        return Err(format!("label {name:?} of {key} is not text or an integer"));
+                    };
+                    if !fits {
+                        return Err(format!(
+                            "label {name:?} of {key} is longer than {MAX_LABEL_LEN} bytes"
+                        ));
+                    }
+                    if text.is_empty() {
+                        None
+                    } else if let Some(problem) = crate::reading::series_problem(&text) {
+                        return Err(format!("label {name:?} of {key} holds {problem}"));
+                    } else {
+                        Some(text)
+                    }
+                }
+            };
+            // The mapping names at most MAX_LABELS (validated).
+            let _ = values.push(value);
+        }
+        Ok(Some(Box::new(Labels {
+            names: self.label_names.clone(),
+            values,
+        })))
     }
 
     fn series_key(

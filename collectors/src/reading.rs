@@ -12,6 +12,32 @@ pub const MAX_SERIES_LEN: usize = 64;
 /// e.g. `s-0042` or `s-0042/temperature`.
 pub type SeriesKey = String<MAX_SERIES_LEN>;
 
+/// Longest label value, in bytes.
+pub const MAX_LABEL_LEN: usize = 64;
+/// Most labels a source's mapping may name.
+pub const MAX_LABELS: usize = 4;
+
+/// A label value: text from the message (a device id, a site), bounded.
+pub type LabelValue = String<MAX_LABEL_LEN>;
+
+/// The labels of a reading: the mapping's label names (shared by every
+/// reading of the source) and this message's value of each, if it had one.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Labels {
+    /// The names, in the mapping's order.
+    pub names: std::sync::Arc<[Box<str>]>,
+    /// The value of each name, `None` where the message had none.
+    pub values: heapless::Vec<Option<LabelValue>, MAX_LABELS>,
+}
+
+impl Labels {
+    /// The value of label `name`, if the reading has one.
+    pub fn get(&self, name: &str) -> Option<&str> {
+        let i = self.names.iter().position(|n| &**n == name)?;
+        self.values.get(i)?.as_deref()
+    }
+}
+
 /// One value of one series at one event time.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Reading {
@@ -27,6 +53,9 @@ pub struct Reading {
     /// How many readings this one stands for: 1, or `k` when shedding kept it
     /// as one in `k` (scale counts and sums by it).
     pub weight: u32,
+    /// The message's labels, when the source's mapping names some (boxed:
+    /// readings without labels stay small in the rings).
+    pub labels: Option<Box<Labels>>,
 }
 
 /// Why `key` cannot be a series key, or `None` if it can.

@@ -24,6 +24,10 @@ pub enum Reason {
     /// control character or an invisible bidirectional-text control; see
     /// [`crate::reading::series_problem`]).
     BadSeries,
+    /// A configured label holds something other than text or an integer,
+    /// text longer than [`crate::reading::MAX_LABEL_LEN`], or a character
+    /// the series id policy refuses.
+    BadLabel,
     /// No configured value field is present.
     MissingValue,
     /// A value field holds something other than a number.
@@ -49,13 +53,14 @@ pub enum Reason {
 
 impl Reason {
     /// Every reason, for reports.
-    pub const ALL: [Reason; 15] = [
+    pub const ALL: [Reason; 16] = [
         Reason::Malformed,
         Reason::Oversize,
         Reason::NotAnObject,
         Reason::MissingSeries,
         Reason::SeriesTooLong,
         Reason::BadSeries,
+        Reason::BadLabel,
         Reason::MissingValue,
         Reason::NotNumeric,
         Reason::NonFinite,
@@ -76,6 +81,7 @@ impl Reason {
             Reason::MissingSeries => "missing_series",
             Reason::SeriesTooLong => "series_too_long",
             Reason::BadSeries => "bad_series",
+            Reason::BadLabel => "bad_label",
             Reason::MissingValue => "missing_value",
             Reason::NotNumeric => "not_numeric",
             Reason::NonFinite => "non_finite",

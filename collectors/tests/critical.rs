@@ -59,6 +59,7 @@ fn overload(policy: ShedPolicy) -> (u64, u64, Arc<SourceStats>) {
                 value: 1.0,
                 ingest: 0,
                 weight: 1,
+                labels: None,
             });
             sent += 1;
             critical_sent += u64::from(critical);
@@ -118,6 +119,7 @@ fn a_stuck_worker_costs_the_source_one_wait_not_one_per_critical_reading() {
             value: 1.0,
             ingest: 0,
             weight: 1,
+            labels: None,
         });
     }
     handoff.flush();

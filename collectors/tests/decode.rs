@@ -95,6 +95,78 @@ fn star_takes_every_numeric_field_and_one_bad_field_refuses_only_itself() {
 }
 
 #[test]
+fn labels_come_from_text_or_integer_fields_and_a_bad_one_refuses_the_message() {
+    let mapping = || JsonMapping {
+        labels: vec!["mac".into(), "meta.site".into()],
+        values: vec!["rssi".into(), "battery".into()],
+        ..JsonMapping::default()
+    };
+    let c = decode_with(
+        mapping(),
+        &format!(
+            r#"{{"sensor":"gw1","ts":{NOW},"mac":"AA:BB:CC:00:11:22","meta":{{"site":7}},"rssi":-70,"battery":3.1}}"#
+        ),
+        None,
+    );
+    assert_eq!(c.readings.len(), 2);
+    for r in &c.readings {
+        let labels = r.labels.as_deref().expect("labels");
+        assert_eq!(labels.get("mac"), Some("AA:BB:CC:00:11:22"));
+        assert_eq!(labels.get("meta.site"), Some("7"));
+        assert_eq!(labels.get("other"), None);
+    }
+    // A missing (or empty) label leaves the reading without it.
+    let c = decode_with(
+        mapping(),
+        &format!(r#"{{"sensor":"gw1","ts":{NOW},"mac":"","rssi":-70}}"#),
+        None,
+    );
+    let labels = c.readings[0].labels.as_deref().unwrap();
+    assert_eq!((labels.get("mac"), labels.get("meta.site")), (None, None));
+    // Too long, of another type, or holding a control character: the
+    // message is refused, named.
+    let long = "x".repeat(65);
+    for (bad, why) in [
+        (format!(r#""{long}""#), "longer than 64 bytes"),
+        ("1.5".into(), "not text or an integer"),
+        ("true".into(), "not text or an integer"),
+        (r#""a\u0000b""#.into(), "a control character"),
+    ] {
+        let c = decode_with(
+            mapping(),
+            &format!(r#"{{"sensor":"gw1","ts":{NOW},"mac":{bad},"rssi":-70}}"#),
+            None,
+        );
+        assert!(c.readings.is_empty(), "{bad}");
+        assert_eq!(c.rejected, vec![Reason::BadLabel], "{bad}");
+        assert!(
+            c.details[0].contains("label \"mac\" of gw1"),
+            "{}",
+            c.details[0]
+        );
+        assert!(c.details[0].contains(why), "{}", c.details[0]);
+    }
+    // Without labels in the mapping, readings carry none.
+    assert!(
+        decode(&format!(r#"{{"sensor":"s","ts":{NOW},"value":1}}"#)).readings[0]
+            .labels
+            .is_none()
+    );
+    // The mapping's limits.
+    for (labels, why) in [
+        (vec!["a", "b", "c", "d", "e"], "at most 4"),
+        (vec![""], "must not be empty"),
+        (vec!["a", "a"], "named twice"),
+    ] {
+        let m = JsonMapping {
+            labels: labels.into_iter().map(String::from).collect(),
+            ..JsonMapping::default()
+        };
+        assert!(m.validate().unwrap_err().contains(why));
+    }
+}
+
+#[test]
 fn series_from_the_topic() {
     let mapping = JsonMapping {
         series: SeriesSource::TopicSegment(1),

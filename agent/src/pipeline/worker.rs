@@ -922,6 +922,7 @@ mod tests {
             value,
             ingest: now_ms(),
             weight: 1,
+            labels: None,
         }
     }
 
