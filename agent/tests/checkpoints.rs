@@ -222,8 +222,18 @@ anomaly = { alpha = 0.05, k = 3.0, warmup = 20 }
         z ^ (z >> 31)
     };
     let mut kills = 0;
+    let runs_started = || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .matches("sluice running")
+            .count()
+    };
     while kills < 20 {
+        let before = runs_started();
         let mut agent = start_agent(SLUICE, &config, &log);
+        // Killed at a random moment once it runs (a loaded machine can
+        // take longer to start it than the delays below).
+        wait_until("the agent to run", &log, || runs_started() > before).await;
         let delay = 150 + next() % 600;
         tokio::time::sleep(Duration::from_millis(delay)).await;
         agent.kill().unwrap();
