@@ -174,6 +174,17 @@ fn a_value_out_of_range_names_its_key_and_line() {
         ("rules[1].window.slide_ms", "10000", "7000"),
         ("rules[2].window.half_life", "100.0", "0.0"),
         ("rules[2].window.every_ms", "5000", "0"),
+        (
+            "sources.plant.json.labels",
+            "[\"mac\"]",
+            "[\"a\", \"b\", \"c\", \"d\", \"e\"]",
+        ),
+        ("rules[3].distinct", "\"mac\"", "\"\""),
+        ("rules[3].top_k.label", "\"mac\"", "\"imei\""),
+        ("rules[3].top_k.k", "10", "0"),
+        ("rules[3].first_seen.capacity", "100000", "0"),
+        ("rules[3].first_seen.fpr", "0.01", "0.7"),
+        ("rules[3].sample.k", "5", "1001"),
         ("output.mqtt.host", "\"127.0.0.1\"", "\"\""),
         (
             "output.mqtt.alert_topic",
@@ -348,4 +359,32 @@ fn sluice_check_fails_on_a_missing_file_and_is_silent_with_quiet() {
         stderr.contains("line 21: uplink.tls.ca_file: /nonexistent/ca.pem: "),
         "{stderr}"
     );
+}
+
+#[test]
+fn label_rules_need_a_tumbling_window_and_a_source_that_reads_the_label() {
+    let source = "[sources.u]\nkind = \"udp\"\nbind = \"127.0.0.1:0\"\n[sources.u.json]\nlabels = [\"mac\"]\n";
+    for (rule, expected) in [
+        (
+            "window = { kind = \"count\", size = 10 }\ntop_k = { label = \"mac\", k = 3 }",
+            "line 9: rules[0].top_k: needs a tumbling window",
+        ),
+        (
+            "window = { kind = \"tumbling\", size_ms = 1000 }\nsample = { k = 3 }\nsketches = true",
+            "line 10: rules[0].sketches: carries the distinct sketch: set distinct too",
+        ),
+        (
+            "first_seen = { label = \"site\" }",
+            "line 8: rules[0].first_seen.label: no source reads the label \"site\"",
+        ),
+    ] {
+        let text = format!("{source}[[rules]]\nmatch = \"*\"\n{rule}\n");
+        let e = error_of(&text);
+        assert!(e.starts_with(expected), "{rule}: {e}");
+    }
+    // first_seen alone is a rule.
+    Config::parse(&format!(
+        "{source}[[rules]]\nmatch = \"*\"\nfirst_seen = {{ label = \"mac\" }}\n[output]\nconsole = true\n"
+    ))
+    .unwrap();
 }

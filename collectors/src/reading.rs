@@ -31,6 +31,27 @@ pub struct Labels {
 }
 
 impl Labels {
+    /// Labels `names` with `values` in the same order; `None` if there are
+    /// more than [`MAX_LABELS`], the counts differ, or a value is longer
+    /// than [`MAX_LABEL_LEN`].
+    pub fn new(names: std::sync::Arc<[Box<str>]>, values: &[Option<&str>]) -> Option<Labels> {
+        if names.len() != values.len() {
+            return None;
+        }
+        let mut held = heapless::Vec::new();
+        for v in values {
+            let v = match v {
+                Some(v) => Some(LabelValue::try_from(*v).ok()?),
+                None => None,
+            };
+            held.push(v).ok()?;
+        }
+        Some(Labels {
+            names,
+            values: held,
+        })
+    }
+
     /// The value of label `name`, if the reading has one.
     pub fn get(&self, name: &str) -> Option<&str> {
         let i = self.names.iter().position(|n| &**n == name)?;

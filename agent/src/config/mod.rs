@@ -552,9 +552,29 @@ impl Config {
                 "define at least one rule: [[rules]] with match = \"<glob>\"",
             );
         }
+        let labels: Vec<&str> = self
+            .sources
+            .values()
+            .flat_map(|source| match source {
+                Source::Mqtt(m) => &m.json.labels,
+                Source::Udp(u) => &u.json.labels,
+                Source::Serial(s) => &s.json.labels,
+            })
+            .map(String::as_str)
+            .collect();
         for (i, rule) in self.rules.iter().enumerate() {
             rule.validate()
                 .map_err(|why| ConfigError(format!("rules[{i}].{why}")))?;
+            for (key, label) in rule.label_uses() {
+                if !labels.contains(&label) {
+                    return err(
+                        &format!("rules[{i}].{key}"),
+                        &format!(
+                            "no source reads the label {label:?}: add it to a source's json.labels"
+                        ),
+                    );
+                }
+            }
         }
         if let Some(m) = &self.output.mqtt {
             m.validate()

@@ -218,6 +218,12 @@ pub fn render(r: &Running) -> String {
         "Series in a checkpoint not restored (no rule matches, or the table is full).",
         &mut wk(|w| w.restore_dropped.load(Relaxed)).into_iter(),
     );
+    family(
+        "sluice_first_seen_over_capacity_total",
+        "counter",
+        "New label values seen by first_seen filters holding more values than their capacity (new values are then missed more often than fpr).",
+        &mut wk(|w| w.first_seen_over_capacity.load(Relaxed)).into_iter(),
+    );
     let o = &r.output;
     family(
         "sluice_aggregates_total",

@@ -9,7 +9,10 @@ pub mod topic;
 use console::print;
 pub use console::{Console, clock};
 use mqtt::MqttSink;
-pub use record::{AggregateRecord, AlertEvent, DecayingSummary, OutputStats, Record};
+pub use record::{
+    AggregateRecord, AlertEvent, DecayingSummary, DistinctRecord, LabelRecord, OutputStats, Record,
+    TopRecord, TopValue,
+};
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
@@ -177,7 +180,7 @@ async fn deliver(mut lane: Lane) {
         }
         match &record {
             Record::Aggregate(_) => stats.aggregates.fetch_add(1, Relaxed),
-            Record::Alert(e) if e.state == "raised" => stats.alerts_raised.fetch_add(1, Relaxed),
+            Record::Alert(e) if e.state != "cleared" => stats.alerts_raised.fetch_add(1, Relaxed),
             Record::Alert(_) => stats.alerts_cleared.fetch_add(1, Relaxed),
             Record::Stats(_) | Record::Checkpoint { .. } => 0,
         };
@@ -223,6 +226,9 @@ mod tests {
             last: 1.0,
             quantiles: None,
             quantiles_collapsed: Vec::new(),
+            distinct: None,
+            top_k: None,
+            sample: None,
             decaying: None,
             late: 0,
             partial: false,

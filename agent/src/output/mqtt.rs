@@ -203,6 +203,11 @@ impl MqttSink {
                         stats,
                     )
                     .await;
+                // An event with no state (`first_seen`) leaves the retained
+                // state alone.
+                if e.state == "seen" {
+                    return self.report(event, stats);
+                }
                 // The retained state: what a subscriber that connects later sees.
                 let to = topic(&s.state_topic, &self.agent, &e.series);
                 let state = self
@@ -217,6 +222,10 @@ impl MqttSink {
                     .await
             }
         };
+        self.report(result, stats);
+    }
+
+    fn report<E: std::fmt::Display>(&self, result: Result<(), E>, stats: &OutputStats) {
         if let Err(e) = result {
             // One line for the first failure; the count says the rest.
             if stats.publish_errors.fetch_add(1, Relaxed) == 0 {

@@ -47,6 +47,15 @@ pub struct AggregateRecord {
     /// For a decaying window: its statistics at the end of the period.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub decaying: Option<DecayingSummary>,
+    /// `distinct`: how many distinct values of a label the window saw.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub distinct: Option<Box<DistinctRecord>>,
+    /// `top_k`: the most frequent values of a label in the window.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub top_k: Option<Box<TopRecord>>,
+    /// `sample`: a uniform sample of the window's readings.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sample: Option<Vec<crate::pipeline::rules::labels::SampleRow>>,
     /// Readings of this series refused as late since the previous record.
     pub late: u64,
     /// Some readings may be missing: it was closed early (by shutdown), or
@@ -69,6 +78,61 @@ pub struct AggregateRecord {
     pub count_stderr: Option<f64>,
 }
 
+/// `distinct` in a record.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DistinctRecord {
+    /// The label.
+    pub label: String,
+    /// Estimated distinct values.
+    pub estimate: f64,
+    /// The estimate's relative standard error (0.00005 while the sketch
+    /// holds 384 values or fewer, nearly exact; 0.013 beyond).
+    pub rse: f64,
+    /// Bounds at two standard errors (about 95 %).
+    pub low: f64,
+    /// See `low`.
+    pub high: f64,
+    /// Readings of the window without the label.
+    pub without_label: u64,
+    /// With `sketches = true`: the sketch, base64 (standard alphabet,
+    /// padded), in the Apache DataSketches HLL format (lg_k 12, seed 9001,
+    /// items hashed as their UTF-8 bytes), for upstream merges.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sketch: Option<String>,
+}
+
+/// `top_k` in a record.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TopRecord {
+    /// The label.
+    pub label: String,
+    /// The values, most frequent first.
+    pub values: Vec<TopValue>,
+    /// Readings of the window without the label.
+    pub without_label: u64,
+}
+
+/// One value of `top_k`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TopValue {
+    /// The label value.
+    pub value: String,
+    /// Its count in the window, an overestimate by at most `overcount`:
+    /// the true count is in `[count - overcount, count]`.
+    pub count: u64,
+    /// See `count`.
+    pub overcount: u64,
+}
+
+/// A label and its value.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LabelRecord {
+    /// The label.
+    pub name: String,
+    /// Its value.
+    pub value: String,
+}
+
 /// The statistics of an exponentially decaying window.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct DecayingSummary {
@@ -89,9 +153,11 @@ pub struct AlertEvent {
     pub agent: Arc<str>,
     /// The series key.
     pub series: String,
-    /// The rule: `zscore`, `threshold_above`, `threshold_below`, `rate_of_change`.
+    /// The rule: `zscore`, `threshold_above`, `threshold_below`,
+    /// `rate_of_change`, `absent`, `first_seen`.
     pub rule: &'static str,
-    /// `raised` or `cleared`.
+    /// `raised` or `cleared`; `seen` for `first_seen`, an event with no
+    /// state (not published as the retained state).
     pub state: &'static str,
     /// The reading that changed the state.
     pub value: f64,
@@ -105,6 +171,9 @@ pub struct AlertEvent {
     pub event_ts: Timestamp,
     /// When the agent detected it, ms since the epoch.
     pub detected_ts: Timestamp,
+    /// For `first_seen`: the label and the value seen for the first time.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub label: Option<LabelRecord>,
 }
 
 /// Something to deliver.

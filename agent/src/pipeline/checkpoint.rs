@@ -41,12 +41,15 @@ use std::collections::HashMap;
 use serde::{Deserialize, Serialize};
 use sluice_core::Timestamp;
 
+use crate::pipeline::rules::labels::LabelsState;
 use crate::pipeline::rules::{Detector, DetectorState, Quantiles, Window};
 use crate::pipeline::rules::{HoppingRule, TumblingRule, WindowRule};
 use crate::store::outbox::SavedCheckpoint;
 
 /// The encoding's version; a checkpoint of another version is skipped.
-pub const FORMAT: u16 = 1;
+/// Version 2 adds the series' label sketches after the series, in a list
+/// of their own, so that version 1 (what 0.2 wrote) still reads.
+pub const FORMAT: u16 = 2;
 
 /// A series' windows, as saved.
 #[derive(Clone, Serialize, Deserialize)]
@@ -80,19 +83,27 @@ pub struct SeriesState {
     pub last_event: Timestamp,
     /// Wall time of its last reading.
     pub last_seen: Timestamp,
+    /// Its label sketches (encoded beside the series, not in it: see
+    /// [`FORMAT`]).
+    #[serde(skip)]
+    pub labels: Option<LabelsState>,
 }
 
 #[derive(Serialize, Deserialize)]
 struct Envelope {
     format: u16,
     series: Vec<SeriesState>,
+    /// Per series, in the same order (format 2 on).
+    labels: Vec<Option<LabelsState>>,
 }
 
 /// Encodes a worker's series.
-pub fn encode(series: Vec<SeriesState>) -> Vec<u8> {
+pub fn encode(mut series: Vec<SeriesState>) -> Vec<u8> {
+    let labels = series.iter_mut().map(|s| s.labels.take()).collect();
     postcard::to_allocvec(&Envelope {
         format: FORMAT,
         series,
+        labels,
     })
     .unwrap_or_default()
 }
@@ -117,6 +128,9 @@ pub struct SeriesRef<'a> {
     pub last_event: Timestamp,
     /// Wall time of its last reading.
     pub last_seen: Timestamp,
+    /// Its label sketches (encoded beside the series: see [`FORMAT`]).
+    #[serde(skip)]
+    pub labels: Option<LabelsState>,
 }
 
 /// [`WindowsState`], borrowed (see [`SeriesRef`]).
@@ -147,24 +161,42 @@ impl Serialize for DetectorsRef<'_> {
 struct EnvelopeRef<'a> {
     format: u16,
     series: Vec<SeriesRef<'a>>,
+    labels: Vec<Option<LabelsState>>,
 }
 
-/// Encodes a worker's series without copying them; [`decode`] reads it as
-/// it reads what [`encode`] made.
-pub fn encode_refs(series: Vec<SeriesRef<'_>>) -> Vec<u8> {
+/// Encodes a worker's series without copying their windows and detectors
+/// (label sketches are encoded as bytes); [`decode`] reads it as it reads
+/// what [`encode`] made.
+pub fn encode_refs(mut series: Vec<SeriesRef<'_>>) -> Vec<u8> {
+    let labels = series.iter_mut().map(|s| s.labels.take()).collect();
     postcard::to_allocvec(&EnvelopeRef {
         format: FORMAT,
         series,
+        labels,
     })
     .unwrap_or_default()
 }
 
-/// Decodes what [`encode`] made.
+/// Decodes what [`encode`] made (format 2), or what format 1 was.
 pub fn decode(bytes: &[u8]) -> Result<Vec<SeriesState>, String> {
-    match postcard::from_bytes::<Envelope>(bytes) {
-        Ok(e) if e.format == FORMAT => Ok(e.series),
-        Ok(e) => Err(format!("format {} (this build reads {FORMAT})", e.format)),
-        Err(e) => Err(e.to_string()),
+    let (format, _) = postcard::take_from_bytes::<u16>(bytes).map_err(|e| e.to_string())?;
+    match format {
+        // Format 1: the series alone.
+        1 => postcard::from_bytes::<(u16, Vec<SeriesState>)>(bytes)
+            .map(|(_, series)| series)
+            .map_err(|e| e.to_string()),
+        FORMAT => {
+            let e = postcard::from_bytes::<Envelope>(bytes).map_err(|e| e.to_string())?;
+            if e.labels.len() != e.series.len() {
+                return Err("label sketches do not match the series".into());
+            }
+            Ok(e.series
+                .into_iter()
+                .zip(e.labels)
+                .map(|(s, labels)| SeriesState { labels, ..s })
+                .collect())
+        }
+        other => Err(format!("format {other} (this build reads 1 and {FORMAT})")),
     }
 }
 
@@ -261,6 +293,7 @@ mod tests {
             detectors: Vec::new(),
             last_event: 10,
             last_seen: 20,
+            labels: None,
         }
     }
 
@@ -306,9 +339,13 @@ mod tests {
         let bytes = postcard::to_allocvec(&Envelope {
             format: FORMAT + 1,
             series: vec![state("a")],
+            labels: vec![None],
         })
         .unwrap();
-        assert!(matches!(decode(&bytes), Err(e) if e.contains("format 2")));
+        assert!(matches!(decode(&bytes), Err(e) if e.contains("format 3")));
         assert_eq!(decode(&encode(vec![state("a")])).unwrap().len(), 1);
+        // Format 1 (0.2's: no label sketches) still reads.
+        let v1 = postcard::to_allocvec(&(1u16, vec![state("a"), state("b")])).unwrap();
+        assert_eq!(decode(&v1).unwrap().len(), 2);
     }
 }

@@ -29,10 +29,14 @@ use sluice_core::anomaly::Transition;
 use sluice_core::window::{Closed, DecayingStats, Rejection};
 use tokio::sync::mpsc;
 
-use crate::output::{AggregateRecord, AlertEvent, DecayingSummary, Record};
+use crate::output::{
+    AggregateRecord, AlertEvent, DecayingSummary, DistinctRecord, LabelRecord, Record, TopRecord,
+    TopValue,
+};
 use crate::pipeline::checkpoint::{
     self, DetectorsRef, SeriesRef, SeriesState, WindowsRef, WindowsState,
 };
+use crate::pipeline::rules::labels::{FirstSeen, LabelPanes, LabelSpec, LabelWindow, LabelsState};
 use crate::pipeline::rules::{Detector, Quantiles, Rules, Window};
 
 /// How often idle series are ticked.
@@ -79,6 +83,10 @@ pub struct WorkerStats {
     pub heartbeat: AtomicU64,
     /// Whether the worker is waiting for room in the output channel.
     pub waiting_on_output: AtomicBool,
+    /// New label values seen by `first_seen` filters holding more values
+    /// than they were sized for (`capacity`): past it, new values are
+    /// missed more often than `fpr`.
+    pub first_seen_over_capacity: AtomicU64,
     /// Series restored from a checkpoint.
     pub restored: AtomicU64,
     /// Series in a checkpoint not restored (no rule matches them now, or
@@ -102,6 +110,7 @@ impl Default for WorkerStats {
             ring_depth: AtomicU64::new(0),
             heartbeat: AtomicU64::new(0),
             waiting_on_output: AtomicBool::new(false),
+            first_seen_over_capacity: AtomicU64::new(0),
             restored: AtomicU64::new(0),
             restore_dropped: AtomicU64::new(0),
             // 1 ms to 1 hour, 3 significant digits: about 40 KiB.
@@ -124,6 +133,9 @@ struct Series {
     /// checkpoints: after a restart a series still silent is reported
     /// absent again once `absent_after_ms` has passed since the start.
     absent: bool,
+    /// The `first_seen` filter, when the rule asks for one (boxed: its
+    /// size comes from the rule).
+    first_seen: Option<Box<FirstSeen>>,
 }
 
 /// A series' aggregate window and, when its rule asks for quantiles, the
@@ -139,6 +151,9 @@ struct Windows {
     sampled_one_in: u32,
     /// End of the newest window emitted (for checkpoints).
     emitted_end: Option<Timestamp>,
+    /// The label sketches of the open windows, when the rule asks for any
+    /// (a tumbling window: they close with it).
+    labels: Option<Box<(LabelSpec, LabelPanes)>>,
 }
 
 /// A closed window on its way to becoming a record.
@@ -147,18 +162,25 @@ struct Done {
     /// For a decaying window, its statistics when the report closed.
     decaying: Option<DecayingStats>,
     quantiles: Option<Quantiles>,
+    /// Its label sketches.
+    labels: Option<LabelWindow>,
     late: u64,
     sampled_one_in: u32,
 }
 
 impl Windows {
-    fn new(aggregate: Window, quantiles: Option<Window<Quantiles>>) -> Windows {
+    fn new(
+        aggregate: Window,
+        quantiles: Option<Window<Quantiles>>,
+        labels: Option<&LabelSpec>,
+    ) -> Windows {
         Windows {
             aggregate,
             quantiles: quantiles.map(Box::new),
             late: 0,
             sampled_one_in: 1,
             emitted_end: None,
+            labels: labels.map(|spec| Box::new((spec.clone(), LabelPanes::default()))),
         }
     }
 
@@ -179,6 +201,7 @@ impl Windows {
             late: s.late,
             sampled_one_in: s.sampled_one_in,
             emitted_end: s.emitted_end,
+            labels: None,
         }
     }
 
@@ -203,23 +226,23 @@ impl Windows {
                 q.as_ref()
                     .is_none_or(|q| (q.start, q.end) == (c.start, c.end))
             );
+            let labels = self
+                .labels
+                .as_deref_mut()
+                .map(|(spec, panes)| panes.close(spec, c.start));
             out.push(Done {
                 closed: c,
                 decaying: self.aggregate.decaying().copied(),
                 quantiles: q.map(|q| q.acc),
+                labels,
                 late: std::mem::take(&mut self.late),
                 sampled_one_in: std::mem::replace(&mut self.sampled_one_in, 1),
             });
         }
     }
 
-    fn push(
-        &mut self,
-        ts: Timestamp,
-        value: f64,
-        weight: u32,
-        out: &mut Vec<Done>,
-    ) -> Result<(), Rejection> {
+    fn push(&mut self, reading: &Reading, out: &mut Vec<Done>) -> Result<(), Rejection> {
+        let (ts, value, weight) = (reading.ts, reading.value, reading.weight);
         self.sampled_one_in = self.sampled_one_in.max(weight);
         let mut result = Ok(());
         self.step(
@@ -229,8 +252,14 @@ impl Windows {
                 let _ = w.push(ts, value, weight, emit);
             },
         );
-        if result == Err(Rejection::Late) {
-            self.late += 1;
+        match result {
+            Err(Rejection::Late) => self.late += 1,
+            Ok(()) => {
+                if let Some((spec, panes)) = self.labels.as_deref_mut() {
+                    panes.add(spec, ts, value, weight, reading.labels.as_deref());
+                }
+            }
+            Err(_) => {}
         }
         result
     }
@@ -317,7 +346,7 @@ fn aggregate(
             })
             .collect()
     });
-    Record::Aggregate(AggregateRecord {
+    let mut record = AggregateRecord {
         agent: agent.clone(),
         series: series.to_owned(),
         start: done.closed.start,
@@ -332,6 +361,9 @@ fn aggregate(
         last: a.last().map_or(f64::NAN, |p| p.value),
         quantiles,
         quantiles_collapsed,
+        distinct: None,
+        top_k: None,
+        sample: None,
         decaying: done.decaying.and_then(|d| {
             Some(DecayingSummary {
                 mean: d.mean()?,
@@ -346,7 +378,62 @@ fn aggregate(
         sampled_one_in: (done.sampled_one_in > 1).then_some(done.sampled_one_in),
         count_stderr: (done.sampled_one_in > 1)
             .then(|| (a.count() as f64 * f64::from(done.sampled_one_in - 1)).sqrt()),
-    })
+    };
+    if let (Some(w), Some(spec)) = (done.labels, rules.label_spec(rule)) {
+        label_records(&mut record, w, spec);
+    }
+    Record::Aggregate(record)
+}
+
+/// What a closed window's label sketches report, into its record.
+fn label_records(record: &mut AggregateRecord, w: LabelWindow, spec: &LabelSpec) {
+    use base64::Engine as _;
+    record.distinct = w
+        .distinct
+        .zip(spec.distinct.as_ref())
+        .map(|((h, without), label)| {
+            let (estimate, rse) = (h.estimate(), h.relative_error());
+            Box::new(DistinctRecord {
+                label: label.clone(),
+                estimate,
+                rse,
+                low: estimate * (1.0 - 2.0 * rse),
+                high: estimate * (1.0 + 2.0 * rse),
+                without_label: without,
+                sketch: spec.sketches.then(|| {
+                    let mut bytes = vec![0; h.serialized_len()];
+                    let n = h.write_to(&mut bytes).unwrap_or(0);
+                    base64::engine::general_purpose::STANDARD.encode(&bytes[..n])
+                }),
+            })
+        });
+    record.top_k = w
+        .top
+        .zip(spec.top.as_ref())
+        .map(|((top, names, without), (label, k))| {
+            let mut counters = top.counters().to_vec();
+            counters.sort_unstable_by(|a, b| b.count.cmp(&a.count).then(a.key.cmp(&b.key)));
+            Box::new(TopRecord {
+                label: label.clone(),
+                values: counters
+                    .iter()
+                    .take(*k)
+                    .map(|c| TopValue {
+                        value: names
+                            .get(&c.key)
+                            .map_or_else(String::new, |v| v.to_string()),
+                        count: c.count,
+                        overcount: c.error,
+                    })
+                    .collect(),
+                without_label: without,
+            })
+        });
+    record.sample = w.sample.map(|s| {
+        let mut rows = s.sample().to_vec();
+        rows.sort_unstable_by_key(|r| r.ts);
+        rows
+    });
 }
 
 /// The current rules, replaced on reload; workers pick up a new generation.
@@ -565,7 +652,8 @@ impl Worker {
             let config = self.rules.config(rule);
             let (window_fp, detector_fp) = self.rules.fingerprints(rule);
             let (window, quantiles, mut detectors) = self.rules.state(rule);
-            let fresh = || window.map(|w| Windows::new(w, quantiles));
+            let spec = self.rules.label_spec(rule);
+            let fresh = || window.map(|w| Windows::new(w, quantiles, spec));
             let windows = match s.windows {
                 Some(saved) if s.window_fp == window_fp => {
                     let mut w = Windows::restored(saved);
@@ -592,6 +680,35 @@ impl Worker {
                     d.restore(saved);
                 }
             }
+            // Label sketches built by the same settings come back; others
+            // (and any that do not read back) start afresh.
+            let mut windows = windows;
+            let mut first_seen = config
+                .first_seen
+                .as_ref()
+                .map(|f| Box::new(FirstSeen::new(f)));
+            let saved_labels = s
+                .labels
+                .filter(|l| l.fingerprint == self.rules.labels_fingerprint(rule));
+            if let Some(saved) = saved_labels {
+                if let Some(w) = &mut windows {
+                    if w.labels.is_none() {
+                        w.labels = spec.map(|spec| Box::new((spec.clone(), LabelPanes::default())));
+                    }
+                    if let Some((spec, panes)) = w.labels.as_deref_mut()
+                        && let Some(restored) = saved.panes(spec)
+                    {
+                        *panes = restored;
+                    }
+                }
+                if let Some(f) = config.first_seen.as_ref().and_then(|f| saved.first_seen(f)) {
+                    first_seen = Some(Box::new(f));
+                }
+            } else if let Some(w) = &mut windows
+                && w.labels.is_none()
+            {
+                w.labels = spec.map(|spec| Box::new((spec.clone(), LabelPanes::default())));
+            }
             self.series.insert(
                 key,
                 Box::new(Series {
@@ -601,6 +718,7 @@ impl Worker {
                     last_event: s.last_event,
                     last_seen: s.last_seen,
                     absent: false,
+                    first_seen,
                 }),
             );
             restored += 1;
@@ -627,6 +745,14 @@ impl Worker {
             .iter()
             .map(|(key, s)| {
                 let (window_fp, detector_fp) = self.rules.fingerprints(s.rule);
+                let panes = s.windows.as_ref().and_then(|w| w.labels.as_deref());
+                let labels = (panes.is_some() || s.first_seen.is_some()).then(|| {
+                    LabelsState::save(
+                        self.rules.labels_fingerprint(s.rule),
+                        panes.map(|(_, p)| p),
+                        s.first_seen.as_deref(),
+                    )
+                });
                 SeriesRef {
                     series: key,
                     window_fp,
@@ -635,6 +761,7 @@ impl Worker {
                     detectors: DetectorsRef(&s.detectors),
                     last_event: s.last_event,
                     last_seen: s.last_seen,
+                    labels,
                 }
             })
             .collect();
@@ -699,15 +826,22 @@ impl Worker {
                 return;
             };
             let (window, quantiles, detectors) = self.rules.state(rule);
+            let spec = self.rules.label_spec(rule);
             self.series.insert(
                 reading.series.clone(),
                 Box::new(Series {
                     rule,
-                    windows: window.map(|w| Windows::new(w, quantiles)),
+                    windows: window.map(|w| Windows::new(w, quantiles, spec)),
                     detectors,
                     last_event: reading.ts,
                     last_seen: reading.ingest,
                     absent: false,
+                    first_seen: self
+                        .rules
+                        .config(rule)
+                        .first_seen
+                        .as_ref()
+                        .map(|f| Box::new(FirstSeen::new(f))),
                 }),
             );
             self.stats.series.store(self.series.len() as u64, Relaxed);
@@ -723,8 +857,7 @@ impl Worker {
         let rule = series.rule;
         let back = std::mem::take(&mut series.absent);
         if let Some(windows) = &mut series.windows
-            && windows.push(reading.ts, reading.value, reading.weight, &mut records)
-                == Err(Rejection::Late)
+            && windows.push(&reading, &mut records) == Err(Rejection::Late)
         {
             self.stats.late.fetch_add(1, Relaxed);
         }
@@ -741,6 +874,34 @@ impl Worker {
                 threshold: self.rules.absent_after(rule).unwrap_or(0) as f64,
                 event_ts: reading.ts,
                 detected_ts: detected,
+                label: None,
+            });
+        }
+        if let Some(filter) = &mut series.first_seen
+            && let Some(rule_fs) = &self.rules.config(rule).first_seen
+            && let Some(value) = reading
+                .labels
+                .as_deref()
+                .and_then(|l| l.get(&rule_fs.label))
+            && filter.first_time(value)
+        {
+            if filter.over_capacity() {
+                self.stats.first_seen_over_capacity.fetch_add(1, Relaxed);
+            }
+            alerts.push(AlertEvent {
+                agent: self.agent.clone(),
+                series: reading.series.to_string(),
+                rule: "first_seen",
+                state: "seen",
+                value: reading.value,
+                score: None,
+                threshold: 0.0,
+                event_ts: reading.ts,
+                detected_ts: detected,
+                label: Some(LabelRecord {
+                    name: rule_fs.label.clone(),
+                    value: value.to_owned(),
+                }),
             });
         }
         for d in &mut series.detectors {
@@ -758,6 +919,7 @@ impl Worker {
                     threshold: change.threshold,
                     event_ts: reading.ts,
                     detected_ts: detected,
+                    label: None,
                 });
             }
         }
@@ -794,8 +956,20 @@ impl Worker {
             };
             let (before, after) = (old.config(s.rule), self.rules.config(new));
             let (window, quantiles, detectors) = self.rules.state(new);
+            let spec = self.rules.label_spec(new);
             if before.window != after.window || before.quantiles != after.quantiles {
-                s.windows = window.map(|w| Windows::new(w, quantiles));
+                s.windows = window.map(|w| Windows::new(w, quantiles, spec));
+            } else if old.labels_fingerprint(s.rule) != self.rules.labels_fingerprint(new)
+                && let Some(w) = &mut s.windows
+            {
+                // Only the label sketches changed: they start afresh.
+                w.labels = spec.map(|spec| Box::new((spec.clone(), LabelPanes::default())));
+            }
+            if before.first_seen != after.first_seen {
+                s.first_seen = after
+                    .first_seen
+                    .as_ref()
+                    .map(|f| Box::new(FirstSeen::new(f)));
             }
             let same_detectors = before.anomaly == after.anomaly
                 && before.thresholds == after.thresholds
@@ -846,6 +1020,7 @@ impl Worker {
                         threshold: after as f64,
                         event_ts: s.last_event,
                         detected_ts: now,
+                        label: None,
                     }));
                 }
             }
@@ -1057,6 +1232,136 @@ mod tests {
                 _ => continue,
             }
         }
+    }
+
+    /// A source that reads the label `mac`, and a rule with every label
+    /// sketch.
+    const LABELLED: &str = "agent_id = \"t\"\n[sources.u]\nkind = \"udp\"\nbind = \"127.0.0.1:0\"\n[sources.u.json]\nlabels = [\"mac\"]\n[output]\nconsole = true\n[[rules]]\nmatch = \"*\"\nwindow = { kind = \"tumbling\", size_ms = 1000 }\ndistinct = \"mac\"\ntop_k = { label = \"mac\", k = 3 }\nfirst_seen = { label = \"mac\" }\nsample = { k = 5 }\nsketches = true\n";
+
+    fn labelled_worker() -> (Worker, mpsc::Receiver<Record>) {
+        let config = Config::parse(LABELLED).unwrap();
+        let rules = Arc::new(Rules::compile(&config.rules).unwrap());
+        let (tx, rx) = mpsc::channel(4096);
+        let w = Worker::new(
+            "t".into(),
+            rules,
+            Arc::new(RulesSlot::default()),
+            10,
+            tx,
+            Arc::new(WorkerStats::default()),
+        );
+        (w, rx)
+    }
+
+    fn with_mac(series: &str, ts: Timestamp, mac: Option<&str>) -> Reading {
+        let labels = sluice_collectors::reading::Labels::new(Arc::from(vec!["mac".into()]), &[mac]);
+        Reading {
+            labels: Some(Box::new(labels.unwrap())),
+            ..reading(series, ts, 1.0)
+        }
+    }
+
+    /// 500 devices in one window (three of them heavy), ten readings
+    /// without the label.
+    fn ble_window(w: &mut Worker, from: usize, to: usize) {
+        for i in from..to {
+            let mac = match i {
+                0..500 => format!("m-{i}"),
+                500..550 => "m-0".into(),
+                550..580 => "m-1".into(),
+                580..600 => "m-2".into(),
+                _ => {
+                    w.process(with_mac("gw", i as Timestamp, None));
+                    continue;
+                }
+            };
+            w.process(with_mac("gw", i as Timestamp, Some(&mac)));
+        }
+    }
+
+    fn first_seen(rx: &mut mpsc::Receiver<Record>) -> (Vec<String>, Vec<AggregateRecord>) {
+        let (mut seen, mut aggregates) = (Vec::new(), Vec::new());
+        while let Ok(r) = rx.try_recv() {
+            match r {
+                Record::Alert(e) => {
+                    assert_eq!((e.rule, e.state), ("first_seen", "seen"));
+                    seen.push(e.label.unwrap().value);
+                }
+                Record::Aggregate(a) => aggregates.push(a),
+                _ => {}
+            }
+        }
+        (seen, aggregates)
+    }
+
+    #[test]
+    fn label_sketches_count_distinct_values_top_values_first_sightings_and_sample() {
+        let (mut w, mut rx) = labelled_worker();
+        ble_window(&mut w, 0, 610);
+        // The next window: one known device and one new one.
+        w.process(with_mac("gw", 1_000, Some("m-7")));
+        w.process(with_mac("gw", 1_001, Some("m-new")));
+        let (seen, got) = first_seen(&mut rx);
+        // Each device once, the first time only.
+        let mut expected: Vec<String> = (0..500).map(|i| format!("m-{i}")).collect();
+        expected.push("m-new".into());
+        assert_eq!(seen, expected);
+        assert_eq!(got.len(), 1);
+        let a = &got[0];
+        assert_eq!(a.count, 610);
+        let d = a.distinct.as_deref().unwrap();
+        assert_eq!((d.label.as_str(), d.without_label), ("mac", 10));
+        assert!((d.estimate - 500.0).abs() <= 500.0 * 4.0 * d.rse, "{d:?}");
+        assert!(d.low <= 500.0 && 500.0 <= d.high, "{d:?}");
+        // The sketch is the DataSketches HLL the estimate came from.
+        use base64::Engine as _;
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(d.sketch.as_ref().unwrap())
+            .unwrap();
+        let h = sluice_core::sketch::HyperLogLog::read_from(
+            &bytes,
+            vec![0u8; sluice_core::sketch::hll::storage_bytes(4096)],
+        )
+        .unwrap();
+        assert_eq!(h.estimate(), d.estimate);
+        let top = a.top_k.as_deref().unwrap();
+        let names: Vec<&str> = top.values.iter().map(|v| v.value.as_str()).collect();
+        assert_eq!(names, ["m-0", "m-1", "m-2"]);
+        for (v, truth) in top.values.iter().zip([51, 31, 21]) {
+            assert!(v.count - v.overcount <= truth && truth <= v.count, "{v:?}");
+        }
+        assert_eq!(top.without_label, 10);
+        let sample = a.sample.as_ref().unwrap();
+        assert_eq!(sample.len(), 5);
+        assert!(sample.windows(2).all(|p| p[0].ts <= p[1].ts));
+        assert!(sample.iter().all(|r| (0..610).contains(&r.ts)));
+    }
+
+    #[test]
+    fn label_sketches_and_first_seen_go_on_after_a_checkpoint() {
+        // Uninterrupted.
+        let (mut a, mut rx_a) = labelled_worker();
+        ble_window(&mut a, 0, 610);
+        a.process(with_mac("gw", 1_000, Some("m-3")));
+        let (_, whole) = first_seen(&mut rx_a);
+        // Saved half-way, restored into another worker.
+        let (mut b, mut rx_b) = labelled_worker();
+        ble_window(&mut b, 0, 300);
+        let (seen_before, _) = first_seen(&mut rx_b);
+        let state = saved(&b, &mut rx_b);
+        assert!(state[0].labels.is_some());
+        let (mut c, mut rx_c) = labelled_worker();
+        c.restore(state, &HashMap::new());
+        ble_window(&mut c, 300, 610);
+        c.process(with_mac("gw", 1_000, Some("m-3")));
+        let (seen_after, resumed) = first_seen(&mut rx_c);
+        // Every device reported once across the restart.
+        assert_eq!(seen_before.len() + seen_after.len(), 500);
+        assert!(seen_after.iter().all(|m| !seen_before.contains(m)));
+        let (x, y) = (&whole[0], &resumed[0]);
+        assert_eq!(x.count, y.count);
+        assert_eq!(x.distinct, y.distinct);
+        assert_eq!(x.top_k, y.top_k);
     }
 
     const CHECKPOINTED: &str = "[[rules]]\nmatch = \"*\"\nwindow = { kind = \"tumbling\", size_ms = 1000 }\nquantiles = [0.5]\nanomaly = { alpha = 0.1, k = 4.0, warmup = 50 }\n";

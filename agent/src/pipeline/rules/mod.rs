@@ -14,6 +14,7 @@ use sluice_core::window::{
 
 use serde::{Deserialize, Serialize};
 
+pub mod labels;
 mod settings;
 
 pub use settings::*;
@@ -429,6 +430,11 @@ pub struct CompiledRule {
     fingerprints: (u64, u64),
     /// `absent_after_ms`.
     absent_after: Option<Timestamp>,
+    /// The label sketches per window, if the rule asks for any.
+    labels: Option<labels::LabelSpec>,
+    /// Fingerprint of the label settings (`distinct`, `top_k`, `sample`,
+    /// `first_seen`), for checkpoints.
+    labels_fingerprint: u64,
 }
 
 /// The rules of a configuration, in order.
@@ -466,6 +472,14 @@ impl Rules {
                 ));
             }
             compiled.push(CompiledRule {
+                labels: labels::LabelSpec::of(r),
+                labels_fingerprint: fingerprint(&(
+                    &r.window,
+                    &r.distinct,
+                    &r.top_k,
+                    &r.sample,
+                    &r.first_seen,
+                )),
                 fingerprints: (window_fingerprint(r), detector_fingerprint(r)),
                 absent_after: r.absent_after_ms.map(|ms| ms as Timestamp),
                 config: r.clone(),
@@ -527,6 +541,16 @@ impl Rules {
         self.rules[i].absent_after
     }
 
+    /// What rule `i` asks of its labels per window.
+    pub fn label_spec(&self, i: usize) -> Option<&labels::LabelSpec> {
+        self.rules[i].labels.as_ref()
+    }
+
+    /// Fingerprint of rule `i`'s label settings.
+    pub fn labels_fingerprint(&self, i: usize) -> u64 {
+        self.rules[i].labels_fingerprint
+    }
+
     /// Fresh state for a series under rule `i`.
     pub fn state(&self, i: usize) -> (Option<Window>, Option<Window<Quantiles>>, Vec<Detector>) {
         let r = &self.rules[i];
@@ -555,8 +579,9 @@ impl Rule {
             && self.thresholds.is_empty()
             && self.rate_of_change.is_none()
             && self.absent_after_ms.is_none()
+            && self.first_seen.is_none()
         {
-            return Err("match: the rule computes nothing: add a window, anomaly, thresholds, rate_of_change or absent_after_ms".into());
+            return Err("match: the rule computes nothing: add a window, anomaly, thresholds, rate_of_change, absent_after_ms or first_seen".into());
         }
         if self
             .absent_after_ms
@@ -564,6 +589,7 @@ impl Rule {
         {
             return Err("absent_after_ms: must be at least 100".into());
         }
+        self.validate_labels()?;
         if let Some(a) = &self.anomaly {
             zscore_for(a).map_err(|e| {
                 let levels = Levels {
@@ -605,6 +631,65 @@ impl Rule {
                 };
                 format!("rate_of_change.{}", levels.problem(&e))
             })?;
+        }
+        Ok(())
+    }
+}
+
+impl Rule {
+    /// The labels this rule reads: (key, label) for each label sketch.
+    pub fn label_uses(&self) -> Vec<(&'static str, &str)> {
+        let mut uses = Vec::new();
+        if let Some(l) = &self.distinct {
+            uses.push(("distinct", l.as_str()));
+        }
+        if let Some(t) = &self.top_k {
+            uses.push(("top_k.label", t.label.as_str()));
+        }
+        if let Some(f) = &self.first_seen {
+            uses.push(("first_seen.label", f.label.as_str()));
+        }
+        uses
+    }
+
+    fn validate_labels(&self) -> Result<(), String> {
+        for (key, label) in self.label_uses() {
+            if label.is_empty() {
+                return Err(format!(
+                    "{key}: name a label (see labels in a source's json)"
+                ));
+            }
+        }
+        let per_window = [
+            ("distinct", self.distinct.is_some()),
+            ("top_k", self.top_k.is_some()),
+            ("sample", self.sample.is_some()),
+        ];
+        if let Some((key, _)) = per_window.iter().find(|(_, set)| *set)
+            && !matches!(self.window, Some(WindowRule::Tumbling(_)))
+        {
+            return Err(format!("{key}: needs a tumbling window"));
+        }
+        if self.sketches && self.distinct.is_none() {
+            return Err("sketches: carries the distinct sketch: set distinct too".into());
+        }
+        if let Some(t) = &self.top_k
+            && !(1..=1000).contains(&t.k)
+        {
+            return Err("top_k.k: must be 1..=1000".into());
+        }
+        if let Some(s) = &self.sample
+            && !(1..=1000).contains(&s.k)
+        {
+            return Err("sample.k: must be 1..=1000".into());
+        }
+        if let Some(f) = &self.first_seen {
+            if !(1..=100_000_000).contains(&f.capacity) {
+                return Err("first_seen.capacity: must be 1..=100000000".into());
+            }
+            if !(f.fpr > 0.0 && f.fpr < 0.5) {
+                return Err("first_seen.fpr: must be in (0, 0.5), e.g. 0.01".into());
+            }
         }
         Ok(())
     }

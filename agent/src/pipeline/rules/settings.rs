@@ -30,9 +30,70 @@ pub struct Rule {
     /// nothing for this long (ms, on the agent's clock; at least 100);
     /// its next reading clears it. Default: none.
     pub absent_after_ms: Option<u64>,
+    /// Count the distinct values of this label (see `labels` in a source's
+    /// JSON mapping) per window: nearly exact up to 384 values, then within
+    /// 1.3 % (standard error). Needs a tumbling window. Default: none.
+    pub distinct: Option<String>,
+    /// The `k` most frequent values of a label per window, with counts.
+    /// Needs a tumbling window. Default: none.
+    pub top_k: Option<TopKRule>,
+    /// Raise a `first_seen` alert the first time a value of a label appears
+    /// in a series (for example a new device on a BLE gateway). Default:
+    /// none.
+    pub first_seen: Option<FirstSeenRule>,
+    /// A uniform sample of `k` readings (event time and value) per window.
+    /// Needs a tumbling window. Default: none.
+    pub sample: Option<SampleRule>,
+    /// Records carry the `distinct` sketch, base64, in the Apache
+    /// DataSketches HLL format, so that upstream can merge windows and
+    /// gateways (`sluice`'s outbox does when it downsamples). Default false.
+    #[serde(default)]
+    pub sketches: bool,
     /// `critical` series are never shed; `normal` (default) ones may be.
     #[serde(default)]
     pub priority: PriorityKind,
+}
+
+/// `top_k = { label, k }`.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TopKRule {
+    /// The label.
+    pub label: String,
+    /// How many values to report (1 to 1,000).
+    pub k: usize,
+}
+
+/// `first_seen = { label, capacity, fpr }`.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct FirstSeenRule {
+    /// The label.
+    pub label: String,
+    /// Distinct values the filter is sized for, per series (memory:
+    /// about 1.2 bytes per value at `fpr` 1 %). Default 100,000.
+    #[serde(default = "default_capacity")]
+    pub capacity: u64,
+    /// The chance that a new value goes unreported because it looks like
+    /// one seen before, up to `capacity` values (it grows past them).
+    /// Default 0.01.
+    #[serde(default = "default_fpr")]
+    pub fpr: f64,
+}
+
+/// `sample = { k }`.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SampleRule {
+    /// Readings kept per window (1 to 1,000).
+    pub k: usize,
+}
+
+const fn default_capacity() -> u64 {
+    100_000
+}
+const fn default_fpr() -> f64 {
+    0.01
 }
 
 /// Shedding priority of a series.
