@@ -1,4 +1,4 @@
-//! The command line: `sluice run | check | outbox | demo`, and how commands
+//! The command line: `sluice run | check | outbox | sketch | demo`, and how commands
 //! print ([`out`]). Defined here, in the library, so that the tests can
 //! render the packaged manual pages and shell completions from it; `main.rs`
 //! parses it and acts.
@@ -45,6 +45,12 @@ pub enum Command {
         #[arg(short, long, global = true)]
         config: Option<PathBuf>,
     },
+    /// Work with the sketches that aggregate records carry.
+    Sketch {
+        /// What to do.
+        #[command(subcommand)]
+        action: SketchAction,
+    },
     /// Run the pipeline on generated sensors; nothing to install or configure.
     Demo {
         /// Stop after this many seconds (default: run until Ctrl-C).
@@ -53,6 +59,22 @@ pub enum Command {
         /// Print the demo's configuration and exit.
         #[arg(long)]
         print_config: bool,
+    },
+}
+
+/// What `sluice sketch` does.
+#[derive(Subcommand)]
+pub enum SketchAction {
+    /// Merge the distinct-count sketches of aggregate records (JSON lines,
+    /// as an upstream subscriber receives them; rules with `sketches =
+    /// true`) and print each union's estimate, one JSON line per group.
+    Merge {
+        /// Files of JSON lines (standard input if none, or `-`).
+        files: Vec<PathBuf>,
+        /// Group per series and label, or per label across every series
+        /// (a fleet's distinct values).
+        #[arg(long, value_enum, default_value_t = crate::sketch::MergeBy::Series)]
+        by: crate::sketch::MergeBy,
     },
 }
 

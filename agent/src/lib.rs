@@ -24,7 +24,8 @@
 //!   `/metrics` and the periodic stats message.
 //! - [`pipeline`]: wiring and orderly shutdown.
 //! - [`ops::service`]: systemd readiness and the watchdog.
-//! - [`demo`], [`cli`]: `sluice demo`, and the command line.
+//! - [`demo`], [`sketch`], [`cli`]: `sluice demo`, `sluice sketch merge`,
+//!   and the command line.
 //!
 //! `main.rs` only parses the command line and calls into these.
 
@@ -34,4 +35,5 @@ pub mod demo;
 pub mod ops;
 pub mod output;
 pub mod pipeline;
+pub mod sketch;
 pub mod store;

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
-use sluice::cli::{Cli, Command, OutboxAction};
+use sluice::cli::{Cli, Command, OutboxAction, SketchAction};
 use sluice::config::Config;
 use sluice::outln;
 use tokio_util::sync::CancellationToken;
@@ -109,6 +109,9 @@ fn main() -> ExitCode {
             })
         }
         Command::Outbox { action, config } => outbox_command(action, config),
+        Command::Sketch {
+            action: SketchAction::Merge { files, by },
+        } => sketch_merge(files, by),
         Command::Demo {
             print_config: true, ..
         } => {
@@ -120,6 +123,55 @@ fn main() -> ExitCode {
                 .await
                 .map(drop)
         }),
+    }
+}
+
+/// `sluice sketch merge`: the unions on standard output, what was skipped
+/// on standard error; status 1 if a sketch could not be read or merged.
+fn sketch_merge(files: Vec<PathBuf>, by: sluice::sketch::MergeBy) -> ExitCode {
+    use std::io::{BufReader, Read};
+    let names = if files.is_empty() {
+        vec![PathBuf::from("-")]
+    } else {
+        files
+    };
+    // The files in order, each ended by a newline (so that a file without
+    // a final one does not join its last line to the next file's first).
+    let mut input: Box<dyn Read> = Box::new(std::io::empty());
+    for name in names {
+        let next: Box<dyn Read> = if name.as_os_str() == "-" {
+            Box::new(std::io::stdin())
+        } else {
+            match std::fs::File::open(&name) {
+                Ok(file) => Box::new(file),
+                Err(e) => {
+                    eprintln!("error: {}: {e}", name.display());
+                    return ExitCode::from(2);
+                }
+            }
+        };
+        input = Box::new(input.chain(next).chain(&b"\n"[..]));
+    }
+    let mut out = Vec::new();
+    let report = match sluice::sketch::merge(BufReader::new(input), by, &mut out) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: reading the records: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    sluice::cli::out(format_args!("{}", String::from_utf8_lossy(&out)));
+    for bad in &report.bad {
+        eprintln!("error: {bad}");
+    }
+    eprintln!(
+        "merged {} record(s); skipped {} line(s) without a distinct sketch",
+        report.merged, report.skipped
+    );
+    if report.bad.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     }
 }
 

@@ -963,3 +963,240 @@ fn idle_metrics_connections_cannot_take_the_agents_descriptors() {
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
 }
+
+/// A BLE-like gateway over MQTT: 5,000 devices in one minute, ten of them
+/// heard far more than the rest; the next minute 1,000 of them again and
+/// 100 new ones. Per minute: the distinct count within its bounds, the true
+/// top 10 in order, one `first_seen` alert per new device and none for a
+/// known one; the sketch in the record is DataSketches' and merges.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ble_gateway_counts_distinct_devices_finds_the_top_ten_and_reports_new_ones() {
+    let broker = Broker::start("ble");
+    let (dir, config) = temp_file(
+        "ble.toml",
+        &format!(
+            r#"
+agent_id = "ble"
+
+[sources.radio]
+kind = "mqtt"
+host = "127.0.0.1"
+port = {port}
+client_id = "sluice-ble-in"
+topics = ["sensors/+", "ble/+"]
+json = {{ labels = ["mac"] }}
+
+[[rules]]
+match = "s-probe"
+window = {{ kind = "tumbling", size_ms = 1000 }}
+
+[[rules]]
+match = "gw-*"
+window = {{ kind = "tumbling", size_ms = 60000 }}
+distinct = "mac"
+top_k = {{ label = "mac", k = 10 }}
+first_seen = {{ label = "mac" }}
+sketches = true
+
+[output.mqtt]
+host = "127.0.0.1"
+port = {port}
+"#,
+            port = broker.port,
+        ),
+    );
+    let got = subscribe(broker.port, "sluice/ble/#").await;
+    let agent = Agent::start(&config);
+    let publisher = Publisher::connect(broker.port, "ble-publisher");
+    await_agent(&publisher, &got, &agent, "ble").await;
+
+    let minute = (now_ms() - 300_000) / 60_000 * 60_000;
+    let rssi =
+        |mac: &str, ts: i64| format!(r#"{{"sensor":"gw-1","ts":{ts},"mac":"{mac}","value":-70}}"#);
+    let device = |i: usize| format!("AA:BB:{:02X}:{:02X}:00:01", i / 256, i % 256);
+    // Minute 1: every device once, and device i < 10 another 200 - 10 i
+    // times, interleaved.
+    let mut first: Vec<String> = (0..5_000).map(device).collect();
+    for i in 0..10 {
+        for _ in 0..(200 - 10 * i) {
+            first.push(device(i));
+        }
+    }
+    let mut rng = sluice_core::rng::SplitMix64::new(5);
+    for i in (1..first.len()).rev() {
+        first.swap(i, rng.next_u64() as usize % (i + 1));
+    }
+    for (n, mac) in first.iter().enumerate() {
+        let ts = minute + (n as i64 * 59_000 / first.len() as i64);
+        publisher
+            .publish("ble/gw-1", QoS::AtLeastOnce, rssi(mac, ts))
+            .await;
+    }
+    // Minute 2: 1,000 known devices and 100 new ones, then a reading that
+    // closes it.
+    for i in 0..1_100 {
+        let mac = if i < 1_000 {
+            device(i * 5)
+        } else {
+            device(5_000 + i)
+        };
+        publisher
+            .publish(
+                "ble/gw-1",
+                QoS::AtLeastOnce,
+                rssi(&mac, minute + 60_000 + i as i64),
+            )
+            .await;
+    }
+    publisher
+        .publish(
+            "ble/gw-1",
+            QoS::AtLeastOnce,
+            rssi(&device(1), minute + 120_000),
+        )
+        .await;
+
+    let find = |prefix: &str| -> Vec<Value> {
+        got.lock()
+            .unwrap()
+            .iter()
+            .filter(|(t, _, retained)| t.starts_with(prefix) && !retained)
+            .map(|(_, v, _)| v.clone())
+            .collect()
+    };
+    wait_until("two minutes of gw-1", &agent, || {
+        find("sluice/ble/agg/gw-1").len() >= 2
+    })
+    .await;
+    wait_until("every first_seen alert", &agent, || {
+        find("sluice/ble/alerts/gw-1").len() >= 5_100
+    })
+    .await;
+    let aggs = find("sluice/ble/agg/gw-1");
+    let (one, two) = (&aggs[0], &aggs[1]);
+    assert_eq!(one["count"], first.len());
+    let d = &one["distinct"];
+    let (estimate, low, high) = (
+        d["estimate"].as_f64().unwrap(),
+        d["low"].as_f64().unwrap(),
+        d["high"].as_f64().unwrap(),
+    );
+    assert!(low <= 5_000.0 && 5_000.0 <= high, "{d}");
+    assert!((estimate / 5_000.0 - 1.0).abs() < 0.04, "{d}");
+    let top: Vec<&str> = one["top_k"]["values"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["value"].as_str().unwrap())
+        .collect();
+    let truth: Vec<String> = (0..10).map(device).collect();
+    assert_eq!(top, truth);
+    for (v, i) in one["top_k"]["values"].as_array().unwrap().iter().zip(0..) {
+        let (count, over) = (
+            v["count"].as_u64().unwrap(),
+            v["overcount"].as_u64().unwrap(),
+        );
+        let true_count = 201 - 10 * i;
+        assert!(count - over <= true_count && true_count <= count, "{v}");
+    }
+    let d2 = &two["distinct"];
+    assert!(
+        d2["low"].as_f64().unwrap() <= 1_100.0 && 1_100.0 <= d2["high"].as_f64().unwrap(),
+        "{d2}"
+    );
+    // One first_seen alert per device, the first time only.
+    let alerts = find("sluice/ble/alerts/gw-1");
+    let mut seen: Vec<String> = alerts
+        .iter()
+        .map(|a| {
+            assert_eq!(
+                (a["rule"].as_str(), a["state"].as_str()),
+                (Some("first_seen"), Some("seen"))
+            );
+            a["label"]["value"].as_str().unwrap().to_owned()
+        })
+        .collect();
+    assert_eq!(seen.len(), 5_100);
+    seen.sort();
+    seen.dedup();
+    assert_eq!(seen.len(), 5_100);
+    // The sketches are DataSketches HLL: merged, they count both minutes.
+    use base64::Engine as _;
+    let mut union = sluice_core::sketch::HyperLogLog::with_storage(vec![
+        0u8;
+        sluice_core::sketch::hll::storage_bytes(4096)
+    ])
+    .unwrap();
+    for a in [one, two] {
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(a["distinct"]["sketch"].as_str().unwrap())
+            .unwrap();
+        let h = sluice_core::sketch::HyperLogLog::read_from(
+            &bytes,
+            vec![0u8; sluice_core::sketch::hll::storage_bytes(4096)],
+        )
+        .unwrap();
+        union.merge(&h).unwrap();
+    }
+    assert!(
+        (union.estimate() / 5_100.0 - 1.0).abs() < 0.05,
+        "{}",
+        union.estimate()
+    );
+
+    // What an upstream subscriber dumps: the records as JSON lines.
+    let dump = dir.path().join("dump.jsonl");
+    std::fs::write(&dump, format!("{one}\n{two}\n")).unwrap();
+    // `sluice sketch merge` unions them, across series too.
+    let out = sluice_tests::own_binary(env!("CARGO_BIN_EXE_sluice"))
+        .args(["sketch", "merge", "--by", "label"])
+        .arg(&dump)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("merged 2 record(s)"), "{stderr}");
+    let merged: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (merged["windows"].as_u64(), merged["series_count"].as_u64()),
+        (Some(2), Some(1))
+    );
+    assert_eq!(merged["estimate"].as_f64(), Some(union.estimate()));
+    // Apache DataSketches' own Python library reads the same bytes: each
+    // sketch to the record's estimate, and their union (the README's
+    // example script) to within its bounds.
+    let python = std::env::var("SLUICE_PYTHON").unwrap_or_else(|_| "python3".into());
+    let run = |args: &[&std::ffi::OsStr]| {
+        let out = std::process::Command::new(&python)
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("{python}: {e}"));
+        assert!(
+            out.status.success(),
+            "{python} with the datasketches package (bash .ci/test installs it in a virtualenv; SLUICE_PYTHON names its python): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let each = run(&[
+        "-c".as_ref(),
+        "import base64, json, sys\nfrom datasketches import hll_sketch\nfor line in open(sys.argv[1]):\n    d = json.loads(line)['distinct']\n    print(hll_sketch.deserialize(base64.b64decode(d['sketch'])).get_estimate())".as_ref(),
+        dump.as_os_str(),
+    ]);
+    let theirs: Vec<f64> = each.lines().map(|l| l.parse().unwrap()).collect();
+    let ours = [
+        one["distinct"]["estimate"].as_f64().unwrap(),
+        two["distinct"]["estimate"].as_f64().unwrap(),
+    ];
+    for (t, o) in theirs.iter().zip(ours) {
+        assert!((t / o - 1.0).abs() < 1e-9, "DataSketches {t}, Sluice {o}");
+    }
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../packaging/examples/merge_sketches.py");
+    let union: Value = serde_json::from_str(&run(&[script.as_os_str(), dump.as_os_str()])).unwrap();
+    let (low, high) = (
+        union["low"].as_f64().unwrap(),
+        union["high"].as_f64().unwrap(),
+    );
+    assert!(low <= 5_100.0 && 5_100.0 <= high, "{union}");
+}

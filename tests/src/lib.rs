@@ -101,8 +101,11 @@ impl Broker {
         } else {
             "persistence false\n".to_string()
         };
+        // A test subscriber may fall behind a burst of QoS 1 messages (5,100
+        // alerts in the BLE test): the broker holds them rather than drop
+        // past its default of 1,000 queued per client.
         let mut conf = format!(
-            "per_listener_settings false\nallow_anonymous true\n{persistence}user root\nlistener {} 127.0.0.1\n",
+            "per_listener_settings false\nallow_anonymous true\nmax_queued_messages 100000\n{persistence}user root\nlistener {} 127.0.0.1\n",
             broker.port
         );
         if let (Some((ca, cert, key)), Some(port)) = (tls, broker.tls_port) {

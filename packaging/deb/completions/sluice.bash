@@ -31,6 +31,9 @@ _sluice() {
             sluice,run)
                 cmd="sluice__subcmd__run"
                 ;;
+            sluice,sketch)
+                cmd="sluice__subcmd__sketch"
+                ;;
             sluice__subcmd__help,check)
                 cmd="sluice__subcmd__help__subcmd__check"
                 ;;
@@ -45,6 +48,9 @@ _sluice() {
                 ;;
             sluice__subcmd__help,run)
                 cmd="sluice__subcmd__help__subcmd__run"
+                ;;
+            sluice__subcmd__help,sketch)
+                cmd="sluice__subcmd__help__subcmd__sketch"
                 ;;
             sluice__subcmd__help__subcmd__outbox,dead-letters)
                 cmd="sluice__subcmd__help__subcmd__outbox__subcmd__dead__subcmd__letters"
@@ -63,6 +69,9 @@ _sluice() {
                 ;;
             sluice__subcmd__help__subcmd__outbox,verify)
                 cmd="sluice__subcmd__help__subcmd__outbox__subcmd__verify"
+                ;;
+            sluice__subcmd__help__subcmd__sketch,merge)
+                cmd="sluice__subcmd__help__subcmd__sketch__subcmd__merge"
                 ;;
             sluice__subcmd__outbox,dead-letters)
                 cmd="sluice__subcmd__outbox__subcmd__dead__subcmd__letters"
@@ -106,6 +115,18 @@ _sluice() {
             sluice__subcmd__outbox__subcmd__help,verify)
                 cmd="sluice__subcmd__outbox__subcmd__help__subcmd__verify"
                 ;;
+            sluice__subcmd__sketch,help)
+                cmd="sluice__subcmd__sketch__subcmd__help"
+                ;;
+            sluice__subcmd__sketch,merge)
+                cmd="sluice__subcmd__sketch__subcmd__merge"
+                ;;
+            sluice__subcmd__sketch__subcmd__help,help)
+                cmd="sluice__subcmd__sketch__subcmd__help__subcmd__help"
+                ;;
+            sluice__subcmd__sketch__subcmd__help,merge)
+                cmd="sluice__subcmd__sketch__subcmd__help__subcmd__merge"
+                ;;
             *)
                 ;;
         esac
@@ -113,7 +134,7 @@ _sluice() {
 
     case "${cmd}" in
         sluice)
-            opts="-h -V --help --version run check outbox demo help"
+            opts="-h -V --help --version run check outbox sketch demo help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -167,7 +188,7 @@ _sluice() {
             return 0
             ;;
         sluice__subcmd__help)
-            opts="run check outbox demo help"
+            opts="run check outbox sketch demo help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -323,6 +344,34 @@ _sluice() {
         sluice__subcmd__help__subcmd__run)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        sluice__subcmd__help__subcmd__sketch)
+            opts="merge"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        sluice__subcmd__help__subcmd__sketch__subcmd__merge)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
@@ -613,6 +662,80 @@ _sluice() {
                     ;;
                 -c)
                     COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        sluice__subcmd__sketch)
+            opts="-h --help merge help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        sluice__subcmd__sketch__subcmd__help)
+            opts="merge help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        sluice__subcmd__sketch__subcmd__help__subcmd__help)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        sluice__subcmd__sketch__subcmd__help__subcmd__merge)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        sluice__subcmd__sketch__subcmd__merge)
+            opts="-h --by --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --by)
+                    COMPREPLY=($(compgen -W "series label" -- "${cur}"))
                     return 0
                     ;;
                 *)

@@ -115,7 +115,9 @@ const DOWNSAMPLE_SCAN: i64 = 4096;
 /// reading counts as the readings it stands for), so a merge of sampled
 /// windows stays an unbiased estimate; their `count_stderr`s combine as
 /// independent errors and `sampled_one_in` keeps the larger rate.
-/// Quantiles cannot be merged from their values and are left out;
+/// Quantiles, top values and samples cannot be merged from their values
+/// and are left out; distinct counts merge when both records carry their
+/// sketch (`sketches = true`), else are left out too;
 /// `downsampled` counts the original windows in it. `None` unless both are
 /// aggregates, and `None` if `b` starts before `a` ends: overlapping windows
 /// (hopping ones, say) share readings, and adding their counts would count
@@ -200,11 +202,55 @@ pub fn merge_aggregates(a: &[u8], b: &[u8]) -> Option<Vec<u8>> {
         let (ea, eb) = (ea.unwrap_or(0.0), eb.unwrap_or(0.0));
         out.insert("count_stderr".into(), num((ea * ea + eb * eb).sqrt()));
     }
-    // Quantiles do not merge from their values: dropped, with their marks.
+    // Quantiles do not merge from their values: dropped, with their marks;
+    // nor do top values and samples.
     out.remove("quantiles");
     out.remove("quantiles_collapsed");
+    out.remove("top_k");
+    out.remove("sample");
+    // Distinct counts merge when both carry their sketch (`sketches =
+    // true`): the union's estimate; without, they are dropped.
+    match merge_distinct(a.get("distinct"), b.get("distinct")) {
+        Some(d) => out.insert("distinct".into(), d),
+        None => out.remove("distinct"),
+    };
     let windows =
         |m: &Map<String, Value>| m.get("downsampled").and_then(Value::as_u64).unwrap_or(1);
     out.insert("downsampled".into(), Value::from(windows(&a) + windows(&b)));
     serde_json::to_vec(&Value::Object(out)).ok()
+}
+
+/// The `distinct` of two windows' records merged: their sketches' union
+/// (both must carry one, for the same label), re-estimated.
+fn merge_distinct(
+    a: Option<&serde_json::Value>,
+    b: Option<&serde_json::Value>,
+) -> Option<serde_json::Value> {
+    use base64::Engine as _;
+    use sluice_core::sketch::{HyperLogLog, hll};
+    let (a, b) = (a?, b?);
+    if a.get("label")? != b.get("label")? {
+        return None;
+    }
+    let engine = base64::engine::general_purpose::STANDARD;
+    let read = |d: &serde_json::Value| {
+        let bytes = engine.decode(d.get("sketch")?.as_str()?).ok()?;
+        let registers = 1usize.checked_shl(u32::from(*bytes.get(3)?))?;
+        HyperLogLog::read_from(&bytes, vec![0u8; hll::storage_bytes(registers)]).ok()
+    };
+    let (mut union, other) = (read(a)?, read(b)?);
+    union.merge(&other).ok()?;
+    let (estimate, rse) = (union.estimate(), union.relative_error());
+    let mut bytes = vec![0; union.serialized_len()];
+    let n = union.write_to(&mut bytes).ok()?;
+    let without = |d: &serde_json::Value| d.get("without_label").and_then(|v| v.as_u64());
+    Some(serde_json::json!({
+        "label": a["label"],
+        "estimate": estimate,
+        "rse": rse,
+        "low": estimate * (1.0 - 2.0 * rse),
+        "high": estimate * (1.0 + 2.0 * rse),
+        "without_label": without(a)? + without(b)?,
+        "sketch": engine.encode(&bytes[..n]),
+    }))
 }

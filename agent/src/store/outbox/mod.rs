@@ -721,6 +721,54 @@ mod tests {
     }
 
     #[test]
+    fn distinct_counts_merge_through_their_sketches_and_the_rest_is_left_out() {
+        use base64::Engine as _;
+        use sluice_core::sketch::{HyperLogLog, hll};
+        let with_sketch = |start: i64, items: std::ops::Range<u32>, sketch: bool| {
+            let mut h = HyperLogLog::with_storage(vec![0u8; hll::storage_bytes(4096)]).unwrap();
+            for i in items {
+                h.insert(format!("dev-{i}").as_bytes());
+            }
+            let mut bytes = vec![0; h.serialized_len()];
+            let n = h.write_to(&mut bytes).unwrap();
+            let mut v: serde_json::Value =
+                serde_json::from_slice(&aggregate(start, start + 1000, 8)).unwrap();
+            v["distinct"] = serde_json::json!({
+                "label": "mac", "estimate": h.estimate(), "without_label": 2,
+            });
+            if sketch {
+                v["distinct"]["sketch"] = base64::engine::general_purpose::STANDARD
+                    .encode(&bytes[..n])
+                    .into();
+            }
+            v["top_k"] = serde_json::json!({ "label": "mac", "values": [] });
+            v["sample"] = serde_json::json!([]);
+            serde_json::to_vec(&v).unwrap()
+        };
+        // 300 devices, then 300 of which 100 are the same: 500 in all.
+        let merged = merge_aggregates(
+            &with_sketch(0, 0..300, true),
+            &with_sketch(1000, 200..500, true),
+        )
+        .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&merged).unwrap();
+        let d = &v["distinct"];
+        let estimate = d["estimate"].as_f64().unwrap();
+        assert!((estimate - 500.0).abs() < 500.0 * 0.05, "{d}");
+        assert_eq!(d["without_label"], 4);
+        assert!(d["sketch"].is_string());
+        assert!(v.get("top_k").is_none() && v.get("sample").is_none());
+        // Without both sketches, the union cannot be known: left out.
+        let merged = merge_aggregates(
+            &with_sketch(0, 0..300, true),
+            &with_sketch(1000, 200..500, false),
+        )
+        .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&merged).unwrap();
+        assert!(v.get("distinct").is_none());
+    }
+
+    #[test]
     fn seq_is_spliced_into_objects_and_wraps_the_rest() {
         assert_eq!(
             with_identity(3, 7, br#"{"a":1}"#),
