@@ -27,7 +27,7 @@
 //! `12·k` to `20·k`) for the index.
 
 use super::SketchError;
-use super::wire::{Reader, Writer, check_storage, family};
+use super::wire::{Reader, Writer, check_storage, family, varint_len};
 
 /// One tracked item.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -407,8 +407,34 @@ impl<S: AsRef<[Counter]> + AsMut<[Counter]>, I: AsRef<[u32]> + AsMut<[u32]>> Spa
         Ok(())
     }
 
+    /// The body: `k`, the counters in use and the total as varints, then
+    /// per counter, in heap order: its key (8 bytes), its count as the
+    /// zigzag varint of its difference from its parent's (the root's from
+    /// 0; small, as most counts sit near the smallest), and the hits since
+    /// it took its key (`count - error`, a varint). About 10 bytes a counter
+    /// where DataSketches' frequent items take 16 an item.
     fn body_len(&self) -> usize {
-        4 + 4 + 8 + 24 * self.used
+        varint_len(self.capacity() as u64)
+            + varint_len(self.used as u64)
+            + varint_len(self.total)
+            + (0..self.used)
+                .map(|i| {
+                    let (delta, hits) = self.encoded(i);
+                    8 + varint_len(delta) + varint_len(hits)
+                })
+                .sum::<usize>()
+    }
+
+    /// Counter `i`'s count against its parent's (zigzag) and its hits.
+    fn encoded(&self, i: usize) -> (u64, u64) {
+        let c = self.counters()[i];
+        let parent = if i == 0 {
+            0
+        } else {
+            self.counters()[(i - 1) / 2].count
+        };
+        let delta = c.count.wrapping_sub(parent) as i64;
+        (((delta << 1) ^ (delta >> 63)) as u64, c.count - c.error)
     }
 
     /// Bytes [`Self::write_to`] writes.
@@ -421,13 +447,14 @@ impl<S: AsRef<[Counter]> + AsMut<[Counter]>, I: AsRef<[u32]> + AsMut<[u32]>> Spa
         let k = u32::try_from(self.capacity())
             .map_err(|_| SketchError::BadParameters("Space-Saving too large to serialize"))?;
         let mut w = Writer::start(buf, family::SPACE_SAVING, 0, self.body_len())?;
-        w.u32(k);
-        w.u32(self.used as u32);
-        w.u64(self.total);
-        for c in self.counters() {
+        w.varint(u64::from(k));
+        w.varint(self.used as u64);
+        w.varint(self.total);
+        for (i, c) in self.counters().iter().enumerate() {
+            let (delta, hits) = self.encoded(i);
             w.u64(c.key);
-            w.u64(c.count);
-            w.u64(c.error);
+            w.varint(delta);
+            w.varint(hits);
         }
         Ok(w.finish())
     }
@@ -437,23 +464,35 @@ impl<S: AsRef<[Counter]> + AsMut<[Counter]>, I: AsRef<[u32]> + AsMut<[u32]>> Spa
     /// [`Self::index_len`] slots for it.
     pub fn read_from(bytes: &[u8], mut storage: S, index: I) -> Result<Self, SketchError> {
         let mut r = Reader::open(bytes, family::SPACE_SAVING)?;
-        let k = r.u32()? as usize;
-        let used = r.u32()? as usize;
-        let total = r.u64()?;
-        if k == 0 || used > k {
+        let k = usize::try_from(r.varint()?).unwrap_or(usize::MAX);
+        let used = usize::try_from(r.varint()?).unwrap_or(usize::MAX);
+        let total = r.varint()?;
+        if k == 0 || used > k || u32::try_from(k).is_err() {
             return Err(SketchError::Corrupt("Space-Saving counts out of range"));
         }
         check_storage(k, storage.as_ref().len())?;
-        if r.remaining() != 24 * used {
+        // Each counter takes at least 10 bytes.
+        if r.remaining() < 10 * used {
             return Err(SketchError::Corrupt("Space-Saving body length"));
         }
         let counters = storage.as_mut();
         counters.fill(Counter::default());
-        for c in &mut counters[..used] {
+        for i in 0..used {
+            let key = r.u64()?;
+            let zigzag = r.varint()?;
+            let delta = ((zigzag >> 1) as i64) ^ -((zigzag & 1) as i64);
+            let parent = if i == 0 {
+                0
+            } else {
+                counters[(i - 1) / 2].count
+            };
+            let count = parent.wrapping_add(delta as u64);
+            let hits = r.varint()?;
+            let c = &mut counters[i];
             *c = Counter {
-                key: r.u64()?,
-                count: r.u64()?,
-                error: r.u64()?,
+                key,
+                count,
+                error: count.wrapping_sub(hits),
             };
             if c.error > c.count {
                 return Err(SketchError::Corrupt("Space-Saving error above its count"));

@@ -77,6 +77,15 @@ impl<'a> Writer<'a> {
         self.bytes(&v.to_le_bytes());
     }
 
+    /// `v` as an unsigned LEB128 varint (7 bits a byte, low first).
+    pub(crate) fn varint(&mut self, mut v: u64) {
+        while v >= 0x80 {
+            self.u8(v as u8 | 0x80);
+            v >>= 7;
+        }
+        self.u8(v as u8);
+    }
+
     pub(crate) fn u64(&mut self, v: u64) {
         self.bytes(&v.to_le_bytes());
     }
@@ -183,6 +192,27 @@ impl<'a> Reader<'a> {
         self.array().map(u64::from_le_bytes)
     }
 
+    /// A varint [`Writer::varint`] wrote; a value over 64 bits or a
+    /// non-shortest form is an error.
+    pub(crate) fn varint(&mut self) -> Result<u64, SketchError> {
+        let mut v = 0u64;
+        for i in 0..10 {
+            let b = self.u8()?;
+            let bits = u64::from(b & 0x7f);
+            if i == 9 && bits > 1 {
+                return Err(SketchError::Corrupt("varint over 64 bits"));
+            }
+            v |= bits << (7 * i);
+            if b & 0x80 == 0 {
+                if b == 0 && i > 0 {
+                    return Err(SketchError::Corrupt("varint not in its shortest form"));
+                }
+                return Ok(v);
+            }
+        }
+        Err(SketchError::Corrupt("varint over 64 bits"))
+    }
+
     pub(crate) fn i64(&mut self) -> Result<i64, SketchError> {
         self.array().map(i64::from_le_bytes)
     }
@@ -204,6 +234,12 @@ impl<'a> Reader<'a> {
             Err(SketchError::Corrupt("trailing bytes in the body"))
         }
     }
+}
+
+/// Bytes [`Writer::varint`] writes for `v`.
+pub(crate) const fn varint_len(v: u64) -> usize {
+    let bits = 64 - (v | 1).leading_zeros() as usize;
+    bits.div_ceil(7)
 }
 
 /// Fails with [`SketchError::StorageMismatch`] unless `got == needed`.
