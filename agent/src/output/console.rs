@@ -70,13 +70,14 @@ pub(super) fn print(record: &Record) {
     }
 }
 
-fn write(record: &Record, out: &mut impl Write) -> std::io::Result<()> {
+/// Writes `record`'s console line to `out`.
+pub(super) fn write(record: &Record, out: &mut impl Write) -> std::io::Result<()> {
     match record {
         Record::Stats(_) | Record::Checkpoint { .. } => Ok(()),
         Record::Aggregate(a) => {
             writeln!(
                 out,
-                "agg   {:<24} {}-{}  n={:<4} mean={:>9.3}  min={:>9.3}  max={:>9.3}{}{}",
+                "agg   {:<24} {}-{}  n={:<4} mean={:>9.3}  min={:>9.3}  max={:>9.3}{}{}{}",
                 a.series,
                 clock(a.start, true),
                 clock(a.end, true),
@@ -89,6 +90,9 @@ fn write(record: &Record, out: &mut impl Write) -> std::io::Result<()> {
                 } else {
                     String::new()
                 },
+                a.distinct.as_ref().map_or_else(String::new, |d| {
+                    format!("  distinct {}={:.0}", d.label, d.estimate)
+                }),
                 if a.partial { "  (partial)" } else { "" }
             )
         }

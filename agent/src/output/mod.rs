@@ -238,6 +238,27 @@ mod tests {
         })
     }
 
+    #[test]
+    fn a_console_line_shows_the_distinct_count() {
+        let Record::Aggregate(mut a) = aggregate("gw-1", 60_000) else {
+            unreachable!()
+        };
+        a.distinct = Some(Box::new(DistinctRecord {
+            label: "mac".into(),
+            estimate: 4_987.4,
+            rse: 0.013,
+            low: 4_857.7,
+            high: 5_117.1,
+            without_label: 0,
+            sketch: None,
+        }));
+        let mut line = Vec::new();
+        console::write(&Record::Aggregate(a), &mut line).unwrap();
+        let line = String::from_utf8(line).unwrap();
+        assert!(line.starts_with("agg   gw-1 "), "{line}");
+        assert!(line.trim_end().ends_with("distinct mac=4987"), "{line}");
+    }
+
     /// What the feed hands the writer for one aggregate, when the store
     /// keeps `keeps`.
     fn stored(keeps: Keeps) -> Vec<ToStore> {
