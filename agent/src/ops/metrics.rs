@@ -221,7 +221,7 @@ pub fn render(r: &Running) -> String {
     family(
         "sluice_first_seen_over_capacity_total",
         "counter",
-        "New label values seen by first_seen filters holding more values than their capacity (new values are then missed more often than fpr).",
+        "New label values past a first_seen filter's capacity: counted, not alerted.",
         &mut wk(|w| w.first_seen_over_capacity.load(Relaxed)).into_iter(),
     );
     let o = &r.output;

@@ -83,9 +83,9 @@ pub struct WorkerStats {
     pub heartbeat: AtomicU64,
     /// Whether the worker is waiting for room in the output channel.
     pub waiting_on_output: AtomicBool,
-    /// New label values seen by `first_seen` filters holding more values
-    /// than they were sized for (`capacity`): past it, new values are
-    /// missed more often than `fpr`.
+    /// New label values past a `first_seen` filter's `capacity`: counted,
+    /// not alerted (past it the filter misses new values ever more often,
+    /// and a flood of new ids would be a flood of alerts).
     pub first_seen_over_capacity: AtomicU64,
     /// Series restored from a checkpoint.
     pub restored: AtomicU64,
@@ -885,24 +885,36 @@ impl Worker {
                 .and_then(|l| l.get(&rule_fs.label))
             && filter.first_time(value)
         {
+            // Past its capacity the filter misses new values more and more
+            // often, and a flood of new ids would become a flood of alerts
+            // (into the outbox too): counted instead, with one line.
             if filter.over_capacity() {
                 self.stats.first_seen_over_capacity.fetch_add(1, Relaxed);
+                if !std::mem::replace(&mut filter.warned, true) {
+                    tracing::warn!(
+                        series = %reading.series,
+                        label = %rule_fs.label,
+                        capacity = rule_fs.capacity,
+                        "first_seen: more new values than the filter's capacity; further ones are counted in sluice_first_seen_over_capacity_total, not alerted"
+                    );
+                }
+            } else {
+                alerts.push(AlertEvent {
+                    agent: self.agent.clone(),
+                    series: reading.series.to_string(),
+                    rule: "first_seen",
+                    state: "seen",
+                    value: reading.value,
+                    score: None,
+                    threshold: 0.0,
+                    event_ts: reading.ts,
+                    detected_ts: detected,
+                    label: Some(LabelRecord {
+                        name: rule_fs.label.clone(),
+                        value: value.to_owned(),
+                    }),
+                });
             }
-            alerts.push(AlertEvent {
-                agent: self.agent.clone(),
-                series: reading.series.to_string(),
-                rule: "first_seen",
-                state: "seen",
-                value: reading.value,
-                score: None,
-                threshold: 0.0,
-                event_ts: reading.ts,
-                detected_ts: detected,
-                label: Some(LabelRecord {
-                    name: rule_fs.label.clone(),
-                    value: value.to_owned(),
-                }),
-            });
         }
         for d in &mut series.detectors {
             if let Some(change) = d.observe(reading.ts, reading.value) {
@@ -1362,6 +1374,41 @@ mod tests {
         assert_eq!(x.count, y.count);
         assert_eq!(x.distinct, y.distinct);
         assert_eq!(x.top_k, y.top_k);
+    }
+
+    #[test]
+    fn a_flood_of_new_values_raises_at_most_capacity_first_seen_alerts() {
+        let config = Config::parse(&LABELLED.replace(
+            "first_seen = { label = \"mac\" }",
+            "first_seen = { label = \"mac\", capacity = 100 }",
+        ))
+        .unwrap();
+        let rules = Arc::new(Rules::compile(&config.rules).unwrap());
+        let (tx, mut rx) = mpsc::channel(4096);
+        let stats = Arc::new(WorkerStats::default());
+        let mut w = Worker::new(
+            "t".into(),
+            rules,
+            Arc::new(RulesSlot::default()),
+            10,
+            tx,
+            stats.clone(),
+        );
+        for i in 0..1_000 {
+            w.process(with_mac("gw", i, Some(&format!("flood-{i}"))));
+        }
+        let (seen, _) = first_seen(&mut rx);
+        // The filter's capacity bounds the alerts (a few of the first 100
+        // may look seen: fpr); the rest are counted, not raised.
+        assert!((90..=100).contains(&seen.len()), "{}", seen.len());
+        assert!(
+            seen.iter()
+                .all(|m| m["flood-".len()..].parse::<u32>().unwrap() < 110)
+        );
+        // Past its capacity the filter still tells some new values apart:
+        // those are counted.
+        let over = stats.first_seen_over_capacity.load(Relaxed);
+        assert!(over > 100, "{over}");
     }
 
     const CHECKPOINTED: &str = "[[rules]]\nmatch = \"*\"\nwindow = { kind = \"tumbling\", size_ms = 1000 }\nquantiles = [0.5]\nanomaly = { alpha = 0.1, k = 4.0, warmup = 50 }\n";

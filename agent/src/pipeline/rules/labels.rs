@@ -213,6 +213,8 @@ pub struct FirstSeen {
     /// Values added (each one that was new).
     added: u64,
     capacity: u64,
+    /// The line that says it is over capacity was logged.
+    pub warned: bool,
 }
 
 impl FirstSeen {
@@ -224,6 +226,7 @@ impl FirstSeen {
                 .expect("at least one word"),
             added: 0,
             capacity: rule.capacity,
+            warned: false,
         }
     }
 

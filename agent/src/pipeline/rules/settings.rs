@@ -75,8 +75,8 @@ pub struct FirstSeenRule {
     #[serde(default = "default_capacity")]
     pub capacity: u64,
     /// The chance that a new value goes unreported because it looks like
-    /// one seen before, up to `capacity` values (it grows past them).
-    /// Default 0.01.
+    /// one seen before, up to `capacity` values. Past `capacity` new
+    /// values are counted, not alerted. Default 0.01.
     #[serde(default = "default_fpr")]
     pub fpr: f64,
 }
