@@ -133,10 +133,12 @@ fn count_min(c: &mut Criterion) {
     let mut ours = CountMin::with_storage(vec![0u64; w * d], w, d, 1, false).unwrap();
     let mut ours_cu = CountMin::with_storage(vec![0u64; w * d], w, d, 1, true).unwrap();
     let mut theirs = CountMinSketch::<u64, u64>::with_params(w, d);
+    let mut ds = datasketches::countmin::CountMinSketch::<u64>::new(d as u8, w as u32).unwrap();
     for &x in &stream {
         ours.add(&x.to_le_bytes(), 1);
         ours_cu.add(&x.to_le_bytes(), 1);
         theirs.add(&x);
+        ds.update(x);
     }
     let mean_over = |f: &dyn Fn(u64) -> u64| {
         exact
@@ -147,10 +149,11 @@ fn count_min(c: &mut Criterion) {
             / exact.len() as f64
     };
     eprintln!(
-        "accuracy: Count-Min {w}x{d}, zipf n={N}: mean overestimate sluice {:.2}, sluice conservative {:.2}, pdatastructs {:.2} (ε·N = {:.1})",
+        "accuracy: Count-Min {w}x{d}, zipf n={N}: mean overestimate sluice {:.2}, sluice conservative {:.2}, pdatastructs {:.2}, datasketches {:.2} (ε·N = {:.1})",
         mean_over(&|i| ours.estimate(&i.to_le_bytes())),
         mean_over(&|i| ours_cu.estimate(&i.to_le_bytes())),
         mean_over(&|i| theirs.query_point(&i)),
+        mean_over(&|i| ds.estimate(i)),
         ours.error_bound()
     );
     let mut g = c.benchmark_group("count_min_add");
@@ -176,6 +179,14 @@ fn count_min(c: &mut Criterion) {
                 s.add(x);
             });
             black_box(s.query_point(&1))
+        })
+    });
+    g.bench_function("datasketches", |b| {
+        b.iter(|| {
+            let mut s =
+                datasketches::countmin::CountMinSketch::<u64>::new(d as u8, w as u32).unwrap();
+            stream.iter().for_each(|&x| s.update(x));
+            black_box(s.total_weight())
         })
     });
     g.finish();
@@ -208,6 +219,17 @@ fn others(c: &mut Criterion) {
                     SpaceSaving::new(vec![Counter::default(); k], vec![0u32; slots]).unwrap();
                 stream.iter().for_each(|&x| s.insert(x));
                 black_box(s.total())
+            })
+        });
+    }
+    // DataSketches' frequent items keep up to 3/4 of their map.
+    for map in [128usize, 512, 2048] {
+        g.bench_function(format!("datasketches_frequent_items_map{map}"), |b| {
+            b.iter(|| {
+                let mut s =
+                    datasketches::frequencies::FrequentItemsSketch::<i64>::new(map).unwrap();
+                stream.iter().for_each(|&x| s.update(x as i64));
+                black_box(s.total_weight())
             })
         });
     }
