@@ -47,7 +47,7 @@ fn keys(text: &str) -> Vec<(String, usize, String, String)> {
             v if v.starts_with('{') => (&v[1..v.len() - 1], path),
             _ => continue,
         };
-        for pair in inner.split(", ") {
+        for pair in split_top_level(inner) {
             let (k, v) = pair.split_once(" = ").expect("inline key = value");
             out.push((
                 format!("{path}.{}", k.trim()),
@@ -57,6 +57,24 @@ fn keys(text: &str) -> Vec<(String, usize, String, String)> {
             ));
         }
     }
+    out
+}
+
+/// `a = 1, b = [2, 3]` split at the commas outside brackets and braces.
+fn split_top_level(inner: &str) -> Vec<&str> {
+    let (mut depth, mut start, mut out) = (0, 0, Vec::new());
+    for (i, c) in inner.char_indices() {
+        match c {
+            '[' | '{' => depth += 1,
+            ']' | '}' => depth -= 1,
+            ',' if depth == 0 => {
+                out.push(inner[start..i].trim());
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    out.push(inner[start..].trim());
     out
 }
 
@@ -159,7 +177,13 @@ fn a_value_out_of_range_names_its_key_and_line() {
         ("rules[0].window.kind", "\"tumbling\"", "\"rolling\""),
         ("rules[0].window.size_ms", "1000", "0"),
         ("rules[0].window.lateness_ms", "200", "-5"),
-        ("rules[0].quantiles", "[0.5, 0.9, 0.99]", "[0.5, 1.5]"),
+        ("rules[0].quantiles.at", "[0.5, 0.9, 0.99]", "[0.5, 1.5]"),
+        ("rules[0].quantiles.accuracy", "0.01", "0.6"),
+        (
+            "rules[0].quantiles.range",
+            "[0.01, 1000.0]",
+            "[1e-12, 1e12]",
+        ),
         ("rules[0].anomaly.alpha", "0.01", "1.5"),
         ("rules[0].anomaly.k", "4.0", "-1.0"),
         ("rules[0].anomaly.clear_k", "3.0", "5.0"),

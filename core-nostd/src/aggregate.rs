@@ -21,8 +21,18 @@ use crate::Timestamp;
 /// Windows are generic over their accumulator so that the agent can carry
 /// sketches in a window beside (or instead of) the [`Aggregate`].
 pub trait Accumulator: Clone {
-    /// The summary of no values.
+    /// What shapes an empty summary, for accumulators whose size or accuracy
+    /// is chosen at run time (a sketch's buckets); `()` for the others.
+    /// Windows keep one and start each pane with [`Self::with_params`].
+    type Params: Clone + Default + PartialEq + core::fmt::Debug;
+    /// The summary of no values, with the default parameters.
     fn empty() -> Self;
+    /// The summary of no values, shaped by `params`. The default ignores
+    /// them.
+    fn with_params(params: &Self::Params) -> Self {
+        let _ = params;
+        Self::empty()
+    }
     /// Adds one value observed at event time `ts`. The value is finite: windows
     /// reject NaN and infinities before calling this.
     fn add(&mut self, ts: Timestamp, value: f64);
@@ -191,6 +201,8 @@ impl Aggregate {
 }
 
 impl Accumulator for Aggregate {
+    type Params = ();
+
     fn empty() -> Self {
         let nothing = Point {
             ts: 0,

@@ -575,6 +575,59 @@ fn ddsketch_never_answers_a_collapsed_quantile_as_if_it_were_accurate() {
 }
 
 #[test]
+fn ddsketch_sized_to_cover_a_range_keeps_every_quantile_in_it_within_alpha() {
+    // The same wide lognormal (values over about six decades) in a sketch
+    // sized by `buckets_to_cover` for the range its values fall in: no
+    // quantile collapses, and each is within α.
+    for alpha in [0.01, 0.02, 0.05] {
+        let half = DdSketch::<Vec<u64>>::buckets_to_cover(alpha, 1e-3, 1e3).unwrap();
+        for seed in 0..20u64 {
+            let mut rng = SplitMix64::new(seed);
+            let mut values: Vec<f64> = (0..20_000)
+                .map(|_| {
+                    let (u, u2) = (rng.next_f64().max(1e-300), rng.next_f64());
+                    let z = (-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos();
+                    (2.0 * z).exp().clamp(1e-3, 1e3)
+                })
+                .collect();
+            let mut s = DdSketch::with_storage(vec![0u64; 2 * half], alpha).unwrap();
+            values.iter().for_each(|&v| {
+                s.insert(v);
+            });
+            values.sort_by(f64::total_cmp);
+            assert_eq!(s.collapsed(), 0, "alpha {alpha} seed {seed}");
+            for q in (0..=1000).map(|i| i as f64 / 1000.0) {
+                let exact = exact_quantile(&values, q);
+                let answer = s.quantile_detail(q).unwrap();
+                assert!(
+                    !answer.collapsed && (answer.value - exact).abs() <= alpha * exact + 1e-12,
+                    "alpha {alpha} seed {seed} q={q}: {answer:?} vs {exact}"
+                );
+            }
+            // Its serialized form says what storage it needs.
+            let bytes = bytes_of(s.serialized_len(), |b| s.write_to(b));
+            assert_eq!(DdSketch::<Vec<u64>>::storage_len(&bytes).unwrap(), 2 * half);
+        }
+        // One bucket fewer cannot hold both ends.
+        let mut short = DdSketch::with_storage(vec![0u64; 2 * (half - 1)], alpha).unwrap();
+        short.insert(1e-3);
+        short.insert(1e3);
+        assert_eq!(
+            short.collapsed(),
+            1,
+            "alpha {alpha}: {half} buckets are needed"
+        );
+    }
+    assert_eq!(DdSketch::<Vec<u64>>::buckets_to_cover(0.01, 2.0, 1.0), None);
+    assert_eq!(DdSketch::<Vec<u64>>::buckets_to_cover(0.01, 0.0, 1.0), None);
+    assert_eq!(DdSketch::<Vec<u64>>::buckets_to_cover(1.0, 1.0, 2.0), None);
+    assert_eq!(
+        DdSketch::<Vec<u64>>::buckets_to_cover(0.01, 5.0, 5.0),
+        Some(1)
+    );
+}
+
+#[test]
 fn ddsketch_collapses_the_lowest_buckets_when_out_of_room() {
     // 16 buckets per sign at 1 % cover a factor of about 1.4: values over
     // 1..1e6 must collapse the low ones, and the high quantiles stay exact.

@@ -378,3 +378,111 @@ proptest! {
         assert_matches(&whole, &values);
     }
 }
+
+/// Sums values times a scale that is a parameter: shows which
+/// parameters each pane and window started with.
+#[derive(Clone)]
+struct Scaled {
+    scale: u32,
+    sum: f64,
+    seen: bool,
+}
+
+impl Accumulator for Scaled {
+    type Params = u32;
+    fn empty() -> Self {
+        Self::with_params(&1)
+    }
+    fn with_params(scale: &u32) -> Self {
+        Self {
+            scale: *scale,
+            sum: 0.0,
+            seen: false,
+        }
+    }
+    fn add(&mut self, _ts: sluice_core::Timestamp, value: f64) {
+        self.sum += value * f64::from(self.scale);
+        self.seen = true;
+    }
+    fn merge(&mut self, other: &Self) {
+        assert_eq!(self.scale, other.scale, "panes of different shapes");
+        self.sum += other.sum;
+        self.seen |= other.seen;
+    }
+    fn is_empty(&self) -> bool {
+        !self.seen
+    }
+}
+
+#[test]
+fn panes_and_windows_start_with_the_windows_params() {
+    let mut w = HoppingWindow::<4, Scaled>::new(10, 5, 0)
+        .unwrap()
+        .with_params(3);
+    let mut closed = Vec::new();
+    for ts in [1, 6, 12] {
+        w.push(ts, 1.0, |c| closed.push((c.end, c.acc.scale, c.acc.sum)))
+            .unwrap();
+    }
+    // Set again (as after a restore): panes started later take them.
+    w.set_params(5);
+    assert_eq!(*w.params(), 5);
+    w.push(31, 1.0, |c| closed.push((c.end, c.acc.scale, c.acc.sum)))
+        .unwrap();
+    w.flush(|c| closed.push((c.end, c.acc.scale, c.acc.sum)));
+    assert_eq!(
+        closed,
+        [
+            (5, 3, 3.0),
+            (10, 3, 6.0),
+            (15, 3, 6.0),
+            (20, 3, 3.0),
+            (35, 5, 5.0),
+            (40, 5, 5.0)
+        ]
+    );
+
+    let mut t = TumblingWindow::<1, Scaled>::new(10, 0)
+        .unwrap()
+        .with_params(2);
+    let mut sums = Vec::new();
+    for ts in [1, 2, 11] {
+        t.push(ts, 1.0, |c| sums.push((c.acc.scale, c.acc.sum)))
+            .unwrap();
+    }
+    assert_eq!(sums, [(2, 4.0)]);
+    assert_eq!(*t.params(), 2);
+}
+
+#[test]
+fn each_window_starts_with_the_params() {
+    // A count window of accumulators shaped by a parameter: the
+    // parameter reaches the open window and each later one.
+    #[derive(Clone)]
+    struct Tagged(u8, u64);
+    impl Accumulator for Tagged {
+        type Params = u8;
+        fn empty() -> Self {
+            Tagged(0, 0)
+        }
+        fn with_params(tag: &u8) -> Self {
+            Tagged(*tag, 0)
+        }
+        fn add(&mut self, _ts: sluice_core::Timestamp, _value: f64) {
+            self.1 += 1;
+        }
+        fn merge(&mut self, other: &Self) {
+            self.1 += other.1;
+        }
+        fn is_empty(&self) -> bool {
+            self.1 == 0
+        }
+    }
+    let mut w = CountWindow::<Tagged>::new(2).unwrap().with_params(7);
+    let mut got = Vec::new();
+    for ts in 0..4 {
+        w.push(ts, 1.0, |c| got.push((c.acc.0, c.acc.1))).unwrap();
+    }
+    assert_eq!(got, [(7, 2), (7, 2)]);
+    assert_eq!(*w.params(), 7);
+}

@@ -331,7 +331,7 @@ fn aggregate(
 ) -> Record {
     let after_crash = partial_before.is_some_and(|t| done.closed.start < t);
     let a = &done.closed.acc;
-    let levels = &rules.config(rule).quantiles;
+    let levels = &rules.config(rule).quantiles.at;
     let mut quantiles_collapsed = Vec::new();
     let quantiles = done.quantiles.filter(|_| !levels.is_empty()).map(|q| {
         levels
@@ -653,10 +653,15 @@ impl Worker {
             let (window_fp, detector_fp) = self.rules.fingerprints(rule);
             let (window, quantiles, mut detectors) = self.rules.state(rule);
             let spec = self.rules.label_spec(rule);
+            let shape = quantiles.as_ref().map(|q| *q.params());
             let fresh = || window.map(|w| Windows::new(w, quantiles, spec));
             let windows = match s.windows {
                 Some(saved) if s.window_fp == window_fp => {
                     let mut w = Windows::restored(saved);
+                    // What new panes start with is not saved: the rule's.
+                    if let (Some(q), Some(shape)) = (&mut w.quantiles, shape) {
+                        q.set_params(shape);
+                    }
                     let mark = marks.get(&s.series).copied();
                     match (mark, config.window.as_ref().and_then(checkpoint::lateness)) {
                         // Windows emitted after the checkpoint: close them
@@ -1562,6 +1567,71 @@ mod tests {
         let q = got[0].quantiles.as_ref().unwrap();
         assert!(q["p5"] >= 5.0, "an upper bound: {q:?}");
         assert!((q["p50"] - 50.0).abs() <= 0.5 + 0.01 * 50.0, "{q:?}");
+    }
+
+    #[test]
+    fn quantiles_sized_by_the_rules_range_are_accurate_across_it_and_after_a_restore() {
+        // Values log-uniform over six decades: the default sketch covers a
+        // factor of about 13, so low quantiles would collapse; sized by
+        // `range`, each is within the rule's accuracy, through a hopping
+        // window's panes and a checkpoint restore.
+        const RULE: &str = "[[rules]]\nmatch = \"*\"\nwindow = { kind = \"hopping\", size_ms = 2000, slide_ms = 1000, lateness_ms = 500 }\nquantiles = { at = [0.01, 0.1, 0.5, 0.99], accuracy = 0.02, range = [0.01, 10000.0] }\n";
+        let value = |i: u32| 0.01 * 10f64.powf(6.0 * f64::from(i % 1000) / 999.0);
+        let (mut a, mut rx, _) = worker(RULE);
+        for i in 0..1000u32 {
+            a.process(reading("s", i64::from(i), value(i)));
+        }
+        let state = saved(&a, &mut rx);
+        let (mut b, mut rx, _) = worker(RULE);
+        b.restore(state, &HashMap::new());
+        for i in 1000..2000u32 {
+            b.process(reading("s", i64::from(i), value(i)));
+        }
+        b.process(reading("s", 2_600, 1.0));
+        let got = aggregates(&mut rx);
+        let whole = got.iter().find(|a| (a.start, a.end) == (0, 2000)).unwrap();
+        assert_eq!(whole.count, 2000);
+        assert!(
+            whole.quantiles_collapsed.is_empty(),
+            "{:?}",
+            whole.quantiles_collapsed
+        );
+        let mut values: Vec<f64> = (0..2000).map(value).collect();
+        values.sort_by(f64::total_cmp);
+        let q = whole.quantiles.as_ref().unwrap();
+        for (name, at) in [("p1", 0.01), ("p10", 0.1), ("p50", 0.5), ("p99", 0.99)] {
+            // DDSketch's rank: the value of rank floor(q·(n−1)).
+            let exact = values[(at * 1999.0) as usize];
+            assert!(
+                (q[name] - exact).abs() <= 0.02 * exact,
+                "{name}: {} vs {exact}",
+                q[name]
+            );
+        }
+    }
+
+    #[test]
+    fn a_quantile_range_the_buckets_cannot_cover_is_refused_with_the_key() {
+        for (quantiles, says) in [
+            (
+                "{ at = [0.5], range = [1e-9, 1e9] }",
+                "quantiles.range: covering [0.000000001, 1000000000] within 0.01 takes 2074 buckets a sign, more than 2048",
+            ),
+            (
+                "{ at = [0.5], range = [10.0, 1.0] }",
+                "quantiles.range: [10, 1] must be two magnitudes 0 < lo < hi",
+            ),
+            (
+                "{ at = [0.5], accuracy = 0.9 }",
+                "quantiles.accuracy: 0.9 must be from 0.0001 to 0.5",
+            ),
+        ] {
+            let toml = format!(
+                "{BASE}[[rules]]\nmatch = \"*\"\nwindow = {{ kind = \"tumbling\", size_ms = 1000 }}\nquantiles = {quantiles}\n"
+            );
+            let err = Config::parse(&toml).err().unwrap().to_string();
+            assert!(err.contains(says), "{quantiles}: {err}");
+        }
     }
 
     #[test]

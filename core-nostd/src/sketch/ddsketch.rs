@@ -205,6 +205,46 @@ impl<S: AsRef<[u64]> + AsMut<[u64]>> DdSketch<S> {
         })
     }
 
+    /// Buckets per sign (half of the storage) that keep every magnitude in
+    /// `[lo, hi]` (0 < lo <= hi, finite) within relative accuracy `alpha`
+    /// at once: a quantile of values in that range is never collapsed. The
+    /// storage is twice this. `None` for parameters out of range.
+    ///
+    /// ```
+    /// use sluice_core::sketch::DdSketch;
+    ///
+    /// // Six decades at 1 %: 691 buckets a sign.
+    /// assert_eq!(DdSketch::<[u64; 0]>::buckets_to_cover(0.01, 1e-2, 1e4), Some(692));
+    /// ```
+    pub fn buckets_to_cover(alpha: f64, lo: f64, hi: f64) -> Option<usize> {
+        if !(alpha > 0.0 && alpha < 1.0 && lo > 0.0 && lo <= hi && hi.is_finite()) {
+            return None;
+        }
+        let ln_gamma = libm::log((1.0 + alpha) / (1.0 - alpha));
+        // Indices ceil(ln(v) / ln γ) from lo's to hi's, inclusive.
+        let lo_index = libm::ceil(libm::log(lo) / ln_gamma);
+        let hi_index = libm::ceil(libm::log(hi) / ln_gamma);
+        let n = hi_index - lo_index + 1.0;
+        (n.is_finite() && n < usize::MAX as f64 / 4.0).then_some(n as usize)
+    }
+
+    /// The storage (`2·B` buckets) that [`Self::read_from`] needs for the
+    /// sketch serialized in `bytes`, read from its header.
+    pub fn storage_len(bytes: &[u8]) -> Result<usize, SketchError> {
+        let mut r = Reader::open(bytes, family::DDSKETCH)?;
+        let _alpha = r.f64()?;
+        let half = r.u32()? as usize;
+        if half == 0 {
+            return Err(SketchError::Corrupt("DDSketch parameters out of range"));
+        }
+        Ok(2 * half)
+    }
+
+    /// Buckets per sign (half of the storage).
+    pub fn buckets_per_sign(&self) -> usize {
+        self.half()
+    }
+
     fn half(&self) -> usize {
         self.buckets.as_ref().len() / 2
     }

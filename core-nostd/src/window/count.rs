@@ -28,6 +28,10 @@ pub struct CountWindow<A: Accumulator = Aggregate> {
     latest: Timestamp,
     acc: A,
     stats: WindowStats,
+    /// Each window starts as `A::with_params(&params)`. Not saved: whoever
+    /// restores a window sets them again ([`Self::set_params`]).
+    #[cfg_attr(feature = "serde", serde(skip))]
+    params: A::Params,
 }
 
 impl<A: Accumulator> CountWindow<A> {
@@ -43,7 +47,29 @@ impl<A: Accumulator> CountWindow<A> {
             latest: 0,
             acc: A::empty(),
             stats: WindowStats::default(),
+            params: A::Params::default(),
         })
+    }
+
+    /// These windows, each started as `A::with_params(&params)` (the open
+    /// one too, if it is empty).
+    pub fn with_params(mut self, params: A::Params) -> Self {
+        self.set_params(params);
+        self
+    }
+
+    /// Sets the parameters of the windows started from now on (after a
+    /// restore: they are not saved), and of the open one if it is empty.
+    pub fn set_params(&mut self, params: A::Params) {
+        if self.filled == 0 {
+            self.acc = A::with_params(&params);
+        }
+        self.params = params;
+    }
+
+    /// The parameters new windows start with.
+    pub fn params(&self) -> &A::Params {
+        &self.params
     }
 
     /// Values per window.
@@ -106,7 +132,7 @@ impl<A: Accumulator> CountWindow<A> {
     }
 
     fn close(&mut self, partial: bool, emit: impl FnOnce(Closed<A>)) {
-        let acc = core::mem::replace(&mut self.acc, A::empty());
+        let acc = core::mem::replace(&mut self.acc, A::with_params(&self.params));
         self.filled = 0;
         self.stats.closed += 1;
         emit(Closed {

@@ -63,6 +63,10 @@ pub struct HoppingWindow<const P: usize, A: Accumulator = Aggregate> {
     /// Every window with an index `<=` this has closed.
     closed_through: Option<i64>,
     stats: WindowStats,
+    /// Each pane starts as `A::with_params(&params)`. Not saved: whoever
+    /// restores a window sets them again ([`Self::set_params`]).
+    #[cfg_attr(feature = "serde", serde(skip))]
+    params: A::Params,
 }
 
 impl<const P: usize, A: Accumulator> HoppingWindow<P, A> {
@@ -102,7 +106,27 @@ impl<const P: usize, A: Accumulator> HoppingWindow<P, A> {
             max_event: None,
             closed_through: None,
             stats: WindowStats::default(),
+            params: A::Params::default(),
         })
+    }
+
+    /// This window, with its panes started as `A::with_params(&params)`.
+    pub fn with_params(mut self, params: A::Params) -> Self {
+        self.params = params;
+        self
+    }
+
+    /// Sets the parameters of the panes started from now on. For a restore
+    /// (they are not saved), to the ones the window was made with: panes
+    /// already open keep theirs, and a window that spans panes of both is
+    /// merged from both.
+    pub fn set_params(&mut self, params: A::Params) {
+        self.params = params;
+    }
+
+    /// The parameters new panes start with.
+    pub fn params(&self) -> &A::Params {
+        &self.params
     }
 
     /// Window length.
@@ -185,7 +209,7 @@ impl<const P: usize, A: Accumulator> HoppingWindow<P, A> {
                     slot.is_none(),
                     "open panes exceed P: construction bound broken"
                 );
-                let mut acc = A::empty();
+                let mut acc = A::with_params(&self.params);
                 acc.add_weighted(ts, value, weight);
                 *slot = Some(Pane { index: pane, acc });
             }
@@ -235,14 +259,20 @@ impl<const P: usize, A: Accumulator> HoppingWindow<P, A> {
                 break;
             }
             let first_pane = window.saturating_sub(self.span - 1);
-            let mut acc = A::empty();
+            // The first pane's clone, then a merge of the others (a sketch
+            // is copied once instead of merged into an empty one).
+            let mut acc: Option<A> = None;
             for pane in first_pane..=window {
                 if let Some(p) = &self.panes[pane.rem_euclid(P as i64) as usize]
                     && p.index == pane
                 {
-                    acc.merge(&p.acc);
+                    match &mut acc {
+                        None => acc = Some(p.acc.clone()),
+                        Some(acc) => acc.merge(&p.acc),
+                    }
                 }
             }
+            let acc = acc.unwrap_or_else(|| A::with_params(&self.params));
             // Pane `first_pane` belongs to no later window.
             let slot = &mut self.panes[first_pane.rem_euclid(P as i64) as usize];
             if slot.as_ref().is_some_and(|p| p.index == first_pane) {
@@ -291,6 +321,21 @@ impl<const P: usize, A: Accumulator> TumblingWindow<P, A> {
     /// `P >= 1 + ceil(lateness / size)`.
     pub fn new(size: Timestamp, lateness: Timestamp) -> Result<Self, WindowError> {
         HoppingWindow::new(size, size, lateness).map(Self)
+    }
+
+    /// See [`HoppingWindow::with_params`].
+    pub fn with_params(self, params: A::Params) -> Self {
+        Self(self.0.with_params(params))
+    }
+
+    /// See [`HoppingWindow::set_params`].
+    pub fn set_params(&mut self, params: A::Params) {
+        self.0.set_params(params);
+    }
+
+    /// See [`HoppingWindow::params`].
+    pub fn params(&self) -> &A::Params {
+        self.0.params()
     }
 
     /// Window length.
@@ -355,7 +400,6 @@ impl<const P: usize, A: Accumulator> TumblingWindow<P, A> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
     #[test]
     fn too_few_panes_is_an_error() {
         assert_eq!(

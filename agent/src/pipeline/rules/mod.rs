@@ -132,6 +132,35 @@ impl<A: Accumulator> Window<A> {
         }
     }
 
+    /// This window, with its panes started as `A::with_params(&params)`
+    /// (a quantile sketch's shape).
+    pub fn with_params(mut self, params: A::Params) -> Self {
+        self.set_params(params);
+        self
+    }
+
+    /// Sets what panes start with from now on (after a restore: not saved).
+    pub fn set_params(&mut self, params: A::Params) {
+        match self {
+            Window::Tumbling1(w) => w.set_params(params),
+            Window::Tumbling(w) => w.set_params(params),
+            Window::Hopping(w) => w.set_params(params),
+            Window::Count(w) => w.set_params(params),
+            Window::Decaying(w) => w.period.set_params(params),
+        }
+    }
+
+    /// What panes start with.
+    pub fn params(&self) -> &A::Params {
+        match self {
+            Window::Tumbling1(w) => w.params(),
+            Window::Tumbling(w) => w.params(),
+            Window::Hopping(w) => w.params(),
+            Window::Count(w) => w.params(),
+            Window::Decaying(w) => w.period.params(),
+        }
+    }
+
     /// Closes everything open, as partial.
     pub fn flush(&mut self, emit: impl FnMut(Closed<A>)) {
         match self {
@@ -180,19 +209,79 @@ pub fn window_for<A: Accumulator>(rule: &WindowRule) -> Result<Window<A>, Window
     })
 }
 
-/// Buckets per sign of a window's quantile sketch: at 1 % accuracy they span
-/// values within a factor of about 13 of each other before the lowest are
-/// merged (see `sluice_core::sketch::DdSketch`).
-const QUANTILE_BUCKETS: usize = 128;
-/// Relative accuracy of reported quantiles.
-pub const QUANTILE_ACCURACY: f64 = 0.01;
+/// Buckets per sign of a window's quantile sketch when the rule gives no
+/// `range`: at 1 % accuracy they span values within a factor of about 13
+/// of each other before the lowest are merged (see
+/// `sluice_core::sketch::DdSketch`).
+pub const DEFAULT_QUANTILE_BUCKETS: usize = 128;
+/// The most buckets per sign a `range` may ask for: 32 KiB a sketch, and
+/// a factor of 10^17 at 1 %.
+pub const MAX_QUANTILE_BUCKETS: usize = 2048;
 
-/// A window's quantile sketch, allocated on its first value (so that empty
-/// panes cost one pointer).
+/// The shape of a rule's quantile sketches: accuracy and buckets per sign.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct QuantileShape {
+    /// Relative accuracy.
+    pub accuracy: f64,
+    /// Buckets per sign (the sketch holds twice as many).
+    pub buckets: usize,
+}
+
+impl Default for QuantileShape {
+    fn default() -> Self {
+        QuantileShape {
+            accuracy: DEFAULT_QUANTILE_ACCURACY,
+            buckets: DEFAULT_QUANTILE_BUCKETS,
+        }
+    }
+}
+
+impl QuantileShape {
+    /// The shape `quantiles` asks for, or why it cannot be had (the error
+    /// starts with the key it is about).
+    pub fn of(rule: &QuantilesRule) -> Result<QuantileShape, String> {
+        let accuracy = rule.accuracy;
+        if !(0.0001..=0.5).contains(&accuracy) {
+            return Err(format!(
+                "accuracy: {accuracy} must be from 0.0001 to 0.5 (0.01 is 1 %)"
+            ));
+        }
+        let Some([lo, hi]) = rule.range else {
+            return Ok(QuantileShape {
+                accuracy,
+                buckets: DEFAULT_QUANTILE_BUCKETS,
+            });
+        };
+        if !(lo > 0.0 && lo < hi && hi.is_finite()) {
+            return Err(format!(
+                "range: [{lo}, {hi}] must be two magnitudes 0 < lo < hi, e.g. [0.1, 1000.0] (a range of negative values is given by its magnitudes)"
+            ));
+        }
+        match DdSketch::<Box<[u64]>>::buckets_to_cover(accuracy, lo, hi) {
+            Some(buckets) if buckets <= MAX_QUANTILE_BUCKETS => Ok(QuantileShape {
+                accuracy,
+                buckets: buckets.max(2),
+            }),
+            needed => Err(format!(
+                "range: covering [{lo}, {hi}] within {accuracy} takes {} buckets a sign, more than {MAX_QUANTILE_BUCKETS} (32 KiB a window): narrow the range or loosen the accuracy",
+                needed.map_or("too many".to_string(), |n| n.to_string())
+            )),
+        }
+    }
+
+    /// Bytes of one window's sketch (both signs).
+    pub fn bytes(&self) -> usize {
+        2 * self.buckets * std::mem::size_of::<u64>()
+    }
+}
+
+/// A window's quantile sketch, allocated when its pane takes its first
+/// value (so that empty panes cost one pointer), shaped by the rule.
 #[derive(Clone, Default)]
-pub struct Quantiles(Option<Box<DdSketch<[u64; 2 * QUANTILE_BUCKETS]>>>);
+pub struct Quantiles(Option<Box<DdSketch<Box<[u64]>>>>);
 
-/// Checkpointed in the sketch's own versioned, checksummed encoding.
+/// Checkpointed in the sketch's own versioned, checksummed encoding (which
+/// carries its accuracy and size).
 impl Serialize for Quantiles {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         let bytes = self.0.as_ref().map(|sketch| {
@@ -207,18 +296,26 @@ impl Serialize for Quantiles {
 
 impl<'de> Deserialize<'de> for Quantiles {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let bad =
+            |e: &dyn std::fmt::Display| serde::de::Error::custom(format!("quantile sketch: {e}"));
         match Option::<Vec<u8>>::deserialize(d)? {
             None => Ok(Quantiles(None)),
-            Some(bytes) => DdSketch::read_from(&bytes, [0; 2 * QUANTILE_BUCKETS])
-                .map(|s| Quantiles(Some(Box::new(s))))
-                .map_err(|e| serde::de::Error::custom(format!("quantile sketch: {e}"))),
+            Some(bytes) => {
+                let len = DdSketch::<Box<[u64]>>::storage_len(&bytes).map_err(|e| bad(&e))?;
+                if len > 2 * MAX_QUANTILE_BUCKETS {
+                    return Err(bad(&format!("{len} buckets, more than any rule asks for")));
+                }
+                DdSketch::read_from(&bytes, vec![0; len].into_boxed_slice())
+                    .map(|s| Quantiles(Some(Box::new(s))))
+                    .map_err(|e| bad(&e))
+            }
         }
     }
 }
 
 impl Quantiles {
-    /// The value at quantile `q`, within 1 % of the exact one unless it
-    /// falls among values collapsed for lack of buckets.
+    /// The value at quantile `q`, within the rule's accuracy of the exact
+    /// one unless it falls among values collapsed for lack of buckets.
     pub fn quantile(&self, q: f64) -> Option<f64> {
         self.0.as_ref().and_then(|s| s.quantile(q))
     }
@@ -228,20 +325,41 @@ impl Quantiles {
     pub fn quantile_detail(&self, q: f64) -> Option<sluice_core::sketch::QuantileAnswer> {
         self.0.as_ref().and_then(|s| s.quantile_detail(q))
     }
+
+    /// The sketch's (accuracy, buckets per sign), once it holds a value.
+    pub fn shape(&self) -> Option<QuantileShape> {
+        self.0.as_ref().map(|s| QuantileShape {
+            accuracy: s.relative_error(),
+            buckets: s.buckets_per_sign(),
+        })
+    }
 }
 
 impl Accumulator for Quantiles {
+    type Params = QuantileShape;
+
     fn empty() -> Self {
         Self(None)
+    }
+
+    fn with_params(shape: &QuantileShape) -> Self {
+        Self(Some(Box::new(
+            DdSketch::with_storage(
+                vec![0; 2 * shape.buckets].into_boxed_slice(),
+                shape.accuracy,
+            )
+            .expect("shape validated by QuantileShape::of"),
+        )))
     }
 
     fn add(&mut self, _ts: Timestamp, value: f64) {
         self.0
             .get_or_insert_with(|| {
-                Box::new(
-                    DdSketch::with_storage([0; 2 * QUANTILE_BUCKETS], QUANTILE_ACCURACY)
-                        .expect("constant, valid sketch parameters"),
-                )
+                // Only a window made without its rule's shape starts empty.
+                match Self::with_params(&QuantileShape::default()) {
+                    Quantiles(Some(sketch)) => sketch,
+                    Quantiles(None) => unreachable!("with_params allocates"),
+                }
             })
             .insert(value);
     }
@@ -251,8 +369,10 @@ impl Accumulator for Quantiles {
             (_, None) => {}
             (None, Some(o)) => self.0 = Some(o.clone()),
             (Some(s), Some(o)) => {
-                // Same constant parameters: the merge cannot fail.
-                let _ = s.merge(&**o);
+                // The windows of a rule share its shape: the merge cannot
+                // fail.
+                let merged = s.merge(&**o);
+                debug_assert!(merged.is_ok(), "quantile sketches of different shapes");
             }
         }
     }
@@ -484,8 +604,16 @@ impl Rules {
                 absent_after: r.absent_after_ms.map(|ms| ms as Timestamp),
                 config: r.clone(),
                 pattern: glob::Pattern::new(&r.pattern).map_err(|e| bad("match", &e))?,
-                quantiles: match (&r.window, r.quantiles.is_empty()) {
-                    (Some(w), false) => Some(window_for(w).map_err(|e| bad("window", &e))?),
+                quantiles: match (&r.window, r.quantiles.at.is_empty()) {
+                    (Some(w), false) => {
+                        let shape =
+                            QuantileShape::of(&r.quantiles).map_err(|e| bad("quantiles", &e))?;
+                        Some(
+                            window_for::<Quantiles>(w)
+                                .map_err(|e| bad("window", &e))?
+                                .with_params(shape),
+                        )
+                    }
                     _ => None,
                 },
                 window: r
@@ -568,12 +696,18 @@ impl Rule {
             window_for::<sluice_core::aggregate::Aggregate>(w)
                 .map_err(|e| format!("window.{}", window_problem(w, e)))?;
         }
-        if !self.quantiles.is_empty() && self.window.is_none() {
+        if !self.quantiles.at.is_empty() && self.window.is_none() {
             return Err("quantiles: need a window".into());
         }
-        if self.quantiles.iter().any(|q| !(*q > 0.0 && *q < 1.0)) {
-            return Err("quantiles: each must be in (0, 1), e.g. 0.99".into());
+        if self.quantiles.at.iter().any(|q| !(*q > 0.0 && *q < 1.0)) {
+            let key = if self.quantiles.table {
+                "quantiles.at"
+            } else {
+                "quantiles"
+            };
+            return Err(format!("{key}: each must be in (0, 1), e.g. 0.99"));
         }
+        QuantileShape::of(&self.quantiles).map_err(|e| format!("quantiles.{e}"))?;
         if self.window.is_none()
             && self.anomaly.is_none()
             && self.thresholds.is_empty()

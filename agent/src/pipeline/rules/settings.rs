@@ -14,11 +14,11 @@ pub struct Rule {
     pub pattern: String,
     /// The window whose aggregates are published; none if absent.
     pub window: Option<WindowRule>,
-    /// Quantiles to report with each window's aggregates, each in (0, 1),
-    /// e.g. `[0.5, 0.9, 0.99]` (within 1 % of the exact values; needs a
-    /// window). Default: none.
+    /// Quantiles to report with each window's aggregates (needs a window):
+    /// `[0.5, 0.9, 0.99]`, or `{ at = [...], accuracy, range = [lo, hi] }`
+    /// to size the sketch for the values to expect. Default: none.
     #[serde(default)]
-    pub quantiles: Vec<f64>,
+    pub quantiles: QuantilesRule,
     /// An EWMA z-score anomaly rule.
     pub anomaly: Option<AnomalyRule>,
     /// Threshold rules.
@@ -52,6 +52,107 @@ pub struct Rule {
     /// `critical` series are never shed; `normal` (default) ones may be.
     #[serde(default)]
     pub priority: PriorityKind,
+}
+
+/// `quantiles = [0.5, 0.99]`, or as a table
+/// `{ at = [0.5, 0.99], accuracy = 0.01, range = [0.1, 1000.0] }`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QuantilesRule {
+    /// The quantiles to report, each in (0, 1).
+    pub at: Vec<f64>,
+    /// Relative accuracy of each reported quantile (0.0001 to 0.5).
+    /// Default 0.01.
+    pub accuracy: f64,
+    /// The magnitudes (`0 < lo < hi`) that a window's sketch keeps within
+    /// `accuracy` all at once; a window whose values span more folds its
+    /// smallest together and says so (`quantiles_collapsed`). Default: 128
+    /// buckets a sign, a factor of about 13 at 1 %.
+    pub range: Option<[f64; 2]>,
+    /// Written as a table (errors then name `quantiles.at`).
+    pub table: bool,
+}
+
+/// Accuracy of reported quantiles when the rule does not set one.
+pub const DEFAULT_QUANTILE_ACCURACY: f64 = 0.01;
+
+impl Default for QuantilesRule {
+    fn default() -> Self {
+        QuantilesRule {
+            at: Vec::new(),
+            accuracy: DEFAULT_QUANTILE_ACCURACY,
+            range: None,
+            table: false,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct QuantilesTable {
+    at: Vec<f64>,
+    #[serde(default = "default_accuracy")]
+    accuracy: f64,
+    range: Option<[f64; 2]>,
+}
+
+const fn default_accuracy() -> f64 {
+    DEFAULT_QUANTILE_ACCURACY
+}
+
+/// A list or a table, told apart by what the file holds (not by trying
+/// each in turn, so that an error inside the table names its key).
+impl<'de> Deserialize<'de> for QuantilesRule {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::value::{MapAccessDeserializer, SeqAccessDeserializer};
+
+        struct Form;
+        impl<'de> serde::de::Visitor<'de> for Form {
+            type Value = QuantilesRule;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a list of quantiles, e.g. [0.5, 0.99], or a table { at = [0.5, 0.99], accuracy = 0.01, range = [0.1, 1000.0] }")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                seq: A,
+            ) -> Result<Self::Value, A::Error> {
+                Ok(QuantilesRule {
+                    at: Vec::deserialize(SeqAccessDeserializer::new(seq))?,
+                    ..QuantilesRule::default()
+                })
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<Self::Value, A::Error> {
+                let t = QuantilesTable::deserialize(MapAccessDeserializer::new(map))?;
+                Ok(QuantilesRule {
+                    at: t.at,
+                    accuracy: t.accuracy,
+                    range: t.range,
+                    table: true,
+                })
+            }
+        }
+        d.deserialize_any(Form)
+    }
+}
+
+/// Written as the list when only the quantiles are set (so that settings
+/// fingerprints saved before the table form still match).
+impl Serialize for QuantilesRule {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        if self.range.is_none() && self.accuracy == DEFAULT_QUANTILE_ACCURACY {
+            return self.at.serialize(s);
+        }
+        let mut map = s.serialize_map(None)?;
+        map.serialize_entry("at", &self.at)?;
+        map.serialize_entry("accuracy", &self.accuracy)?;
+        if let Some(range) = &self.range {
+            map.serialize_entry("range", range)?;
+        }
+        map.end()
+    }
 }
 
 /// `top_k = { label, k }`.
