@@ -661,7 +661,11 @@ fn samples() -> Vec<Vec<u8>> {
     let mut cm = CountMin::with_storage(vec![0u64; 20], 10, 2, 5, true).unwrap();
     let mut bloom = BloomFilter::with_storage(vec![0u64; 4], 20, 5).unwrap();
     let mut res = Reservoir::new(vec![0.0f64; 8], 5).unwrap();
-    let mut top = SpaceSaving::new(vec![Counter::default(); 4], vec![0u32; 12]).unwrap();
+    let mut top = SpaceSaving::new(
+        vec![Counter::default(); 4],
+        vec![0u32; SpaceSaving::<(), ()>::index_len(4)],
+    )
+    .unwrap();
     let mut dd = DdSketch::with_storage(vec![0u64; 16], 0.02).unwrap();
     for i in 0..100u32 {
         hll.insert(&i.to_le_bytes());
@@ -688,7 +692,12 @@ fn read_all(bytes: &[u8]) -> [bool; 6] {
         CountMin::read_from(bytes, vec![0u64; 20]).is_ok(),
         BloomFilter::read_from(bytes, vec![0u64; 4]).is_ok(),
         Reservoir::<f64, _>::read_from(bytes, vec![0.0f64; 8]).is_ok(),
-        SpaceSaving::read_from(bytes, vec![Counter::default(); 4], vec![0u32; 12]).is_ok(),
+        SpaceSaving::read_from(
+            bytes,
+            vec![Counter::default(); 4],
+            vec![0u32; SpaceSaving::<(), ()>::index_len(4)],
+        )
+        .is_ok(),
         DdSketch::read_from(bytes, vec![0u64; 16]).is_ok(),
     ]
 }
@@ -727,13 +736,21 @@ fn serialization_round_trips_and_rejects_other_families() {
     for q in [0.0, 0.3, 0.5, 0.9, 1.0] {
         assert_eq!(back.quantile(q), dd.quantile(q));
     }
-    let mut top = SpaceSaving::new(vec![Counter::default(); 4], vec![0u32; 12]).unwrap();
+    let mut top = SpaceSaving::new(
+        vec![Counter::default(); 4],
+        vec![0u32; SpaceSaving::<(), ()>::index_len(4)],
+    )
+    .unwrap();
     top.add(7, 3);
     let bytes = bytes_of(top.serialized_len(), |b| top.write_to(b));
     assert_eq!(
-        SpaceSaving::read_from(&bytes, vec![Counter::default(); 4], vec![0u32; 12])
-            .unwrap()
-            .get(7),
+        SpaceSaving::read_from(
+            &bytes,
+            vec![Counter::default(); 4],
+            vec![0u32; SpaceSaving::<(), ()>::index_len(4)]
+        )
+        .unwrap()
+        .get(7),
         top.get(7)
     );
     assert_eq!(read_all(b"not a sketch at all"), [false; 6]);
@@ -742,11 +759,11 @@ fn serialization_round_trips_and_rejects_other_families() {
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(2_000))]
 
-    /// The indexed heap against the stream itself: every tracked key is
+    /// The stream-summary against the stream itself: every tracked key is
     /// found, no key twice, the guarantees hold, also after merges and
     /// evictions in a small index where probes collide.
     #[test]
-    fn space_saving_index_and_heap_keep_the_guarantees(
+    fn space_saving_stream_summary_keeps_the_guarantees(
         k in 1usize..12,
         ops in prop::collection::vec((0u64..40, 1u64..5, any::<bool>()), 1..400),
     ) {
@@ -756,12 +773,33 @@ proptest! {
         for (i, &(key, count, other)) in ops.iter().enumerate() {
             if other { b.add(key, count) } else { a.add(key, count) }
             *truth.entry(key).or_default() += count;
+            prop_assert_eq!(a.check_invariants(), Ok(()));
+            prop_assert_eq!(b.check_invariants(), Ok(()));
             if i % 97 == 96 {
                 a.merge(&b).unwrap();
+                prop_assert_eq!(a.check_invariants(), Ok(()));
                 b = new();
+            }
+            if i % 61 == 60 {
+                // Read back from its bytes: the same counters, in order.
+                let bytes = bytes_of(a.serialized_len(), |buf| a.write_to(buf));
+                let back = SpaceSaving::read_from(&bytes, vec![Counter::default(); k], vec![0u32; SpaceSaving::<(), ()>::index_len(k)]).unwrap();
+                prop_assert_eq!(back.check_invariants(), Ok(()));
+                let sorted = |s: &[Counter]| { let mut v = s.to_vec(); v.sort_by_key(|c| (c.count, c.key)); v };
+                prop_assert_eq!(sorted(back.counters()), sorted(a.counters()));
             }
         }
         a.merge(&b).unwrap();
+        prop_assert_eq!(a.check_invariants(), Ok(()));
+        // The top, largest count first, equal counts by larger key.
+        let mut expected = a.counters().to_vec();
+        expected.sort_by_key(|c| std::cmp::Reverse((c.count, c.key)));
+        for n in [1, k / 2, k] {
+            let mut out = vec![Counter::default(); n];
+            let got = a.top_into(&mut out);
+            prop_assert_eq!(got, n.min(expected.len()));
+            prop_assert_eq!(&out[..got], &expected[..got]);
+        }
         let n: u64 = truth.values().sum();
         prop_assert_eq!(a.total(), n);
         let mut keys: Vec<u64> = a.counters().iter().map(|c| c.key).collect();
