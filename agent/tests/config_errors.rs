@@ -200,7 +200,7 @@ fn a_value_out_of_range_names_its_key_and_line() {
         ("rules[2].window.every_ms", "5000", "0"),
         (
             "sources.plant.json.labels",
-            "[\"mac\"]",
+            "[\"mac\", \"site\"]",
             "[\"a\", \"b\", \"c\", \"d\", \"e\"]",
         ),
         ("rules[3].distinct", "\"mac\"", "\"\""),
@@ -209,6 +209,8 @@ fn a_value_out_of_range_names_its_key_and_line() {
         ("rules[3].first_seen.capacity", "100000", "0"),
         ("rules[3].first_seen.fpr", "0.01", "0.7"),
         ("rules[3].sample.k", "5", "1001"),
+        ("rules[4].group_by", "\"site\"", "\"room\""),
+        ("rules[4].group_name", "\"tanks\"", "\"a:b\""),
         ("output.mqtt.host", "\"127.0.0.1\"", "\"\""),
         (
             "output.mqtt.alert_topic",

@@ -1200,3 +1200,115 @@ port = {port}
     );
     assert!(low <= 5_100.0 && 5_100.0 <= high, "{union}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn groups_aggregate_across_series_and_workers_exactly() {
+    // 40 series over two sites, on two workers (so a site's series hash to
+    // both): each site's window counts and sums every member's readings.
+    let broker = Broker::start("groups");
+    let (_dir, config) = temp_file(
+        "groups.toml",
+        &format!(
+            r#"
+agent_id = "grp"
+workers = 2
+
+[sources.plant]
+kind = "mqtt"
+host = "127.0.0.1"
+port = {port}
+client_id = "sluice-groups-in"
+topics = ["sensors/+"]
+json = {{ labels = ["site"] }}
+
+[[rules]]
+match = "s-probe"
+window = {{ kind = "tumbling", size_ms = 1000 }}
+
+[[rules]]
+match = "t-*"
+group_by = "site"
+group_name = "temp"
+window = {{ kind = "tumbling", size_ms = 10000 }}
+quantiles = [0.5]
+
+[output.mqtt]
+host = "127.0.0.1"
+port = {port}
+"#,
+            port = broker.port,
+        ),
+    );
+    let got = subscribe(broker.port, "sluice/grp/#").await;
+    let agent = Agent::start(&config);
+    let publisher = Publisher::connect(broker.port, "groups-publisher");
+    await_agent(&publisher, &got, &agent, "grp").await;
+
+    let base = (now_ms() - 300_000) / 10_000 * 10_000;
+    let mut truth = std::collections::BTreeMap::<String, (u64, f64)>::new();
+    for i in 0..2_000i64 {
+        let sensor = format!("t-{}", i % 40);
+        let site = if i % 40 < 25 { "north" } else { "south" };
+        let value = (i % 7) as f64;
+        let t = truth.entry(site.to_string()).or_default();
+        t.0 += 1;
+        t.1 += value;
+        let ts = base + i * 4;
+        publisher
+            .publish(
+                &format!("sensors/{sensor}"),
+                QoS::AtLeastOnce,
+                format!(r#"{{"sensor":"{sensor}","ts":{ts},"site":"{site}","value":{value}}}"#),
+            )
+            .await;
+    }
+    // The next window's readings close each site's first.
+    for (sensor, site) in [("t-0", "north"), ("t-39", "south")] {
+        publisher
+            .publish(
+                &format!("sensors/{sensor}"),
+                QoS::AtLeastOnce,
+                format!(
+                    r#"{{"sensor":"{sensor}","ts":{},"site":"{site}","value":0}}"#,
+                    base + 10_000
+                ),
+            )
+            .await;
+    }
+    let find = |site: &str| -> Vec<Value> {
+        got.lock()
+            .unwrap()
+            .iter()
+            .filter(|(t, _, retained)| *t == format!("sluice/grp/agg/temp:{site}") && !retained)
+            .map(|(_, v, _)| v.clone())
+            .collect()
+    };
+    wait_until("both sites' windows", &agent, || {
+        !find("north").is_empty() && !find("south").is_empty()
+    })
+    .await;
+    for site in ["north", "south"] {
+        let records = find(site);
+        assert_eq!(records.len(), 1, "{records:?}");
+        let r = &records[0];
+        assert_eq!(r["series"], format!("temp:{site}"));
+        assert_eq!(
+            r["group"],
+            serde_json::json!({ "by": "site", "value": site })
+        );
+        assert_eq!(
+            (r["start"].as_i64(), r["end"].as_i64()),
+            (Some(base), Some(base + 10_000))
+        );
+        assert_eq!(r["count"].as_u64(), Some(truth[site].0), "{r}");
+        assert_eq!(r["sum"].as_f64(), Some(truth[site].1), "{r}");
+        assert_eq!(r["late"], 0);
+    }
+    // No member is reported on its own.
+    assert!(
+        !got.lock()
+            .unwrap()
+            .iter()
+            .any(|(t, _, _)| t.starts_with("sluice/grp/agg/t-")),
+    );
+}

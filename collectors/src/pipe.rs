@@ -3,7 +3,9 @@
 //!
 //! A source stages the readings of one message, datagram batch or read in a
 //! [`Handoff`], then flushes them. Each reading goes to the lane (ring) of
-//! the worker that owns its series, `hash(series) % lanes`. Per lane, the
+//! the worker that owns its series, `hash(series) % lanes`, after an
+//! optional route ([`Handoff::with_route`]) may have given it another
+//! series (the agent's groups). Per lane, the
 //! shedding policy decides on every reading *before* it is pushed, from the
 //! ring's occupancy at the start of the flush plus what this flush has pushed
 //! so far (a conservative estimate: the worker can only have made room). The
@@ -60,6 +62,11 @@ pub fn reading_ring(capacity: usize) -> Result<(ReadingProducer, ReadingConsumer
 /// Which series are never shed.
 pub type PriorityFn = Arc<dyn Fn(&str) -> Priority + Send + Sync>;
 
+/// Rewrites a reading's series before it is routed (the agent gives the
+/// readings of a grouped rule their group's id, so that a group meets in
+/// one worker).
+pub type RouteFn = Box<dyn FnMut(&mut Reading) + Send>;
+
 struct Lane {
     producer: ReadingProducer,
     /// The consumer's thread, unparked after a flush that pushed something.
@@ -82,6 +89,7 @@ pub struct Handoff {
     lanes: Vec<Lane>,
     hasher: SeriesHasher,
     priority: PriorityFn,
+    route: Option<RouteFn>,
     stats: Arc<SourceStats>,
 }
 
@@ -112,6 +120,7 @@ impl Handoff {
             lanes,
             hasher: SeriesHasher::default(),
             priority: Arc::new(|_| Priority::Normal),
+            route: None,
             stats,
         })
     }
@@ -119,6 +128,13 @@ impl Handoff {
     /// Uses `priority` to tell which series are never shed.
     pub fn with_priority(mut self, priority: PriorityFn) -> Self {
         self.priority = priority;
+        self
+    }
+
+    /// Passes each reading to `route` before picking its lane (and its
+    /// priority) by its series.
+    pub fn with_route(mut self, route: RouteFn) -> Self {
+        self.route = Some(route);
         self
     }
 
@@ -143,7 +159,10 @@ impl Handoff {
     }
 
     /// Stages a reading for the next [`Self::flush`].
-    pub fn stage(&mut self, reading: Reading) {
+    pub fn stage(&mut self, mut reading: Reading) {
+        if let Some(route) = &mut self.route {
+            route(&mut reading);
+        }
         let lane = match self.lanes.len() {
             1 => 0,
             n => self.hasher.shard(reading.series.as_bytes(), n),

@@ -565,6 +565,24 @@ impl Config {
         for (i, rule) in self.rules.iter().enumerate() {
             rule.validate()
                 .map_err(|why| ConfigError(format!("rules[{i}].{why}")))?;
+            if rule.group_by.is_some()
+                && let Some(j) = self.rules[..i]
+                    .iter()
+                    .position(|r| r.group_by.is_some() && r.group_name() == rule.group_name())
+            {
+                let key = if rule.group_name.is_some() {
+                    "group_name"
+                } else {
+                    "match"
+                };
+                return err(
+                    &format!("rules[{i}].{key}"),
+                    &format!(
+                        "rules[{j}] already names its groups {:?}: set a group_name of its own",
+                        rule.group_name()
+                    ),
+                );
+            }
             for (key, label) in rule.label_uses() {
                 if !labels.contains(&label) {
                     return err(

@@ -10,8 +10,8 @@ use console::print;
 pub use console::{Console, clock};
 use mqtt::MqttSink;
 pub use record::{
-    AggregateRecord, AlertEvent, DecayingSummary, DistinctRecord, LabelRecord, OutputStats, Record,
-    TopRecord, TopValue,
+    AggregateRecord, AlertEvent, DecayingSummary, DistinctRecord, GroupRecord, LabelRecord,
+    OutputStats, Record, TopRecord, TopValue,
 };
 
 use std::sync::Arc;
@@ -214,6 +214,7 @@ mod tests {
         Record::Aggregate(AggregateRecord {
             agent: "a".into(),
             series: series.into(),
+            group: None,
             start: end - 1000,
             end,
             count: 1,

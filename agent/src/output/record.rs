@@ -12,8 +12,11 @@ use sluice_core::Timestamp;
 pub struct AggregateRecord {
     /// The gateway.
     pub agent: Arc<str>,
-    /// The series key.
+    /// The series key (a group's id, for a rule with `group_by`).
     pub series: String,
+    /// For a rule with `group_by`: which group.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub group: Option<Box<GroupRecord>>,
     /// Window start, ms since the epoch (inclusive).
     pub start: Timestamp,
     /// Window end, ms since the epoch (exclusive).
@@ -35,7 +38,7 @@ pub struct AggregateRecord {
     /// The value with the latest event time.
     pub last: f64,
     /// The quantiles the rule asks for (`p50`, `p99`, `p99.9`, …), each
-    /// within 1 % of the exact value.
+    /// within the rule's accuracy (1 % by default) of the exact value.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub quantiles: Option<std::collections::BTreeMap<String, f64>>,
     /// The quantiles whose rank fell among values the sketch folded
@@ -76,6 +79,17 @@ pub struct AggregateRecord {
     /// window was sampled; smaller when some were kept whole).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub count_stderr: Option<f64>,
+}
+
+/// `group` in a record: the group a rule with `group_by` aggregated.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct GroupRecord {
+    /// `group_by`: `"*"`, or the label.
+    pub by: String,
+    /// The label's value (for a value too long for a series id, as cut in
+    /// `series`); absent for `"*"` and for the readings without the label.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub value: Option<String>,
 }
 
 /// `distinct` in a record.

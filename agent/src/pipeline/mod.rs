@@ -347,6 +347,7 @@ async fn run_with(
         )
         .map_err(|e| anyhow::anyhow!("shedding: {e}"))?
         .with_priority(priority.clone())
+        .with_route(group_route(&slot, &rules))
         .with_wakeups(wakeups.clone());
         let token = sources_stop.clone();
         let label = format!("sources.{name}");
@@ -483,6 +484,20 @@ async fn run_with(
         Ok(Err(e)) => bail!("output task failed: {e}"),
         Err(_) => bail!("shutdown took longer than {SHUTDOWN_BOUND:?}"),
     }
+}
+
+/// A source's route: the readings of a grouped rule take their group's id
+/// (see `rules::groups`), under the rules of the latest reload.
+fn group_route(slot: &Arc<RulesSlot>, rules: &Arc<Rules>) -> sluice_collectors::pipe::RouteFn {
+    let slot = slot.clone();
+    let (mut generation, mut rules) = (0, rules.clone());
+    Box::new(move |reading| {
+        if let Some((newer, latest)) = slot.latest(generation) {
+            generation = newer;
+            rules = latest;
+        }
+        rules.route(reading);
+    })
 }
 
 /// Publishes the new configuration's rules to the workers; warns about the

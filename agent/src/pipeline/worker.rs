@@ -30,14 +30,14 @@ use sluice_core::window::{Closed, DecayingStats, Rejection};
 use tokio::sync::mpsc;
 
 use crate::output::{
-    AggregateRecord, AlertEvent, DecayingSummary, DistinctRecord, LabelRecord, Record, TopRecord,
-    TopValue,
+    AggregateRecord, AlertEvent, DecayingSummary, DistinctRecord, GroupRecord, LabelRecord, Record,
+    TopRecord, TopValue,
 };
 use crate::pipeline::checkpoint::{
     self, DetectorsRef, SeriesRef, SeriesState, WindowsRef, WindowsState,
 };
 use crate::pipeline::rules::labels::{FirstSeen, LabelPanes, LabelSpec, LabelWindow, LabelsState};
-use crate::pipeline::rules::{Detector, Quantiles, Rules, Window};
+use crate::pipeline::rules::{Detector, GROUP_ALL, Quantiles, Rules, Window};
 
 /// How often idle series are ticked.
 const TICK: Duration = Duration::from_millis(100);
@@ -346,9 +346,17 @@ fn aggregate(
             })
             .collect()
     });
+    let group = rules.group(rule).and_then(|g| {
+        let value = g.parse(series)?;
+        Some(Box::new(GroupRecord {
+            by: g.by.clone().unwrap_or_else(|| GROUP_ALL.to_owned()),
+            value: value.map(str::to_owned),
+        }))
+    });
     let mut record = AggregateRecord {
         agent: agent.clone(),
         series: series.to_owned(),
+        group,
         start: done.closed.start,
         end: done.closed.end,
         count: a.count(),
@@ -452,7 +460,7 @@ impl RulesSlot {
         }
     }
 
-    fn latest(&self, seen: u64) -> Option<(u64, Arc<Rules>)> {
+    pub(crate) fn latest(&self, seen: u64) -> Option<(u64, Arc<Rules>)> {
         let generation = self.generation.load(Relaxed);
         if generation == seen {
             return None;
@@ -638,7 +646,7 @@ impl Worker {
                 dropped += 1;
                 continue;
             };
-            let Some(rule) = self.rules.find(&key) else {
+            let Some(rule) = self.rules.resolve(&key) else {
                 dropped += 1;
                 continue;
             };
@@ -826,7 +834,7 @@ impl Worker {
                 self.stats.series_overflow.fetch_add(1, Relaxed);
                 return;
             }
-            let Some(rule) = self.rules.find(&reading.series) else {
+            let Some(rule) = self.rules.resolve(&reading.series) else {
                 self.stats.unmatched.fetch_add(1, Relaxed);
                 return;
             };
@@ -967,7 +975,13 @@ impl Worker {
         let old = std::mem::replace(&mut self.rules, rules);
         let mut gone = Vec::new();
         for (key, s) in &mut self.series {
-            let Some(new) = self.rules.find(key) else {
+            // A series whose rule now groups (its readings go to groups),
+            // and a group whose rule no longer groups it so, are gone too.
+            let Some(new) = self
+                .rules
+                .resolve(key)
+                .filter(|&new| old.group(s.rule) == self.rules.group(new))
+            else {
                 gone.push(key.clone());
                 continue;
             };
@@ -1276,6 +1290,163 @@ mod tests {
             labels: Some(Box::new(labels.unwrap())),
             ..reading(series, ts, 1.0)
         }
+    }
+
+    /// A source that reads the label `site`, a rule grouping by it and one
+    /// grouping all its series.
+    const GROUPED: &str = "agent_id = \"t\"\nmax_series = 10\n[sources.u]\nkind = \"udp\"\nbind = \"127.0.0.1:0\"\n[sources.u.json]\nlabels = [\"site\"]\n[output]\nconsole = true\n[[rules]]\nmatch = \"s-*\"\ngroup_by = \"site\"\nwindow = { kind = \"tumbling\", size_ms = 1000 }\nquantiles = [0.5]\nthresholds = [{ above = 100.0 }]\n[[rules]]\nmatch = \"p-*\"\ngroup_by = \"*\"\ngroup_name = \"pumps\"\nwindow = { kind = \"tumbling\", size_ms = 1000 }\n";
+
+    fn grouped_worker() -> (Worker, Arc<Rules>, mpsc::Receiver<Record>) {
+        let config = Config::parse(GROUPED).unwrap();
+        let rules = Arc::new(Rules::compile(&config.rules).unwrap());
+        let (tx, rx) = mpsc::channel(4096);
+        let w = Worker::new(
+            "t".into(),
+            rules.clone(),
+            Arc::new(RulesSlot::default()),
+            10,
+            tx,
+            Arc::new(WorkerStats::default()),
+        );
+        (w, rules, rx)
+    }
+
+    /// A reading of `series` at `site`, routed as a source's hand-off does.
+    fn at_site(
+        rules: &Rules,
+        series: &str,
+        ts: Timestamp,
+        value: f64,
+        site: Option<&str>,
+    ) -> Reading {
+        let labels =
+            sluice_collectors::reading::Labels::new(Arc::from(vec!["site".into()]), &[site]);
+        let mut r = Reading {
+            labels: Some(Box::new(labels.unwrap())),
+            ..reading(series, ts, value)
+        };
+        rules.route(&mut r);
+        r
+    }
+
+    #[test]
+    fn a_groups_readings_make_one_record_per_window_and_its_alerts_name_it() {
+        let (mut w, rules, mut rx) = grouped_worker();
+        for (series, ts, value, site) in [
+            ("s-1", 10, 1.0, Some("a")),
+            ("s-1", 20, 2.0, Some("a")),
+            ("s-2", 30, 3.0, Some("a")),
+            ("s-3", 40, 10.0, Some("b")),
+            ("s-4", 50, 5.0, None),
+            ("s-3", 60, 150.0, Some("b")),
+            ("p-1", 70, 1.0, Some("a")),
+            ("p-2", 80, 2.0, None),
+            ("other", 90, 1.0, Some("a")),
+        ] {
+            w.process(at_site(&rules, series, ts, value, site));
+        }
+        // Readings of the next window close each group's first.
+        for site in [Some("a"), Some("b"), None] {
+            w.process(at_site(&rules, "s-9", 1_000, 0.0, site));
+        }
+        w.process(at_site(&rules, "p-9", 1_000, 0.0, None));
+        let mut got = std::collections::BTreeMap::new();
+        let mut alerts = Vec::new();
+        while let Ok(r) = rx.try_recv() {
+            match r {
+                Record::Aggregate(a) if a.start == 0 => {
+                    let group = a.group.as_ref().map(|g| (g.by.clone(), g.value.clone()));
+                    got.insert(a.series.clone(), (a.count, a.sum, group));
+                }
+                Record::Alert(e) => alerts.push((e.series, e.state, e.value)),
+                _ => {}
+            }
+        }
+        let site = |v: Option<&str>| Some(("site".to_string(), v.map(str::to_string)));
+        assert_eq!(got["s-*:a"], (3, 6.0, site(Some("a"))));
+        assert_eq!(got["s-*:b"], (2, 160.0, site(Some("b"))));
+        // Without the label: the group of the rule's name alone.
+        assert_eq!(got["s-*"], (1, 5.0, site(None)));
+        assert_eq!(got["pumps"], (2, 3.0, Some(("*".to_string(), None))));
+        // A series no rule matches stays on its own, unmatched.
+        assert!(!got.contains_key("other"));
+        assert_eq!(got.len(), 4);
+        // Any member's reading drives the group's detectors.
+        assert_eq!(
+            alerts,
+            [
+                ("s-*:b".to_string(), "raised", 150.0),
+                ("s-*:b".to_string(), "cleared", 0.0)
+            ]
+        );
+    }
+
+    #[test]
+    fn a_group_is_checkpointed_and_restored_like_a_series() {
+        let (mut a, rules, mut rx) = grouped_worker();
+        a.process(at_site(&rules, "s-1", 10, 1.0, Some("a")));
+        a.process(at_site(&rules, "s-2", 20, 2.0, Some("a")));
+        let state = saved(&a, &mut rx);
+        assert_eq!(state.len(), 1);
+        assert_eq!(state[0].series, "s-*:a");
+        let (mut b, rules, mut rx) = grouped_worker();
+        b.restore(state, &HashMap::new());
+        b.process(at_site(&rules, "s-3", 30, 3.0, Some("a")));
+        b.process(at_site(&rules, "s-3", 1_000, 0.0, Some("a")));
+        let got = aggregates(&mut rx);
+        assert_eq!(got.len(), 1);
+        assert_eq!(
+            (got[0].series.as_str(), got[0].count, got[0].sum),
+            ("s-*:a", 3, 6.0)
+        );
+    }
+
+    #[test]
+    fn group_settings_are_checked_with_the_key() {
+        let rule = |extra: &str| {
+            format!(
+                "{BASE}[[rules]]\nmatch = \"s-*\"\nwindow = {{ kind = \"tumbling\", size_ms = 1000 }}\n{extra}"
+            )
+        };
+        for (extra, says) in [
+            (
+                "group_by = \"site\"\n",
+                "rules[0].group_by: no source reads the label \"site\"",
+            ),
+            ("group_by = \"\"\n", "rules[0].group_by: name a label"),
+            (
+                "group_name = \"x\"\n",
+                "rules[0].group_name: names the groups of group_by: set group_by too",
+            ),
+            (
+                "group_by = \"*\"\ngroup_name = \"a:b\"\n",
+                "rules[0].group_name: \"a:b\" cannot name the rule's groups",
+            ),
+            (
+                "group_by = \"*\"\nrate_of_change = { per_second_above = 1.0 }\n",
+                "rules[0].rate_of_change: compares a series' consecutive readings",
+            ),
+        ] {
+            let err = Config::parse(&rule(extra)).err().unwrap().to_string();
+            assert!(err.contains(says), "{extra}: {err}");
+        }
+        let long = format!(
+            "{BASE}[[rules]]\nmatch = \"{}*\"\ngroup_by = \"*\"\nwindow = {{ kind = \"count\", size = 10 }}\n",
+            "x".repeat(40)
+        );
+        let err = Config::parse(&long).err().unwrap().to_string();
+        assert!(
+            err.contains("rules[0].match: ") && err.contains("(set group_name)"),
+            "{err}"
+        );
+        let twice = format!(
+            "{BASE}[[rules]]\nmatch = \"a*\"\ngroup_by = \"*\"\ngroup_name = \"g\"\nwindow = {{ kind = \"count\", size = 10 }}\n[[rules]]\nmatch = \"b*\"\ngroup_by = \"*\"\ngroup_name = \"g\"\nwindow = {{ kind = \"count\", size = 10 }}\n"
+        );
+        let err = Config::parse(&twice).err().unwrap().to_string();
+        assert!(
+            err.contains("rules[1].group_name: rules[0] already names its groups \"g\""),
+            "{err}"
+        );
     }
 
     /// 500 devices in one window (three of them heavy), ten readings

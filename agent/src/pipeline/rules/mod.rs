@@ -14,9 +14,11 @@ use sluice_core::window::{
 
 use serde::{Deserialize, Serialize};
 
+pub mod groups;
 pub mod labels;
 mod settings;
 
+pub use groups::{GROUP_ALL, GroupSpec, MAX_GROUP_NAME};
 pub use settings::*;
 
 /// Panes of a tumbling window: lateness up to 3 windows.
@@ -555,12 +557,16 @@ pub struct CompiledRule {
     /// Fingerprint of the label settings (`distinct`, `top_k`, `sample`,
     /// `first_seen`), for checkpoints.
     labels_fingerprint: u64,
+    /// `group_by`, compiled.
+    group: Option<GroupSpec>,
 }
 
 /// The rules of a configuration, in order.
 pub struct Rules {
     rules: Vec<CompiledRule>,
     any_critical: bool,
+    /// Whether any rule groups (if not, readings need no routing).
+    any_group: bool,
 }
 
 impl Rules {
@@ -592,6 +598,7 @@ impl Rules {
                 ));
             }
             compiled.push(CompiledRule {
+                group: GroupSpec::of(r),
                 labels: labels::LabelSpec::of(r),
                 labels_fingerprint: fingerprint(&(
                     &r.window,
@@ -630,10 +637,45 @@ impl Rules {
             });
         }
         let any_critical = compiled.iter().any(|r| r.priority == Priority::Critical);
+        let any_group = compiled.iter().any(|r| r.group.is_some());
         Ok(Rules {
             rules: compiled,
             any_critical,
+            any_group,
         })
+    }
+
+    /// Gives a reading of a grouped rule its group's id as its series
+    /// (see [`groups`]); other readings stay as they are.
+    pub fn route(&self, reading: &mut sluice_collectors::Reading) {
+        if !self.any_group {
+            return;
+        }
+        if let Some(rule) = self.find(&reading.series)
+            && let Some(group) = &self.rules[rule].group
+        {
+            reading.series = group.key(reading.labels.as_deref());
+        }
+    }
+
+    /// The rule whose state the series table holds under `key`: the
+    /// grouped rule whose group ids `key` has the form of (see
+    /// [`groups`]), or else the first rule matching it.
+    pub fn resolve(&self, key: &str) -> Option<usize> {
+        if self.any_group
+            && let Some(i) = self
+                .rules
+                .iter()
+                .position(|r| r.group.as_ref().is_some_and(|g| g.parse(key).is_some()))
+        {
+            return Some(i);
+        }
+        self.find(key)
+    }
+
+    /// Rule `i`'s grouping, if it groups.
+    pub fn group(&self, i: usize) -> Option<&GroupSpec> {
+        self.rules[i].group.as_ref()
     }
 
     /// The first rule matching `series`.
@@ -648,7 +690,7 @@ impl Rules {
 
     /// The shedding priority of `series`.
     pub fn priority(&self, series: &str) -> Priority {
-        self.find(series)
+        self.resolve(series)
             .map_or(Priority::Normal, |i| self.rules[i].priority)
     }
 
@@ -724,6 +766,7 @@ impl Rule {
             return Err("absent_after_ms: must be at least 100".into());
         }
         self.validate_labels()?;
+        self.validate_group()?;
         if let Some(a) = &self.anomaly {
             zscore_for(a).map_err(|e| {
                 let levels = Levels {
@@ -783,7 +826,50 @@ impl Rule {
         if let Some(f) = &self.first_seen {
             uses.push(("first_seen.label", f.label.as_str()));
         }
+        if let Some(by) = self.group_by.as_deref().filter(|&by| by != GROUP_ALL) {
+            uses.push(("group_by", by));
+        }
         uses
+    }
+
+    /// The group id prefix: `group_name`, or else `match`.
+    pub fn group_name(&self) -> &str {
+        self.group_name.as_deref().unwrap_or(&self.pattern)
+    }
+
+    fn validate_group(&self) -> Result<(), String> {
+        if self.group_by.is_none() {
+            if self.group_name.is_some() {
+                return Err("group_name: names the groups of group_by: set group_by too".into());
+            }
+            return Ok(());
+        }
+        if self.window.is_none() {
+            return Err("group_by: aggregates a group's readings per window: add a window".into());
+        }
+        if self.rate_of_change.is_some() {
+            return Err("rate_of_change: compares a series' consecutive readings, and a group interleaves its members': not with group_by".into());
+        }
+        let key = if self.group_name.is_some() {
+            "group_name"
+        } else {
+            "match"
+        };
+        let name = self.group_name();
+        if name.is_empty() || name.len() > MAX_GROUP_NAME || name.contains(':') {
+            return Err(format!(
+                "{key}: {name:?} cannot name the rule's groups: 1 to {MAX_GROUP_NAME} bytes without ':'{}",
+                if key == "match" {
+                    " (set group_name)"
+                } else {
+                    ""
+                }
+            ));
+        }
+        if let Some(why) = sluice_collectors::reading::series_problem(name) {
+            return Err(format!("{key}: {name:?} cannot be a series id: {why}"));
+        }
+        Ok(())
     }
 
     fn validate_labels(&self) -> Result<(), String> {

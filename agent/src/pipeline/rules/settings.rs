@@ -52,6 +52,17 @@ pub struct Rule {
     /// `critical` series are never shed; `normal` (default) ones may be.
     #[serde(default)]
     pub priority: PriorityKind,
+    /// Aggregate across the series the rule matches: `"*"` makes them one
+    /// group, a label's name one group per value of that label. A group
+    /// is then the rule's unit: its windows, sketches and detectors see
+    /// the readings of all its members, and its records and alerts name
+    /// it (see `group_name`). Needs a window; not with `rate_of_change`.
+    /// Default: each series on its own.
+    pub group_by: Option<String>,
+    /// The series id of the group (`group_by = "*"`), or the part before
+    /// `:<value>` in those of a label's groups: 1 to 32 bytes, no `:`.
+    /// Default: the rule's `match`.
+    pub group_name: Option<String>,
 }
 
 /// `quantiles = [0.5, 0.99]`, or as a table
