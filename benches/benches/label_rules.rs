@@ -2,7 +2,7 @@
 //! worker (`Worker::process`): W1's rule (a 1-second tumbling window with
 //! all aggregates and an EWMA z-score), and the same rule adding a distinct
 //! count and a top 10 over a `mac` label (a BLE gateway: 5,000 devices,
-//! Zipf-distributed).
+//! Zipf-distributed), or quantiles by DDSketch or KLL.
 //!
 //! `cargo bench -p sluice-benches --bench label_rules`
 
@@ -90,6 +90,11 @@ fn per_reading(c: &mut Criterion) {
         (
             "w1_rule+distinct+top_10",
             "distinct = \"mac\"\ntop_k = { label = \"mac\", k = 10 }\n",
+        ),
+        ("w1_rule+quantiles_ddsketch", "quantiles = [0.5, 0.99]\n"),
+        (
+            "w1_rule+quantiles_kll_k200",
+            "quantiles = { at = [0.5, 0.99], method = \"kll\" }\n",
         ),
     ] {
         g.bench_function(name, |b| {

@@ -227,6 +227,8 @@ mod tests {
             last: 1.0,
             quantiles: None,
             quantiles_collapsed: Vec::new(),
+            quantiles_rank_error: None,
+            quantile_sketch: None,
             distinct: None,
             top_k: None,
             sample: None,

@@ -47,6 +47,15 @@ pub struct AggregateRecord {
     /// 1 %. Absent when every quantile keeps its accuracy.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub quantiles_collapsed: Vec<String>,
+    /// With `method = "kll"`: how far each quantile's rank may be from the
+    /// requested one (normalized, 99 % confidence; 0.0133 at `k` = 200).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub quantiles_rank_error: Option<f64>,
+    /// With `method = "kll"` and `sketches = true`: the KLL sketch, base64
+    /// (standard alphabet, padded) of Apache DataSketches' KLL doubles
+    /// format, for upstream merges.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub quantile_sketch: Option<String>,
     /// For a decaying window: its statistics at the end of the period.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub decaying: Option<DecayingSummary>,

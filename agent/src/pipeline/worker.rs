@@ -333,12 +333,21 @@ fn aggregate(
     let a = &done.closed.acc;
     let levels = &rules.config(rule).quantiles.at;
     let mut quantiles_collapsed = Vec::new();
-    let quantiles = done.quantiles.filter(|_| !levels.is_empty()).map(|q| {
+    let sketch = done.quantiles.as_ref().filter(|_| !levels.is_empty());
+    let quantiles_rank_error = sketch.and_then(Quantiles::rank_error);
+    let quantile_sketch = sketch
+        .filter(|_| rules.config(rule).sketches)
+        .and_then(Quantiles::kll_bytes)
+        .map(|bytes| {
+            use base64::Engine as _;
+            base64::engine::general_purpose::STANDARD.encode(bytes)
+        });
+    let quantiles = sketch.map(|q| {
         levels
             .iter()
             .filter_map(|&level| {
-                let name = format!("p{}", (level * 100_000.0).round() / 1000.0);
-                let answer = q.quantile_detail(level)?;
+                let name = quantile_name(level);
+                let answer = q.quantile(level)?;
                 if answer.collapsed {
                     quantiles_collapsed.push(name.clone());
                 }
@@ -369,6 +378,8 @@ fn aggregate(
         last: a.last().map_or(f64::NAN, |p| p.value),
         quantiles,
         quantiles_collapsed,
+        quantiles_rank_error,
+        quantile_sketch,
         distinct: None,
         top_k: None,
         sample: None,
@@ -391,6 +402,11 @@ fn aggregate(
         label_records(&mut record, w, spec);
     }
     Record::Aggregate(record)
+}
+
+/// A quantile's name in records: `p50`, `p99`, `p99.9`.
+pub fn quantile_name(level: f64) -> String {
+    format!("p{}", (level * 100_000.0).round() / 1000.0)
 }
 
 /// What a closed window's label sketches report, into its record.
@@ -1778,6 +1794,64 @@ mod tests {
                 "{name}: {} vs {exact}",
                 q[name]
             );
+        }
+    }
+
+    #[test]
+    fn kll_quantiles_keep_their_rank_over_any_range_and_python_datasketches_reads_them() {
+        // Six decades of values (where the default DDSketch collapses the
+        // low ones): KLL keeps each quantile's rank within its error, and
+        // the record's sketch reads in Apache DataSketches' Python library
+        // to the same quantiles. Through a checkpoint restore.
+        const RULE: &str = "[[rules]]\nmatch = \"*\"\nwindow = { kind = \"tumbling\", size_ms = 100000, lateness_ms = 1000 }\nquantiles = { at = [0.01, 0.5, 0.99], method = \"kll\" }\nsketches = true\n";
+        let mut rng = sluice_core::rng::SplitMix64::new(3);
+        let values: Vec<f64> = (0..20_000)
+            .map(|_| 10f64.powf(6.0 * rng.next_f64() - 3.0))
+            .collect();
+        let (mut a, mut rx, _) = worker(RULE);
+        for (i, &v) in values[..10_000].iter().enumerate() {
+            a.process(reading("s", i as i64, v));
+        }
+        let state = saved(&a, &mut rx);
+        let (mut b, mut rx, _) = worker(RULE);
+        b.restore(state, &HashMap::new());
+        for (i, &v) in values[10_000..].iter().enumerate() {
+            b.process(reading("s", 10_000 + i as i64, v));
+        }
+        b.process(reading("s", 200_000, 1.0));
+        let got = aggregates(&mut rx);
+        assert_eq!(got[0].count, 20_000);
+        assert!(got[0].quantiles_collapsed.is_empty());
+        let eps = got[0].quantiles_rank_error.unwrap();
+        assert!((0.01..0.02).contains(&eps), "{eps}");
+        let mut sorted = values.clone();
+        sorted.sort_by(f64::total_cmp);
+        let q = got[0].quantiles.as_ref().unwrap();
+        for (name, level) in [("p1", 0.01), ("p50", 0.5), ("p99", 0.99)] {
+            let rank = sorted.partition_point(|&v| v <= q[name]) as f64 / 20_000.0;
+            assert!(
+                (rank - level).abs() <= eps,
+                "{name}: {} at rank {rank}",
+                q[name]
+            );
+        }
+        let sketch = got[0].quantile_sketch.as_ref().unwrap();
+        let python = std::env::var("SLUICE_PYTHON").unwrap_or_else(|_| "python3".into());
+        let script = "import base64, sys\nfrom datasketches import kll_doubles_sketch\ns = kll_doubles_sketch.deserialize(base64.b64decode(sys.argv[1]))\nprint(s.n, *(repr(s.get_quantile(r)) for r in (0.01, 0.5, 0.99)))\n";
+        let out = std::process::Command::new(&python)
+            .args(["-c", script, sketch])
+            .output()
+            .unwrap_or_else(|e| panic!("{python}: {e}"));
+        assert!(
+            out.status.success(),
+            "{python} with the datasketches package (bash .ci/test installs it; SLUICE_PYTHON names its python): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let printed = String::from_utf8(out.stdout).unwrap();
+        let fields: Vec<&str> = printed.split_whitespace().collect();
+        assert_eq!(fields[0], "20000");
+        for (field, name) in fields[1..].iter().zip(["p1", "p50", "p99"]) {
+            assert_eq!(field.parse::<f64>().unwrap(), q[name], "{name}: {printed}");
         }
     }
 

@@ -7,7 +7,6 @@ use sluice_core::anomaly::{
     Hysteresis, RateOfChangeDetector, RuleError, ThresholdDetector, Transition, ZScoreDetector,
 };
 use sluice_core::shed::Priority;
-use sluice_core::sketch::DdSketch;
 use sluice_core::window::{
     Closed, CountWindow, DecayingStats, HoppingWindow, Rejection, TumblingWindow, WindowError,
 };
@@ -16,9 +15,11 @@ use serde::{Deserialize, Serialize};
 
 pub mod groups;
 pub mod labels;
+pub mod quantiles;
 mod settings;
 
 pub use groups::{GROUP_ALL, GroupSpec, MAX_GROUP_NAME};
+pub use quantiles::{QuantileShape, Quantiles};
 pub use settings::*;
 
 /// Panes of a tumbling window: lateness up to 3 windows.
@@ -209,179 +210,6 @@ pub fn window_for<A: Accumulator>(rule: &WindowRule) -> Result<Window<A>, Window
             }))
         }
     })
-}
-
-/// Buckets per sign of a window's quantile sketch when the rule gives no
-/// `range`: at 1 % accuracy they span values within a factor of about 13
-/// of each other before the lowest are merged (see
-/// `sluice_core::sketch::DdSketch`).
-pub const DEFAULT_QUANTILE_BUCKETS: usize = 128;
-/// The most buckets per sign a `range` may ask for: 32 KiB a sketch, and
-/// a factor of 10^17 at 1 %.
-pub const MAX_QUANTILE_BUCKETS: usize = 2048;
-
-/// The shape of a rule's quantile sketches: accuracy and buckets per sign.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct QuantileShape {
-    /// Relative accuracy.
-    pub accuracy: f64,
-    /// Buckets per sign (the sketch holds twice as many).
-    pub buckets: usize,
-}
-
-impl Default for QuantileShape {
-    fn default() -> Self {
-        QuantileShape {
-            accuracy: DEFAULT_QUANTILE_ACCURACY,
-            buckets: DEFAULT_QUANTILE_BUCKETS,
-        }
-    }
-}
-
-impl QuantileShape {
-    /// The shape `quantiles` asks for, or why it cannot be had (the error
-    /// starts with the key it is about).
-    pub fn of(rule: &QuantilesRule) -> Result<QuantileShape, String> {
-        let accuracy = rule.accuracy;
-        if !(0.0001..=0.5).contains(&accuracy) {
-            return Err(format!(
-                "accuracy: {accuracy} must be from 0.0001 to 0.5 (0.01 is 1 %)"
-            ));
-        }
-        let Some([lo, hi]) = rule.range else {
-            return Ok(QuantileShape {
-                accuracy,
-                buckets: DEFAULT_QUANTILE_BUCKETS,
-            });
-        };
-        if !(lo > 0.0 && lo < hi && hi.is_finite()) {
-            return Err(format!(
-                "range: [{lo}, {hi}] must be two magnitudes 0 < lo < hi, e.g. [0.1, 1000.0] (a range of negative values is given by its magnitudes)"
-            ));
-        }
-        match DdSketch::<Box<[u64]>>::buckets_to_cover(accuracy, lo, hi) {
-            Some(buckets) if buckets <= MAX_QUANTILE_BUCKETS => Ok(QuantileShape {
-                accuracy,
-                buckets: buckets.max(2),
-            }),
-            needed => Err(format!(
-                "range: covering [{lo}, {hi}] within {accuracy} takes {} buckets a sign, more than {MAX_QUANTILE_BUCKETS} (32 KiB a window): narrow the range or loosen the accuracy",
-                needed.map_or("too many".to_string(), |n| n.to_string())
-            )),
-        }
-    }
-
-    /// Bytes of one window's sketch (both signs).
-    pub fn bytes(&self) -> usize {
-        2 * self.buckets * std::mem::size_of::<u64>()
-    }
-}
-
-/// A window's quantile sketch, allocated when its pane takes its first
-/// value (so that empty panes cost one pointer), shaped by the rule.
-#[derive(Clone, Default)]
-pub struct Quantiles(Option<Box<DdSketch<Box<[u64]>>>>);
-
-/// Checkpointed in the sketch's own versioned, checksummed encoding (which
-/// carries its accuracy and size).
-impl Serialize for Quantiles {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let bytes = self.0.as_ref().map(|sketch| {
-            let mut buf = vec![0; sketch.serialized_len()];
-            let n = sketch.write_to(&mut buf).unwrap_or(0);
-            buf.truncate(n);
-            buf
-        });
-        bytes.serialize(s)
-    }
-}
-
-impl<'de> Deserialize<'de> for Quantiles {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let bad =
-            |e: &dyn std::fmt::Display| serde::de::Error::custom(format!("quantile sketch: {e}"));
-        match Option::<Vec<u8>>::deserialize(d)? {
-            None => Ok(Quantiles(None)),
-            Some(bytes) => {
-                let len = DdSketch::<Box<[u64]>>::storage_len(&bytes).map_err(|e| bad(&e))?;
-                if len > 2 * MAX_QUANTILE_BUCKETS {
-                    return Err(bad(&format!("{len} buckets, more than any rule asks for")));
-                }
-                DdSketch::read_from(&bytes, vec![0; len].into_boxed_slice())
-                    .map(|s| Quantiles(Some(Box::new(s))))
-                    .map_err(|e| bad(&e))
-            }
-        }
-    }
-}
-
-impl Quantiles {
-    /// The value at quantile `q`, within the rule's accuracy of the exact
-    /// one unless it falls among values collapsed for lack of buckets.
-    pub fn quantile(&self, q: f64) -> Option<f64> {
-        self.0.as_ref().and_then(|s| s.quantile(q))
-    }
-
-    /// [`Self::quantile`], and whether it fell among collapsed values (see
-    /// `DdSketch::quantile_detail`).
-    pub fn quantile_detail(&self, q: f64) -> Option<sluice_core::sketch::QuantileAnswer> {
-        self.0.as_ref().and_then(|s| s.quantile_detail(q))
-    }
-
-    /// The sketch's (accuracy, buckets per sign), once it holds a value.
-    pub fn shape(&self) -> Option<QuantileShape> {
-        self.0.as_ref().map(|s| QuantileShape {
-            accuracy: s.relative_error(),
-            buckets: s.buckets_per_sign(),
-        })
-    }
-}
-
-impl Accumulator for Quantiles {
-    type Params = QuantileShape;
-
-    fn empty() -> Self {
-        Self(None)
-    }
-
-    fn with_params(shape: &QuantileShape) -> Self {
-        Self(Some(Box::new(
-            DdSketch::with_storage(
-                vec![0; 2 * shape.buckets].into_boxed_slice(),
-                shape.accuracy,
-            )
-            .expect("shape validated by QuantileShape::of"),
-        )))
-    }
-
-    fn add(&mut self, _ts: Timestamp, value: f64) {
-        self.0
-            .get_or_insert_with(|| {
-                // Only a window made without its rule's shape starts empty.
-                match Self::with_params(&QuantileShape::default()) {
-                    Quantiles(Some(sketch)) => sketch,
-                    Quantiles(None) => unreachable!("with_params allocates"),
-                }
-            })
-            .insert(value);
-    }
-
-    fn merge(&mut self, other: &Self) {
-        match (&mut self.0, &other.0) {
-            (_, None) => {}
-            (None, Some(o)) => self.0 = Some(o.clone()),
-            (Some(s), Some(o)) => {
-                // The windows of a rule share its shape: the merge cannot
-                // fail.
-                let merged = s.merge(&**o);
-                debug_assert!(merged.is_ok(), "quantile sketches of different shapes");
-            }
-        }
-    }
-
-    fn is_empty(&self) -> bool {
-        self.0.as_ref().is_none_or(|s| s.count() == 0)
-    }
 }
 
 /// The z-score detector a rule asks for.
@@ -890,8 +718,9 @@ impl Rule {
         {
             return Err(format!("{key}: needs a tumbling window"));
         }
-        if self.sketches && self.distinct.is_none() {
-            return Err("sketches: carries the distinct sketch: set distinct too".into());
+        let kll = self.quantiles.method == QuantileMethod::Kll && !self.quantiles.at.is_empty();
+        if self.sketches && self.distinct.is_none() && !kll {
+            return Err("sketches: carries the distinct and KLL quantile sketches: set distinct or quantiles with method = \"kll\" too".into());
         }
         if let Some(t) = &self.top_k
             && !(1..=1000).contains(&t.k)

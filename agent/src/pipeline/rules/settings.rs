@@ -44,9 +44,10 @@ pub struct Rule {
     /// A uniform sample of `k` readings (event time and value) per window.
     /// Needs a tumbling window. Default: none.
     pub sample: Option<SampleRule>,
-    /// Records carry the `distinct` sketch, base64, in the Apache
-    /// DataSketches HLL format, so that upstream can merge windows and
-    /// gateways (`sluice`'s outbox does when it downsamples). Default false.
+    /// Records carry the `distinct` sketch and the KLL quantile sketch
+    /// (`method = "kll"`), base64, in Apache DataSketches' HLL and KLL
+    /// formats, so that upstream can merge windows and gateways
+    /// (`sluice`'s outbox does when it downsamples). Default false.
     #[serde(default)]
     pub sketches: bool,
     /// `critical` series are never shed; `normal` (default) ones may be.
@@ -66,11 +67,17 @@ pub struct Rule {
 }
 
 /// `quantiles = [0.5, 0.99]`, or as a table
-/// `{ at = [0.5, 0.99], accuracy = 0.01, range = [0.1, 1000.0] }`.
+/// `{ at = [0.5, 0.99], accuracy = 0.01, range = [0.1, 1000.0] }` (a
+/// DDSketch: relative accuracy) or `{ at = [0.5, 0.99], method = "kll",
+/// k = 200 }` (a KLL sketch: rank accuracy, in the DataSketches format).
 #[derive(Debug, Clone, PartialEq)]
 pub struct QuantilesRule {
     /// The quantiles to report, each in (0, 1).
     pub at: Vec<f64>,
+    /// The sketch: `"ddsketch"` (default) or `"kll"`.
+    pub method: QuantileMethod,
+    /// KLL's `k` (8 to 65,535; default 200: rank error about 1.3 %).
+    pub k: Option<u16>,
     /// Relative accuracy of each reported quantile (0.0001 to 0.5).
     /// Default 0.01.
     pub accuracy: f64,
@@ -81,7 +88,25 @@ pub struct QuantilesRule {
     pub range: Option<[f64; 2]>,
     /// Written as a table (errors then name `quantiles.at`).
     pub table: bool,
+    /// `accuracy` was written (it belongs to DDSketch alone).
+    pub accuracy_set: bool,
 }
+
+/// How a rule's quantiles are sketched.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum QuantileMethod {
+    /// DDSketch: each quantile within a relative `accuracy` of its value.
+    #[default]
+    Ddsketch,
+    /// KLL (Apache DataSketches' format): each quantile's rank within
+    /// about 1.3 % (at `k` = 200) of the requested one, whatever the
+    /// values' range; with `sketches = true` records carry the sketch.
+    Kll,
+}
+
+/// KLL's `k` when the rule does not set one.
+pub const DEFAULT_KLL_K: u16 = 200;
 
 /// Accuracy of reported quantiles when the rule does not set one.
 pub const DEFAULT_QUANTILE_ACCURACY: f64 = 0.01;
@@ -90,9 +115,12 @@ impl Default for QuantilesRule {
     fn default() -> Self {
         QuantilesRule {
             at: Vec::new(),
+            method: QuantileMethod::Ddsketch,
+            k: None,
             accuracy: DEFAULT_QUANTILE_ACCURACY,
             range: None,
             table: false,
+            accuracy_set: false,
         }
     }
 }
@@ -101,13 +129,11 @@ impl Default for QuantilesRule {
 #[serde(deny_unknown_fields)]
 struct QuantilesTable {
     at: Vec<f64>,
-    #[serde(default = "default_accuracy")]
-    accuracy: f64,
+    #[serde(default)]
+    method: QuantileMethod,
+    k: Option<u16>,
+    accuracy: Option<f64>,
     range: Option<[f64; 2]>,
-}
-
-const fn default_accuracy() -> f64 {
-    DEFAULT_QUANTILE_ACCURACY
 }
 
 /// A list or a table, told apart by what the file holds (not by trying
@@ -138,7 +164,10 @@ impl<'de> Deserialize<'de> for QuantilesRule {
                 let t = QuantilesTable::deserialize(MapAccessDeserializer::new(map))?;
                 Ok(QuantilesRule {
                     at: t.at,
-                    accuracy: t.accuracy,
+                    method: t.method,
+                    k: t.k,
+                    accuracy_set: t.accuracy.is_some(),
+                    accuracy: t.accuracy.unwrap_or(DEFAULT_QUANTILE_ACCURACY),
                     range: t.range,
                     table: true,
                 })
@@ -153,14 +182,20 @@ impl<'de> Deserialize<'de> for QuantilesRule {
 impl Serialize for QuantilesRule {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeMap;
-        if self.range.is_none() && self.accuracy == DEFAULT_QUANTILE_ACCURACY {
+        let ddsketch = self.method == QuantileMethod::Ddsketch;
+        if ddsketch && self.range.is_none() && self.accuracy == DEFAULT_QUANTILE_ACCURACY {
             return self.at.serialize(s);
         }
         let mut map = s.serialize_map(None)?;
         map.serialize_entry("at", &self.at)?;
-        map.serialize_entry("accuracy", &self.accuracy)?;
-        if let Some(range) = &self.range {
-            map.serialize_entry("range", range)?;
+        if ddsketch {
+            map.serialize_entry("accuracy", &self.accuracy)?;
+            if let Some(range) = &self.range {
+                map.serialize_entry("range", range)?;
+            }
+        } else {
+            map.serialize_entry("method", &self.method)?;
+            map.serialize_entry("k", &self.k.unwrap_or(DEFAULT_KLL_K))?;
         }
         map.end()
     }

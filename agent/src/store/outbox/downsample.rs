@@ -116,8 +116,8 @@ const DOWNSAMPLE_SCAN: i64 = 4096;
 /// windows stays an unbiased estimate; their `count_stderr`s combine as
 /// independent errors and `sampled_one_in` keeps the larger rate.
 /// Quantiles, top values and samples cannot be merged from their values
-/// and are left out; distinct counts merge when both records carry their
-/// sketch (`sketches = true`), else are left out too;
+/// and are left out; distinct counts and KLL quantiles merge when both
+/// records carry their sketch (`sketches = true`), else are left out too;
 /// `downsampled` counts the original windows in it. `None` unless both are
 /// aggregates, and `None` if `b` starts before `a` ends: overlapping windows
 /// (hopping ones, say) share readings, and adding their counts would count
@@ -202,10 +202,22 @@ pub fn merge_aggregates(a: &[u8], b: &[u8]) -> Option<Vec<u8>> {
         let (ea, eb) = (ea.unwrap_or(0.0), eb.unwrap_or(0.0));
         out.insert("count_stderr".into(), num((ea * ea + eb * eb).sqrt()));
     }
-    // Quantiles do not merge from their values: dropped, with their marks;
-    // nor do top values and samples.
-    out.remove("quantiles");
+    // Quantiles do not merge from their values: dropped, with their marks,
+    // unless both carry their KLL sketch (`method = "kll"`, `sketches =
+    // true`): then the union's. Nor do top values and samples merge.
     out.remove("quantiles_collapsed");
+    match merge_kll(&a, &b) {
+        Some((quantiles, sketch, rank_error)) => {
+            out.insert("quantiles".into(), quantiles);
+            out.insert("quantile_sketch".into(), sketch);
+            out.insert("quantiles_rank_error".into(), rank_error);
+        }
+        None => {
+            out.remove("quantiles");
+            out.remove("quantile_sketch");
+            out.remove("quantiles_rank_error");
+        }
+    }
     out.remove("top_k");
     out.remove("sample");
     // Distinct counts merge when both carry their sketch (`sketches =
@@ -218,6 +230,35 @@ pub fn merge_aggregates(a: &[u8], b: &[u8]) -> Option<Vec<u8>> {
         |m: &Map<String, Value>| m.get("downsampled").and_then(Value::as_u64).unwrap_or(1);
     out.insert("downsampled".into(), Value::from(windows(&a) + windows(&b)));
     serde_json::to_vec(&Value::Object(out)).ok()
+}
+
+/// The quantiles, sketch and rank error of two windows' records whose
+/// KLL sketches merge: the union's, at the quantiles `b` reports.
+fn merge_kll(
+    a: &serde_json::Map<String, serde_json::Value>,
+    b: &serde_json::Map<String, serde_json::Value>,
+) -> Option<(serde_json::Value, serde_json::Value, serde_json::Value)> {
+    use base64::Engine as _;
+    use datasketches::common::SearchCriteria;
+    use datasketches::kll::{KllFloat, KllSketch};
+    let engine = base64::engine::general_purpose::STANDARD;
+    let read = |m: &serde_json::Map<String, serde_json::Value>| {
+        let bytes = engine.decode(m.get("quantile_sketch")?.as_str()?).ok()?;
+        KllSketch::<KllFloat<f64>>::deserialize(&bytes).ok()
+    };
+    let (mut union, other) = (read(a)?, read(b)?);
+    union.merge(&other).ok()?;
+    let mut quantiles = serde_json::Map::new();
+    for name in b.get("quantiles")?.as_object()?.keys() {
+        let level = name.strip_prefix('p')?.parse::<f64>().ok()? / 100.0;
+        let value = union.quantile(level, SearchCriteria::Inclusive).ok()??;
+        quantiles.insert(name.clone(), serde_json::json!(value.into_inner()));
+    }
+    Some((
+        serde_json::Value::Object(quantiles),
+        engine.encode(union.serialize()).into(),
+        serde_json::json!(union.normalized_rank_error()),
+    ))
 }
 
 /// The `distinct` of two windows' records merged: their sketches' union

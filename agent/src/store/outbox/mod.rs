@@ -769,6 +769,58 @@ mod tests {
     }
 
     #[test]
+    fn kll_quantiles_merge_through_their_sketches_and_are_dropped_without() {
+        use base64::Engine as _;
+        use datasketches::kll::{KllFloat, KllSketch};
+        let with_sketch = |start: i64, values: std::ops::Range<u32>, sketch: bool| {
+            let mut k = KllSketch::<KllFloat<f64>>::new(200).unwrap();
+            for i in values {
+                k.update(KllFloat::<f64>::new(f64::from(i)).unwrap());
+            }
+            let mut v: serde_json::Value =
+                serde_json::from_slice(&aggregate(start, start + 1000, 8)).unwrap();
+            v["quantiles"] = serde_json::json!({ "p10": 0.0, "p50": 0.0, "p99.9": 0.0 });
+            v["quantiles_rank_error"] = k.normalized_rank_error().into();
+            if sketch {
+                v["quantile_sketch"] = base64::engine::general_purpose::STANDARD
+                    .encode(k.serialize())
+                    .into();
+            }
+            serde_json::to_vec(&v).unwrap()
+        };
+        // 0..10,000 then 10,000..30,000: the union's quantiles are those of
+        // 0..30,000, within the rank error.
+        let merged = merge_aggregates(
+            &with_sketch(0, 0..10_000, true),
+            &with_sketch(1000, 10_000..30_000, true),
+        )
+        .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&merged).unwrap();
+        let eps = v["quantiles_rank_error"].as_f64().unwrap();
+        assert!(eps > 0.0 && eps < 0.02, "{v}");
+        for (name, level) in [("p10", 0.1), ("p50", 0.5), ("p99.9", 0.999)] {
+            let rank = v["quantiles"][name].as_f64().unwrap() / 30_000.0;
+            assert!((rank - level).abs() <= eps, "{name}: rank {rank}");
+        }
+        let back = base64::engine::general_purpose::STANDARD
+            .decode(v["quantile_sketch"].as_str().unwrap())
+            .unwrap();
+        assert_eq!(
+            KllSketch::<KllFloat<f64>>::deserialize(&back).unwrap().n(),
+            30_000
+        );
+        // Without both sketches, the union's quantiles cannot be known.
+        let merged = merge_aggregates(
+            &with_sketch(0, 0..10, true),
+            &with_sketch(1000, 10..30, false),
+        )
+        .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&merged).unwrap();
+        assert!(v.get("quantiles").is_none() && v.get("quantile_sketch").is_none());
+        assert!(v.get("quantiles_rank_error").is_none());
+    }
+
+    #[test]
     fn seq_is_spliced_into_objects_and_wraps_the_rest() {
         assert_eq!(
             with_identity(3, 7, br#"{"a":1}"#),
