@@ -209,6 +209,9 @@ fn a_value_out_of_range_names_its_key_and_line() {
         ("rules[3].first_seen.capacity", "100000", "0"),
         ("rules[3].first_seen.fpr", "0.01", "0.7"),
         ("rules[3].sample.k", "5", "1001"),
+        ("rules[3].frequency.epsilon", "0.01", "0.9"),
+        ("rules[3].frequency.delta", "0.01", "0.0"),
+        ("rules[3].frequency.label", "\"mac\"", "\"imei\""),
         ("rules[3].quantiles.k", "200", "4"),
         ("rules[3].quantiles.method", "\"kll\"", "\"tdigest\""),
         ("rules[4].group_by", "\"site\"", "\"room\""),
@@ -399,7 +402,7 @@ fn label_rules_need_a_tumbling_window_and_a_source_that_reads_the_label() {
         ),
         (
             "window = { kind = \"tumbling\", size_ms = 1000 }\nsample = { k = 3 }\nsketches = true",
-            "line 10: rules[0].sketches: carries the distinct and KLL quantile sketches: set distinct or quantiles with method = \"kll\" too",
+            "line 10: rules[0].sketches: carries the distinct, frequency and KLL quantile sketches: set distinct, frequency or quantiles with method = \"kll\" too",
         ),
         (
             "window = { kind = \"tumbling\", size_ms = 1000 }\nquantiles = { at = [0.5], method = \"kll\", accuracy = 0.02 }",

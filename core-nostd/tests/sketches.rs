@@ -235,6 +235,21 @@ fn memory_bytes_counts_inline_storage_once_and_outside_storage_once() {
 }
 
 #[test]
+fn count_min_says_what_storage_its_bytes_need() {
+    let (w, d) = (CountMin::<()>::width_for(0.01), CountMin::<()>::depth_for(0.01));
+    let mut cm = CountMin::with_storage(vec![0u64; w * d], w, d, 7, false).unwrap();
+    cm.add(b"a", 3);
+    let bytes = bytes_of(cm.serialized_len(), |b| cm.write_to(b));
+    assert_eq!(CountMin::<Vec<u64>>::storage_len(&bytes), Ok(w * d));
+    let back = CountMin::read_from(&bytes, vec![0u64; w * d]).unwrap();
+    assert_eq!(back.estimate(b"a"), 3);
+    // Damaged bytes are refused before anything is allocated for them.
+    let mut damaged = bytes.clone();
+    damaged[12] ^= 0xff;
+    assert!(CountMin::<Vec<u64>>::storage_len(&damaged).is_err());
+}
+
+#[test]
 fn count_min_merge_equals_the_union() {
     let (w, d) = (272, 5);
     let mut a = CountMin::with_storage(vec![0u64; w * d], w, d, 1, false).unwrap();

@@ -10,8 +10,8 @@ use console::print;
 pub use console::{Console, clock};
 use mqtt::MqttSink;
 pub use record::{
-    AggregateRecord, AlertEvent, DecayingSummary, DistinctRecord, GroupRecord, LabelRecord,
-    OutputStats, Record, TopRecord, TopValue,
+    AggregateRecord, AlertEvent, DecayingSummary, DistinctRecord, FrequencyRecord, FrequencyValue,
+    GroupRecord, LabelRecord, OutputStats, Record, TopRecord, TopValue,
 };
 
 use std::sync::Arc;
@@ -211,7 +211,7 @@ mod tests {
     use sluice_core::Timestamp;
 
     fn aggregate(series: &str, end: Timestamp) -> Record {
-        Record::Aggregate(AggregateRecord {
+        Record::Aggregate(Box::new(AggregateRecord {
             agent: "a".into(),
             series: series.into(),
             group: None,
@@ -232,13 +232,14 @@ mod tests {
             distinct: None,
             top_k: None,
             sample: None,
+            frequency: None,
             decaying: None,
             late: 0,
             partial: false,
             partial_reason: None,
             sampled_one_in: None,
             count_stderr: None,
-        })
+        }))
     }
 
     #[test]

@@ -68,6 +68,9 @@ pub struct AggregateRecord {
     /// `sample`: a uniform sample of the window's readings.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sample: Option<Vec<crate::pipeline::rules::labels::SampleRow>>,
+    /// `frequency`: how often values of a label occurred in the window.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub frequency: Option<Box<FrequencyRecord>>,
     /// Readings of this series refused as late since the previous record.
     pub late: u64,
     /// Some readings may be missing: it was closed early (by shutdown), or
@@ -122,6 +125,40 @@ pub struct DistinctRecord {
     /// items hashed as their UTF-8 bytes), for upstream merges.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sketch: Option<String>,
+}
+
+/// `frequency` in a record.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct FrequencyRecord {
+    /// The label.
+    pub label: String,
+    /// Readings of the window with the label (`N`).
+    pub total: u64,
+    /// Each count overestimates by at most `bound` = `epsilon` × `total`...
+    pub epsilon: f64,
+    /// ... except with probability `delta`.
+    pub delta: f64,
+    /// `epsilon` × `total`.
+    pub bound: f64,
+    /// The counts of the values the rule names, in its order.
+    pub values: Vec<FrequencyValue>,
+    /// Readings of the window without the label.
+    pub without_label: u64,
+    /// With `sketches = true`: the Count-Min sketch, base64 (standard
+    /// alphabet, padded) of the core's sketch format (`sluice-core`'s
+    /// `sketch` module docs), for upstream merges and queries.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sketch: Option<String>,
+}
+
+/// One value's count in `frequency`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct FrequencyValue {
+    /// The label value.
+    pub value: String,
+    /// Its count: never below the true one, above it by at most `bound`
+    /// (but with probability `delta`).
+    pub count: u64,
 }
 
 /// `top_k` in a record.
@@ -202,8 +239,8 @@ pub struct AlertEvent {
 /// Something to deliver.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Record {
-    /// A closed window.
-    Aggregate(AggregateRecord),
+    /// A closed window (boxed: it is much larger than the others).
+    Aggregate(Box<AggregateRecord>),
     /// An alert change.
     Alert(AlertEvent),
     /// A stats snapshot (the periodic stats message).

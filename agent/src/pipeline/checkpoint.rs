@@ -41,15 +41,17 @@ use std::collections::HashMap;
 use serde::{Deserialize, Serialize};
 use sluice_core::Timestamp;
 
-use crate::pipeline::rules::labels::LabelsState;
+use crate::pipeline::rules::labels::{LabelsState, LabelsStateV2};
 use crate::pipeline::rules::{Detector, DetectorState, Quantiles, Window};
 use crate::pipeline::rules::{HoppingRule, TumblingRule, WindowRule};
 use crate::store::outbox::SavedCheckpoint;
 
 /// The encoding's version; a checkpoint of another version is skipped.
 /// Version 2 adds the series' label sketches after the series, in a list
-/// of their own, so that version 1 (what 0.2 wrote) still reads.
-pub const FORMAT: u16 = 2;
+/// of their own, so that version 1 (what 0.2 wrote) still reads; version 3
+/// adds the `frequency` sketch to each open window's label sketches
+/// (versions 1 and 2 still read).
+pub const FORMAT: u16 = 3;
 
 /// A series' windows, as saved.
 #[derive(Clone, Serialize, Deserialize)]
@@ -95,6 +97,14 @@ struct Envelope {
     series: Vec<SeriesState>,
     /// Per series, in the same order (format 2 on).
     labels: Vec<Option<LabelsState>>,
+}
+
+/// [`Envelope`] as format 2 wrote it.
+#[derive(Deserialize)]
+struct EnvelopeV2 {
+    _format: u16,
+    series: Vec<SeriesState>,
+    labels: Vec<Option<LabelsStateV2>>,
 }
 
 /// Encodes a worker's series.
@@ -177,7 +187,7 @@ pub fn encode_refs(mut series: Vec<SeriesRef<'_>>) -> Vec<u8> {
     .unwrap_or_default()
 }
 
-/// Decodes what [`encode`] made (format 2), or what format 1 was.
+/// Decodes what [`encode`] made (format 3), or what formats 1 and 2 were.
 pub fn decode(bytes: &[u8]) -> Result<Vec<SeriesState>, String> {
     let (format, _) = postcard::take_from_bytes::<u16>(bytes).map_err(|e| e.to_string())?;
     match format {
@@ -185,19 +195,36 @@ pub fn decode(bytes: &[u8]) -> Result<Vec<SeriesState>, String> {
         1 => postcard::from_bytes::<(u16, Vec<SeriesState>)>(bytes)
             .map(|(_, series)| series)
             .map_err(|e| e.to_string()),
+        2 => {
+            let e = postcard::from_bytes::<EnvelopeV2>(bytes).map_err(|e| e.to_string())?;
+            let labels = e
+                .labels
+                .into_iter()
+                .map(|l| l.map(LabelsState::from))
+                .collect();
+            with_labels(e.series, labels)
+        }
         FORMAT => {
             let e = postcard::from_bytes::<Envelope>(bytes).map_err(|e| e.to_string())?;
-            if e.labels.len() != e.series.len() {
-                return Err("label sketches do not match the series".into());
-            }
-            Ok(e.series
-                .into_iter()
-                .zip(e.labels)
-                .map(|(s, labels)| SeriesState { labels, ..s })
-                .collect())
+            with_labels(e.series, e.labels)
         }
-        other => Err(format!("format {other} (this build reads 1 and {FORMAT})")),
+        other => Err(format!("format {other} (this build reads 1 to {FORMAT})")),
     }
+}
+
+/// Each series with its label sketches (the list beside them).
+fn with_labels(
+    series: Vec<SeriesState>,
+    labels: Vec<Option<LabelsState>>,
+) -> Result<Vec<SeriesState>, String> {
+    if labels.len() != series.len() {
+        return Err("label sketches do not match the series".into());
+    }
+    Ok(series
+        .into_iter()
+        .zip(labels)
+        .map(|(s, labels)| SeriesState { labels, ..s })
+        .collect())
 }
 
 /// How far past a window mark event time must be moved so that every window
@@ -342,10 +369,39 @@ mod tests {
             labels: vec![None],
         })
         .unwrap();
-        assert!(matches!(decode(&bytes), Err(e) if e.contains("format 3")));
+        assert!(matches!(decode(&bytes), Err(e) if e.contains("format 4")));
         assert_eq!(decode(&encode(vec![state("a")])).unwrap().len(), 1);
         // Format 1 (0.2's: no label sketches) still reads.
         let v1 = postcard::to_allocvec(&(1u16, vec![state("a"), state("b")])).unwrap();
         assert_eq!(decode(&v1).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn format_2_label_sketches_still_read() {
+        use crate::pipeline::rules::labels::{LabelPanes, LabelSpec};
+        use sluice_collectors::reading::Labels;
+        let spec = LabelSpec {
+            size_ms: 1000,
+            distinct: Some("mac".into()),
+            top: None,
+            sample: None,
+            frequency: None,
+            sketches: false,
+        };
+        let mut panes = LabelPanes::default();
+        for mac in ["a", "b", "c"] {
+            let labels = Labels::new(std::sync::Arc::from(vec!["mac".into()]), &[Some(mac)]);
+            panes.add(&spec, 10, 1.0, 1, labels.as_ref());
+        }
+        let saved = LabelsState::save(7, Some(&panes), None);
+        // What 0.2's successor wrote: format 2, panes without frequency.
+        let v2 =
+            postcard::to_allocvec(&(2u16, vec![state("a")], vec![Some(saved.as_v2())])).unwrap();
+        let back = decode(&v2).unwrap();
+        let labels = back[0].labels.as_ref().unwrap();
+        assert_eq!(labels.fingerprint, 7);
+        let mut restored = labels.panes(&spec).unwrap();
+        let (h, _) = restored.close(&spec, 0).distinct.unwrap();
+        assert_eq!(h.estimate().round(), 3.0);
     }
 }

@@ -30,8 +30,8 @@ use sluice_core::window::{Closed, DecayingStats, Rejection};
 use tokio::sync::mpsc;
 
 use crate::output::{
-    AggregateRecord, AlertEvent, DecayingSummary, DistinctRecord, GroupRecord, LabelRecord, Record,
-    TopRecord, TopValue,
+    AggregateRecord, AlertEvent, DecayingSummary, DistinctRecord, FrequencyRecord, FrequencyValue,
+    GroupRecord, LabelRecord, Record, TopRecord, TopValue,
 };
 use crate::pipeline::checkpoint::{
     self, DetectorsRef, SeriesRef, SeriesState, WindowsRef, WindowsState,
@@ -383,6 +383,7 @@ fn aggregate(
         distinct: None,
         top_k: None,
         sample: None,
+        frequency: None,
         decaying: done.decaying.and_then(|d| {
             Some(DecayingSummary {
                 mean: d.mean()?,
@@ -401,7 +402,7 @@ fn aggregate(
     if let (Some(w), Some(spec)) = (done.labels, rules.label_spec(rule)) {
         label_records(&mut record, w, spec);
     }
-    Record::Aggregate(record)
+    Record::Aggregate(Box::new(record))
 }
 
 /// A quantile's name in records: `p50`, `p99`, `p99.9`.
@@ -458,6 +459,32 @@ fn label_records(record: &mut AggregateRecord, w: LabelWindow, spec: &LabelSpec)
         rows.sort_unstable_by_key(|r| r.ts);
         rows
     });
+    record.frequency = w
+        .frequency
+        .zip(spec.frequency.as_ref())
+        .map(|((cm, without), rule)| {
+            Box::new(FrequencyRecord {
+                label: rule.label.clone(),
+                total: cm.total(),
+                epsilon: cm.epsilon(),
+                delta: cm.delta(),
+                bound: cm.error_bound(),
+                values: rule
+                    .values
+                    .iter()
+                    .map(|v| FrequencyValue {
+                        value: v.clone(),
+                        count: cm.estimate(v.as_bytes()),
+                    })
+                    .collect(),
+                without_label: without,
+                sketch: spec.sketches.then(|| {
+                    let mut bytes = vec![0; cm.serialized_len()];
+                    let n = cm.write_to(&mut bytes).unwrap_or(0);
+                    base64::engine::general_purpose::STANDARD.encode(&bytes[..n])
+                }),
+            })
+        });
 }
 
 /// The current rules, replaced on reload; workers pick up a new generation.
@@ -1152,7 +1179,7 @@ mod tests {
         let mut out = Vec::new();
         while let Ok(r) = rx.try_recv() {
             if let Record::Aggregate(a) = r {
-                out.push(a);
+                out.push(*a);
             }
         }
         out
@@ -1465,6 +1492,64 @@ mod tests {
         );
     }
 
+    #[test]
+    fn frequency_counts_the_named_values_within_the_bound_through_a_restore() {
+        const RULE: &str = "agent_id = \"t\"\n[sources.u]\nkind = \"udp\"\nbind = \"127.0.0.1:0\"\n[sources.u.json]\nlabels = [\"mac\"]\n[output]\nconsole = true\n[[rules]]\nmatch = \"*\"\nwindow = { kind = \"tumbling\", size_ms = 100000 }\nfrequency = { label = \"mac\", epsilon = 0.01, delta = 0.01, values = [\"m-0\", \"m-7\", \"never\"] }\nsketches = true\n";
+        let make = || {
+            let config = Config::parse(RULE).unwrap();
+            let rules = Arc::new(Rules::compile(&config.rules).unwrap());
+            let (tx, rx) = mpsc::channel(4096);
+            let w = Worker::new(
+                "t".into(),
+                rules,
+                Arc::new(RulesSlot::default()),
+                10,
+                tx,
+                Arc::new(WorkerStats::default()),
+            );
+            (w, rx)
+        };
+        // Device i sends 1000 / (i + 1) readings, interleaved; ten readings
+        // carry no label.
+        let mut stream = Vec::new();
+        for i in 0..200usize {
+            stream.extend(std::iter::repeat_n(Some(format!("m-{i}")), 1000 / (i + 1)));
+        }
+        stream.extend(std::iter::repeat_n(None, 10));
+        let mut rng = sluice_core::rng::SplitMix64::new(9);
+        for i in (1..stream.len()).rev() {
+            stream.swap(i, rng.next_u64() as usize % (i + 1));
+        }
+        let (mut a, mut rx) = make();
+        let half = stream.len() / 2;
+        for (t, mac) in stream[..half].iter().enumerate() {
+            a.process(with_mac("gw", t as Timestamp, mac.as_deref()));
+        }
+        let state = saved(&a, &mut rx);
+        let (mut b, mut rx) = make();
+        b.restore(state, &HashMap::new());
+        for (t, mac) in stream[half..].iter().enumerate() {
+            b.process(with_mac("gw", (half + t) as Timestamp, mac.as_deref()));
+        }
+        b.process(with_mac("gw", 200_000, None));
+        let got = aggregates(&mut rx);
+        let f = got[0].frequency.as_ref().unwrap();
+        let labelled = (stream.len() - 10) as u64;
+        assert_eq!((f.total, f.without_label), (labelled, 10));
+        assert!((f.bound - f.epsilon * labelled as f64).abs() < 1e-6);
+        let truth = |v: &str| stream.iter().filter(|m| m.as_deref() == Some(v)).count() as u64;
+        assert_eq!(f.values.len(), 3);
+        for fv in &f.values {
+            let t = truth(&fv.value);
+            assert!(
+                t <= fv.count && fv.count as f64 <= t as f64 + f.bound,
+                "{fv:?} vs {t}"
+            );
+        }
+        assert_eq!(f.values[0].value, "m-0");
+        assert!(f.sketch.is_some());
+    }
+
     /// 500 devices in one window (three of them heavy), ten readings
     /// without the label.
     fn ble_window(w: &mut Worker, from: usize, to: usize) {
@@ -1491,7 +1576,7 @@ mod tests {
                     assert_eq!((e.rule, e.state), ("first_seen", "seen"));
                     seen.push(e.label.unwrap().value);
                 }
-                Record::Aggregate(a) => aggregates.push(a),
+                Record::Aggregate(a) => aggregates.push(*a),
                 _ => {}
             }
         }

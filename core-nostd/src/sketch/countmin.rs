@@ -240,6 +240,18 @@ impl<S: AsRef<[u64]> + AsMut<[u64]>> CountMin<S> {
         Ok(w.finish())
     }
 
+    /// The storage (`width × depth` counters) that [`Self::read_from`]
+    /// needs for the sketch serialized in `bytes`, read from its header (and
+    /// never more than `bytes` can hold).
+    pub fn storage_len(bytes: &[u8]) -> Result<usize, SketchError> {
+        let mut r = Reader::open(bytes, family::COUNT_MIN)?;
+        let (width, depth) = (r.u32()? as usize, r.u32()? as usize);
+        width
+            .checked_mul(depth)
+            .filter(|&cells| cells > 0 && cells.saturating_mul(8) <= bytes.len())
+            .ok_or(SketchError::Corrupt("Count-Min dimensions out of range"))
+    }
+
     /// Reads a sketch written by [`Self::write_to`] into `storage`, which must
     /// hold `width × depth` counters.
     pub fn read_from(bytes: &[u8], mut storage: S) -> Result<Self, SketchError> {

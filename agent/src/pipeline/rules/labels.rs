@@ -5,7 +5,10 @@
 //! label's values: nearly exact up to 384 values, then 1.3 % standard
 //! error), `top_k` (Space-Saving over a label's values: the most frequent,
 //! each count an overestimate by at most its `overcount`), `sample` (a
-//! uniform sample of the window's readings). Across windows: `first_seen`
+//! uniform sample of the window's readings), `frequency` (a Count-Min
+//! sketch of a label's values: each count an overestimate by at most ε of
+//! the window's labelled readings, but with probability δ). Across
+//! windows: `first_seen`
 //! (a Bloom filter of a label's values, which raises a `first_seen` alert
 //! the first time a value appears). All in memory fixed by the rule.
 
@@ -15,10 +18,11 @@ use serde::{Deserialize, Serialize};
 use sluice_collectors::reading::{LabelValue, Labels};
 use sluice_core::Timestamp;
 use sluice_core::sketch::{
-    BloomFilter, Counter, HyperLogLog, Membership, Reservoir, SampleItem, SpaceSaving, hll,
+    BloomFilter, CountMin, Counter, HyperLogLog, Membership, Reservoir, SampleItem, SpaceSaving,
+    hll,
 };
 
-use super::{FirstSeenRule, Rule};
+use super::{FirstSeenRule, FrequencyRule, Rule};
 
 /// Registers of a window's distinct-count sketch (p = 12: DataSketches'
 /// default lg_k, 1.3 % standard error, 2 KiB serialized).
@@ -30,6 +34,28 @@ const COUNTERS_PER_TOP: usize = 8;
 
 type Hll = HyperLogLog<Vec<u8>>;
 type Top = SpaceSaving<Vec<Counter>, Vec<u32>>;
+/// A window's `frequency` sketch.
+pub type Cm = CountMin<Vec<u64>>;
+
+/// Seed of the `frequency` sketches' item hash (fixed, so that windows,
+/// series and gateways merge).
+pub const FREQUENCY_SEED: u64 = 0x5ca1_ab1e;
+
+/// Fingerprint of a rule's label settings, for checkpoints (as before
+/// `frequency` for a rule without it, so that their saved state reads).
+pub fn fingerprint(rule: &Rule) -> u64 {
+    let before = (
+        &rule.window,
+        &rule.distinct,
+        &rule.top_k,
+        &rule.sample,
+        &rule.first_seen,
+    );
+    match &rule.frequency {
+        None => super::fingerprint(&before),
+        Some(f) => super::fingerprint(&(before, f)),
+    }
+}
 
 /// What a rule asks of its labels per window, compiled.
 #[derive(Clone, Debug, PartialEq)]
@@ -42,7 +68,9 @@ pub struct LabelSpec {
     pub top: Option<(String, usize)>,
     /// `sample`: readings kept.
     pub sample: Option<usize>,
-    /// Records carry the serialized distinct-count sketch.
+    /// `frequency`.
+    pub frequency: Option<FrequencyRule>,
+    /// Records carry the serialized sketches.
     pub sketches: bool,
 }
 
@@ -59,9 +87,14 @@ impl LabelSpec {
             distinct: rule.distinct.clone(),
             top: rule.top_k.as_ref().map(|t| (t.label.clone(), t.k)),
             sample: rule.sample.as_ref().map(|s| s.k),
+            frequency: rule.frequency.clone(),
             sketches: rule.sketches,
         };
-        (spec.distinct.is_some() || spec.top.is_some() || spec.sample.is_some()).then_some(spec)
+        (spec.distinct.is_some()
+            || spec.top.is_some()
+            || spec.sample.is_some()
+            || spec.frequency.is_some())
+        .then_some(spec)
     }
 }
 
@@ -98,6 +131,15 @@ pub struct LabelWindow {
     pub top: Option<(Box<Top>, HashMap<u64, LabelValue>, u64)>,
     /// `sample`.
     pub sample: Option<Box<Reservoir<SampleRow, Vec<SampleRow>>>>,
+    /// `frequency`: the sketch, and readings without the label.
+    pub frequency: Option<(Box<Cm>, u64)>,
+}
+
+/// An empty `frequency` sketch for `rule`.
+pub fn frequency_sketch(rule: &FrequencyRule) -> Cm {
+    let (w, d) = (Cm::width_for(rule.epsilon), Cm::depth_for(rule.delta));
+    Cm::with_storage(vec![0; w * d], w, d, FREQUENCY_SEED, false)
+        .expect("validated epsilon and delta")
 }
 
 impl LabelWindow {
@@ -123,6 +165,10 @@ impl LabelWindow {
                         .expect("k >= 1"),
                 )
             }),
+            frequency: spec
+                .frequency
+                .as_ref()
+                .map(|f| (Box::new(frequency_sketch(f)), 0)),
         }
     }
 
@@ -160,6 +206,12 @@ impl LabelWindow {
         }
         if let Some(s) = &mut self.sample {
             s.offer(SampleRow { ts, value });
+        }
+        if let (Some((cm, without)), Some(f)) = (&mut self.frequency, &spec.frequency) {
+            match get(&f.label) {
+                Some(v) => cm.add(v.as_bytes(), u64::from(weight)),
+                None => *without += u64::from(weight),
+            }
         }
     }
 }
@@ -268,6 +320,68 @@ pub struct SavedPane {
     distinct: Option<(Vec<u8>, u64)>,
     top: Option<SavedTop>,
     sample: Option<Vec<u8>>,
+    /// The `frequency` sketch and readings without the label (checkpoint
+    /// format 3 on).
+    frequency: Option<(Vec<u8>, u64)>,
+}
+
+/// [`LabelsState`] as checkpoint format 2 wrote it (no `frequency`).
+#[derive(Clone, Default, Serialize, Deserialize)]
+pub struct LabelsStateV2 {
+    fingerprint: u64,
+    panes: Vec<SavedPaneV2>,
+    first_seen: Option<(Vec<u8>, u64)>,
+}
+
+/// [`SavedPane`] as checkpoint format 2 wrote it.
+#[derive(Clone, Serialize, Deserialize)]
+struct SavedPaneV2 {
+    start: Timestamp,
+    distinct: Option<(Vec<u8>, u64)>,
+    top: Option<SavedTop>,
+    sample: Option<Vec<u8>>,
+}
+
+impl LabelsState {
+    /// This state as format 2 wrote it (its `frequency` sketches left out),
+    /// to test that such checkpoints still read.
+    #[doc(hidden)]
+    pub fn as_v2(&self) -> LabelsStateV2 {
+        LabelsStateV2 {
+            fingerprint: self.fingerprint,
+            panes: self
+                .panes
+                .iter()
+                .map(|p| SavedPaneV2 {
+                    start: p.start,
+                    distinct: p.distinct.clone(),
+                    top: p.top.clone(),
+                    sample: p.sample.clone(),
+                })
+                .collect(),
+            first_seen: self.first_seen.clone(),
+        }
+    }
+}
+
+impl From<LabelsStateV2> for LabelsState {
+    fn from(v2: LabelsStateV2) -> LabelsState {
+        LabelsState {
+            fingerprint: v2.fingerprint,
+            panes: v2
+                .panes
+                .into_iter()
+                .map(|p| SavedPane {
+                    start: p.start,
+                    distinct: p.distinct,
+                    top: p.top,
+                    sample: p.sample,
+                    frequency: None,
+                })
+                .collect(),
+            first_seen: v2.first_seen,
+        }
+    }
 }
 
 /// A window's `top_k` counters, as bytes, the values of their keys, and
@@ -314,6 +428,9 @@ impl LabelsState {
                                 .sample
                                 .as_ref()
                                 .map(|s| bytes_of(s.serialized_len(), |b| s.write_to(b))),
+                            frequency: w.frequency.as_ref().map(|(cm, n)| {
+                                (bytes_of(cm.serialized_len(), |b| cm.write_to(b)), *n)
+                            }),
                         })
                         .collect()
                 })
@@ -351,6 +468,11 @@ impl LabelsState {
             if let (Some(s), Some(saved)) = (&mut w.sample, &p.sample) {
                 let k = spec.sample.unwrap_or(1);
                 **s = Reservoir::read_from(saved, vec![SampleRow::default(); k]).ok()?;
+            }
+            if let (Some((cm, n)), Some(saved)) = (&mut w.frequency, &p.frequency) {
+                let storage = vec![0; cm.width() * cm.depth()];
+                **cm = Cm::read_from(&saved.0, storage).ok()?;
+                *n = saved.1;
             }
             out.panes.push((p.start, w));
         }

@@ -348,7 +348,7 @@ impl Detector {
     }
 }
 
-fn fingerprint<T: Serialize>(settings: &T) -> u64 {
+pub(crate) fn fingerprint<T: Serialize>(settings: &T) -> u64 {
     sluice_core::hash::hash64(&serde_json::to_vec(settings).unwrap_or_default(), 0)
 }
 
@@ -428,13 +428,7 @@ impl Rules {
             compiled.push(CompiledRule {
                 group: GroupSpec::of(r),
                 labels: labels::LabelSpec::of(r),
-                labels_fingerprint: fingerprint(&(
-                    &r.window,
-                    &r.distinct,
-                    &r.top_k,
-                    &r.sample,
-                    &r.first_seen,
-                )),
+                labels_fingerprint: labels::fingerprint(r),
                 fingerprints: (window_fingerprint(r), detector_fingerprint(r)),
                 absent_after: r.absent_after_ms.map(|ms| ms as Timestamp),
                 config: r.clone(),
@@ -654,6 +648,9 @@ impl Rule {
         if let Some(f) = &self.first_seen {
             uses.push(("first_seen.label", f.label.as_str()));
         }
+        if let Some(f) = &self.frequency {
+            uses.push(("frequency.label", f.label.as_str()));
+        }
         if let Some(by) = self.group_by.as_deref().filter(|&by| by != GROUP_ALL) {
             uses.push(("group_by", by));
         }
@@ -712,6 +709,7 @@ impl Rule {
             ("distinct", self.distinct.is_some()),
             ("top_k", self.top_k.is_some()),
             ("sample", self.sample.is_some()),
+            ("frequency", self.frequency.is_some()),
         ];
         if let Some((key, _)) = per_window.iter().find(|(_, set)| *set)
             && !matches!(self.window, Some(WindowRule::Tumbling(_)))
@@ -719,8 +717,19 @@ impl Rule {
             return Err(format!("{key}: needs a tumbling window"));
         }
         let kll = self.quantiles.method == QuantileMethod::Kll && !self.quantiles.at.is_empty();
-        if self.sketches && self.distinct.is_none() && !kll {
-            return Err("sketches: carries the distinct and KLL quantile sketches: set distinct or quantiles with method = \"kll\" too".into());
+        if self.sketches && self.distinct.is_none() && self.frequency.is_none() && !kll {
+            return Err("sketches: carries the distinct, frequency and KLL quantile sketches: set distinct, frequency or quantiles with method = \"kll\" too".into());
+        }
+        if let Some(f) = &self.frequency {
+            if !(0.0001..=0.5).contains(&f.epsilon) {
+                return Err("frequency.epsilon: must be from 0.0001 to 0.5, e.g. 0.01".into());
+            }
+            if !(1e-6..=0.5).contains(&f.delta) {
+                return Err("frequency.delta: must be from 0.000001 to 0.5, e.g. 0.01".into());
+            }
+            if f.values.len() > 100 || f.values.iter().any(|v| v.is_empty() || v.len() > 64) {
+                return Err("frequency.values: at most 100 values of 1 to 64 bytes".into());
+            }
         }
         if let Some(t) = &self.top_k
             && !(1..=1000).contains(&t.k)

@@ -44,9 +44,15 @@ pub struct Rule {
     /// A uniform sample of `k` readings (event time and value) per window.
     /// Needs a tumbling window. Default: none.
     pub sample: Option<SampleRule>,
+    /// How often each value of a label occurred per window, in a
+    /// Count-Min sketch: the counts of the `values` named, and with
+    /// `sketches = true` the sketch, to ask upstream about any value.
+    /// Needs a tumbling window. Default: none.
+    pub frequency: Option<FrequencyRule>,
     /// Records carry the `distinct` sketch and the KLL quantile sketch
     /// (`method = "kll"`), base64, in Apache DataSketches' HLL and KLL
-    /// formats, so that upstream can merge windows and gateways
+    /// formats, and the `frequency` Count-Min sketch in the core's own
+    /// format, so that upstream can merge windows and gateways
     /// (`sluice`'s outbox does when it downsamples). Default false.
     #[serde(default)]
     pub sketches: bool,
@@ -226,6 +232,30 @@ pub struct FirstSeenRule {
     /// values are counted, not alerted. Default 0.01.
     #[serde(default = "default_fpr")]
     pub fpr: f64,
+}
+
+/// `frequency = { label, epsilon, delta, values }`.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct FrequencyRule {
+    /// The label.
+    pub label: String,
+    /// Each count overestimates by at most `epsilon` times the window's
+    /// readings with the label (0.0001 to 0.5; default 0.01: 272 counters
+    /// a row).
+    #[serde(default = "default_epsilon")]
+    pub epsilon: f64,
+    /// ... except with probability `delta` (1e-6 to 0.5; default 0.01: 5
+    /// rows).
+    #[serde(default = "default_fpr")]
+    pub delta: f64,
+    /// Values whose counts the record reports (at most 100). Default: none.
+    #[serde(default)]
+    pub values: Vec<String>,
+}
+
+const fn default_epsilon() -> f64 {
+    0.01
 }
 
 /// `sample = { k }`.

@@ -116,8 +116,9 @@ const DOWNSAMPLE_SCAN: i64 = 4096;
 /// windows stays an unbiased estimate; their `count_stderr`s combine as
 /// independent errors and `sampled_one_in` keeps the larger rate.
 /// Quantiles, top values and samples cannot be merged from their values
-/// and are left out; distinct counts and KLL quantiles merge when both
-/// records carry their sketch (`sketches = true`), else are left out too;
+/// and are left out; distinct counts, frequencies and KLL quantiles merge
+/// when both records carry their sketch (`sketches = true`), else are left
+/// out too;
 /// `downsampled` counts the original windows in it. `None` unless both are
 /// aggregates, and `None` if `b` starts before `a` ends: overlapping windows
 /// (hopping ones, say) share readings, and adding their counts would count
@@ -220,6 +221,11 @@ pub fn merge_aggregates(a: &[u8], b: &[u8]) -> Option<Vec<u8>> {
     }
     out.remove("top_k");
     out.remove("sample");
+    // Frequencies merge when both carry their Count-Min sketch.
+    match merge_frequency(a.get("frequency"), b.get("frequency")) {
+        Some(f) => out.insert("frequency".into(), f),
+        None => out.remove("frequency"),
+    };
     // Distinct counts merge when both carry their sketch (`sketches =
     // true`): the union's estimate; without, they are dropped.
     match merge_distinct(a.get("distinct"), b.get("distinct")) {
@@ -259,6 +265,51 @@ fn merge_kll(
         engine.encode(union.serialize()).into(),
         serde_json::json!(union.normalized_rank_error()),
     ))
+}
+
+/// The `frequency` of two windows' records merged: their Count-Min
+/// sketches added (both must carry one, for the same label), and the
+/// values `b` reports counted again.
+fn merge_frequency(
+    a: Option<&serde_json::Value>,
+    b: Option<&serde_json::Value>,
+) -> Option<serde_json::Value> {
+    use base64::Engine as _;
+    use sluice_core::sketch::CountMin;
+    let (a, b) = (a?, b?);
+    if a.get("label")? != b.get("label")? {
+        return None;
+    }
+    let engine = base64::engine::general_purpose::STANDARD;
+    let read = |f: &serde_json::Value| {
+        let bytes = engine.decode(f.get("sketch")?.as_str()?).ok()?;
+        let cells = CountMin::<Vec<u64>>::storage_len(&bytes).ok()?;
+        CountMin::read_from(&bytes, vec![0u64; cells]).ok()
+    };
+    let (mut sum, other) = (read(a)?, read(b)?);
+    sum.merge(&other).ok()?;
+    let mut bytes = vec![0; sum.serialized_len()];
+    let n = sum.write_to(&mut bytes).ok()?;
+    let values: Vec<serde_json::Value> = b
+        .get("values")?
+        .as_array()?
+        .iter()
+        .filter_map(|v| {
+            let value = v.get("value")?.as_str()?;
+            Some(serde_json::json!({ "value": value, "count": sum.estimate(value.as_bytes()) }))
+        })
+        .collect();
+    let without = |f: &serde_json::Value| f.get("without_label").and_then(|v| v.as_u64());
+    Some(serde_json::json!({
+        "label": a["label"],
+        "total": sum.total(),
+        "epsilon": sum.epsilon(),
+        "delta": sum.delta(),
+        "bound": sum.error_bound(),
+        "values": values,
+        "without_label": without(a)? + without(b)?,
+        "sketch": engine.encode(&bytes[..n]),
+    }))
 }
 
 /// The `distinct` of two windows' records merged: their sketches' union

@@ -821,6 +821,54 @@ mod tests {
     }
 
     #[test]
+    fn frequencies_merge_through_their_sketches() {
+        use crate::pipeline::rules::FrequencyRule;
+        use crate::pipeline::rules::labels::frequency_sketch;
+        use base64::Engine as _;
+        let rule = FrequencyRule {
+            label: "mac".into(),
+            epsilon: 0.01,
+            delta: 0.01,
+            values: vec!["a".into()],
+        };
+        let with_sketch = |start: i64, a_count: u64, sketch: bool| {
+            let mut cm = frequency_sketch(&rule);
+            cm.add(b"a", a_count);
+            cm.add(b"b", 5);
+            let mut bytes = vec![0; cm.serialized_len()];
+            let n = cm.write_to(&mut bytes).unwrap();
+            let mut v: serde_json::Value =
+                serde_json::from_slice(&aggregate(start, start + 1000, 8)).unwrap();
+            v["frequency"] = serde_json::json!({
+                "label": "mac", "total": cm.total(), "without_label": 1,
+                "values": [{ "value": "a", "count": a_count }],
+            });
+            if sketch {
+                v["frequency"]["sketch"] = base64::engine::general_purpose::STANDARD
+                    .encode(&bytes[..n])
+                    .into();
+            }
+            serde_json::to_vec(&v).unwrap()
+        };
+        let merged =
+            merge_aggregates(&with_sketch(0, 30, true), &with_sketch(1000, 12, true)).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&merged).unwrap();
+        let f = &v["frequency"];
+        assert_eq!(
+            (f["total"].as_u64(), f["without_label"].as_u64()),
+            (Some(52), Some(2))
+        );
+        assert_eq!(f["values"][0]["value"], "a");
+        let count = f["values"][0]["count"].as_u64().unwrap();
+        assert_eq!(count, 42, "{f}");
+        assert!(f["sketch"].is_string());
+        let merged =
+            merge_aggregates(&with_sketch(0, 30, true), &with_sketch(1000, 12, false)).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&merged).unwrap();
+        assert!(v.get("frequency").is_none());
+    }
+
+    #[test]
     fn seq_is_spliced_into_objects_and_wraps_the_rest() {
         assert_eq!(
             with_identity(3, 7, br#"{"a":1}"#),
