@@ -7,10 +7,11 @@
 use std::collections::BTreeMap;
 use std::io::BufRead;
 
-use base64::Engine as _;
 use serde::Serialize;
 use sluice_core::Timestamp;
 use sluice_core::sketch::{HyperLogLog, hll};
+
+use crate::output::{DistinctRecord, base64_bytes};
 
 /// How records are grouped.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -73,7 +74,6 @@ pub fn merge(
 ) -> std::io::Result<MergeReport> {
     let mut groups: BTreeMap<(String, String), Group> = BTreeMap::new();
     let mut report = MergeReport::default();
-    let engine = base64::engine::general_purpose::STANDARD;
     for (n, line) in input.lines().enumerate() {
         let line = line?;
         if line.trim().is_empty() {
@@ -94,15 +94,11 @@ pub fn merge(
             report.skipped += 1;
             continue;
         };
-        let read = engine
-            .decode(sketch)
-            .map_err(|e| e.to_string())
+        let read = base64_bytes(sketch)
+            .ok_or_else(|| "not base64".to_string())
             .and_then(|bytes| {
-                let registers = bytes
-                    .get(3)
-                    .and_then(|&lg| 1usize.checked_shl(u32::from(lg)))
-                    .ok_or("not a DataSketches HLL sketch")?;
-                HyperLogLog::read_from(&bytes, vec![0u8; hll::storage_bytes(registers)])
+                HyperLogLog::<Vec<u8>>::storage_len(&bytes)
+                    .and_then(|len| HyperLogLog::read_from(&bytes, vec![0u8; len]))
                     .map_err(|e| e.to_string())
             });
         let sketch = match read {
@@ -147,9 +143,7 @@ pub fn merge(
         report.merged += 1;
     }
     for ((series, label), g) in &groups {
-        let (estimate, rse) = (g.sketch.estimate(), g.sketch.relative_error());
-        let mut bytes = vec![0; g.sketch.serialized_len()];
-        let n = g.sketch.write_to(&mut bytes).unwrap_or(0);
+        let distinct = DistinctRecord::of(label, &g.sketch, 0, true);
         let line = Merged {
             series: (by == MergeBy::Series).then_some(series.as_str()),
             series_count: (by == MergeBy::Label).then_some(g.series.len()),
@@ -157,11 +151,11 @@ pub fn merge(
             start: g.start,
             end: g.end,
             windows: g.windows,
-            estimate,
-            rse,
-            low: estimate * (1.0 - 2.0 * rse),
-            high: estimate * (1.0 + 2.0 * rse),
-            sketch: engine.encode(&bytes[..n]),
+            estimate: distinct.estimate,
+            rse: distinct.rse,
+            low: distinct.low,
+            high: distinct.high,
+            sketch: distinct.sketch.unwrap_or_default(),
         };
         serde_json::to_writer(&mut out, &line)?;
         out.write_all(b"\n")?;
@@ -178,15 +172,9 @@ mod tests {
         for i in items {
             h.insert(format!("dev-{i}").as_bytes());
         }
-        let mut bytes = vec![0; h.serialized_len()];
-        let n = h.write_to(&mut bytes).unwrap();
         serde_json::json!({
             "series": series, "start": start, "end": start + 60_000, "count": 1,
-            "distinct": {
-                "label": "mac",
-                "estimate": h.estimate(),
-                "sketch": base64::engine::general_purpose::STANDARD.encode(&bytes[..n]),
-            },
+            "distinct": DistinctRecord::of("mac", &h, 0, true),
         })
         .to_string()
     }

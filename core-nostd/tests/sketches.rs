@@ -236,7 +236,10 @@ fn memory_bytes_counts_inline_storage_once_and_outside_storage_once() {
 
 #[test]
 fn count_min_says_what_storage_its_bytes_need() {
-    let (w, d) = (CountMin::<()>::width_for(0.01), CountMin::<()>::depth_for(0.01));
+    let (w, d) = (
+        CountMin::<()>::width_for(0.01),
+        CountMin::<()>::depth_for(0.01),
+    );
     let mut cm = CountMin::with_storage(vec![0u64; w * d], w, d, 7, false).unwrap();
     cm.add(b"a", 3);
     let bytes = bytes_of(cm.serialized_len(), |b| cm.write_to(b));

@@ -11,7 +11,8 @@ pub use console::{Console, clock};
 use mqtt::MqttSink;
 pub use record::{
     AggregateRecord, AlertEvent, DecayingSummary, DistinctRecord, FrequencyRecord, FrequencyValue,
-    GroupRecord, LabelRecord, OutputStats, Record, TopRecord, TopValue,
+    GroupRecord, LabelRecord, OutputStats, Record, TopRecord, TopValue, base64_bytes, base64_of,
+    sketch_base64,
 };
 
 use std::sync::Arc;

@@ -104,6 +104,56 @@ pub struct GroupRecord {
     pub value: Option<String>,
 }
 
+/// Sketch bytes as records carry them: base64, standard alphabet, padded.
+pub fn base64_of(bytes: &[u8]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+/// The bytes of a sketch as records carry it ([`base64_of`]), if it is
+/// base64.
+pub fn base64_bytes(text: &str) -> Option<Vec<u8>> {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.decode(text).ok()
+}
+
+/// [`base64_of`] what `write` puts in `len` bytes (a core sketch's
+/// `write_to`).
+pub fn sketch_base64(
+    len: usize,
+    write: impl FnOnce(&mut [u8]) -> Result<usize, sluice_core::sketch::SketchError>,
+) -> String {
+    let mut bytes = vec![0; len];
+    let n = write(&mut bytes).unwrap_or(0);
+    base64_of(&bytes[..n])
+}
+
+/// Standard errors either side of a distinct count's `low` and `high`.
+pub const DISTINCT_BOUND_ERRORS: f64 = 2.0;
+
+impl DistinctRecord {
+    /// What `sketch` reports about `label`, with the sketch itself if
+    /// `with_sketch`.
+    pub fn of<S: AsRef<[u8]> + AsMut<[u8]>>(
+        label: &str,
+        sketch: &sluice_core::sketch::HyperLogLog<S>,
+        without_label: u64,
+        with_sketch: bool,
+    ) -> DistinctRecord {
+        let (low, high) = sketch.bounds(DISTINCT_BOUND_ERRORS);
+        DistinctRecord {
+            label: label.to_owned(),
+            estimate: sketch.estimate(),
+            rse: sketch.relative_error(),
+            low,
+            high,
+            without_label,
+            sketch: with_sketch
+                .then(|| sketch_base64(sketch.serialized_len(), |b| sketch.write_to(b))),
+        }
+    }
+}
+
 /// `distinct` in a record.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct DistinctRecord {

@@ -31,7 +31,7 @@ use tokio::sync::mpsc;
 
 use crate::output::{
     AggregateRecord, AlertEvent, DecayingSummary, DistinctRecord, FrequencyRecord, FrequencyValue,
-    GroupRecord, LabelRecord, Record, TopRecord, TopValue,
+    GroupRecord, LabelRecord, Record, TopRecord, TopValue, base64_of, sketch_base64,
 };
 use crate::pipeline::checkpoint::{
     self, DetectorsRef, SeriesRef, SeriesState, WindowsRef, WindowsState,
@@ -338,10 +338,7 @@ fn aggregate(
     let quantile_sketch = sketch
         .filter(|_| rules.config(rule).sketches)
         .and_then(Quantiles::kll_bytes)
-        .map(|bytes| {
-            use base64::Engine as _;
-            base64::engine::general_purpose::STANDARD.encode(bytes)
-        });
+        .map(|bytes| base64_of(&bytes));
     let quantiles = sketch.map(|q| {
         levels
             .iter()
@@ -412,25 +409,11 @@ pub fn quantile_name(level: f64) -> String {
 
 /// What a closed window's label sketches report, into its record.
 fn label_records(record: &mut AggregateRecord, w: LabelWindow, spec: &LabelSpec) {
-    use base64::Engine as _;
     record.distinct = w
         .distinct
         .zip(spec.distinct.as_ref())
         .map(|((h, without), label)| {
-            let (estimate, rse) = (h.estimate(), h.relative_error());
-            Box::new(DistinctRecord {
-                label: label.clone(),
-                estimate,
-                rse,
-                low: estimate * (1.0 - 2.0 * rse),
-                high: estimate * (1.0 + 2.0 * rse),
-                without_label: without,
-                sketch: spec.sketches.then(|| {
-                    let mut bytes = vec![0; h.serialized_len()];
-                    let n = h.write_to(&mut bytes).unwrap_or(0);
-                    base64::engine::general_purpose::STANDARD.encode(&bytes[..n])
-                }),
-            })
+            Box::new(DistinctRecord::of(label, &h, without, spec.sketches))
         });
     record.top_k = w
         .top
@@ -478,11 +461,9 @@ fn label_records(record: &mut AggregateRecord, w: LabelWindow, spec: &LabelSpec)
                     })
                     .collect(),
                 without_label: without,
-                sketch: spec.sketches.then(|| {
-                    let mut bytes = vec![0; cm.serialized_len()];
-                    let n = cm.write_to(&mut bytes).unwrap_or(0);
-                    base64::engine::general_purpose::STANDARD.encode(&bytes[..n])
-                }),
+                sketch: spec
+                    .sketches
+                    .then(|| sketch_base64(cm.serialized_len(), |b| cm.write_to(b))),
             })
         });
 }

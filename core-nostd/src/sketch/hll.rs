@@ -335,6 +335,14 @@ impl<S: AsRef<[u8]> + AsMut<[u8]>> HyperLogLog<S> {
         ALPHA_INF * m * m / z
     }
 
+    /// The estimate less and plus `std_errors` standard errors
+    /// ([`Self::relative_error`]): about 95 % of the time the true count
+    /// lies between them at 2.
+    pub fn bounds(&self, std_errors: f64) -> (f64, f64) {
+        let (estimate, spread) = (self.estimate(), std_errors * self.relative_error());
+        (estimate * (1.0 - spread), estimate * (1.0 + spread))
+    }
+
     /// The relative standard error of [`Self::estimate`] now: tiny while
     /// sparse, 0.8326/√m with HIP, 1.039/√m after a merge.
     pub fn relative_error(&self) -> f64 {
@@ -510,6 +518,26 @@ impl<S: AsRef<[u8]> + AsMut<[u8]>> HyperLogLog<S> {
         }
         out[36..40].copy_from_slice(&exceptions.to_le_bytes());
         Ok(aux)
+    }
+
+    /// The storage ([`storage_bytes`] of its register count) that
+    /// [`Self::read_from`] needs for the DataSketches HLL sketch in
+    /// `bytes`, read from its header.
+    pub fn storage_len(bytes: &[u8]) -> Result<usize, SketchError> {
+        let header = bytes.get(..8).ok_or(SketchError::Corrupt("truncated"))?;
+        if header[2] != FAMILY_HLL {
+            return Err(SketchError::WrongFamily {
+                expected: FAMILY_HLL,
+                found: header[2],
+            });
+        }
+        1usize
+            .checked_shl(u32::from(header[3]))
+            .filter(|m| (MIN_REGISTERS..=MAX_REGISTERS).contains(m))
+            .map(storage_bytes)
+            .ok_or(SketchError::BadParameters(
+                "HyperLogLog lg_k must be from 8 to 18",
+            ))
     }
 
     /// Reads a DataSketches HLL sketch (LIST, SET, or HLL in `HLL_4`,

@@ -2,6 +2,7 @@
 //! series merged pairwise into coarser windows.
 
 use super::*;
+use crate::output::{DistinctRecord, base64_bytes, base64_of, sketch_base64};
 
 /// A record as downsampling sees it.
 struct Row {
@@ -244,12 +245,10 @@ fn merge_kll(
     a: &serde_json::Map<String, serde_json::Value>,
     b: &serde_json::Map<String, serde_json::Value>,
 ) -> Option<(serde_json::Value, serde_json::Value, serde_json::Value)> {
-    use base64::Engine as _;
     use datasketches::common::SearchCriteria;
     use datasketches::kll::{KllFloat, KllSketch};
-    let engine = base64::engine::general_purpose::STANDARD;
     let read = |m: &serde_json::Map<String, serde_json::Value>| {
-        let bytes = engine.decode(m.get("quantile_sketch")?.as_str()?).ok()?;
+        let bytes = base64_bytes(m.get("quantile_sketch")?.as_str()?)?;
         KllSketch::<KllFloat<f64>>::deserialize(&bytes).ok()
     };
     let (mut union, other) = (read(a)?, read(b)?);
@@ -262,7 +261,7 @@ fn merge_kll(
     }
     Some((
         serde_json::Value::Object(quantiles),
-        engine.encode(union.serialize()).into(),
+        base64_of(&union.serialize()).into(),
         serde_json::json!(union.normalized_rank_error()),
     ))
 }
@@ -274,22 +273,18 @@ fn merge_frequency(
     a: Option<&serde_json::Value>,
     b: Option<&serde_json::Value>,
 ) -> Option<serde_json::Value> {
-    use base64::Engine as _;
     use sluice_core::sketch::CountMin;
     let (a, b) = (a?, b?);
     if a.get("label")? != b.get("label")? {
         return None;
     }
-    let engine = base64::engine::general_purpose::STANDARD;
     let read = |f: &serde_json::Value| {
-        let bytes = engine.decode(f.get("sketch")?.as_str()?).ok()?;
+        let bytes = base64_bytes(f.get("sketch")?.as_str()?)?;
         let cells = CountMin::<Vec<u64>>::storage_len(&bytes).ok()?;
         CountMin::read_from(&bytes, vec![0u64; cells]).ok()
     };
     let (mut sum, other) = (read(a)?, read(b)?);
     sum.merge(&other).ok()?;
-    let mut bytes = vec![0; sum.serialized_len()];
-    let n = sum.write_to(&mut bytes).ok()?;
     let values: Vec<serde_json::Value> = b
         .get("values")?
         .as_array()?
@@ -308,7 +303,7 @@ fn merge_frequency(
         "bound": sum.error_bound(),
         "values": values,
         "without_label": without(a)? + without(b)?,
-        "sketch": engine.encode(&bytes[..n]),
+        "sketch": sketch_base64(sum.serialized_len(), |b| sum.write_to(b)),
     }))
 }
 
@@ -318,31 +313,25 @@ fn merge_distinct(
     a: Option<&serde_json::Value>,
     b: Option<&serde_json::Value>,
 ) -> Option<serde_json::Value> {
-    use base64::Engine as _;
-    use sluice_core::sketch::{HyperLogLog, hll};
+    use sluice_core::sketch::HyperLogLog;
     let (a, b) = (a?, b?);
     if a.get("label")? != b.get("label")? {
         return None;
     }
-    let engine = base64::engine::general_purpose::STANDARD;
     let read = |d: &serde_json::Value| {
-        let bytes = engine.decode(d.get("sketch")?.as_str()?).ok()?;
-        let registers = 1usize.checked_shl(u32::from(*bytes.get(3)?))?;
-        HyperLogLog::read_from(&bytes, vec![0u8; hll::storage_bytes(registers)]).ok()
+        let bytes = base64_bytes(d.get("sketch")?.as_str()?)?;
+        let storage = vec![0u8; HyperLogLog::<Vec<u8>>::storage_len(&bytes).ok()?];
+        HyperLogLog::read_from(&bytes, storage).ok()
     };
     let (mut union, other) = (read(a)?, read(b)?);
     union.merge(&other).ok()?;
-    let (estimate, rse) = (union.estimate(), union.relative_error());
-    let mut bytes = vec![0; union.serialized_len()];
-    let n = union.write_to(&mut bytes).ok()?;
     let without = |d: &serde_json::Value| d.get("without_label").and_then(|v| v.as_u64());
-    Some(serde_json::json!({
-        "label": a["label"],
-        "estimate": estimate,
-        "rse": rse,
-        "low": estimate * (1.0 - 2.0 * rse),
-        "high": estimate * (1.0 + 2.0 * rse),
-        "without_label": without(a)? + without(b)?,
-        "sketch": engine.encode(&bytes[..n]),
-    }))
+    let label = a["label"].as_str()?;
+    serde_json::to_value(DistinctRecord::of(
+        label,
+        &union,
+        without(a)? + without(b)?,
+        true,
+    ))
+    .ok()
 }
