@@ -59,8 +59,9 @@ pub fn reading_ring(capacity: usize) -> Result<(ReadingProducer, ReadingConsumer
     Ok(Ring::try_split(ring).expect("a new ring has never been split"))
 }
 
-/// Which series are never shed.
-pub type PriorityFn = Arc<dyn Fn(&str) -> Priority + Send + Sync>;
+/// Which series are never shed (a source's own: it may keep state, such
+/// as the rules of the latest reload).
+pub type PriorityFn = Box<dyn FnMut(&str) -> Priority + Send>;
 
 /// Rewrites a reading's series before it is routed (the agent gives the
 /// readings of a grouped rule their group's id, so that a group meets in
@@ -119,7 +120,7 @@ impl Handoff {
         Ok(Self {
             lanes,
             hasher: SeriesHasher::default(),
-            priority: Arc::new(|_| Priority::Normal),
+            priority: Box::new(|_| Priority::Normal),
             route: None,
             stats,
         })
@@ -172,6 +173,7 @@ impl Handoff {
 
     /// Sheds and pushes everything staged.
     pub fn flush(&mut self) {
+        let priority = &mut self.priority;
         for lane in &mut self.lanes {
             if lane.staged.is_empty() {
                 continue;
@@ -181,7 +183,7 @@ impl Handoff {
             for mut reading in lane.staged.drain(..) {
                 match lane
                     .shedder
-                    .decide(occupancy, capacity, (self.priority)(&reading.series))
+                    .decide(occupancy, capacity, priority(&reading.series))
                 {
                     Decision::Keep => {}
                     Decision::KeepSampled { one_in } => reading.weight = one_in,
@@ -216,7 +218,7 @@ impl Handoff {
             // waits for room (see the module docs); a normal one (the worker
             // fell further behind than estimated) is counted as shed.
             for reading in kept {
-                let critical = (self.priority)(&reading.series) == Priority::Critical;
+                let critical = priority(&reading.series) == Priority::Critical;
                 let weight = reading.weight;
                 let lost = if critical {
                     wait_for_room(lane, reading, &self.stats)

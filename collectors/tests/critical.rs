@@ -17,7 +17,7 @@ fn overload(policy: ShedPolicy) -> (u64, u64, Arc<SourceStats>) {
     let stats = Arc::new(SourceStats::default());
     let mut handoff = Handoff::new(vec![tx], policy, 7, stats.clone())
         .unwrap()
-        .with_priority(Arc::new(|series: &str| {
+        .with_priority(Box::new(|series: &str| {
             if series.starts_with("c-") {
                 Priority::Critical
             } else {
@@ -109,7 +109,7 @@ fn a_stuck_worker_costs_the_source_one_wait_not_one_per_critical_reading() {
         stats.clone(),
     )
     .unwrap()
-    .with_priority(Arc::new(|_: &str| Priority::Critical));
+    .with_priority(Box::new(|_: &str| Priority::Critical));
     for i in 0..20 {
         let mut series = sluice_collectors::SeriesKey::new();
         let _ = series.push_str("c-1");

@@ -319,12 +319,6 @@ async fn run_with(
         worker_threads.iter().map(|h| h.thread().clone()).collect();
 
     // Sources.
-    let priority: PriorityFn = if rules.any_critical() {
-        let rules = rules.clone();
-        Arc::new(move |series: &str| rules.priority(series))
-    } else {
-        Arc::new(|_: &str| Priority::Normal)
-    };
     let mut running = Running {
         sources: BTreeMap::new(),
         workers: worker_stats,
@@ -346,7 +340,7 @@ async fn run_with(
             stats,
         )
         .map_err(|e| anyhow::anyhow!("shedding: {e}"))?
-        .with_priority(priority.clone())
+        .with_priority(source_priority(&slot, &rules))
         .with_route(group_route(&slot, &rules))
         .with_wakeups(wakeups.clone());
         let token = sources_stop.clone();
@@ -486,6 +480,24 @@ async fn run_with(
     }
 }
 
+/// Which series a source never sheds, under the rules of the latest reload
+/// (a lookup only while some rule is critical).
+fn source_priority(slot: &Arc<RulesSlot>, rules: &Arc<Rules>) -> PriorityFn {
+    let slot = slot.clone();
+    let (mut generation, mut rules) = (0, rules.clone());
+    Box::new(move |series: &str| {
+        if let Some((newer, latest)) = slot.latest(generation) {
+            generation = newer;
+            rules = latest;
+        }
+        if rules.any_critical() {
+            rules.priority(series)
+        } else {
+            Priority::Normal
+        }
+    })
+}
+
 /// A source's route: the readings of a grouped rule take their group's id
 /// (see `rules::groups`), under the rules of the latest reload.
 fn group_route(slot: &Arc<RulesSlot>, rules: &Arc<Rules>) -> sluice_collectors::pipe::RouteFn {
@@ -529,6 +541,34 @@ fn apply_reload(current: &Config, new: &Config, slot: &RulesSlot) {
     for (key, changed) in restart_only {
         if changed {
             tracing::warn!(key, "changed in the file but applied only on restart");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rules(priority: &str) -> Arc<Rules> {
+        let text = format!(
+            "agent_id = \"t\"\n[sources.u]\nkind = \"udp\"\nbind = \"127.0.0.1:0\"\n[output]\nconsole = true\n[[rules]]\nmatch = \"c-*\"\npriority = \"{priority}\"\nthresholds = [{{ above = 1.0 }}]\n"
+        );
+        Arc::new(Rules::compile(&Config::parse(&text).unwrap().rules).unwrap())
+    }
+
+    #[test]
+    fn a_reload_changes_which_series_the_sources_never_shed() {
+        for (before, after) in [("normal", "critical"), ("critical", "normal")] {
+            let slot = Arc::new(RulesSlot::default());
+            let started = rules(before);
+            let mut priority = source_priority(&slot, &started);
+            let level = |p: &str| match p {
+                "critical" => Priority::Critical,
+                _ => Priority::Normal,
+            };
+            assert_eq!(priority("c-1"), level(before));
+            slot.replace(rules(after));
+            assert_eq!(priority("c-1"), level(after), "{before} -> {after}");
         }
     }
 }
