@@ -79,6 +79,40 @@ fn hll_merged_sixteen_ways_is_unbiased_at_the_register_error() {
     assert!(b.abs() <= 3.0 * theory / 10.0, "bias {b}");
 }
 
+/// After a 16-way merge of 1e6 items, nothing that DataSketches offers for
+/// distinct counts in at most 2.1 KB reaches 1.30 %: its HLL union gives
+/// the registers' error (as Sluice's, above), and its CPC sketch, the most
+/// accurate per byte (ICON after a union, 0.693/√k), either takes more
+/// than 2.1 KB (lg_k 12) or errs more (lg_k 11). (What #14 asked: "≤ 1.30 %
+/// after merging, where DataSketches' union gives 1.39 %".)
+#[test]
+fn no_datasketches_distinct_sketch_within_2_1_kb_reaches_1_30_percent_merged() {
+    use datasketches::cpc::{CpcSketch, CpcUnion};
+    for lg_k in [11u8, 12] {
+        let (mut errors, mut bytes) = (Vec::new(), Vec::new());
+        for seed in 0..50u64 {
+            let mut union = CpcUnion::new(lg_k).unwrap();
+            for part in 0..16 {
+                let mut s = CpcSketch::new(lg_k).unwrap();
+                let mut rng = SplitMix64::new(seed * 16 + part);
+                for _ in 0..62_500 {
+                    s.update(rng.next_u64());
+                }
+                union.update(&s).unwrap();
+            }
+            let merged = union.to_sketch();
+            errors.push(merged.estimate() / 1e6 - 1.0);
+            bytes.push(merged.serialize().len() as f64);
+        }
+        let (r, size) = (rms(&errors), mean(&bytes));
+        eprintln!("CPC lg_k={lg_k} 16-way merge of 1e6, 50 seeds: rms {r:.5}, {size:.0} bytes");
+        assert!(
+            size > 2_100.0 || r > 0.0130,
+            "lg_k {lg_k}: {size} bytes, rms {r}"
+        );
+    }
+}
+
 #[test]
 fn hll_merge_has_the_registers_of_the_union_and_checks_sizes() {
     for n in [100u64, 30_000] {
