@@ -89,6 +89,14 @@ fn main() -> ExitCode {
             };
             block_on_until_signal(|shutdown| async move {
                 let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(4);
+                let watched = config.watched_files();
+                if !watched.is_empty() {
+                    tokio::spawn(reload_on_table_change(
+                        path.clone(),
+                        watched,
+                        reload_tx.clone(),
+                    ));
+                }
                 tokio::spawn(reload_on_sighup(path, reload_tx));
                 // Readiness and the watchdog, once every source is up.
                 let (started_tx, started_rx) = tokio::sync::oneshot::channel();
@@ -239,6 +247,56 @@ async fn reload_on_sighup(path: PathBuf, reload: tokio::sync::mpsc::Sender<Confi
             Err(e) => {
                 tracing::error!("SIGHUP: new configuration rejected, keeping the current one: {e}")
             }
+        }
+    }
+}
+
+/// Reloads the configuration when a reference table's file changes (its
+/// size or modification time, looked at every second) and then stays
+/// still for a second (so that a file still being written is not read
+/// half-way), as SIGHUP does: a table with a bad line is reported once per
+/// change and the running one kept.
+async fn reload_on_table_change(
+    path: PathBuf,
+    mut files: Vec<PathBuf>,
+    reload: tokio::sync::mpsc::Sender<Config>,
+) {
+    let stamp = |files: &[PathBuf]| -> Vec<Option<(std::time::SystemTime, u64)>> {
+        files
+            .iter()
+            .map(|f| {
+                let m = std::fs::metadata(f).ok()?;
+                Some((m.modified().ok()?, m.len()))
+            })
+            .collect()
+    };
+    let mut seen = stamp(&files);
+    let mut changed = false;
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        let now = stamp(&files);
+        if now != seen {
+            // Changed: wait until it stays as it is for a tick.
+            seen = now;
+            changed = true;
+            continue;
+        }
+        if !std::mem::take(&mut changed) {
+            continue;
+        }
+        match Config::load(&path) {
+            Ok(config) => {
+                tracing::info!(config = %path.display(), "a table changed: reloading");
+                files = config.watched_files();
+                seen = stamp(&files);
+                if reload.send(config).await.is_err() {
+                    return;
+                }
+            }
+            Err(e) => tracing::error!(
+                "a table changed, but the configuration is rejected, keeping the current one: {e}"
+            ),
         }
     }
 }

@@ -216,6 +216,13 @@ fn a_value_out_of_range_names_its_key_and_line() {
         ("rules[3].quantiles.method", "\"kll\"", "\"tdigest\""),
         ("rules[4].group_by", "\"site\"", "\"room\""),
         ("rules[4].group_name", "\"tanks\"", "\"a:b\""),
+        ("rules[5].table", "\"sensors\"", "\"stock\""),
+        ("rules[5].on_missing", "\"default\"", "\"maybe\""),
+        (
+            "rules[5].thresholds[0].above",
+            "\"@max_temp\"",
+            "\"max_temp\"",
+        ),
         ("output.mqtt.host", "\"127.0.0.1\"", "\"\""),
         (
             "output.mqtt.alert_topic",

@@ -1312,3 +1312,161 @@ port = {port}
             .any(|(t, _, _)| t.starts_with("sluice/grp/agg/t-")),
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_of_1000_sensors_sets_each_ones_limit_and_an_edit_applies_without_a_restart() {
+    // 1,000 sensors, sensor i with max_temp 50 + i / 10: each sends its
+    // limit + 1 (an alert at its own limit) and sensor 0..100 also their
+    // limit - 1 (none). Then the file is replaced (written beside, renamed
+    // over: atomic) with limits 5 lower for sensors 0..100: without a
+    // restart or SIGHUP, the same readings now raise theirs, in the same
+    // windows.
+    let broker = Broker::start("tables");
+    let table = |lower: bool| {
+        let mut csv = String::from("series,site,max_temp\n");
+        for i in 0..1_000 {
+            let limit = 50.0 + f64::from(i) / 10.0 - if lower && i < 100 { 5.0 } else { 0.0 };
+            csv.push_str(&format!("t-{i},site-{},{limit}\n", i % 3));
+        }
+        csv
+    };
+    let (dir, csv_path) = temp_file("sensors.csv", &table(false));
+    let config = dir.path().join("tables.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+agent_id = "tbl"
+max_series = 2000
+
+[sources.plant]
+kind = "mqtt"
+host = "127.0.0.1"
+port = {port}
+client_id = "sluice-tables-in"
+topics = ["sensors/+"]
+
+[tables.sensors]
+path = "sensors.csv"
+
+[[rules]]
+match = "s-probe"
+window = {{ kind = "tumbling", size_ms = 1000 }}
+
+[[rules]]
+match = "t-*"
+table = "sensors"
+on_missing = "refuse"
+window = {{ kind = "tumbling", size_ms = 600000 }}
+thresholds = [{{ above = "@max_temp", clear_at = "@max_temp" }}]
+
+[output.mqtt]
+host = "127.0.0.1"
+port = {port}
+"#,
+            port = broker.port,
+        ),
+    )
+    .unwrap();
+    let got = subscribe(broker.port, "sluice/tbl/#").await;
+    let agent = Agent::start(&config);
+    let publisher = Publisher::connect(broker.port, "tables-publisher");
+    await_agent(&publisher, &got, &agent, "tbl").await;
+
+    let base = (now_ms() - 3_000_000) / 600_000 * 600_000;
+    let limit = |i: i64| 50.0 + i as f64 / 10.0;
+    let send = |i: i64, ts: i64, value: f64| {
+        let sensor = format!("t-{i}");
+        let body = reading(&sensor, ts, value);
+        let publisher = &publisher;
+        async move {
+            publisher
+                .publish(&format!("sensors/{sensor}"), QoS::AtLeastOnce, body)
+                .await
+        }
+    };
+    for i in 0..100 {
+        send(i, base + i, limit(i) - 1.0).await;
+    }
+    for i in 0..1_000 {
+        send(i, base + 1_000 + i, limit(i) + 1.0).await;
+    }
+    // A sensor with no row is refused (on_missing = "refuse").
+    send(5_000, base, 1_000.0).await;
+    let raised = |got: &Received| -> Vec<Value> {
+        got.lock()
+            .unwrap()
+            .iter()
+            .filter(|(t, v, retained)| {
+                t.contains("/alerts/") && !retained && v["state"] == "raised"
+            })
+            .map(|(_, v, _)| v.clone())
+            .collect()
+    };
+    wait_until("1,000 alerts", &agent, || raised(&got).len() >= 1_000).await;
+    for alert in raised(&got) {
+        let i: i64 = alert["series"].as_str().unwrap()[2..].parse().unwrap();
+        assert_eq!(alert["threshold"].as_f64(), Some(limit(i)), "{alert}");
+        assert_eq!(alert["value"].as_f64(), Some(limit(i) + 1.0), "{alert}");
+    }
+    // Back under: each clears.
+    for i in 0..100 {
+        send(i, base + 2_000 + i, limit(i) - 1.0).await;
+    }
+    // The edit: written beside, renamed over.
+    let next = dir.path().join("sensors.csv.new");
+    std::fs::write(&next, table(true)).unwrap();
+    std::fs::rename(&next, &csv_path).unwrap();
+    // The file watcher reloads; the workers take the new rules before the
+    // next reading they pop.
+    wait_until("the table's reload", &agent, || {
+        let log = agent.log();
+        log.contains("a table changed: reloading") && log.contains("rules replaced")
+    })
+    .await;
+    let before = raised(&got).len();
+    for i in 0..100 {
+        send(i, base + 3_000 + i, limit(i) - 1.0).await;
+    }
+    wait_until("100 more alerts", &agent, || {
+        raised(&got).len() >= before + 100
+    })
+    .await;
+    for alert in &raised(&got)[before..] {
+        let i: i64 = alert["series"].as_str().unwrap()[2..].parse().unwrap();
+        assert!(i < 100, "{alert}");
+        assert_eq!(alert["threshold"].as_f64(), Some(limit(i) - 5.0), "{alert}");
+    }
+    // A broken edit (a line with a cell too few) is refused, with its line,
+    // and the running table stays.
+    std::fs::write(&next, "series,site,max_temp\nt-0,site-0\n").unwrap();
+    std::fs::rename(&next, &csv_path).unwrap();
+    wait_until("the broken table's refusal", &agent, || {
+        agent
+            .log()
+            .contains("sensors.csv line 2: 2 cells for 3 columns")
+    })
+    .await;
+    // The windows went on through the edits: sensor 0's holds all four of
+    // its readings, with its row from the good edit.
+    send(0, base + 600_000, 0.0).await;
+    let window = |got: &Received| {
+        got.lock()
+            .unwrap()
+            .iter()
+            .find(|(t, v, _)| t == "sluice/tbl/agg/t-0" && v["start"] == base)
+            .map(|(_, v, _)| v.clone())
+    };
+    wait_until("t-0's window", &agent, || window(&got).is_some()).await;
+    let w = window(&got).unwrap();
+    assert_eq!(w["count"], 4, "{w}");
+    assert_eq!(w["table"]["max_temp"].as_f64(), Some(45.0), "{w}");
+    assert_eq!(w["table"]["site"], "site-0");
+    assert!(
+        !got.lock()
+            .unwrap()
+            .iter()
+            .any(|(t, _, _)| t.ends_with("/t-5000")),
+        "a sensor without a row is refused"
+    );
+}

@@ -19,7 +19,7 @@ use sluice_collectors::mqtt::{MqttSettings, TlsSettings};
 use sluice_collectors::serial::SerialSettings;
 use sluice_collectors::udp::UdpSettings;
 
-use crate::pipeline::rules::Rule;
+use crate::pipeline::rules::{Rule, Rules, TableConfig, Tables};
 
 mod document;
 
@@ -58,6 +58,14 @@ pub struct Config {
     /// The sources, by name: `[sources.<name>]` with `kind = "mqtt" | "udp" | "serial"`.
     #[serde(default)]
     pub sources: BTreeMap<String, Source>,
+    /// Reference tables, by name: `[tables.<name>]` with `path` (a CSV file
+    /// with a header row) and `key` (the column of series ids).
+    #[serde(default)]
+    pub tables: BTreeMap<String, TableConfig>,
+    /// The tables' rows, read by [`Config::load`] (or
+    /// [`Config::load_tables`]).
+    #[serde(skip)]
+    pub table_data: Tables,
     /// What to compute for which series; the first rule whose `match` glob
     /// fits a series key applies. Series that no rule matches are counted
     /// and ignored.
@@ -398,11 +406,37 @@ impl std::fmt::Display for ConfigError {
 impl std::error::Error for ConfigError {}
 
 impl Config {
-    /// Reads, parses and validates a configuration file.
+    /// Reads, parses and validates a configuration file, and reads its
+    /// reference tables (a relative `path` is relative to the file's
+    /// directory).
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| ConfigError(format!("{}: {e}", path.display())))?;
-        Self::parse(&text).map_err(|e| ConfigError(format!("{}: {e}", path.display())))
+        let mut config =
+            Self::parse(&text).map_err(|e| ConfigError(format!("{}: {e}", path.display())))?;
+        let dir = path.parent().unwrap_or(Path::new("."));
+        for table in config.tables.values_mut() {
+            if table.path.is_relative() {
+                table.path = dir.join(&table.path);
+            }
+        }
+        config
+            .load_tables()
+            .map_err(|e| ConfigError(format!("{}: {e}", path.display())))?;
+        Ok(config)
+    }
+
+    /// Reads the reference tables into `table_data` and checks the rules
+    /// against them (an error names the table's line, or the rule's key).
+    pub fn load_tables(&mut self) -> Result<(), ConfigError> {
+        self.table_data = Tables::load(&self.tables).map_err(ConfigError)?;
+        Rules::compile_with(&self.rules, &self.table_data).map_err(ConfigError)?;
+        Ok(())
+    }
+
+    /// The files whose changes reload the configuration: its tables'.
+    pub fn watched_files(&self) -> Vec<PathBuf> {
+        self.tables.values().map(|t| t.path.clone()).collect()
     }
 
     /// Parses and validates a configuration document. Every error names the
@@ -565,6 +599,14 @@ impl Config {
         for (i, rule) in self.rules.iter().enumerate() {
             rule.validate()
                 .map_err(|why| ConfigError(format!("rules[{i}].{why}")))?;
+            if let Some(name) = &rule.table
+                && !self.tables.contains_key(name)
+            {
+                return err(
+                    &format!("rules[{i}].table"),
+                    &format!("no [tables.{name}] in this file"),
+                );
+            }
             if rule.group_by.is_some()
                 && let Some(j) = self.rules[..i]
                     .iter()

@@ -219,6 +219,12 @@ pub fn render(r: &Running) -> String {
         &mut wk(|w| w.restore_dropped.load(Relaxed)).into_iter(),
     );
     family(
+        "sluice_table_unmatched_total",
+        "counter",
+        "Readings refused: their series has no row in its rule's table (on_missing = \"refuse\").",
+        &mut wk(|w| w.table_unmatched.load(Relaxed)).into_iter(),
+    );
+    family(
         "sluice_first_seen_over_capacity_total",
         "counter",
         "New label values past a first_seen filter's capacity: counted, not alerted.",

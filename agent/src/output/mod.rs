@@ -216,6 +216,7 @@ mod tests {
             agent: "a".into(),
             series: series.into(),
             group: None,
+            table: None,
             start: end - 1000,
             end,
             count: 1,

@@ -17,6 +17,9 @@ pub struct AggregateRecord {
     /// For a rule with `group_by`: which group.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub group: Option<Box<GroupRecord>>,
+    /// For a rule with `table`: the series' row (its columns).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub table: Option<crate::pipeline::rules::Row>,
     /// Window start, ms since the epoch (inclusive).
     pub start: Timestamp,
     /// Window end, ms since the epoch (exclusive).

@@ -100,7 +100,9 @@ async fn run_with(
     console: output::Console,
 ) -> anyhow::Result<Running> {
     let agent: Arc<str> = config.agent_id.as_str().into();
-    let rules = Arc::new(Rules::compile(&config.rules).map_err(anyhow::Error::msg)?);
+    let rules = Arc::new(
+        Rules::compile_with(&config.rules, &config.table_data).map_err(anyhow::Error::msg)?,
+    );
     let slot = Arc::new(RulesSlot::default());
 
     // Output task.
@@ -515,7 +517,7 @@ fn group_route(slot: &Arc<RulesSlot>, rules: &Arc<Rules>) -> sluice_collectors::
 /// Publishes the new configuration's rules to the workers; warns about the
 /// changes that only a restart applies.
 fn apply_reload(current: &Config, new: &Config, slot: &RulesSlot) {
-    match Rules::compile(&new.rules) {
+    match Rules::compile_with(&new.rules, &new.table_data) {
         Ok(rules) => {
             slot.replace(Arc::new(rules));
             tracing::info!(
@@ -529,6 +531,7 @@ fn apply_reload(current: &Config, new: &Config, slot: &RulesSlot) {
         }
     }
     let restart_only = [
+        // (Tables are read again with the rules: an edit applies.)
         ("agent_id", current.agent_id != new.agent_id),
         ("workers", current.workers != new.workers),
         ("ring_capacity", current.ring_capacity != new.ring_capacity),

@@ -37,7 +37,7 @@ use crate::pipeline::checkpoint::{
     self, DetectorsRef, SeriesRef, SeriesState, WindowsRef, WindowsState,
 };
 use crate::pipeline::rules::labels::{FirstSeen, LabelPanes, LabelSpec, LabelWindow, LabelsState};
-use crate::pipeline::rules::{Detector, GROUP_ALL, Quantiles, Rules, Window};
+use crate::pipeline::rules::{Detector, GROUP_ALL, Join, Quantiles, Row, Rules, Window};
 
 /// How often idle series are ticked.
 const TICK: Duration = Duration::from_millis(100);
@@ -66,6 +66,9 @@ pub struct WorkerStats {
     pub late: AtomicU64,
     /// Readings of series that no rule matches.
     pub unmatched: AtomicU64,
+    /// Readings refused because their series has no row in its rule's
+    /// table (`on_missing = "refuse"`).
+    pub table_unmatched: AtomicU64,
     /// Readings dropped because the series table was full (and no series
     /// in it was idle enough to make room).
     pub series_overflow: AtomicU64,
@@ -103,6 +106,7 @@ impl Default for WorkerStats {
             readings: AtomicU64::new(0),
             late: AtomicU64::new(0),
             unmatched: AtomicU64::new(0),
+            table_unmatched: AtomicU64::new(0),
             series_overflow: AtomicU64::new(0),
             evicted: AtomicU64::new(0),
             series: AtomicU64::new(0),
@@ -136,6 +140,36 @@ struct Series {
     /// The `first_seen` filter, when the rule asks for one (boxed: its
     /// size comes from the rule).
     first_seen: Option<Box<FirstSeen>>,
+    /// Its row in its rule's table, and its calibration (boxed: most
+    /// rules join no table).
+    joined: Option<Box<Joined>>,
+}
+
+/// A series joined to its rule's table.
+#[derive(Clone, Debug, PartialEq)]
+struct Joined {
+    row: Option<Row>,
+    calibration: Option<(f64, f64)>,
+}
+
+impl Joined {
+    /// How `series` of rule `rule` joins, or `Err` if its readings are
+    /// refused (`on_missing = "refuse"`).
+    fn of(rules: &Rules, rule: usize, series: &str) -> Result<Option<Box<Joined>>, ()> {
+        let join = rules.join(rule, series);
+        match join {
+            Join::NoTable => Ok(None),
+            Join::Refused => Err(()),
+            Join::Row(_) | Join::Missing => Ok(Some(Box::new(Joined {
+                calibration: rules.calibration(rule, join.row()),
+                row: join.row().cloned(),
+            }))),
+        }
+    }
+
+    fn row(joined: &Option<Box<Joined>>) -> Option<&Row> {
+        joined.as_deref().and_then(|j| j.row.as_ref())
+    }
 }
 
 /// A series' aggregate window and, when its rule asks for quantiles, the
@@ -325,7 +359,7 @@ fn aggregate(
     agent: &Arc<str>,
     partial_before: Option<Timestamp>,
     rules: &Rules,
-    series: &str,
+    (series, row): (&str, Option<&Row>),
     rule: usize,
     done: Done,
 ) -> Record {
@@ -363,6 +397,7 @@ fn aggregate(
         agent: agent.clone(),
         series: series.to_owned(),
         group,
+        table: row.cloned(),
         start: done.closed.start,
         end: done.closed.end,
         count: a.count(),
@@ -630,7 +665,7 @@ impl Worker {
                     &self.agent,
                     self.partial_before,
                     rules,
-                    key,
+                    (key, Joined::row(&s.joined)),
                     s.rule,
                     d,
                 ));
@@ -681,9 +716,14 @@ impl Worker {
                 dropped += 1;
                 continue;
             }
+            let Ok(joined) = Joined::of(&self.rules, rule, &key) else {
+                dropped += 1;
+                continue;
+            };
             let config = self.rules.config(rule);
             let (window_fp, detector_fp) = self.rules.fingerprints(rule);
-            let (window, quantiles, mut detectors) = self.rules.state(rule);
+            let (window, quantiles, _) = self.rules.state(rule);
+            let mut detectors = self.rules.detectors_for(rule, Joined::row(&joined));
             let spec = self.rules.label_spec(rule);
             let shape = quantiles.as_ref().map(|q| *q.params());
             let fresh = || window.map(|w| Windows::new(w, quantiles, spec));
@@ -750,6 +790,7 @@ impl Worker {
                 key,
                 Box::new(Series {
                     rule,
+                    joined,
                     windows,
                     detectors,
                     last_event: s.last_event,
@@ -862,12 +903,18 @@ impl Worker {
                 self.stats.unmatched.fetch_add(1, Relaxed);
                 return;
             };
-            let (window, quantiles, detectors) = self.rules.state(rule);
+            let Ok(joined) = Joined::of(&self.rules, rule, &reading.series) else {
+                self.stats.table_unmatched.fetch_add(1, Relaxed);
+                return;
+            };
+            let (window, quantiles, _) = self.rules.state(rule);
+            let detectors = self.rules.detectors_for(rule, Joined::row(&joined));
             let spec = self.rules.label_spec(rule);
             self.series.insert(
                 reading.series.clone(),
                 Box::new(Series {
                     rule,
+                    joined,
                     windows: window.map(|w| Windows::new(w, quantiles, spec)),
                     detectors,
                     last_event: reading.ts,
@@ -888,6 +935,10 @@ impl Worker {
             .series
             .get_mut(&reading.series)
             .expect("inserted above");
+        let mut reading = reading;
+        if let Some((scale, offset)) = series.joined.as_deref().and_then(|j| j.calibration) {
+            reading.value = reading.value * scale + offset;
+        }
         let silent_ms = reading.ingest.saturating_sub(series.last_seen);
         series.last_event = series.last_event.max(reading.ts);
         series.last_seen = reading.ingest;
@@ -973,12 +1024,13 @@ impl Worker {
             }
         }
         let caused = !records.is_empty() || !alerts.is_empty();
+        let row = Joined::row(&series.joined).cloned();
         for d in records {
             let record = aggregate(
                 &self.agent,
                 self.partial_before,
                 &self.rules,
-                &reading.series,
+                (&reading.series, row.as_ref()),
                 rule,
                 d,
             );
@@ -1009,8 +1061,12 @@ impl Worker {
                 gone.push(key.clone());
                 continue;
             };
+            let Ok(joined) = Joined::of(&self.rules, new, key) else {
+                gone.push(key.clone());
+                continue;
+            };
             let (before, after) = (old.config(s.rule), self.rules.config(new));
-            let (window, quantiles, detectors) = self.rules.state(new);
+            let (window, quantiles, _) = self.rules.state(new);
             let spec = self.rules.label_spec(new);
             if before.window != after.window || before.quantiles != after.quantiles {
                 s.windows = window.map(|w| Windows::new(w, quantiles, spec));
@@ -1026,12 +1082,16 @@ impl Worker {
                     .as_ref()
                     .map(|f| Box::new(FirstSeen::new(f)));
             }
+            // A table's edit changes the detectors of the series whose row
+            // it changed (their windows go on).
             let same_detectors = before.anomaly == after.anomaly
                 && before.thresholds == after.thresholds
-                && before.rate_of_change == after.rate_of_change;
+                && before.rate_of_change == after.rate_of_change
+                && Joined::row(&s.joined) == Joined::row(&joined);
             if !same_detectors {
-                s.detectors = detectors;
+                s.detectors = self.rules.detectors_for(new, Joined::row(&joined));
             }
+            s.joined = joined;
             s.rule = new;
         }
         // Their last records, under the rules that built them.
@@ -1092,7 +1152,7 @@ impl Worker {
                     &self.agent,
                     self.partial_before,
                     &self.rules,
-                    key,
+                    (key, Joined::row(&s.joined)),
                     s.rule,
                     d,
                 ));
@@ -1111,7 +1171,7 @@ impl Worker {
                         &self.agent,
                         self.partial_before,
                         &self.rules,
-                        key,
+                        (key, Joined::row(&s.joined)),
                         s.rule,
                         d,
                     ));
@@ -1313,6 +1373,203 @@ mod tests {
         Reading {
             labels: Some(Box::new(labels.unwrap())),
             ..reading(series, ts, 1.0)
+        }
+    }
+
+    /// A worker of `rules` (TOML after BASE) whose table `sensors` is
+    /// `csv`, and the rules it runs.
+    fn worker_with_table(
+        rules: &str,
+        csv: &str,
+    ) -> (
+        Worker,
+        Arc<Rules>,
+        mpsc::Receiver<Record>,
+        Arc<WorkerStats>,
+        std::path::PathBuf,
+    ) {
+        let dir = std::env::temp_dir().join(format!(
+            "sluice-worker-table-{}-{}",
+            std::process::id(),
+            sluice_core::hash::hash64(format!("{rules}{csv}").as_bytes(), 0)
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("sensors.csv");
+        std::fs::write(&path, csv).unwrap();
+        let text = format!(
+            "agent_id = \"t\"\nmax_series = 100\n[sources.u]\nkind = \"udp\"\nbind = \"127.0.0.1:0\"\n[output]\nconsole = true\n[tables.sensors]\npath = {:?}\n{rules}",
+            path.display().to_string()
+        );
+        let mut config = Config::parse(&text).unwrap();
+        config.load_tables().unwrap();
+        let rules = Arc::new(Rules::compile_with(&config.rules, &config.table_data).unwrap());
+        let (tx, rx) = mpsc::channel(4096);
+        let stats = Arc::new(WorkerStats::default());
+        let w = Worker::new(
+            "t".into(),
+            rules.clone(),
+            Arc::new(RulesSlot::default()),
+            100,
+            tx,
+            stats.clone(),
+        );
+        (w, rules, rx, stats, path)
+    }
+
+    const TABLE_RULE: &str = "[[rules]]\nmatch = \"t-*\"\ntable = \"sensors\"\ncalibrate = true\nwindow = { kind = \"tumbling\", size_ms = 1000 }\nthresholds = [{ above = \"@max_temp\", clear_at = \"@clear_temp\" }]\n";
+
+    #[test]
+    fn each_series_alerts_at_its_rows_limit_and_its_records_carry_the_row() {
+        let (mut w, _, mut rx, stats, _) = worker_with_table(
+            TABLE_RULE,
+            "series,site,max_temp,clear_temp,scale,offset\nt-1,north,50,45,,\nt-2,south,80,,,\nt-3,south,30,,0.5,10\n",
+        );
+        // Each at 60: over t-1's 50, under t-2's 80; t-3 reads 60 × 0.5 +
+        // 10 = 40, over its 30. t-9 has no row: no threshold ("pass").
+        for (i, series) in ["t-1", "t-2", "t-3", "t-9"].iter().enumerate() {
+            w.process(reading(series, i as Timestamp, 60.0));
+        }
+        let mut raised = Vec::new();
+        let mut aggs = Vec::new();
+        for s in ["t-1", "t-2", "t-3", "t-9"] {
+            w.process(reading(s, 1_000, 0.0));
+        }
+        while let Ok(r) = rx.try_recv() {
+            match r {
+                Record::Alert(e) if e.state == "raised" => {
+                    raised.push((e.series, e.value, e.threshold))
+                }
+                Record::Aggregate(a) => aggs.push(a),
+                _ => {}
+            }
+        }
+        assert_eq!(
+            raised,
+            [
+                ("t-1".to_string(), 60.0, 50.0),
+                ("t-3".to_string(), 40.0, 30.0)
+            ]
+        );
+        let of = |s: &str| aggs.iter().find(|a| a.series == s).unwrap();
+        assert_eq!(of("t-3").sum, 40.0);
+        assert_eq!(of("t-1").table.as_ref().unwrap()["site"], "north");
+        assert!(of("t-9").table.is_none());
+        assert_eq!(stats.table_unmatched.load(Relaxed), 0);
+    }
+
+    #[test]
+    fn a_series_without_a_row_is_refused_or_takes_the_default_row() {
+        let refuse = TABLE_RULE.replace("calibrate = true", "on_missing = \"refuse\"");
+        let (mut w, _, mut rx, stats, _) =
+            worker_with_table(&refuse, "series,max_temp,clear_temp\nt-1,50,\n");
+        w.process(reading("t-9", 0, 99.0));
+        w.process(reading("t-9", 10, 99.0));
+        assert_eq!(stats.table_unmatched.load(Relaxed), 2);
+        assert_eq!(stats.series.load(Relaxed), 0);
+        assert!(rx.try_recv().is_err());
+        let default = TABLE_RULE.replace("calibrate = true", "on_missing = \"default\"");
+        let (mut w, _, mut rx, _, _) =
+            worker_with_table(&default, "series,max_temp,clear_temp\nt-1,50,\n*,90,\n");
+        w.process(reading("t-9", 0, 95.0));
+        let Ok(Record::Alert(e)) = rx.try_recv() else {
+            panic!("no alert at the default row's limit");
+        };
+        assert_eq!((e.series.as_str(), e.threshold), ("t-9", 90.0));
+    }
+
+    #[test]
+    fn an_edited_table_changes_limits_and_keeps_windows() {
+        let (mut w, _, mut rx, _, path) =
+            worker_with_table(TABLE_RULE, "series,max_temp,clear_temp\nt-1,50,\n");
+        w.process(reading("t-1", 0, 40.0));
+        // The table now says 30: the same window goes on, and 40 is over.
+        std::fs::write(&path, "series,max_temp,clear_temp\nt-1,30,\n").unwrap();
+        let mut config = Config::parse(&format!(
+            "agent_id = \"t\"\n[sources.u]\nkind = \"udp\"\nbind = \"127.0.0.1:0\"\n[output]\nconsole = true\n[tables.sensors]\npath = {:?}\n{TABLE_RULE}",
+            path.display().to_string()
+        ))
+        .unwrap();
+        config.load_tables().unwrap();
+        w.reload(Arc::new(
+            Rules::compile_with(&config.rules, &config.table_data).unwrap(),
+        ));
+        w.process(reading("t-1", 10, 40.0));
+        w.process(reading("t-1", 1_000, 0.0));
+        let mut raised = 0;
+        let mut counts = Vec::new();
+        while let Ok(r) = rx.try_recv() {
+            match r {
+                Record::Alert(e) if e.state == "raised" => raised += 1,
+                Record::Aggregate(a) => counts.push(a.count),
+                _ => {}
+            }
+        }
+        assert_eq!((raised, counts), (1, vec![2]));
+    }
+
+    #[test]
+    fn a_table_the_rules_cannot_use_is_refused_with_its_line() {
+        for (rule, csv, says) in [
+            (
+                TABLE_RULE.to_string(),
+                "series,max\nt-1,1\n",
+                "rules[0].thresholds[0].above: table \"sensors\" has no column \"max_temp\"",
+            ),
+            (
+                TABLE_RULE.to_string(),
+                "series,max_temp,clear_temp\nt-1,50,60\n",
+                "tables.sensors line 2 (t-1): rules[0].thresholds[0]: ",
+            ),
+            (
+                TABLE_RULE.to_string(),
+                "series,max_temp,clear_temp,scale\nt-1,50,,big\n",
+                "tables.sensors line 2 (t-1): rules[0].calibrate: scale \"big\" is not a number",
+            ),
+            (
+                TABLE_RULE.replace("calibrate = true", "on_missing = \"default\""),
+                "series,max_temp,clear_temp\nt-1,50,\n",
+                "rules[0].on_missing: \"default\" takes the row whose key is \"*\"",
+            ),
+        ] {
+            let dir = std::env::temp_dir().join(format!(
+                "sluice-bad-table-{}-{}",
+                std::process::id(),
+                sluice_core::hash::hash64(format!("{rule}{csv}").as_bytes(), 0)
+            ));
+            std::fs::create_dir_all(&dir).unwrap();
+            let path = dir.join("sensors.csv");
+            std::fs::write(&path, csv).unwrap();
+            let mut config = Config::parse(&format!(
+                "agent_id = \"t\"\n[sources.u]\nkind = \"udp\"\nbind = \"127.0.0.1:0\"\n[output]\nconsole = true\n[tables.sensors]\npath = {:?}\n{rule}",
+                path.display().to_string()
+            ))
+            .unwrap();
+            let err = config.load_tables().unwrap_err().to_string();
+            assert!(err.contains(says), "{csv:?}: {err}");
+        }
+        for (rule, says) in [
+            (
+                "[[rules]]\nmatch = \"*\"\nthresholds = [{ above = \"@max\" }]\n",
+                "rules[0].thresholds[0].above: \"@max\" reads a column of the rule's table: set table too",
+            ),
+            (
+                "[[rules]]\nmatch = \"*\"\ncalibrate = true\nthresholds = [{ above = 1.0 }]\n",
+                "rules[0].calibrate: takes scale and offset from the rule's table: set table too",
+            ),
+            (
+                "[[rules]]\nmatch = \"*\"\ntable = \"x\"\nthresholds = [{ above = 1.0 }]\n",
+                "rules[0].table: no [tables.x] in this file",
+            ),
+            (
+                "[[rules]]\nmatch = \"*\"\nthresholds = [{ above = \"max\" }]\n",
+                "rules[0].thresholds[0].above: \"max\": a number, or \"@column\"",
+            ),
+        ] {
+            let err = Config::parse(&format!("{BASE}{rule}"))
+                .err()
+                .unwrap()
+                .to_string();
+            assert!(err.contains(says), "{rule}: {err}");
         }
     }
 
@@ -1868,8 +2125,10 @@ mod tests {
         // Six decades of values (where the default DDSketch collapses the
         // low ones): KLL keeps each quantile's rank within its error, and
         // the record's sketch reads in Apache DataSketches' Python library
-        // to the same quantiles. Through a checkpoint restore.
-        const RULE: &str = "[[rules]]\nmatch = \"*\"\nwindow = { kind = \"tumbling\", size_ms = 100000, lateness_ms = 1000 }\nquantiles = { at = [0.01, 0.5, 0.99], method = \"kll\" }\nsketches = true\n";
+        // to the same quantiles (at ranks that fall between retained
+        // items' cumulative weights, where implementations may round an
+        // exact tie either way). Through a checkpoint restore.
+        const RULE: &str = "[[rules]]\nmatch = \"*\"\nwindow = { kind = \"tumbling\", size_ms = 100000, lateness_ms = 1000 }\nquantiles = { at = [0.01234, 0.50001, 0.98767], method = \"kll\" }\nsketches = true\n";
         let mut rng = sluice_core::rng::SplitMix64::new(3);
         let values: Vec<f64> = (0..20_000)
             .map(|_| 10f64.powf(6.0 * rng.next_f64() - 3.0))
@@ -1893,7 +2152,7 @@ mod tests {
         let mut sorted = values.clone();
         sorted.sort_by(f64::total_cmp);
         let q = got[0].quantiles.as_ref().unwrap();
-        for (name, level) in [("p1", 0.01), ("p50", 0.5), ("p99", 0.99)] {
+        for (name, level) in [("p1.234", 0.01234), ("p50.001", 0.50001), ("p98.767", 0.98767)] {
             let rank = sorted.partition_point(|&v| v <= q[name]) as f64 / 20_000.0;
             assert!(
                 (rank - level).abs() <= eps,
@@ -1903,7 +2162,7 @@ mod tests {
         }
         let sketch = got[0].quantile_sketch.as_ref().unwrap();
         let python = std::env::var("SLUICE_PYTHON").unwrap_or_else(|_| "python3".into());
-        let script = "import base64, sys\nfrom datasketches import kll_doubles_sketch\ns = kll_doubles_sketch.deserialize(base64.b64decode(sys.argv[1]))\nprint(s.n, *(repr(s.get_quantile(r)) for r in (0.01, 0.5, 0.99)))\n";
+        let script = "import base64, sys\nfrom datasketches import kll_doubles_sketch\ns = kll_doubles_sketch.deserialize(base64.b64decode(sys.argv[1]))\nprint(s.n, *(repr(s.get_quantile(r)) for r in (0.01234, 0.50001, 0.98767)))\n";
         let out = std::process::Command::new(&python)
             .args(["-c", script, sketch])
             .output()
@@ -1916,7 +2175,7 @@ mod tests {
         let printed = String::from_utf8(out.stdout).unwrap();
         let fields: Vec<&str> = printed.split_whitespace().collect();
         assert_eq!(fields[0], "20000");
-        for (field, name) in fields[1..].iter().zip(["p1", "p50", "p99"]) {
+        for (field, name) in fields[1..].iter().zip(["p1.234", "p50.001", "p98.767"]) {
             assert_eq!(field.parse::<f64>().unwrap(), q[name], "{name}: {printed}");
         }
     }

@@ -1,6 +1,8 @@
 //! Series rules, compiled from the configuration, and the state they give a
 //! series: its window and its alert detectors (all from `sluice-core`).
 
+use std::sync::Arc;
+
 use sluice_core::Timestamp;
 use sluice_core::aggregate::{Accumulator, Aggregate};
 use sluice_core::anomaly::{
@@ -17,10 +19,12 @@ pub mod groups;
 pub mod labels;
 pub mod quantiles;
 mod settings;
+pub mod tables;
 
 pub use groups::{GROUP_ALL, GroupSpec, MAX_GROUP_NAME};
 pub use quantiles::{QuantileShape, Quantiles};
 pub use settings::*;
+pub use tables::{Row, Table, TableConfig, Tables};
 
 /// Panes of a tumbling window: lateness up to 3 windows.
 const TUMBLING_PANES: usize = 4;
@@ -218,28 +222,139 @@ pub fn zscore_for(a: &AnomalyRule) -> Result<ZScoreDetector, RuleError> {
     ZScoreDetector::new(a.alpha, a.warmup, levels)
 }
 
-/// The threshold detector a rule asks for.
-pub fn threshold_for(t: &ThresholdRule) -> Result<ThresholdDetector, String> {
-    match (t.above, t.below) {
-        (Some(limit), None) => threshold_at(true, limit, t).map_err(|e| e.to_string()),
-        (None, Some(limit)) => threshold_at(false, limit, t).map_err(|e| e.to_string()),
-        _ => Err("set exactly one of above and below".into()),
-    }
+/// The threshold detector a rule asks for, its levels taken from `row`
+/// where they name columns: `Ok(None)` when the row lacks the limit's (no
+/// such threshold for that series; a clear level it lacks is the
+/// limit's).
+pub fn threshold_for(
+    t: &ThresholdRule,
+    row: Option<&Row>,
+) -> Result<Option<ThresholdDetector>, String> {
+    let (above, limit) = match (&t.above, &t.below) {
+        (Some(limit), None) => (true, limit),
+        (None, Some(limit)) => (false, limit),
+        _ => return Err("set exactly one of above and below".into()),
+    };
+    let Some(limit) = limit.resolve(row) else {
+        return Ok(None);
+    };
+    // A clear level from a column the row leaves empty: the limit's.
+    let clear = t.clear_at.as_ref().and_then(|c| c.resolve(row));
+    threshold_at(above, limit, clear, t)
+        .map(Some)
+        .map_err(|e| e.to_string())
 }
 
 /// A threshold detector raising at or `above` (else at or below) `limit`,
-/// with the rule's clear level and debounce counts.
+/// clearing at `clear` (default: the limit), with the rule's debounce
+/// counts.
 pub fn threshold_at(
     above: bool,
     limit: f64,
+    clear: Option<f64>,
     t: &ThresholdRule,
 ) -> Result<ThresholdDetector, RuleError> {
-    let clear = t.clear_at.unwrap_or(limit);
+    let clear = clear.unwrap_or(limit);
     if above {
         ThresholdDetector::above(limit, clear, t.raise_after, t.clear_after)
     } else {
         ThresholdDetector::below(limit, clear, t.raise_after, t.clear_after)
     }
+}
+
+/// How a series joins its rule's table.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Join {
+    /// The rule has no table.
+    NoTable,
+    /// Its row (its own, or `*` with `on_missing = "default"`).
+    Row(Row),
+    /// No row; it goes on without one (`on_missing = "pass"`).
+    Missing,
+    /// No row; its readings are refused (`on_missing = "refuse"`).
+    Refused,
+}
+
+impl Join {
+    /// The row, if any.
+    pub fn row(&self) -> Option<&Row> {
+        match self {
+            Join::Row(row) => Some(row),
+            _ => None,
+        }
+    }
+}
+
+/// The detectors `r` asks for, with levels from `row` (thresholds whose
+/// columns `row` lacks are left out); an error names the key.
+fn detectors_of(r: &Rule, row: Option<&Row>) -> Result<Vec<Detector>, (String, String)> {
+    let mut detectors = Vec::new();
+    if let Some(a) = &r.anomaly {
+        detectors.push(Detector::ZScore(
+            zscore_for(a).map_err(|e| ("anomaly".to_string(), e.to_string()))?,
+        ));
+    }
+    for (j, t) in r.thresholds.iter().enumerate() {
+        let name = if t.above.is_some() {
+            "threshold_above"
+        } else {
+            "threshold_below"
+        };
+        if let Some(d) = threshold_for(t, row).map_err(|e| (format!("thresholds[{j}]"), e))? {
+            detectors.push(Detector::Threshold(name, d));
+        }
+    }
+    if let Some(rate) = &r.rate_of_change {
+        detectors.push(Detector::Rate(
+            rate_for(rate).map_err(|e| ("rate_of_change".to_string(), e.to_string()))?,
+        ));
+    }
+    Ok(detectors)
+}
+
+/// Checks that rule `i` can use `table`: the columns it names exist, the
+/// `*` row exists for `on_missing = "default"`, and every row gives usable
+/// levels and calibration (else the table's line and why).
+fn check_join(r: &Rule, table: &Table, i: usize) -> Result<(), String> {
+    let name = r.table.as_deref().unwrap_or_default();
+    for (j, t) in r.thresholds.iter().enumerate() {
+        for (key, limit) in [
+            ("above", &t.above),
+            ("below", &t.below),
+            ("clear_at", &t.clear_at),
+        ] {
+            if let Some(column) = limit.as_ref().and_then(Limit::column)
+                && !table.columns.iter().any(|c| c == column)
+            {
+                return Err(format!(
+                    "rules[{i}].thresholds[{j}].{key}: table {name:?} has no column {column:?} (it has {:?})",
+                    table.columns
+                ));
+            }
+        }
+    }
+    if r.on_missing == OnMissing::Default && table.row("*").is_none() {
+        return Err(format!(
+            "rules[{i}].on_missing: \"default\" takes the row whose key is \"*\", and table {name:?} has none"
+        ));
+    }
+    for (key, row, line) in table.rows() {
+        let at = |why: &dyn std::fmt::Display| {
+            format!("tables.{name} line {line} ({key}): rules[{i}].{why}")
+        };
+        detectors_of(r, Some(row)).map_err(|(k, e)| at(&format!("{k}: {e}")))?;
+        if r.calibrate {
+            for column in ["scale", "offset"] {
+                if row.contains_key(column) && tables::number(row, column).is_none() {
+                    return Err(at(&format!(
+                        "calibrate: {column} {} is not a number",
+                        row[column]
+                    )));
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The rate-of-change detector a rule asks for.
@@ -387,6 +502,10 @@ pub struct CompiledRule {
     labels_fingerprint: u64,
     /// `group_by`, compiled.
     group: Option<GroupSpec>,
+    /// `table`, read.
+    table: Option<Arc<Table>>,
+    /// Whether each series' detectors come from its row.
+    per_series: bool,
 }
 
 /// The rules of a configuration, in order.
@@ -398,34 +517,34 @@ pub struct Rules {
 }
 
 impl Rules {
-    /// Compiles validated rules.
+    /// Compiles validated rules that use no reference table.
     pub fn compile(rules: &[Rule]) -> Result<Rules, String> {
+        Self::compile_with(rules, &Tables::default())
+    }
+
+    /// Compiles validated rules, joining those with a `table` to `tables`:
+    /// an error names the rule's key, or the table's line whose values the
+    /// rule cannot use.
+    pub fn compile_with(rules: &[Rule], tables: &Tables) -> Result<Rules, String> {
         let mut compiled = Vec::new();
         for (i, r) in rules.iter().enumerate() {
             let bad = |what: &str, e: &dyn std::fmt::Display| format!("rules[{i}].{what}: {e}");
-            let mut detectors = Vec::new();
-            if let Some(a) = &r.anomaly {
-                detectors.push(Detector::ZScore(
-                    zscore_for(a).map_err(|e| bad("anomaly", &e))?,
-                ));
+            let table = match &r.table {
+                None => None,
+                Some(name) => Some(tables.get(name).cloned().ok_or_else(|| {
+                    bad(
+                        "table",
+                        &format!("no table {name:?} was read ([tables.{name}])"),
+                    )
+                })?),
+            };
+            if let Some(t) = &table {
+                check_join(r, t, i)?;
             }
-            for t in &r.thresholds {
-                let name = if t.above.is_some() {
-                    "threshold_above"
-                } else {
-                    "threshold_below"
-                };
-                detectors.push(Detector::Threshold(
-                    name,
-                    threshold_for(t).map_err(|e| bad("thresholds", &e))?,
-                ));
-            }
-            if let Some(rate) = &r.rate_of_change {
-                detectors.push(Detector::Rate(
-                    rate_for(rate).map_err(|e| bad("rate_of_change", &e))?,
-                ));
-            }
+            let detectors = detectors_of(r, None).map_err(|(key, e)| bad(&key, &e))?;
             compiled.push(CompiledRule {
+                per_series: table.is_some(),
+                table,
                 group: GroupSpec::of(r),
                 labels: labels::LabelSpec::of(r),
                 labels_fingerprint: labels::fingerprint(r),
@@ -498,6 +617,48 @@ impl Rules {
     /// Rule `i`'s grouping, if it groups.
     pub fn group(&self, i: usize) -> Option<&GroupSpec> {
         self.rules[i].group.as_ref()
+    }
+
+    /// `series` joined to rule `i`'s table.
+    pub fn join(&self, i: usize, series: &str) -> Join {
+        let r = &self.rules[i];
+        let Some(table) = &r.table else {
+            return Join::NoTable;
+        };
+        if let Some((row, _)) = table.row(series) {
+            return Join::Row(row.clone());
+        }
+        match r.config.on_missing {
+            OnMissing::Pass => Join::Missing,
+            OnMissing::Refuse => Join::Refused,
+            // Checked at compile: the row exists.
+            OnMissing::Default => table
+                .row("*")
+                .map_or(Join::Missing, |(row, _)| Join::Row(row.clone())),
+        }
+    }
+
+    /// The detectors of a series of rule `i` joined to `row`.
+    pub fn detectors_for(&self, i: usize, row: Option<&Row>) -> Vec<Detector> {
+        let r = &self.rules[i];
+        if !r.per_series {
+            return r.detectors.clone();
+        }
+        // Every row was checked at compile: this cannot fail.
+        detectors_of(&r.config, row).unwrap_or_default()
+    }
+
+    /// `calibrate`: the (scale, offset) of a series of rule `i` joined to
+    /// `row`, if the rule calibrates.
+    pub fn calibration(&self, i: usize, row: Option<&Row>) -> Option<(f64, f64)> {
+        let r = &self.rules[i];
+        if !r.config.calibrate {
+            return None;
+        }
+        let (scale, offset) = row.map_or((None, None), |row| {
+            (tables::number(row, "scale"), tables::number(row, "offset"))
+        });
+        Some((scale.unwrap_or(1.0), offset.unwrap_or(0.0)))
     }
 
     /// The first rule matching `series`.
@@ -589,6 +750,16 @@ impl Rule {
         }
         self.validate_labels()?;
         self.validate_group()?;
+        if self.calibrate && self.table.is_none() {
+            return Err(
+                "calibrate: takes scale and offset from the rule's table: set table too".into(),
+            );
+        }
+        if self.on_missing != OnMissing::Pass && self.table.is_none() {
+            return Err(
+                "on_missing: says what a series without a row in table gets: set table too".into(),
+            );
+        }
         if let Some(a) = &self.anomaly {
             zscore_for(a).map_err(|e| {
                 let levels = Levels {
@@ -601,7 +772,7 @@ impl Rule {
             })?;
         }
         for (i, t) in self.thresholds.iter().enumerate() {
-            let limit = match (t.above, t.below) {
+            let (key, limit) = match (&t.above, &t.below) {
                 (Some(limit), None) => ("above", limit),
                 (None, Some(limit)) => ("below", limit),
                 _ => {
@@ -610,7 +781,21 @@ impl Rule {
                     ));
                 }
             };
-            threshold_at(limit.0 == "above", limit.1, t).map_err(|e| {
+            let columns = [Some(limit), t.clear_at.as_ref()];
+            if let Some(c) = columns.iter().flatten().find_map(|l| l.column())
+                && self.table.is_none()
+            {
+                return Err(format!(
+                    "thresholds[{i}].{key}: \"@{c}\" reads a column of the rule's table: set table too"
+                ));
+            }
+            // Levels from columns are checked against each row at compile.
+            let (Limit::Value(limit), None | Some(Limit::Value(_))) = (limit, &t.clear_at) else {
+                continue;
+            };
+            let limit = (key, *limit);
+            let clear = t.clear_at.as_ref().and_then(|c| c.resolve(None));
+            threshold_at(limit.0 == "above", limit.1, clear, t).map_err(|e| {
                 let levels = Levels {
                     raise: limit,
                     clear: "clear_at",
@@ -826,13 +1011,13 @@ mod tests {
             (None, Some(10.0), 12.0, [5.0, 13.0], [10.0, 12.0]),
         ] {
             let rule = ThresholdRule {
-                above,
-                below,
-                clear_at: Some(clear_at),
+                above: above.map(Limit::Value),
+                below: below.map(Limit::Value),
+                clear_at: Some(Limit::Value(clear_at)),
                 raise_after: 1,
                 clear_after: 1,
             };
-            let mut d = Detector::Threshold("t", threshold_for(&rule).unwrap());
+            let mut d = Detector::Threshold("t", threshold_for(&rule, None).unwrap().unwrap());
             for (i, (value, level)) in values.into_iter().zip(levels).enumerate() {
                 let change = d.observe(i as i64, value).expect("a change");
                 assert_eq!(change.threshold, level, "{value} crossed {level}");

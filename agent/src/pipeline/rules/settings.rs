@@ -59,6 +59,22 @@ pub struct Rule {
     /// `critical` series are never shed; `normal` (default) ones may be.
     #[serde(default)]
     pub priority: PriorityKind,
+    /// Join each series to the row of its id in this reference table
+    /// (`[tables.<name>]`): records carry the row, `calibrate` and
+    /// thresholds may use its columns. Default: none.
+    pub table: Option<String>,
+    /// A series without a row in `table`: `"pass"` (default: it goes on
+    /// without one; thresholds from columns do not apply to it),
+    /// `"refuse"` (its readings are dropped and counted in
+    /// `sluice_table_unmatched_total`) or `"default"` (it takes the row
+    /// whose key is `*`).
+    #[serde(default)]
+    pub on_missing: OnMissing,
+    /// Turn each reading's value into `value × scale + offset` (the row's
+    /// `scale` and `offset` columns; 1 and 0 when absent) before windows
+    /// and detectors see it. Needs `table`. Default false.
+    #[serde(default)]
+    pub calibrate: bool,
     /// Aggregate across the series the rule matches: `"*"` makes them one
     /// group, a label's name one group per value of that label. A group
     /// is then the rule's unit: its windows, sketches and detectors see
@@ -383,19 +399,100 @@ const fn one() -> u32 {
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ThresholdRule {
-    /// Raise at or above this value (set `above` or `below`, not both).
-    pub above: Option<f64>,
-    /// Raise at or below this value.
-    pub below: Option<f64>,
+    /// Raise at or above this value (set `above` or `below`, not both), or
+    /// the value of a column of the rule's table (`"@max_temp"`).
+    pub above: Option<Limit>,
+    /// Raise at or below this value (or `"@column"`).
+    pub below: Option<Limit>,
     /// Clear once the value is back past this one (below it for `above`,
-    /// above it for `below`). Default: the limit itself.
-    pub clear_at: Option<f64>,
+    /// above it for `below`), or `"@column"`. Default: the limit itself.
+    pub clear_at: Option<Limit>,
     /// Consecutive readings past the limit to raise. Default 1.
     #[serde(default = "one")]
     pub raise_after: u32,
     /// Consecutive readings back to clear. Default 1.
     #[serde(default = "one")]
     pub clear_after: u32,
+}
+
+/// A threshold's level: a number, or `"@column"` of the rule's table.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Limit {
+    /// This value.
+    Value(f64),
+    /// The series' row's value in this column.
+    Column(String),
+}
+
+impl Limit {
+    /// The column it reads, if it reads one.
+    pub fn column(&self) -> Option<&str> {
+        match self {
+            Limit::Value(_) => None,
+            Limit::Column(c) => Some(c),
+        }
+    }
+
+    /// Its value for a series joined to `row` (`None`: a column the row
+    /// lacks or holds no number in, or no row).
+    pub fn resolve(&self, row: Option<&super::tables::Row>) -> Option<f64> {
+        match self {
+            Limit::Value(x) => Some(*x),
+            Limit::Column(c) => super::tables::number(row?, c),
+        }
+    }
+}
+
+impl Serialize for Limit {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Limit::Value(x) => s.serialize_f64(*x),
+            Limit::Column(c) => s.serialize_str(&format!("@{c}")),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Limit {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl serde::de::Visitor<'_> for Visit {
+            type Value = Limit;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a number, or \"@column\" of the rule's table")
+            }
+            fn visit_f64<E: serde::de::Error>(self, x: f64) -> Result<Limit, E> {
+                Ok(Limit::Value(x))
+            }
+            fn visit_i64<E: serde::de::Error>(self, x: i64) -> Result<Limit, E> {
+                Ok(Limit::Value(x as f64))
+            }
+            fn visit_u64<E: serde::de::Error>(self, x: u64) -> Result<Limit, E> {
+                Ok(Limit::Value(x as f64))
+            }
+            fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<Limit, E> {
+                match text.strip_prefix('@') {
+                    Some(c) if !c.is_empty() => Ok(Limit::Column(c.to_owned())),
+                    _ => Err(E::custom(format!(
+                        "{text:?}: a number, or \"@column\" of the rule's table"
+                    ))),
+                }
+            }
+        }
+        d.deserialize_any(Visit)
+    }
+}
+
+/// What a series without a row in its rule's table gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnMissing {
+    /// It goes on without a row.
+    #[default]
+    Pass,
+    /// Its readings are dropped, counted.
+    Refuse,
+    /// It takes the row whose key is `*`.
+    Default,
 }
 
 /// Alert when a value changes faster than a limit.
