@@ -2152,7 +2152,11 @@ mod tests {
         let mut sorted = values.clone();
         sorted.sort_by(f64::total_cmp);
         let q = got[0].quantiles.as_ref().unwrap();
-        for (name, level) in [("p1.234", 0.01234), ("p50.001", 0.50001), ("p98.767", 0.98767)] {
+        for (name, level) in [
+            ("p1.234", 0.01234),
+            ("p50.001", 0.50001),
+            ("p98.767", 0.98767),
+        ] {
             let rank = sorted.partition_point(|&v| v <= q[name]) as f64 / 20_000.0;
             assert!(
                 (rank - level).abs() <= eps,
