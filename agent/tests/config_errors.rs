@@ -216,6 +216,9 @@ fn a_value_out_of_range_names_its_key_and_line() {
         ("rules[3].quantiles.method", "\"kll\"", "\"tdigest\""),
         ("rules[4].group_by", "\"site\"", "\"room\""),
         ("rules[4].group_name", "\"tanks\"", "\"a:b\""),
+        ("rules[6].window.gap_ms", "30000", "0"),
+        ("rules[6].window.max_ms", "3600000", "-1"),
+        ("rules[6].window.lateness_ms", "1000", "100000"),
         ("rules[5].table", "\"sensors\"", "\"stock\""),
         ("rules[5].on_missing", "\"default\"", "\"maybe\""),
         (

@@ -9,7 +9,8 @@ use std::collections::BTreeMap;
 use proptest::prelude::*;
 use sluice_core::aggregate::{Accumulator, Aggregate};
 use sluice_core::window::{
-    Closed, CountWindow, DecayingStats, HoppingWindow, Rejection, TumblingWindow, WindowStats,
+    Closed, CountWindow, DecayingStats, HoppingWindow, Rejection, SessionWindow, TumblingWindow,
+    WindowStats,
 };
 
 /// A reading, an idle tick, or the end (flush).
@@ -485,4 +486,133 @@ fn each_window_starts_with_the_params() {
     }
     assert_eq!(got, [(7, 2), (7, 2)]);
     assert_eq!(*w.params(), 7);
+}
+
+/// Readings at times that go back at most `lateness` behind the latest,
+/// with gaps of every size: (time, value).
+fn session_stream(lateness: i64) -> impl Strategy<Value = Vec<(i64, f64)>> {
+    prop::collection::vec((0i64..40, -10i64..=0, -100.0f64..100.0), 1..150).prop_map(move |steps| {
+        let mut latest = 0i64;
+        steps
+            .into_iter()
+            .map(|(advance, back, v)| {
+                // Mostly small steps, now and then a long silence.
+                latest += if advance > 35 {
+                    advance * 4
+                } else {
+                    advance / 4
+                };
+                let back = (back * lateness / 10).max(-lateness);
+                (latest + back, v)
+            })
+            .collect()
+    })
+}
+
+/// The sessions of `points` computed offline: sorted by time, cut where
+/// two neighbours are `gap` or more apart. (start, end, count, sum).
+fn offline_sessions(points: &[(i64, f64)], gap: i64) -> Vec<(i64, i64, u64, f64)> {
+    let mut sorted = points.to_vec();
+    sorted.sort_by_key(|p| p.0);
+    let mut out: Vec<(i64, i64, u64, f64)> = Vec::new();
+    for (ts, v) in sorted {
+        match out.last_mut() {
+            Some(s) if ts - (s.1 - 1) < gap => {
+                s.1 = ts + 1;
+                s.2 += 1;
+                s.3 += v;
+            }
+            _ => out.push((ts, ts + 1, 1, v)),
+        }
+    }
+    out
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(1_000))]
+
+    /// Out of order by at most the lateness, nothing is late, and the
+    /// sessions emitted (as the watermark passes, then at flush) are those
+    /// computed offline from all readings.
+    #[test]
+    fn sessions_match_the_offline_cut_of_the_same_readings(
+        gap in 1i64..30,
+        lateness_gaps in 0i64..=3,
+        seed_stream in session_stream(10),
+    ) {
+        let lateness = (gap * lateness_gaps).min(10);
+        let stream: Vec<(i64, f64)> = seed_stream;
+        let mut w = SessionWindow::<4>::new(gap, i64::MAX, lateness).unwrap();
+        let mut got = Vec::new();
+        let mut latest = i64::MIN;
+        let mut kept = Vec::new();
+        for &(ts, v) in &stream {
+            // Only what is within the lateness of the latest is offered.
+            if ts < latest.saturating_sub(lateness) {
+                continue;
+            }
+            latest = latest.max(ts);
+            kept.push((ts, v));
+            let r = w.push(ts, v, |c| got.push((c.start, c.end, c.acc.count(), c.acc.sum(), c.partial)));
+            prop_assert_eq!(r, Ok(()), "{} at latest {}", ts, latest);
+        }
+        // Lateness up to 3 gaps opens at most 4 sessions: none closed early.
+        prop_assert!(got.iter().all(|s| !s.4), "{:?}", got);
+        w.flush(|c| got.push((c.start, c.end, c.acc.count(), c.acc.sum(), c.partial)));
+        let mut got: Vec<_> = got.into_iter().map(|(a, b, c, d, _)| (a, b, c, d)).collect();
+        got.sort_by_key(|s| s.0);
+        let want = offline_sessions(&kept, gap);
+        prop_assert_eq!(got.len(), want.len(), "{:?} vs {:?}", got, want);
+        for (g, e) in got.iter().zip(&want) {
+            prop_assert_eq!((g.0, g.1, g.2), (e.0, e.1, e.2));
+            prop_assert!((g.3 - e.3).abs() < 1e-6 * (1.0 + e.3.abs()));
+        }
+    }
+}
+
+#[test]
+fn a_session_ends_at_its_longest_and_late_readings_are_refused() {
+    let mut w = SessionWindow::<2>::new(10, 25, 0).unwrap();
+    let mut got = Vec::new();
+    // Every 5: one run, cut at 25 of span.
+    for ts in (0..60).step_by(5) {
+        w.push(ts, 1.0, |c| got.push((c.start, c.end, c.acc.count())))
+            .unwrap();
+    }
+    w.flush(|c| got.push((c.start, c.end, c.acc.count())));
+    assert_eq!(got, [(0, 21, 5), (25, 46, 5), (50, 56, 2)]);
+
+    let mut w = SessionWindow::<2>::new(10, i64::MAX, 0).unwrap();
+    let mut got = Vec::new();
+    for ts in [0, 5, 30] {
+        w.push(ts, 1.0, |c| got.push((c.start, c.end))).unwrap();
+    }
+    assert_eq!(got, [(0, 6)]);
+    // 12 would have joined [0, 5] (closed at 15): late; 16 starts anew.
+    assert_eq!(w.push(12, 1.0, |_| ()), Err(Rejection::Late));
+    assert_eq!(w.stats().late, 1);
+    assert_eq!(w.push(16, 1.0, |c| got.push((c.start, c.end))), Ok(()));
+}
+
+#[test]
+fn a_reading_between_two_sessions_joins_them_and_too_many_close_the_oldest() {
+    // Lateness lets 0 and 18 open two sessions; 9 bridges them.
+    let mut w = SessionWindow::<2>::new(10, i64::MAX, 30).unwrap();
+    let mut got = Vec::new();
+    for ts in [18, 0, 9] {
+        w.push(ts, 1.0, |c| {
+            got.push((c.start, c.end, c.acc.count(), c.partial))
+        })
+        .unwrap();
+    }
+    w.flush(|c| got.push((c.start, c.end, c.acc.count(), c.partial)));
+    assert_eq!(got, [(0, 19, 3, true)]);
+    // Three apart, two slots: the oldest closes early, as partial.
+    let mut w = SessionWindow::<2>::new(10, i64::MAX, 100).unwrap();
+    let mut got = Vec::new();
+    for ts in [50, 0, 25] {
+        w.push(ts, 1.0, |c| got.push((c.start, c.partial))).unwrap();
+    }
+    assert_eq!(got, [(0, true)]);
+    assert!(w.has_open());
 }

@@ -3,7 +3,9 @@
 
 use serde::Deserialize;
 
-use crate::pipeline::rules::{CountRule, DecayingRule, HoppingRule, TumblingRule, WindowRule};
+use crate::pipeline::rules::{
+    CountRule, DecayingRule, HoppingRule, SessionRule, TumblingRule, WindowRule,
+};
 
 /// `message` (`key: why`) with the line of the key in `text` before it.
 pub(super) fn with_line(text: &str, message: String) -> String {
@@ -76,6 +78,7 @@ enum WindowByKind {
     Hopping(HoppingRule),
     Count(CountRule),
     Decaying(DecayingRule),
+    Session(SessionRule),
 }
 
 /// Reads the form `retag` leaves (see `Config::parse`).
@@ -86,6 +89,7 @@ impl<'de> Deserialize<'de> for WindowRule {
             WindowByKind::Hopping(w) => WindowRule::Hopping(w),
             WindowByKind::Count(w) => WindowRule::Count(w),
             WindowByKind::Decaying(w) => WindowRule::Decaying(w),
+            WindowByKind::Session(w) => WindowRule::Session(w),
         })
     }
 }

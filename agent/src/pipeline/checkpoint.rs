@@ -43,7 +43,7 @@ use sluice_core::Timestamp;
 
 use crate::pipeline::rules::labels::{LabelsState, LabelsStateV2};
 use crate::pipeline::rules::{Detector, DetectorState, Quantiles, Window};
-use crate::pipeline::rules::{HoppingRule, TumblingRule, WindowRule};
+use crate::pipeline::rules::{HoppingRule, SessionRule, TumblingRule, WindowRule};
 use crate::store::outbox::SavedCheckpoint;
 
 /// The encoding's version; a checkpoint of another version is skipped.
@@ -235,6 +235,13 @@ pub fn lateness(rule: &WindowRule) -> Option<Timestamp> {
         WindowRule::Tumbling(TumblingRule { lateness_ms, .. })
         | WindowRule::Hopping(HoppingRule { lateness_ms, .. }) => Some(lateness_ms),
         WindowRule::Decaying(_) => Some(0),
+        // A session ending at the mark closes once event time passes its
+        // last reading (the mark less one) plus the gap and the lateness.
+        WindowRule::Session(SessionRule {
+            gap_ms,
+            lateness_ms,
+            ..
+        }) => Some(lateness_ms.saturating_add(gap_ms)),
         WindowRule::Count(_) => None,
     }
 }

@@ -1376,6 +1376,39 @@ mod tests {
         }
     }
 
+    #[test]
+    fn a_machines_runs_are_sessions_closed_by_silence_through_a_restore() {
+        const RULE: &str = "[[rules]]\nmatch = \"*\"\nwindow = { kind = \"session\", gap_ms = 1000, max_ms = 60000, lateness_ms = 200 }\nquantiles = [0.5]\n";
+        let (mut a, mut rx, _) = worker(RULE);
+        // A run from 0 to 4,900 every 100 ms (saved half-way), silence,
+        // then a run from 20,000 to 20,900.
+        for t in (0..2_500).step_by(100) {
+            a.process(reading("m", t, 1.0));
+        }
+        let state = saved(&a, &mut rx);
+        let (mut b, mut rx, _) = worker(RULE);
+        b.restore(state, &HashMap::new());
+        for t in (2_500..5_000)
+            .step_by(100)
+            .chain((20_000..21_000).step_by(100))
+        {
+            b.process(reading("m", t, 2.0));
+        }
+        // The first run closed when event time passed 4,900 + 1,000 + 200.
+        let got = aggregates(&mut rx);
+        assert_eq!(got.len(), 1);
+        assert_eq!((got[0].start, got[0].end, got[0].count), (0, 4_901, 50));
+        assert_eq!(got[0].sum, 25.0 + 50.0);
+        assert_eq!(got[0].quantiles.as_ref().unwrap()["p50"].round(), 1.0);
+        // The second closes on the agent's clock once the series is quiet.
+        b.tick(now_ms() + 10_000);
+        let got = aggregates(&mut rx);
+        assert_eq!(
+            (got[0].start, got[0].end, got[0].count),
+            (20_000, 20_901, 10)
+        );
+    }
+
     /// A worker of `rules` (TOML after BASE) whose table `sensors` is
     /// `csv`, and the rules it runs.
     fn worker_with_table(

@@ -5,6 +5,7 @@
 //! | [`TumblingWindow`] | the watermark passes its end | `P` accumulators |
 //! | [`HoppingWindow`] (sliding) | the watermark passes its end | `P` pane accumulators |
 //! | [`CountWindow`] | it has `n` values | one accumulator |
+//! | [`SessionWindow`] | the watermark passes its last value plus the gap (or its first plus the longest span) | `P` session accumulators |
 //! | [`DecayingWindow`] | never: it is read at any time | a few floats |
 //!
 //! # Event time and the watermark
@@ -33,10 +34,12 @@
 mod count;
 mod decaying;
 mod panes;
+mod session;
 
 pub use count::CountWindow;
 pub use decaying::{DecayingStats, DecayingWindow};
 pub use panes::{HoppingWindow, TumblingWindow};
+pub use session::SessionWindow;
 
 use crate::Timestamp;
 
@@ -169,5 +172,51 @@ pub(crate) fn check_time(ts: crate::Timestamp) -> Result<(), Rejection> {
         Ok(())
     } else {
         Err(Rejection::OutOfRange)
+    }
+}
+
+/// serde for `[Option<T>; P]` with a const generic `P`, which serde's own
+/// array impls (lengths 0 to 32, fixed) do not cover: a tuple of `P`
+/// elements, read back into an array of `None`s.
+#[cfg(feature = "serde")]
+pub(crate) mod option_array {
+    use core::fmt;
+    use core::marker::PhantomData;
+
+    use serde::de::{Deserializer, Error, SeqAccess, Visitor};
+    use serde::ser::{SerializeTuple, Serializer};
+    use serde::{Deserialize, Serialize};
+
+    pub fn serialize<S: Serializer, T: Serialize, const P: usize>(
+        array: &[Option<T>; P],
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        let mut t = s.serialize_tuple(P)?;
+        for item in array {
+            t.serialize_element(item)?;
+        }
+        t.end()
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>, T: Deserialize<'de>, const P: usize>(
+        d: D,
+    ) -> Result<[Option<T>; P], D::Error> {
+        struct Array<T, const P: usize>(PhantomData<T>);
+        impl<'de, T: Deserialize<'de>, const P: usize> Visitor<'de> for Array<T, P> {
+            type Value = [Option<T>; P];
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "an array of {P} optional panes")
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+                let mut out = [const { None }; P];
+                for (i, slot) in out.iter_mut().enumerate() {
+                    *slot = seq
+                        .next_element()?
+                        .ok_or_else(|| A::Error::invalid_length(i, &self))?;
+                }
+                Ok(out)
+            }
+        }
+        d.deserialize_tuple(P, Array::<T, P>(PhantomData))
     }
 }

@@ -50,7 +50,7 @@ pub struct HoppingWindow<const P: usize, A: Accumulator = Aggregate> {
     #[cfg_attr(
         feature = "serde",
         serde(
-            with = "option_array",
+            with = "super::option_array",
             bound(
                 serialize = "A: serde::Serialize",
                 deserialize = "A: serde::Deserialize<'de>"
@@ -445,51 +445,5 @@ mod tests {
         });
         assert_eq!(got, [(0, 20, true), (10, 30, true)]);
         assert_eq!(w.push(16, 1.0, |_| ()), Err(Rejection::Late));
-    }
-}
-
-/// serde for `[Option<T>; P]` with a const generic `P`, which serde's own
-/// array impls (lengths 0 to 32, fixed) do not cover: a tuple of `P`
-/// elements, read back into an array of `None`s.
-#[cfg(feature = "serde")]
-mod option_array {
-    use core::fmt;
-    use core::marker::PhantomData;
-
-    use serde::de::{Deserializer, Error, SeqAccess, Visitor};
-    use serde::ser::{SerializeTuple, Serializer};
-    use serde::{Deserialize, Serialize};
-
-    pub fn serialize<S: Serializer, T: Serialize, const P: usize>(
-        array: &[Option<T>; P],
-        s: S,
-    ) -> Result<S::Ok, S::Error> {
-        let mut t = s.serialize_tuple(P)?;
-        for item in array {
-            t.serialize_element(item)?;
-        }
-        t.end()
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>, T: Deserialize<'de>, const P: usize>(
-        d: D,
-    ) -> Result<[Option<T>; P], D::Error> {
-        struct Array<T, const P: usize>(PhantomData<T>);
-        impl<'de, T: Deserialize<'de>, const P: usize> Visitor<'de> for Array<T, P> {
-            type Value = [Option<T>; P];
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                write!(f, "an array of {P} optional panes")
-            }
-            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
-                let mut out = [const { None }; P];
-                for (i, slot) in out.iter_mut().enumerate() {
-                    *slot = seq
-                        .next_element()?
-                        .ok_or_else(|| A::Error::invalid_length(i, &self))?;
-                }
-                Ok(out)
-            }
-        }
-        d.deserialize_tuple(P, Array::<T, P>(PhantomData))
     }
 }

@@ -10,7 +10,8 @@ use sluice_core::anomaly::{
 };
 use sluice_core::shed::Priority;
 use sluice_core::window::{
-    Closed, CountWindow, DecayingStats, HoppingWindow, Rejection, TumblingWindow, WindowError,
+    Closed, CountWindow, DecayingStats, HoppingWindow, Rejection, SessionWindow, TumblingWindow,
+    WindowError,
 };
 
 use serde::{Deserialize, Serialize};
@@ -52,7 +53,13 @@ pub enum Window<A: Accumulator = Aggregate> {
     Count(CountWindow<A>),
     /// Exponentially decaying, reported periodically.
     Decaying(Box<DecayingReport<A>>),
+    /// Session windows (boxed: rarely used, and their open sessions).
+    Session(Box<SessionWindow<SESSIONS, A>>),
 }
+
+/// Sessions a series keeps open at once (lateness up to 3 gaps opens at
+/// most 4).
+const SESSIONS: usize = 4;
 
 /// A decaying window, with the period's plain aggregates in a tumbling
 /// window of the report period (boxed in [`Window`]: rarely used).
@@ -116,6 +123,7 @@ impl<A: Accumulator> Window<A> {
             Window::Hopping(w) => w.push_weighted(ts, value, weight, emit),
             Window::Count(w) => w.push_weighted(ts, value, weight, emit),
             Window::Decaying(w) => w.push(ts, value, weight, emit),
+            Window::Session(w) => w.push_weighted(ts, value, weight, emit),
         }
     }
 
@@ -136,6 +144,7 @@ impl<A: Accumulator> Window<A> {
             // Count windows close by count only.
             Window::Count(_) => {}
             Window::Decaying(w) => w.advance_to(ts, emit),
+            Window::Session(w) => w.advance_to(ts, emit),
         }
     }
 
@@ -154,6 +163,7 @@ impl<A: Accumulator> Window<A> {
             Window::Hopping(w) => w.set_params(params),
             Window::Count(w) => w.set_params(params),
             Window::Decaying(w) => w.period.set_params(params),
+            Window::Session(w) => w.set_params(params),
         }
     }
 
@@ -165,6 +175,7 @@ impl<A: Accumulator> Window<A> {
             Window::Hopping(w) => w.params(),
             Window::Count(w) => w.params(),
             Window::Decaying(w) => w.period.params(),
+            Window::Session(w) => w.params(),
         }
     }
 
@@ -176,6 +187,7 @@ impl<A: Accumulator> Window<A> {
             Window::Hopping(w) => w.flush(emit),
             Window::Count(w) => w.flush(emit),
             Window::Decaying(w) => w.flush(emit),
+            Window::Session(w) => w.flush(emit),
         }
     }
 }
@@ -202,6 +214,21 @@ pub fn window_for<A: Accumulator>(rule: &WindowRule) -> Result<Window<A>, Window
             lateness_ms,
         )?)),
         WindowRule::Count(CountRule { size }) => Window::Count(CountWindow::new(size)?),
+        WindowRule::Session(SessionRule {
+            gap_ms,
+            max_ms,
+            lateness_ms,
+        }) => {
+            let window = SessionWindow::new(gap_ms, max_ms, lateness_ms)?;
+            // Lateness up to 3 gaps opens at most 4 sessions at once.
+            if lateness_ms > gap_ms.saturating_mul(3) {
+                return Err(WindowError::TooFewPanes {
+                    needed: (lateness_ms / gap_ms) as u64 + 1,
+                    available: SESSIONS,
+                });
+            }
+            Window::Session(Box::new(window))
+        }
         WindowRule::Decaying(DecayingRule {
             half_life,
             every_ms,
@@ -944,12 +971,17 @@ fn window_problem(w: &WindowRule, e: WindowError) -> String {
         (WindowError::NotPositive, WindowRule::Hopping(h)) if h.size_ms > 0 => "slide_ms",
         (WindowError::NotPositive, WindowRule::Count(_)) => "size",
         (WindowError::NotPositive, WindowRule::Decaying(_)) => "every_ms",
+        (WindowError::NotPositive, WindowRule::Session(w)) if w.gap_ms > 0 => "max_ms",
+        (WindowError::NotPositive, WindowRule::Session(_)) => "gap_ms",
         (WindowError::LengthNotMultipleOfSlide, _) => "slide_ms",
         (WindowError::NotPositive, _) => "size_ms",
         (WindowError::NegativeLateness | WindowError::TooFewPanes { .. }, _) => "lateness_ms",
         (WindowError::BadDecay, _) => "half_life",
     };
     match e {
+        WindowError::TooFewPanes { .. } if matches!(w, WindowRule::Session(_)) => {
+            format!("{key}: at most 3 × gap_ms ({SESSIONS} sessions open at once)")
+        }
         WindowError::LengthNotMultipleOfSlide => {
             format!("{key}: must divide size_ms into whole slides")
         }

@@ -301,7 +301,7 @@ pub enum PriorityKind {
 }
 
 /// A window over event time (ms) or a count of readings:
-/// `{ kind = "tumbling" | "hopping" | "count" | "decaying", … }`.
+/// `{ kind = "tumbling" | "hopping" | "count" | "decaying" | "session", … }`.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum WindowRule {
@@ -315,6 +315,28 @@ pub enum WindowRule {
     /// deviation), reported every `every_ms` of event time together with the
     /// plain aggregates of that period.
     Decaying(DecayingRule),
+    /// A window per burst of readings, closed by `gap_ms` without any (a
+    /// machine's run), spanning less than `max_ms`.
+    Session(SessionRule),
+}
+
+/// `kind = "session"`.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SessionRule {
+    /// The silence that ends a session, ms.
+    pub gap_ms: i64,
+    /// The longest span of a session, ms (its first reading to its last).
+    /// Default: a day.
+    #[serde(default = "default_session_max_ms")]
+    pub max_ms: i64,
+    /// How long to wait for out-of-order readings, ms (at most 3 gaps).
+    #[serde(default)]
+    pub lateness_ms: i64,
+}
+
+const fn default_session_max_ms() -> i64 {
+    86_400_000
 }
 
 /// `kind = "tumbling"`.
