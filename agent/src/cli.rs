@@ -25,7 +25,7 @@ pub enum Command {
         #[arg(short, long)]
         config: PathBuf,
     },
-    /// Validate a configuration file and the files it names (TLS, passwords)
+    /// Validate a configuration file and the files it names (TLS, passwords, tables)
     /// and print it with every default filled in.
     Check {
         /// The TOML configuration file.

@@ -51,9 +51,14 @@ fn main() -> ExitCode {
                     Ok((parsed.preflight(&text), parsed))
                 });
             match checked {
-                Ok((found, c)) => {
+                Ok((mut found, mut c)) => {
                     if !quiet {
                         sluice::cli::out(format_args!("{}", c.to_toml()));
+                    }
+                    // The reference tables, read as the agent would.
+                    c.resolve_paths(&config);
+                    if let Err(e) = c.load_tables() {
+                        found.errors.push(e.to_string());
                     }
                     for note in &found.notes {
                         eprintln!("note: {}: {note}", config.display());
@@ -308,7 +313,7 @@ fn outbox_command(action: OutboxAction, config: Option<PathBuf>) -> ExitCode {
         eprintln!("error: --config FILE is required");
         return ExitCode::from(2);
     };
-    let config = match Config::load(&path) {
+    let config = match Config::read(&path) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("error: {e}");

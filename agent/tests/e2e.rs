@@ -385,6 +385,58 @@ async fn subscribe_retained(port: u16, topic: &str) -> Value {
 }
 
 #[test]
+fn check_and_run_read_the_tables_and_name_a_bad_line() {
+    // The table sits beside the configuration, named relative to it.
+    let (dir, config) = temp_file(
+        "tables.toml",
+        "agent_id = \"x\"\n[sources.u]\nkind = \"udp\"\nbind = \"127.0.0.1:0\"\n[tables.sensors]\npath = \"sensors.csv\"\n[[rules]]\nmatch = \"*\"\ntable = \"sensors\"\nthresholds = [{ above = \"@max\" }]\n[output]\nconsole = true\n",
+    );
+    let csv = dir.path().join("sensors.csv");
+    let check = || {
+        sluice_tests::own_binary(env!("CARGO_BIN_EXE_sluice"))
+            .args(["check", "--quiet", "--config"])
+            .arg(&config)
+            .output()
+            .unwrap()
+    };
+    std::fs::write(&csv, "series,max\ns-1,80\n").unwrap();
+    let out = check();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::write(&csv, "series,max\ns-1,80\ns-1,90\n").unwrap();
+    for command in ["check", "run"] {
+        let out = sluice_tests::own_binary(env!("CARGO_BIN_EXE_sluice"))
+            .args([command, "--config"])
+            .arg(&config)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{command}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("tables.sensors: ")
+                && stderr.contains("sensors.csv line 3: \"s-1\" again (first on line 2)"),
+            "{command}: {stderr}"
+        );
+    }
+    // The outbox commands need no table: a table being edited cannot stop
+    // them (here they stop for want of an [outbox], not for the table).
+    let out = sluice_tests::own_binary(env!("CARGO_BIN_EXE_sluice"))
+        .args(["outbox", "status", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("outbox") && !stderr.contains("tables.sensors"),
+        "{stderr}"
+    );
+}
+
+#[test]
 fn a_config_error_names_the_key_and_the_line_and_fails() {
     let (_dir, config) = temp_file(
         "bad.toml",

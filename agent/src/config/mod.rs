@@ -410,20 +410,33 @@ impl Config {
     /// reference tables (a relative `path` is relative to the file's
     /// directory).
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| ConfigError(format!("{}: {e}", path.display())))?;
-        let mut config =
-            Self::parse(&text).map_err(|e| ConfigError(format!("{}: {e}", path.display())))?;
-        let dir = path.parent().unwrap_or(Path::new("."));
-        for table in config.tables.values_mut() {
-            if table.path.is_relative() {
-                table.path = dir.join(&table.path);
-            }
-        }
+        let mut config = Self::read(path)?;
         config
             .load_tables()
             .map_err(|e| ConfigError(format!("{}: {e}", path.display())))?;
         Ok(config)
+    }
+
+    /// [`Self::load`] without reading the tables: for the commands that
+    /// need only the outbox, so that a table being edited cannot stop them.
+    pub fn read(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError(format!("{}: {e}", path.display())))?;
+        let mut config =
+            Self::parse(&text).map_err(|e| ConfigError(format!("{}: {e}", path.display())))?;
+        config.resolve_paths(path);
+        Ok(config)
+    }
+
+    /// Makes the tables' relative paths relative to the directory of the
+    /// configuration file at `path`.
+    pub fn resolve_paths(&mut self, path: &Path) {
+        let dir = path.parent().unwrap_or(Path::new("."));
+        for table in self.tables.values_mut() {
+            if table.path.is_relative() {
+                table.path = dir.join(&table.path);
+            }
+        }
     }
 
     /// Reads the reference tables into `table_data` and checks the rules
