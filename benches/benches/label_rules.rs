@@ -2,7 +2,9 @@
 //! worker (`Worker::process`): W1's rule (a 1-second tumbling window with
 //! all aggregates and an EWMA z-score), and the same rule adding a distinct
 //! count and a top 10 over a `mac` label (a BLE gateway: 5,000 devices,
-//! Zipf-distributed), or quantiles by DDSketch or KLL.
+//! Zipf-distributed), or quantiles by DDSketch or KLL, or joined to a
+//! reference table of 1,000 sensors (calibration and a threshold from a
+//! column) against the same threshold written in the rule.
 //!
 //! `cargo bench -p sluice-benches --bench label_rules`
 
@@ -37,8 +39,9 @@ anomaly = { alpha = 0.01, k = 4.0, warmup = 30 }
 "#;
 
 fn worker(extra: &str) -> (Worker, mpsc::Receiver<Record>) {
-    let config = Config::parse(&format!("{BASE}{extra}")).unwrap();
-    let rules = Arc::new(Rules::compile(&config.rules).unwrap());
+    let mut config = Config::parse(&format!("{BASE}{extra}")).unwrap();
+    config.load_tables().unwrap();
+    let rules = Arc::new(Rules::compile_with(&config.rules, &config.table_data).unwrap());
     let (tx, rx) = mpsc::channel(1 << 16);
     let worker = Worker::new(
         "bench".into(),
@@ -81,8 +84,23 @@ fn readings() -> Vec<Reading> {
         .collect()
 }
 
+/// A table of 1,000 sensors, the gateway's among them, for the join row.
+fn table() -> String {
+    let path = std::env::temp_dir().join(format!("sluice-bench-table-{}.csv", std::process::id()));
+    let mut csv = String::from("series,max,scale,offset\n");
+    for i in 0..1_000 {
+        csv.push_str(&format!("gw-{i},{},1.0,0.5\n", 100 + i));
+    }
+    std::fs::write(&path, csv).unwrap();
+    format!(
+        "table = \"sensors\"\ncalibrate = true\nthresholds = [{{ above = \"@max\" }}]\n[tables.sensors]\npath = {:?}\n",
+        path.display().to_string()
+    )
+}
+
 fn per_reading(c: &mut Criterion) {
     let input = readings();
+    let joined = table();
     let mut g = c.benchmark_group("label_rule_per_reading");
     g.throughput(Throughput::Elements(READINGS as u64));
     for (name, extra) in [
@@ -92,6 +110,11 @@ fn per_reading(c: &mut Criterion) {
             "distinct = \"mac\"\ntop_k = { label = \"mac\", k = 10 }\n",
         ),
         ("w1_rule+quantiles_ddsketch", "quantiles = [0.5, 0.99]\n"),
+        (
+            "w1_rule+threshold_of_same_level",
+            "thresholds = [{ above = 101.0 }]\n",
+        ),
+        ("w1_rule+table_join(calibrate,@max)", joined.as_str()),
         (
             "w1_rule+quantiles_kll_k200",
             "quantiles = { at = [0.5, 0.99], method = \"kll\" }\n",
