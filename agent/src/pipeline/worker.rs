@@ -1190,19 +1190,28 @@ mod tests {
 
     fn worker(rules: &str) -> (Worker, mpsc::Receiver<Record>, Arc<WorkerStats>) {
         let config = Config::parse(&format!("{BASE}{rules}")).unwrap();
-        let rules = Arc::new(Rules::compile(&config.rules).unwrap());
-        let (tx, rx) = mpsc::channel(1024);
+        let (w, _, rx, stats) = worker_of(&config, config.max_series);
+        (w, rx, stats)
+    }
+
+    /// A worker of `config`'s rules (joined to its tables, if read), with
+    /// a table of `max_series`, and the rules and counters it runs with.
+    fn worker_of(
+        config: &Config,
+        max_series: usize,
+    ) -> (Worker, Arc<Rules>, mpsc::Receiver<Record>, Arc<WorkerStats>) {
+        let rules = Arc::new(Rules::compile_with(&config.rules, &config.table_data).unwrap());
+        let (tx, rx) = mpsc::channel(4096);
         let stats = Arc::new(WorkerStats::default());
-        let slot = Arc::new(RulesSlot::default());
         let w = Worker::new(
             "t".into(),
-            rules,
-            slot,
-            config.max_series,
+            rules.clone(),
+            Arc::new(RulesSlot::default()),
+            max_series,
             tx,
             stats.clone(),
         );
-        (w, rx, stats)
+        (w, rules, rx, stats)
     }
 
     fn reading(series: &str, ts: Timestamp, value: f64) -> Reading {
@@ -1354,17 +1363,7 @@ mod tests {
     const LABELLED: &str = "agent_id = \"t\"\n[sources.u]\nkind = \"udp\"\nbind = \"127.0.0.1:0\"\n[sources.u.json]\nlabels = [\"mac\"]\n[output]\nconsole = true\n[[rules]]\nmatch = \"*\"\nwindow = { kind = \"tumbling\", size_ms = 1000 }\ndistinct = \"mac\"\ntop_k = { label = \"mac\", k = 3 }\nfirst_seen = { label = \"mac\" }\nsample = { k = 5 }\nsketches = true\n";
 
     fn labelled_worker() -> (Worker, mpsc::Receiver<Record>) {
-        let config = Config::parse(LABELLED).unwrap();
-        let rules = Arc::new(Rules::compile(&config.rules).unwrap());
-        let (tx, rx) = mpsc::channel(4096);
-        let w = Worker::new(
-            "t".into(),
-            rules,
-            Arc::new(RulesSlot::default()),
-            10,
-            tx,
-            Arc::new(WorkerStats::default()),
-        );
+        let (w, _, rx, _) = worker_of(&Config::parse(LABELLED).unwrap(), 10);
         (w, rx)
     }
 
@@ -1435,17 +1434,7 @@ mod tests {
         );
         let mut config = Config::parse(&text).unwrap();
         config.load_tables().unwrap();
-        let rules = Arc::new(Rules::compile_with(&config.rules, &config.table_data).unwrap());
-        let (tx, rx) = mpsc::channel(4096);
-        let stats = Arc::new(WorkerStats::default());
-        let w = Worker::new(
-            "t".into(),
-            rules.clone(),
-            Arc::new(RulesSlot::default()),
-            100,
-            tx,
-            stats.clone(),
-        );
+        let (w, rules, rx, stats) = worker_of(&config, 100);
         (w, rules, rx, stats, path)
     }
 
@@ -1611,17 +1600,7 @@ mod tests {
     const GROUPED: &str = "agent_id = \"t\"\nmax_series = 10\n[sources.u]\nkind = \"udp\"\nbind = \"127.0.0.1:0\"\n[sources.u.json]\nlabels = [\"site\"]\n[output]\nconsole = true\n[[rules]]\nmatch = \"s-*\"\ngroup_by = \"site\"\nwindow = { kind = \"tumbling\", size_ms = 1000 }\nquantiles = [0.5]\nthresholds = [{ above = 100.0 }]\n[[rules]]\nmatch = \"p-*\"\ngroup_by = \"*\"\ngroup_name = \"pumps\"\nwindow = { kind = \"tumbling\", size_ms = 1000 }\n";
 
     fn grouped_worker() -> (Worker, Arc<Rules>, mpsc::Receiver<Record>) {
-        let config = Config::parse(GROUPED).unwrap();
-        let rules = Arc::new(Rules::compile(&config.rules).unwrap());
-        let (tx, rx) = mpsc::channel(4096);
-        let w = Worker::new(
-            "t".into(),
-            rules.clone(),
-            Arc::new(RulesSlot::default()),
-            10,
-            tx,
-            Arc::new(WorkerStats::default()),
-        );
+        let (w, rules, rx, _) = worker_of(&Config::parse(GROUPED).unwrap(), 10);
         (w, rules, rx)
     }
 
@@ -1767,17 +1746,7 @@ mod tests {
     fn frequency_counts_the_named_values_within_the_bound_through_a_restore() {
         const RULE: &str = "agent_id = \"t\"\n[sources.u]\nkind = \"udp\"\nbind = \"127.0.0.1:0\"\n[sources.u.json]\nlabels = [\"mac\"]\n[output]\nconsole = true\n[[rules]]\nmatch = \"*\"\nwindow = { kind = \"tumbling\", size_ms = 100000 }\nfrequency = { label = \"mac\", epsilon = 0.01, delta = 0.01, values = [\"m-0\", \"m-7\", \"never\"] }\nsketches = true\n";
         let make = || {
-            let config = Config::parse(RULE).unwrap();
-            let rules = Arc::new(Rules::compile(&config.rules).unwrap());
-            let (tx, rx) = mpsc::channel(4096);
-            let w = Worker::new(
-                "t".into(),
-                rules,
-                Arc::new(RulesSlot::default()),
-                10,
-                tx,
-                Arc::new(WorkerStats::default()),
-            );
+            let (w, _, rx, _) = worker_of(&Config::parse(RULE).unwrap(), 10);
             (w, rx)
         };
         // Device i sends 1000 / (i + 1) readings, interleaved; ten readings
