@@ -9,6 +9,7 @@ extern crate std;
 pub mod aggregate;
 pub mod anomaly;
 pub mod hash;
+pub mod join;
 mod math;
 pub mod ring;
 pub mod rng;
