@@ -13,16 +13,17 @@ const EXAMPLE: &str = include_str!("../../packaging/config/sluice.example.toml")
 fn keys(text: &str) -> Vec<(String, usize, String, String)> {
     let mut out = Vec::new();
     let mut table = String::new();
-    let mut rules = 0;
+    let mut arrays = std::collections::BTreeMap::<String, usize>::new();
     for (n, line) in text.lines().enumerate() {
         let line_no = n + 1;
         let code = strip_comment(line).trim();
         if code.is_empty() {
             continue;
         }
-        if code == "[[rules]]" {
-            table = format!("rules[{rules}]");
-            rules += 1;
+        if let Some(name) = code.strip_prefix("[[").and_then(|c| c.strip_suffix("]]")) {
+            let n = arrays.entry(name.to_string()).or_default();
+            table = format!("{name}[{n}]");
+            *n += 1;
             continue;
         }
         if let Some(name) = code.strip_prefix('[').and_then(|c| c.strip_suffix(']')) {
@@ -226,6 +227,13 @@ fn a_value_out_of_range_names_its_key_and_line() {
             "\"@max_temp\"",
             "\"max_temp\"",
         ),
+        ("derived[0].name", "\"boiler/delta\"", "\"\""),
+        ("derived[0].a", "\"boiler/inlet\"", "\"boiler/*\""),
+        ("derived[0].b", "\"boiler/outlet\"", "\"boiler/inlet\""),
+        ("derived[0].expr", "\"a - b\"", "\"a * b\""),
+        ("derived[0].window_ms", "1000", "0"),
+        ("derived[0].lateness_ms", "500", "8000"),
+        ("rules[7].thresholds[0].below", "5.0", "\"@low\""),
         ("output.mqtt.host", "\"127.0.0.1\"", "\"\""),
         (
             "output.mqtt.alert_topic",

@@ -1366,6 +1366,145 @@ port = {port}
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_derived_delta_of_two_sensors_on_two_workers_is_exact() {
+    // inlet and outlet hash to different workers on their own: the
+    // hand-off must bring them together for the join.
+    let hasher = sluice_core::hash::SeriesHasher::default();
+    assert_ne!(
+        hasher.shard(b"boiler/inlet", 2),
+        hasher.shard(b"boiler/outlet", 2)
+    );
+    let broker = Broker::start("derived");
+    let metrics_port = sluice_tests::free_port();
+    let (_dir, config) = temp_file(
+        "derived.toml",
+        &format!(
+            r#"
+agent_id = "drv"
+workers = 2
+
+[sources.plant]
+kind = "mqtt"
+host = "127.0.0.1"
+port = {port}
+client_id = "sluice-derived-in"
+topics = ["sensors/+"]
+
+[[rules]]
+match = "s-probe"
+window = {{ kind = "tumbling", size_ms = 1000 }}
+
+[[rules]]
+match = "boiler/*"
+window = {{ kind = "tumbling", size_ms = 10000 }}
+
+[[derived]]
+name = "boiler/delta"
+a = "boiler/inlet"
+b = "boiler/outlet"
+expr = "a - b"
+window_ms = 1000
+
+[output.mqtt]
+host = "127.0.0.1"
+port = {port}
+
+[metrics]
+listen = "127.0.0.1:{metrics_port}"
+"#,
+            port = broker.port,
+        ),
+    );
+    let got = subscribe(broker.port, "sluice/drv/#").await;
+    let agent = Agent::start(&config);
+    let publisher = Publisher::connect(broker.port, "derived-publisher");
+    await_agent(&publisher, &got, &agent, "drv").await;
+
+    let base = (now_ms() - 300_000) / 10_000 * 10_000;
+    let send = |sensor: &'static str, ts: i64, value: f64| {
+        let publisher = &publisher;
+        async move {
+            publisher
+                .publish(
+                    &format!("sensors/{}", sensor.replace('/', "-")),
+                    QoS::AtLeastOnce,
+                    format!(r#"{{"sensor":"{sensor}","ts":{ts},"value":{value}}}"#),
+                )
+                .await
+        }
+    };
+    // Ten seconds: the inlet 8 readings a second, the outlet 4; a mean is
+    // a sum over a power of two, so every figure below is exact.
+    let (mut deltas, mut inlet_sum) = (Vec::new(), 0.0);
+    for sec in 0..10i64 {
+        let t = base + sec * 1000;
+        let mut means = (0.0, 0.0);
+        for k in 0..8i64 {
+            let v = 60.0 + ((sec * 8 + k) % 5) as f64;
+            means.0 += v / 8.0;
+            inlet_sum += v;
+            send("boiler/inlet", t + k * 125, v).await;
+        }
+        for k in 0..4i64 {
+            let v = 30.0 + ((sec + k) % 3) as f64;
+            means.1 += v / 4.0;
+            send("boiler/outlet", t + k * 250 + 10, v).await;
+        }
+        deltas.push(means.0 - means.1);
+    }
+    // The next seconds close the last join window, whose pair closes the
+    // derived series' window.
+    for ts in [base + 10_500, base + 12_000] {
+        send("boiler/inlet", ts, 0.0).await;
+        send("boiler/outlet", ts, 0.0).await;
+    }
+    let find = |series: &str| -> Vec<Value> {
+        got.lock()
+            .unwrap()
+            .iter()
+            .filter(|(t, v, retained)| {
+                t.starts_with("sluice/drv/agg/")
+                    && v["series"] == series
+                    && v["start"].as_i64() == Some(base)
+                    && !retained
+            })
+            .map(|(_, v, _)| v.clone())
+            .collect()
+    };
+    wait_until("the derived window", &agent, || {
+        !find("boiler/delta").is_empty()
+    })
+    .await;
+    let records = find("boiler/delta");
+    assert_eq!(records.len(), 1, "{records:?}");
+    let r = &records[0];
+    assert_eq!(r["series"], "boiler/delta");
+    assert_eq!(r["count"].as_u64(), Some(10), "{r}");
+    let sum: f64 = deltas.iter().sum();
+    assert!(
+        (r["sum"].as_f64().unwrap() - sum).abs() < 1e-9,
+        "{r} vs {sum}"
+    );
+    assert_eq!(r["min"].as_f64(), deltas.iter().copied().reduce(f64::min));
+    assert_eq!(r["max"].as_f64(), deltas.iter().copied().reduce(f64::max));
+    // The inputs keep their own rule, in the derived series' worker.
+    wait_until("the inlet's window", &agent, || {
+        !find("boiler/inlet").is_empty()
+    })
+    .await;
+    let inlet = find("boiler/inlet");
+    assert_eq!(inlet.len(), 1, "{inlet:?}");
+    assert_eq!(
+        (inlet[0]["count"].as_u64(), inlet[0]["sum"].as_f64()),
+        (Some(80), Some(inlet_sum))
+    );
+    // Ten seconds and the 11th (the 13th is still open).
+    assert_eq!(metric(metrics_port, "sluice_join_pairs_total"), Some(11));
+    assert_eq!(metric(metrics_port, "sluice_join_late_total"), Some(0));
+    assert_eq!(metric(metrics_port, "sluice_join_missing_total"), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_table_of_1000_sensors_sets_each_ones_limit_and_an_edit_applies_without_a_restart() {
     // 1,000 sensors, sensor i with max_temp 50 + i / 10: each sends its
     // limit + 1 (an alert at its own limit) and sensor 0..100 also their

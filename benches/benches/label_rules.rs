@@ -41,7 +41,7 @@ anomaly = { alpha = 0.01, k = 4.0, warmup = 30 }
 fn worker(extra: &str) -> (Worker, mpsc::Receiver<Record>) {
     let mut config = Config::parse(&format!("{BASE}{extra}")).unwrap();
     config.load_tables().unwrap();
-    let rules = Arc::new(Rules::compile_with(&config.rules, &config.table_data).unwrap());
+    let rules = Arc::new(Rules::of(&config).unwrap());
     let (tx, rx) = mpsc::channel(1 << 16);
     let worker = Worker::new(
         "bench".into(),

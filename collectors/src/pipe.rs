@@ -5,7 +5,8 @@
 //! [`Handoff`], then flushes them. Each reading goes to the lane (ring) of
 //! the worker that owns its series, `hash(series) % lanes`, after an
 //! optional route ([`Handoff::with_route`]) may have given it another
-//! series (the agent's groups). Per lane, the
+//! series (the agent's groups) or another key to shard by (the agent's
+//! derived series, whose inputs meet in one worker). Per lane, the
 //! shedding policy decides on every reading *before* it is pushed, from the
 //! ring's occupancy at the start of the flush plus what this flush has pushed
 //! so far (a conservative estimate: the worker can only have made room). The
@@ -63,10 +64,12 @@ pub fn reading_ring(capacity: usize) -> Result<(ReadingProducer, ReadingConsumer
 /// as the rules of the latest reload).
 pub type PriorityFn = Box<dyn FnMut(&str) -> Priority + Send>;
 
-/// Rewrites a reading's series before it is routed (the agent gives the
-/// readings of a grouped rule their group's id, so that a group meets in
-/// one worker).
-pub type RouteFn = Box<dyn FnMut(&mut Reading) + Send>;
+/// Rewrites a reading's series before it is routed, and may name the hash
+/// (by the hand-off's hasher) to pick its lane by instead of its series'
+/// (the agent gives the readings of a grouped rule their group's id, and
+/// sends the inputs of a derived series to the derived series' worker, so
+/// that what must meet meets in one worker).
+pub type RouteFn = Box<dyn FnMut(&mut Reading, &SeriesHasher) -> Option<u64> + Send>;
 
 struct Lane {
     producer: ReadingProducer,
@@ -132,8 +135,9 @@ impl Handoff {
         self
     }
 
-    /// Passes each reading to `route` before picking its lane (and its
-    /// priority) by its series.
+    /// Passes each reading to `route` before picking its lane (by the hash
+    /// `route` returns, or else by its series) and its priority (by its
+    /// series).
     pub fn with_route(mut self, route: RouteFn) -> Self {
         self.route = Some(route);
         self
@@ -161,12 +165,14 @@ impl Handoff {
 
     /// Stages a reading for the next [`Self::flush`].
     pub fn stage(&mut self, mut reading: Reading) {
-        if let Some(route) = &mut self.route {
-            route(&mut reading);
-        }
-        let lane = match self.lanes.len() {
-            1 => 0,
-            n => self.hasher.shard(reading.series.as_bytes(), n),
+        let home = match &mut self.route {
+            Some(route) => route(&mut reading, &self.hasher),
+            None => None,
+        };
+        let lane = match (self.lanes.len(), home) {
+            (1, _) => 0,
+            (n, Some(hash)) => sluice_core::hash::shard_of(hash, n),
+            (n, None) => self.hasher.shard(reading.series.as_bytes(), n),
         };
         self.lanes[lane].staged.push(reading);
     }

@@ -19,7 +19,7 @@ use sluice_collectors::mqtt::{MqttSettings, TlsSettings};
 use sluice_collectors::serial::SerialSettings;
 use sluice_collectors::udp::UdpSettings;
 
-use crate::pipeline::rules::{Rule, Rules, TableConfig, Tables};
+use crate::pipeline::rules::{DerivedRule, Rule, Rules, TableConfig, Tables};
 
 mod document;
 
@@ -71,6 +71,10 @@ pub struct Config {
     /// and ignored.
     #[serde(default)]
     pub rules: Vec<Rule>,
+    /// Derived series (`[[derived]]`): a series computed from two others
+    /// joined on event time, which rules then match like any series.
+    #[serde(default)]
+    pub derived: Vec<DerivedRule>,
     /// Where aggregates and alerts go.
     #[serde(default)]
     pub output: Output,
@@ -443,7 +447,7 @@ impl Config {
     /// against them (an error names the table's line, or the rule's key).
     pub fn load_tables(&mut self) -> Result<(), ConfigError> {
         self.table_data = Tables::load(&self.tables).map_err(ConfigError)?;
-        Rules::compile_with(&self.rules, &self.table_data).map_err(ConfigError)?;
+        Rules::of(self).map_err(ConfigError)?;
         Ok(())
     }
 
@@ -649,6 +653,10 @@ impl Config {
                 }
             }
         }
+        // Each entry, and how they relate (names, no chains).
+        Rules::compile(&[])
+            .and_then(|r| r.with_derived(&self.derived))
+            .map_err(ConfigError)?;
         if let Some(m) = &self.output.mqtt {
             m.validate()
                 .map_err(|why| ConfigError(format!("output.mqtt.{why}")))?;

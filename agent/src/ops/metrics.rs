@@ -225,6 +225,48 @@ pub fn render(r: &Running) -> String {
         &mut wk(|w| w.table_unmatched.load(Relaxed)).into_iter(),
     );
     family(
+        "sluice_join_pairs_total",
+        "counter",
+        "Pairs the derived series' joins made (each a reading of a derived series, unless its expr had no value).",
+        &mut wk(|w| w.join_pairs.load(Relaxed)).into_iter(),
+    );
+    let sides: Vec<(String, String)> = r
+        .workers
+        .iter()
+        .enumerate()
+        .flat_map(|(i, w)| {
+            [
+                (
+                    format!("{{worker=\"{i}\",side=\"a\"}}"),
+                    w.join_missing_a.load(Relaxed),
+                ),
+                (
+                    format!("{{worker=\"{i}\",side=\"b\"}}"),
+                    w.join_missing_b.load(Relaxed),
+                ),
+            ]
+        })
+        .map(|(labels, n)| (labels, n.to_string()))
+        .collect();
+    family(
+        "sluice_join_missing_total",
+        "counter",
+        "Join windows (or readings of a, for an interval join) dropped because the side named had nothing to pair with them.",
+        &mut sides.into_iter(),
+    );
+    family(
+        "sluice_join_late_total",
+        "counter",
+        "Readings too late for their join window, or older than side b's latest.",
+        &mut wk(|w| w.join_late.load(Relaxed)).into_iter(),
+    );
+    family(
+        "sluice_join_undefined_total",
+        "counter",
+        "Pairs whose expr has no value (a ratio to 0, or beyond 1e100).",
+        &mut wk(|w| w.join_undefined.load(Relaxed)).into_iter(),
+    );
+    family(
         "sluice_first_seen_over_capacity_total",
         "counter",
         "New label values past a first_seen filter's capacity: counted, not alerted.",

@@ -42,16 +42,32 @@ use serde::{Deserialize, Serialize};
 use sluice_core::Timestamp;
 
 use crate::pipeline::rules::labels::{LabelsState, LabelsStateV2};
-use crate::pipeline::rules::{Detector, DetectorState, Quantiles, Window};
+use crate::pipeline::rules::{Detector, DetectorState, JoinOp, Quantiles, Rules, Window};
 use crate::pipeline::rules::{HoppingRule, SessionRule, TumblingRule, WindowRule};
 use crate::store::outbox::SavedCheckpoint;
 
 /// The encoding's version; a checkpoint of another version is skipped.
 /// Version 2 adds the series' label sketches after the series, in a list
 /// of their own, so that version 1 (what 0.2 wrote) still reads; version 3
-/// adds the `frequency` sketch to each open window's label sketches
-/// (versions 1 and 2 still read).
-pub const FORMAT: u16 = 3;
+/// adds the `frequency` sketch to each open window's label sketches;
+/// version 4 adds the derived series' joins after the label sketches
+/// (versions 1 to 3 still read).
+pub const FORMAT: u16 = 4;
+
+/// A derived series' join, as saved (by the worker its inputs meet in).
+#[derive(Clone, Serialize, Deserialize)]
+pub struct JoinState {
+    /// The derived series' id.
+    pub name: String,
+    /// Fingerprint of its settings ([`Derived::fingerprint`](crate::pipeline::rules::Derived)).
+    pub fingerprint: u64,
+    /// Its open windows, or B's latest reading.
+    pub op: JoinOp,
+    /// Largest event time among its inputs' readings.
+    pub last_event: Timestamp,
+    /// Wall time of its last input reading.
+    pub last_seen: Timestamp,
+}
 
 /// A series' windows, as saved.
 #[derive(Clone, Serialize, Deserialize)]
@@ -97,6 +113,16 @@ struct Envelope {
     series: Vec<SeriesState>,
     /// Per series, in the same order (format 2 on).
     labels: Vec<Option<LabelsState>>,
+    /// The joins (format 4 on).
+    joins: Vec<JoinState>,
+}
+
+/// [`Envelope`] as format 3 wrote it.
+#[derive(Deserialize)]
+struct EnvelopeV3 {
+    _format: u16,
+    series: Vec<SeriesState>,
+    labels: Vec<Option<LabelsState>>,
 }
 
 /// [`Envelope`] as format 2 wrote it.
@@ -107,13 +133,14 @@ struct EnvelopeV2 {
     labels: Vec<Option<LabelsStateV2>>,
 }
 
-/// Encodes a worker's series.
-pub fn encode(mut series: Vec<SeriesState>) -> Vec<u8> {
+/// Encodes a worker's series and joins.
+pub fn encode(mut series: Vec<SeriesState>, joins: Vec<JoinState>) -> Vec<u8> {
     let labels = series.iter_mut().map(|s| s.labels.take()).collect();
     postcard::to_allocvec(&Envelope {
         format: FORMAT,
         series,
         labels,
+        joins,
     })
     .unwrap_or_default()
 }
@@ -172,28 +199,35 @@ struct EnvelopeRef<'a> {
     format: u16,
     series: Vec<SeriesRef<'a>>,
     labels: Vec<Option<LabelsState>>,
+    joins: Vec<JoinState>,
 }
 
 /// Encodes a worker's series without copying their windows and detectors
-/// (label sketches are encoded as bytes); [`decode`] reads it as it reads
-/// what [`encode`] made.
-pub fn encode_refs(mut series: Vec<SeriesRef<'_>>) -> Vec<u8> {
+/// (label sketches are encoded as bytes; joins, a few per worker, are
+/// copies); [`decode`] reads it as it reads what [`encode`] made.
+pub fn encode_refs(mut series: Vec<SeriesRef<'_>>, joins: Vec<JoinState>) -> Vec<u8> {
     let labels = series.iter_mut().map(|s| s.labels.take()).collect();
     postcard::to_allocvec(&EnvelopeRef {
         format: FORMAT,
         series,
         labels,
+        joins,
     })
     .unwrap_or_default()
 }
 
-/// Decodes what [`encode`] made (format 3), or what formats 1 and 2 were.
+/// Decodes what [`encode`] made (format 4), or what formats 1 to 3 were.
 pub fn decode(bytes: &[u8]) -> Result<Vec<SeriesState>, String> {
+    decode_all(bytes).map(|(series, _)| series)
+}
+
+/// [`decode`], with the joins.
+pub fn decode_all(bytes: &[u8]) -> Result<(Vec<SeriesState>, Vec<JoinState>), String> {
     let (format, _) = postcard::take_from_bytes::<u16>(bytes).map_err(|e| e.to_string())?;
     match format {
         // Format 1: the series alone.
         1 => postcard::from_bytes::<(u16, Vec<SeriesState>)>(bytes)
-            .map(|(_, series)| series)
+            .map(|(_, series)| (series, Vec::new()))
             .map_err(|e| e.to_string()),
         2 => {
             let e = postcard::from_bytes::<EnvelopeV2>(bytes).map_err(|e| e.to_string())?;
@@ -202,11 +236,15 @@ pub fn decode(bytes: &[u8]) -> Result<Vec<SeriesState>, String> {
                 .into_iter()
                 .map(|l| l.map(LabelsState::from))
                 .collect();
-            with_labels(e.series, labels)
+            with_labels(e.series, labels).map(|s| (s, Vec::new()))
+        }
+        3 => {
+            let e = postcard::from_bytes::<EnvelopeV3>(bytes).map_err(|e| e.to_string())?;
+            with_labels(e.series, e.labels).map(|s| (s, Vec::new()))
         }
         FORMAT => {
             let e = postcard::from_bytes::<Envelope>(bytes).map_err(|e| e.to_string())?;
-            with_labels(e.series, e.labels)
+            with_labels(e.series, e.labels).map(|s| (s, e.joins))
         }
         other => Err(format!("format {other} (this build reads 1 to {FORMAT})")),
     }
@@ -251,6 +289,8 @@ pub fn lateness(rule: &WindowRule) -> Option<Timestamp> {
 pub struct Restored {
     /// Per worker, the series it owns now.
     pub per_worker: Vec<Vec<SeriesState>>,
+    /// Per worker, the joins it owns now.
+    pub joins: Vec<Vec<JoinState>>,
     /// Window marks (series → end of the newest window emitted).
     pub marks: HashMap<String, Timestamp>,
     /// Checkpoints that could not be read, and why.
@@ -261,25 +301,33 @@ pub struct Restored {
 }
 
 /// Decodes `saved` and deals each series to the worker that owns it among
-/// `workers` (by the sources' shard function). A series found in two
-/// checkpoints (possible only after a crash during a relayout) is taken
-/// from the newer.
+/// `workers` (by the sources' shard function of its home under `rules`:
+/// the derived series it feeds, or itself), and each join to the worker of
+/// its derived series. A series found in two checkpoints (possible only
+/// after a crash during a relayout) is taken from the newer.
 pub fn distribute(
     saved: Vec<SavedCheckpoint>,
     marks: HashMap<String, Timestamp>,
     workers: usize,
+    rules: &Rules,
 ) -> Restored {
     let mut restored = Restored {
         per_worker: (0..workers).map(|_| Vec::new()).collect(),
+        joins: (0..workers).map(|_| Vec::new()).collect(),
         marks,
         ..Restored::default()
     };
     let mut seen: HashMap<String, (i64, usize, usize)> = HashMap::new();
     restored.relayout = saved.iter().any(|c| c.worker >= workers);
     let hasher = sluice_core::hash::SeriesHasher::default();
+    let owner_of = |key: &str| match workers {
+        1 => 0,
+        n => hasher.shard(key.as_bytes(), n),
+    };
+    let mut joins_seen: HashMap<String, i64> = HashMap::new();
     for c in saved {
-        let series = match c.state.and_then(|bytes| decode(&bytes)) {
-            Ok(series) => series,
+        let (series, joins) = match c.state.and_then(|bytes| decode_all(&bytes)) {
+            Ok(decoded) => decoded,
             Err(e) => {
                 restored
                     .skipped
@@ -287,12 +335,23 @@ pub fn distribute(
                 continue;
             }
         };
+        for j in joins {
+            let owner = owner_of(&j.name);
+            if owner != c.worker {
+                restored.relayout = true;
+            }
+            // (Two copies only after a crash during a relayout.)
+            if joins_seen.get(&j.name).is_some_and(|&at| at >= c.saved_ms) {
+                continue;
+            }
+            joins_seen.insert(j.name.clone(), c.saved_ms);
+            for list in &mut restored.joins {
+                list.retain(|o| o.name != j.name);
+            }
+            restored.joins[owner].push(j);
+        }
         for s in series {
-            let owner = if workers == 1 {
-                0
-            } else {
-                hasher.shard(s.series.as_bytes(), workers)
-            };
+            let owner = owner_of(rules.home(&s.series));
             if owner != c.worker {
                 restored.relayout = true;
             }
@@ -335,7 +394,10 @@ mod tests {
         SavedCheckpoint {
             worker,
             saved_ms,
-            state: Ok(encode(series.iter().map(|s| state(s)).collect())),
+            state: Ok(encode(
+                series.iter().map(|s| state(s)).collect(),
+                Vec::new(),
+            )),
         }
     }
 
@@ -356,7 +418,7 @@ mod tests {
                 state: Ok(vec![1, 2, 3]),
             },
         ];
-        let r = distribute(rows, HashMap::new(), 2);
+        let r = distribute(rows, HashMap::new(), 2, &Rules::compile(&[]).unwrap());
         assert!(r.relayout);
         assert_eq!(r.skipped.len(), 1, "{:?}", r.skipped);
         let total: usize = r.per_worker.iter().map(Vec::len).sum();
@@ -369,18 +431,73 @@ mod tests {
     }
 
     #[test]
+    fn a_derived_series_inputs_and_join_go_to_its_worker() {
+        let hasher = sluice_core::hash::SeriesHasher::default();
+        let derived: crate::pipeline::rules::DerivedRule = toml::from_str(
+            "name = \"boiler/delta\"\na = \"boiler/inlet\"\nb = \"boiler/outlet\"\nexpr = \"a - b\"\nwindow_ms = 1000",
+        )
+        .unwrap();
+        let rules = Rules::compile(&[])
+            .unwrap()
+            .with_derived(std::slice::from_ref(&derived))
+            .unwrap();
+        let d = &rules.derived()[0];
+        let join = JoinState {
+            name: derived.name.clone(),
+            fingerprint: d.fingerprint,
+            op: d.state(),
+            last_event: 0,
+            last_seen: 0,
+        };
+        let home = hasher.shard(b"boiler/delta", 4);
+        // Saved by worker 0 of 1; restored by 4 workers.
+        let row = SavedCheckpoint {
+            worker: 0,
+            saved_ms: 1,
+            state: Ok(encode(
+                vec![
+                    state("boiler/inlet"),
+                    state("boiler/outlet"),
+                    state("other"),
+                ],
+                vec![join],
+            )),
+        };
+        let r = distribute(vec![row], HashMap::new(), 4, &rules);
+        let names = |w: usize| {
+            r.per_worker[w]
+                .iter()
+                .map(|s| s.series.as_str())
+                .collect::<Vec<_>>()
+        };
+        assert!(names(home).contains(&"boiler/inlet"));
+        assert!(names(home).contains(&"boiler/outlet"));
+        assert_eq!(r.joins[home].len(), 1);
+        assert_eq!(r.joins.iter().map(Vec::len).sum::<usize>(), 1);
+        assert!(names(hasher.shard(b"other", 4)).contains(&"other"));
+    }
+
+    #[test]
     fn another_format_is_refused() {
         let bytes = postcard::to_allocvec(&Envelope {
             format: FORMAT + 1,
             series: vec![state("a")],
             labels: vec![None],
+            joins: Vec::new(),
         })
         .unwrap();
-        assert!(matches!(decode(&bytes), Err(e) if e.contains("format 4")));
-        assert_eq!(decode(&encode(vec![state("a")])).unwrap().len(), 1);
+        assert!(matches!(decode(&bytes), Err(e) if e.contains("format 5")));
+        assert_eq!(
+            decode(&encode(vec![state("a")], Vec::new())).unwrap().len(),
+            1
+        );
         // Format 1 (0.2's: no label sketches) still reads.
         let v1 = postcard::to_allocvec(&(1u16, vec![state("a"), state("b")])).unwrap();
         assert_eq!(decode(&v1).unwrap().len(), 2);
+        // Format 3 (no joins) still reads.
+        let v3 =
+            postcard::to_allocvec(&(3u16, vec![state("a")], vec![None::<LabelsState>])).unwrap();
+        assert_eq!(decode(&v3).unwrap().len(), 1);
     }
 
     #[test]

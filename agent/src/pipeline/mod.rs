@@ -100,9 +100,7 @@ async fn run_with(
     console: output::Console,
 ) -> anyhow::Result<Running> {
     let agent: Arc<str> = config.agent_id.as_str().into();
-    let rules = Arc::new(
-        Rules::compile_with(&config.rules, &config.table_data).map_err(anyhow::Error::msg)?,
-    );
+    let rules = Arc::new(Rules::of(&config).map_err(anyhow::Error::msg)?);
     let slot = Arc::new(RulesSlot::default());
 
     // Output task.
@@ -167,7 +165,7 @@ async fn run_with(
             let (saved, marks) = writer_box
                 .checkpoints()
                 .map_err(|e| anyhow::anyhow!("checkpoints in {}: {e}", path.display()))?;
-            restored = checkpoint::distribute(saved, marks, config.workers);
+            restored = checkpoint::distribute(saved, marks, config.workers, &rules);
             if !clean_stop && restored.per_worker.iter().any(|s| !s.is_empty()) {
                 let now = sluice_collectors::reading::now_ms();
                 crash_restart = Some(now);
@@ -183,7 +181,10 @@ async fn run_with(
                     .per_worker
                     .iter()
                     .enumerate()
-                    .map(|(w, series)| (w, checkpoint::encode(series.clone())))
+                    .zip(&restored.joins)
+                    .map(|((w, series), joins)| {
+                        (w, checkpoint::encode(series.clone(), joins.clone()))
+                    })
                     .collect();
                 writer_box
                     .replace_checkpoints(&rows, sluice_collectors::reading::now_ms())
@@ -299,6 +300,9 @@ async fn run_with(
             }
             let saved = std::mem::take(&mut restored.per_worker[i]);
             worker.restore(saved, &restored.marks);
+            if let Some(joins) = restored.joins.get_mut(i) {
+                worker.restore_joins(std::mem::take(joins));
+            }
         }
         let stop = stop.clone();
         let handle = std::thread::Builder::new()
@@ -500,24 +504,24 @@ fn source_priority(slot: &Arc<RulesSlot>, rules: &Arc<Rules>) -> PriorityFn {
     })
 }
 
-/// A source's route: the readings of a grouped rule take their group's id
-/// (see `rules::groups`), under the rules of the latest reload.
+/// A source's route (see [`Rules::route`]), under the rules of the latest
+/// reload.
 fn group_route(slot: &Arc<RulesSlot>, rules: &Arc<Rules>) -> sluice_collectors::pipe::RouteFn {
     let slot = slot.clone();
     let (mut generation, mut rules) = (0, rules.clone());
-    Box::new(move |reading| {
+    Box::new(move |reading, hasher| {
         if let Some((newer, latest)) = slot.latest(generation) {
             generation = newer;
             rules = latest;
         }
-        rules.route(reading);
+        rules.route(reading, hasher)
     })
 }
 
 /// Publishes the new configuration's rules to the workers; warns about the
 /// changes that only a restart applies.
 fn apply_reload(current: &Config, new: &Config, slot: &RulesSlot) {
-    match Rules::compile_with(&new.rules, &new.table_data) {
+    match Rules::of(new) {
         Ok(rules) => {
             slot.replace(Arc::new(rules));
             tracing::info!(

@@ -16,12 +16,14 @@ use sluice_core::window::{
 
 use serde::{Deserialize, Serialize};
 
+pub mod derived;
 pub mod groups;
 pub mod labels;
 pub mod quantiles;
 mod settings;
 pub mod tables;
 
+pub use derived::{Derived, DerivedRule, JoinOp};
 pub use groups::{GROUP_ALL, GroupSpec, MAX_GROUP_NAME};
 pub use quantiles::{QuantileShape, Quantiles};
 pub use settings::*;
@@ -539,8 +541,10 @@ pub struct CompiledRule {
 pub struct Rules {
     rules: Vec<CompiledRule>,
     any_critical: bool,
-    /// Whether any rule groups (if not, readings need no routing).
+    /// Whether any rule groups.
     any_group: bool,
+    /// The derived series, in order (`[[derived]]`).
+    derived: Vec<Derived>,
 }
 
 impl Rules {
@@ -610,20 +614,97 @@ impl Rules {
             rules: compiled,
             any_critical,
             any_group,
+            derived: Vec::new(),
         })
     }
 
-    /// Gives a reading of a grouped rule its group's id as its series
-    /// (see [`groups`]); other readings stay as they are.
-    pub fn route(&self, reading: &mut sluice_collectors::Reading) {
-        if !self.any_group {
-            return;
+    /// The rules of `config`, joined to its tables, with its derived series.
+    pub fn of(config: &crate::config::Config) -> Result<Rules, String> {
+        Self::compile_with(&config.rules, &config.table_data)?.with_derived(&config.derived)
+    }
+
+    /// Adds the derived series of `derived` (`[[derived]]`): an error names
+    /// the entry and key.
+    pub fn with_derived(mut self, derived: &[DerivedRule]) -> Result<Rules, String> {
+        for (i, d) in derived.iter().enumerate() {
+            let bad = |e: &dyn std::fmt::Display| format!("derived[{i}].{e}");
+            let compiled = Derived::compile(d).map_err(|e| bad(&e))?;
+            if let Some(j) = self.derived.iter().position(|o| o.config.name == d.name) {
+                return Err(bad(&format!("name: derived[{j}] has the same name")));
+            }
+            // One derived series may not feed another: their inputs meet in
+            // the worker of the series they feed, which would be two.
+            if let Some(j) = self.derived.iter().position(|o| o.side(&d.name).is_some()) {
+                return Err(bad(&format!(
+                    "name: {:?} is an input of derived[{j}]; a derived series cannot feed another",
+                    d.name
+                )));
+            }
+            if let Some(j) = self
+                .derived
+                .iter()
+                .position(|o| compiled.side(&o.config.name).is_some())
+            {
+                return Err(bad(&format!(
+                    "a: takes derived[{j}] ({:?}) as an input; a derived series cannot feed another",
+                    self.derived[j].config.name
+                )));
+            }
+            self.derived.push(compiled);
         }
-        if let Some(rule) = self.find(&reading.series)
+        Ok(self)
+    }
+
+    /// Where a reading goes: a reading of a series that feeds a derived
+    /// series keeps its id and goes to the worker of the derived series
+    /// (the hash of its id is returned, by `hasher`); a reading of a
+    /// grouped rule takes its group's id as its series (see [`groups`]);
+    /// other readings stay as they are.
+    pub fn route(
+        &self,
+        reading: &mut sluice_collectors::Reading,
+        hasher: &sluice_core::hash::SeriesHasher,
+    ) -> Option<u64> {
+        if !self.derived.is_empty()
+            && let Some((d, _)) = self.derived_input(&reading.series)
+        {
+            return Some(hasher.hash(self.derived[d].key.as_bytes()));
+        }
+        if self.any_group
+            && let Some(rule) = self.find(&reading.series)
             && let Some(group) = &self.rules[rule].group
         {
             reading.series = group.key(reading.labels.as_deref());
         }
+        None
+    }
+
+    /// Whether readings need a route: some rule groups, or some series is derived.
+    pub fn routes(&self) -> bool {
+        self.any_group || !self.derived.is_empty()
+    }
+
+    /// The id whose worker holds `series`' state: the derived series it
+    /// feeds, or its own.
+    pub fn home<'a>(&'a self, series: &'a str) -> &'a str {
+        match self.derived_input(series) {
+            Some((d, _)) => &self.derived[d].config.name,
+            None => series,
+        }
+    }
+
+    /// The derived series `series` feeds (the first whose `a` or `b`
+    /// matches it), and on which side.
+    pub fn derived_input(&self, series: &str) -> Option<(usize, sluice_core::join::Side)> {
+        self.derived
+            .iter()
+            .enumerate()
+            .find_map(|(i, d)| d.side(series).map(|side| (i, side)))
+    }
+
+    /// The derived series, in order.
+    pub fn derived(&self) -> &[Derived] {
+        &self.derived
     }
 
     /// The rule whose state the series table holds under `key`: the

@@ -1,0 +1,324 @@
+//! Derived series (`[[derived]]`): a series computed from two others, joined
+//! on event time (a stream–stream join), that rules then treat like any
+//! series.
+//!
+//! ```toml
+//! [[derived]]
+//! name = "boiler/delta"      # the new series' id
+//! a = "boiler/inlet"         # glob of side A's series
+//! b = "boiler/outlet"        # glob of side B's series
+//! expr = "a - b"             # a - b | a + b | a / b | min(a, b) | max(a, b) | mean(a, b)
+//! window_ms = 1000           # aligned: the mean of each side in the same second
+//! lateness_ms = 500          # how long a window waits for the slower side
+//! # within_ms = 2000         # or interval: each reading of A with B's latest within ±2 s
+//! ```
+//!
+//! - **Aligned** (`window_ms`): each side's readings are averaged per
+//!   window of `window_ms` (aligned to the epoch, as rule windows are); a
+//!   window closes on both sides at once, when the largest event time seen
+//!   on either side passes its end by `lateness_ms`, and if both sides have
+//!   readings in it, the derived series gets one reading: `expr` of the
+//!   two means, at the window's **start**. A window only one side has is
+//!   counted in `sluice_join_missing_total{side}` (the side that had none).
+//! - **Interval** (`within_ms`): each reading of A is paired with the
+//!   reading of B with the largest event time so far, if it lies within
+//!   `within_ms` of A's (before or after); the derived reading has A's event
+//!   time. A reading of A without one is counted as missing side `b`.
+//!
+//! Readings too late for their window (or a reading of B older than the
+//! latest) are counted in `sluice_join_late_total`; an `expr` without a
+//! value (a ratio to 0, or beyond ±1e100) in `sluice_join_undefined_total`.
+//! The values joined are those the inputs' own rules see (after a table's
+//! calibration), or the readings' values for inputs that no rule matches.
+//!
+//! The inputs of a derived series meet in one worker: the sources' hand-off
+//! sends every reading of a series that `a` or `b` matches to the worker of
+//! the derived series' id, and that series' state (its own rule's windows,
+//! detectors, checkpoints) lives there under its own id. A series feeds the
+//! first `[[derived]]` whose `a` or `b` matches it (as with rules, the first
+//! match wins), and a series that feeds one is not grouped by `group_by`.
+//! Memory is fixed per derived series: two tumbling windows of at most
+//! [`JOIN_PANES`] panes, or one point.
+
+use serde::{Deserialize, Serialize};
+use sluice_core::Timestamp;
+use sluice_core::join::{Expr, IntervalJoin, JoinStats, Pair, Side, WindowJoin};
+
+/// Panes each side of an aligned join keeps: `lateness_ms` may be up to
+/// `JOIN_PANES - 1` windows.
+pub const JOIN_PANES: usize = 8;
+/// The longest `window_ms`, `lateness_ms` and `within_ms`: a day.
+pub const MAX_JOIN_MS: u64 = 86_400_000;
+
+/// `[[derived]]`.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DerivedRule {
+    /// The derived series' id.
+    pub name: String,
+    /// Glob of side A's series.
+    pub a: String,
+    /// Glob of side B's series.
+    pub b: String,
+    /// `a - b`, `a + b`, `a / b`, `min(a, b)`, `max(a, b)` or `mean(a, b)`.
+    pub expr: String,
+    /// Aligned join: the window, ms.
+    pub window_ms: Option<u64>,
+    /// Aligned join: how long a window waits for out-of-order readings,
+    /// ms, at most 7 windows. Default 0.
+    #[serde(default)]
+    pub lateness_ms: u64,
+    /// Interval join: the largest gap between paired readings, ms.
+    pub within_ms: Option<u64>,
+}
+
+/// The expressions `expr` may name, as written.
+pub const EXPRS: [(&str, Expr); 6] = [
+    ("a - b", Expr::Difference),
+    ("a + b", Expr::Sum),
+    ("a / b", Expr::Ratio),
+    ("min(a, b)", Expr::Min),
+    ("max(a, b)", Expr::Max),
+    ("mean(a, b)", Expr::Mean),
+];
+
+/// `expr` read (spaces do not matter).
+pub fn parse_expr(text: &str) -> Option<Expr> {
+    let squeeze = |s: &str| s.chars().filter(|c| !c.is_whitespace()).collect::<String>();
+    let text = squeeze(text);
+    EXPRS
+        .iter()
+        .find(|(name, _)| squeeze(name) == text)
+        .map(|&(_, e)| e)
+}
+
+impl DerivedRule {
+    /// Checks every value; the error names the key.
+    pub fn validate(&self) -> Result<(), String> {
+        let max = sluice_collectors::reading::MAX_SERIES_LEN;
+        if self.name.is_empty() || self.name.len() > max {
+            return Err(format!("name: must be 1 to {max} bytes (a series id)"));
+        }
+        if let Some(why) = sluice_collectors::reading::series_problem(&self.name) {
+            return Err(format!("name: has {why}"));
+        }
+        for (key, glob) in [("a", &self.a), ("b", &self.b)] {
+            let pattern = glob::Pattern::new(glob).map_err(|e| format!("{key}: {e}"))?;
+            if pattern.matches(&self.name) {
+                return Err(format!(
+                    "{key}: {glob:?} matches the derived series' own name {:?}",
+                    self.name
+                ));
+            }
+        }
+        if self.a == self.b {
+            return Err("b: the same series as a".into());
+        }
+        if parse_expr(&self.expr).is_none() {
+            let names: Vec<&str> = EXPRS.iter().map(|(n, _)| *n).collect();
+            return Err(format!(
+                "expr: {:?} is not one of {}",
+                self.expr,
+                names.join(", ")
+            ));
+        }
+        match (self.window_ms, self.within_ms) {
+            (Some(_), Some(_)) => {
+                return Err(
+                    "within_ms: set window_ms (aligned) or within_ms (interval), not both".into(),
+                );
+            }
+            (None, None) => {
+                return Err(
+                    "window_ms: set window_ms (aligned join) or within_ms (interval join)".into(),
+                );
+            }
+            (Some(w), None) => {
+                if !(1..=MAX_JOIN_MS).contains(&w) {
+                    return Err(format!("window_ms: must be 1..={MAX_JOIN_MS}"));
+                }
+                let late = self.lateness_ms;
+                if late > w * (JOIN_PANES as u64 - 1) {
+                    return Err(format!(
+                        "lateness_ms: at most {} windows ({} ms)",
+                        JOIN_PANES - 1,
+                        w * (JOIN_PANES as u64 - 1)
+                    ));
+                }
+            }
+            (None, Some(within)) => {
+                if self.lateness_ms > 0 {
+                    return Err("lateness_ms: only with window_ms (an interval join keeps B's latest reading)".into());
+                }
+                if within > MAX_JOIN_MS {
+                    return Err(format!("within_ms: must be 0..={MAX_JOIN_MS}"));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A derived series, compiled.
+#[derive(Debug, Clone)]
+pub struct Derived {
+    /// As configured.
+    pub config: DerivedRule,
+    /// Its id as a series key.
+    pub key: sluice_collectors::SeriesKey,
+    a: glob::Pattern,
+    b: glob::Pattern,
+    /// `expr`.
+    pub expr: Expr,
+    /// Fingerprint of the join's settings (its state is kept across a
+    /// reload, and restored from a checkpoint, only under the same).
+    pub fingerprint: u64,
+}
+
+impl Derived {
+    /// Compiles a validated `[[derived]]`.
+    pub fn compile(config: &DerivedRule) -> Result<Derived, String> {
+        config.validate()?;
+        Ok(Derived {
+            key: sluice_collectors::SeriesKey::try_from(config.name.as_str())
+                .map_err(|_| "name: too long for a series id".to_owned())?,
+            a: glob::Pattern::new(&config.a).map_err(|e| format!("a: {e}"))?,
+            b: glob::Pattern::new(&config.b).map_err(|e| format!("b: {e}"))?,
+            expr: parse_expr(&config.expr).ok_or("expr")?,
+            fingerprint: super::fingerprint(&(
+                &config.a,
+                &config.b,
+                config.window_ms,
+                config.lateness_ms,
+                config.within_ms,
+            )),
+            config: config.clone(),
+        })
+    }
+
+    /// Which side `series` is on, if it is an input.
+    pub fn side(&self, series: &str) -> Option<Side> {
+        if self.a.matches(series) {
+            Some(Side::A)
+        } else if self.b.matches(series) {
+            Some(Side::B)
+        } else {
+            None
+        }
+    }
+
+    /// Fresh join state.
+    pub fn state(&self) -> JoinOp {
+        match (self.config.window_ms, self.config.within_ms) {
+            (Some(w), _) => JoinOp::Window(Box::new(
+                // Validated: within bounds.
+                WindowJoin::new(w as Timestamp, self.config.lateness_ms as Timestamp)
+                    .expect("validated window"),
+            )),
+            (None, within) => JoinOp::Interval(
+                IntervalJoin::new(within.unwrap_or(0) as Timestamp).expect("validated bound"),
+            ),
+        }
+    }
+}
+
+/// A derived series' join state.
+#[derive(Clone, Serialize, Deserialize)]
+pub enum JoinOp {
+    /// Aligned windows.
+    Window(Box<WindowJoin<JOIN_PANES>>),
+    /// Interval.
+    Interval(IntervalJoin),
+}
+
+impl JoinOp {
+    /// Offers a reading; pairs it completes go to `pairs`.
+    pub fn push(
+        &mut self,
+        side: Side,
+        ts: Timestamp,
+        value: f64,
+        weight: u32,
+        pairs: &mut Vec<Pair>,
+    ) {
+        match self {
+            JoinOp::Window(j) => {
+                let _ = j.push(side, ts, value, weight, |p| pairs.push(p));
+            }
+            JoinOp::Interval(j) => {
+                if let Ok(Some(p)) = j.push(side, ts, value) {
+                    pairs.push(p);
+                }
+            }
+        }
+    }
+
+    /// Moves event time to `ts` (inputs gone quiet).
+    pub fn advance_to(&mut self, ts: Timestamp, pairs: &mut Vec<Pair>) {
+        if let JoinOp::Window(j) = self {
+            j.advance_to(ts, |p| pairs.push(p));
+        }
+    }
+
+    /// Closes open windows as partial (shutdown, or a join removed).
+    pub fn flush(&mut self, pairs: &mut Vec<Pair>) {
+        if let JoinOp::Window(j) = self {
+            j.flush(|p| pairs.push(p));
+        }
+    }
+
+    /// Its counts so far.
+    pub fn stats(&self) -> JoinStats {
+        match self {
+            JoinOp::Window(j) => j.stats(),
+            JoinOp::Interval(j) => j.stats(),
+        }
+    }
+
+    /// Whether readings wait in a window that has not closed.
+    pub fn has_open(&self) -> bool {
+        match self {
+            JoinOp::Window(j) => j.has_open(),
+            JoinOp::Interval(_) => false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rule(extra: &str) -> Result<(), String> {
+        let text = format!("name = \"d\"\na = \"x\"\nb = \"y\"\nexpr = \"a - b\"\n{extra}");
+        let r: DerivedRule = toml::from_str(&text).map_err(|e| e.to_string())?;
+        r.validate()
+    }
+
+    #[test]
+    fn settings_are_checked_with_the_key_named() {
+        assert_eq!(rule("window_ms = 1000\nlateness_ms = 7000"), Ok(()));
+        assert_eq!(rule("within_ms = 0"), Ok(()));
+        let err = |extra: &str| rule(extra).unwrap_err();
+        assert!(err("").starts_with("window_ms:"), "{}", err(""));
+        assert!(err("window_ms = 1000\nwithin_ms = 5").starts_with("within_ms:"));
+        assert!(err("window_ms = 0").starts_with("window_ms:"));
+        assert!(err("window_ms = 1000\nlateness_ms = 7001").starts_with("lateness_ms:"));
+        assert!(err("within_ms = 5\nlateness_ms = 1").starts_with("lateness_ms:"));
+        assert!(err("within_ms = 86400001").starts_with("within_ms:"));
+        let bad_expr: DerivedRule =
+            toml::from_str("name = \"d\"\na = \"x\"\nb = \"y\"\nexpr = \"a * b\"\nwithin_ms = 1")
+                .unwrap();
+        assert!(bad_expr.validate().unwrap_err().starts_with("expr:"));
+        let own: DerivedRule =
+            toml::from_str("name = \"d-1\"\na = \"d-*\"\nb = \"y\"\nexpr = \"a-b\"\nwithin_ms = 1")
+                .unwrap();
+        assert!(own.validate().unwrap_err().starts_with("a:"));
+    }
+
+    #[test]
+    fn expressions_read_with_or_without_spaces() {
+        assert_eq!(parse_expr("a-b"), Some(Expr::Difference));
+        assert_eq!(parse_expr(" min( a,b ) "), Some(Expr::Min));
+        assert_eq!(parse_expr("b - a"), None);
+    }
+}
