@@ -583,6 +583,20 @@ pub struct Worker {
     pairs: Vec<Pair>,
 }
 
+/// Counts what a join step did (`before` and `after` it).
+fn count_join(s: &WorkerStats, before: JoinStats, after: JoinStats) {
+    for (counter, b, a) in [
+        (&s.join_pairs, before.joined, after.joined),
+        (&s.join_missing_a, before.missing_a, after.missing_a),
+        (&s.join_missing_b, before.missing_b, after.missing_b),
+        (&s.join_late, before.late, after.late),
+    ] {
+        if a > b {
+            counter.fetch_add(a - b, Relaxed);
+        }
+    }
+}
+
 /// A derived series' join in a worker.
 struct JoinEntry {
     op: JoinOp,
@@ -992,41 +1006,27 @@ impl Worker {
         (ts, value, weight): (Timestamp, f64, u32),
         ingest: Timestamp,
     ) {
-        let rules = self.rules.clone();
-        let derived = &rules.derived()[d];
         if self.joins.len() <= d {
             self.joins.resize_with(d + 1, || None);
         }
-        let entry = self.joins[d].get_or_insert_with(|| {
-            Box::new(JoinEntry {
-                op: derived.state(),
+        let entry = match &mut self.joins[d] {
+            Some(entry) => entry,
+            slot => slot.insert(Box::new(JoinEntry {
+                op: self.rules.derived()[d].state(),
                 last_event: ts,
                 last_seen: ingest,
-            })
-        });
+            })),
+        };
         entry.last_event = entry.last_event.max(ts);
         entry.last_seen = ingest;
         let before = entry.op.stats();
-        let mut pairs = std::mem::take(&mut self.pairs);
-        entry.op.push(side, ts, value, weight, &mut pairs);
-        let after = entry.op.stats();
-        self.count_join(before, after);
-        self.take_pairs(derived, &mut pairs, ingest);
-        self.pairs = pairs;
-    }
-
-    /// Counts what a join step did (`before` and `after` it).
-    fn count_join(&self, before: JoinStats, after: JoinStats) {
-        let s = &self.stats;
-        for (counter, b, a) in [
-            (&s.join_pairs, before.joined, after.joined),
-            (&s.join_missing_a, before.missing_a, after.missing_a),
-            (&s.join_missing_b, before.missing_b, after.missing_b),
-            (&s.join_late, before.late, after.late),
-        ] {
-            if a > b {
-                counter.fetch_add(a - b, Relaxed);
-            }
+        entry.op.push(side, ts, value, weight, &mut self.pairs);
+        count_join(&self.stats, before, entry.op.stats());
+        if !self.pairs.is_empty() {
+            let rules = self.rules.clone();
+            let mut pairs = std::mem::take(&mut self.pairs);
+            self.take_pairs(&rules.derived()[d], &mut pairs, ingest);
+            self.pairs = pairs;
         }
     }
 
@@ -1076,7 +1076,7 @@ impl Worker {
                     .advance_to(entry.last_event.saturating_add(idle), &mut pairs);
             }
             let after = entry.op.stats();
-            self.count_join(before, after);
+            count_join(&self.stats, before, after);
             self.take_pairs(&rules.derived()[d], &mut pairs, now);
         }
         self.pairs = pairs;
@@ -1105,7 +1105,7 @@ impl Worker {
                 None => {
                     let stats = entry.op.stats();
                     entry.op.flush(&mut pairs);
-                    self.count_join(stats, entry.op.stats());
+                    count_join(&self.stats, stats, entry.op.stats());
                     self.take_pairs(before, &mut pairs, now_ms());
                 }
             }

@@ -545,6 +545,15 @@ pub struct Rules {
     any_group: bool,
     /// The derived series, in order (`[[derived]]`).
     derived: Vec<Derived>,
+    /// Inputs named literally (no `*`, `?` or `[`) by name: the first
+    /// derived series that names each, and the side.
+    derived_exact: std::collections::HashMap<
+        Box<str>,
+        (usize, sluice_core::join::Side),
+        foldhash::fast::RandomState,
+    >,
+    /// The derived series with a glob for an input, in order.
+    derived_globbed: Vec<usize>,
 }
 
 impl Rules {
@@ -615,6 +624,8 @@ impl Rules {
             any_critical,
             any_group,
             derived: Vec::new(),
+            derived_exact: Default::default(),
+            derived_globbed: Vec::new(),
         })
     }
 
@@ -649,6 +660,21 @@ impl Rules {
                     "a: takes derived[{j}] ({:?}) as an input; a derived series cannot feed another",
                     self.derived[j].config.name
                 )));
+            }
+            let literal = |glob: &str| !glob.contains(['*', '?', '[']);
+            let index = self.derived.len();
+            for (glob, side) in [
+                (&d.a, sluice_core::join::Side::A),
+                (&d.b, sluice_core::join::Side::B),
+            ] {
+                if literal(glob) {
+                    self.derived_exact
+                        .entry(glob.as_str().into())
+                        .or_insert((index, side));
+                }
+            }
+            if !literal(&d.a) || !literal(&d.b) {
+                self.derived_globbed.push(index);
             }
             self.derived.push(compiled);
         }
@@ -696,10 +722,19 @@ impl Rules {
     /// The derived series `series` feeds (the first whose `a` or `b`
     /// matches it), and on which side.
     pub fn derived_input(&self, series: &str) -> Option<(usize, sluice_core::join::Side)> {
-        self.derived
-            .iter()
-            .enumerate()
-            .find_map(|(i, d)| d.side(series).map(|side| (i, side)))
+        // A literal name is a hash lookup; only the globs are tried in turn
+        // (those before the literal match, which the first match wins).
+        let exact = self.derived_exact.get(series).copied();
+        let bound = exact.map_or(usize::MAX, |(d, _)| d);
+        for &d in &self.derived_globbed {
+            if d >= bound {
+                break;
+            }
+            if let Some(side) = self.derived[d].side(series) {
+                return Some((d, side));
+            }
+        }
+        exact
     }
 
     /// The derived series, in order.
