@@ -11,6 +11,7 @@ pub mod anomaly;
 pub mod hash;
 pub mod join;
 mod math;
+pub mod pattern;
 pub mod ring;
 pub mod rng;
 pub mod shed;
