@@ -234,6 +234,17 @@ fn a_value_out_of_range_names_its_key_and_line() {
         ("derived[0].window_ms", "1000", "0"),
         ("derived[0].lateness_ms", "500", "8000"),
         ("rules[7].thresholds[0].below", "5.0", "\"@low\""),
+        (
+            "patterns[0].name",
+            "\"line1/overheat-then-pressure-drop\"",
+            "\"\"",
+        ),
+        ("patterns[0].first.match", "\"line1/temp\"", "\"[\""),
+        ("patterns[0].first.clear_at", "75.0", "85.0"),
+        ("patterns[0].then.below", "2.0", "\"two\""),
+        ("patterns[0].then.raise_after", "2", "0"),
+        ("patterns[0].within_ms", "10000", "86400001"),
+        ("patterns[0].absent", "false", "\"no\""),
         ("output.mqtt.host", "\"127.0.0.1\"", "\"\""),
         (
             "output.mqtt.alert_topic",

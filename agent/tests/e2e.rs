@@ -1505,6 +1505,154 @@ listen = "127.0.0.1:{metrics_port}"
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pattern_fires_once_per_occurrence_and_an_unanswered_request_after_its_bound() {
+    let broker = Broker::start("patterns");
+    let metrics_port = sluice_tests::free_port();
+    let (_dir, config) = temp_file(
+        "patterns.toml",
+        &format!(
+            r#"
+agent_id = "pat"
+workers = 2
+
+[sources.plant]
+kind = "mqtt"
+host = "127.0.0.1"
+port = {port}
+client_id = "sluice-patterns-in"
+topics = ["sensors/+"]
+
+[[rules]]
+match = "s-probe"
+window = {{ kind = "tumbling", size_ms = 1000 }}
+
+[[patterns]]
+name = "line1/overheat-then-drop"
+first = {{ match = "line1/temp", above = 80.0, clear_at = 75.0 }}
+then = {{ match = "line1/pressure", below = 2.0, clear_at = 2.5 }}
+within_ms = 10000
+
+[[patterns]]
+name = "pump/no-flow"
+first = {{ match = "pump/on", above = 0.5 }}
+then = {{ match = "pump/flow", above = 1.0 }}
+within_ms = 2000
+absent = true
+
+[output.mqtt]
+host = "127.0.0.1"
+port = {port}
+
+[metrics]
+listen = "127.0.0.1:{metrics_port}"
+"#,
+            port = broker.port,
+        ),
+    );
+    let got = subscribe(broker.port, "sluice/pat/#").await;
+    let agent = Agent::start(&config);
+    let publisher = Publisher::connect(broker.port, "patterns-publisher");
+    await_agent(&publisher, &got, &agent, "pat").await;
+    let send = |sensor: &'static str, ts: i64, value: f64| {
+        let publisher = &publisher;
+        async move {
+            publisher
+                .publish(
+                    &format!("sensors/{}", sensor.replace('/', "-")),
+                    QoS::AtLeastOnce,
+                    format!(r#"{{"sensor":"{sensor}","ts":{ts},"value":{value}}}"#),
+                )
+                .await
+        }
+    };
+    let alerts = |name: &str| -> Vec<Value> {
+        got.lock()
+            .unwrap()
+            .iter()
+            .filter(|(t, v, retained)| {
+                t.starts_with("sluice/pat/alerts/") && v["series"] == name && !retained
+            })
+            .map(|(_, v, _)| v.clone())
+            .collect()
+    };
+    // Three occurrences, each raised once and cleared once, among readings
+    // that must not raise it: a drop with no overheat before it, a drop
+    // too late, a second drop after one overheat.
+    let base = now_ms() - 600_000;
+    let mut t = base;
+    for round in 0..3i64 {
+        for (sensor, dt, v) in [
+            ("line1/pressure", 0, 1.0), // no A yet (or A used)
+            ("line1/pressure", 100, 3.0),
+            ("line1/temp", 1_000, 85.0), // A
+            ("line1/temp", 2_000, 88.0),
+            ("line1/pressure", 4_000 + round * 1_000, 1.5), // B in time
+            ("line1/pressure", 5_500 + round * 1_000, 1.0),
+            ("line1/pressure", 7_000 + round * 1_000, 3.0), // B clears
+            ("line1/pressure", 7_500 + round * 1_000, 1.0), // A was used
+            ("line1/pressure", 7_600 + round * 1_000, 3.0),
+            ("line1/temp", 12_000, 70.0),
+            ("line1/temp", 13_000, 85.0),    // A
+            ("line1/pressure", 24_000, 1.0), // 11 s later: too late
+            ("line1/pressure", 24_100, 3.0),
+            ("line1/temp", 25_000, 70.0),
+        ] {
+            send(sensor, t + dt, v).await;
+        }
+        t += 30_000;
+    }
+    wait_until("three occurrences", &agent, || {
+        alerts("line1/overheat-then-drop").len() >= 6
+    })
+    .await;
+    let seen: Vec<(String, i64)> = alerts("line1/overheat-then-drop")
+        .iter()
+        .map(|a| {
+            (
+                a["state"].as_str().unwrap().to_string(),
+                a["event_ts"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    let want: Vec<(String, i64)> = (0..3i64)
+        .flat_map(|round| {
+            let t = base + round * 30_000;
+            [
+                ("raised".to_string(), t + 4_000 + round * 1_000),
+                ("cleared".to_string(), t + 7_000 + round * 1_000),
+            ]
+        })
+        .collect();
+    assert_eq!(seen, want);
+    // A request answered in time, then one that is not: raised once the
+    // agent's clock passes the bound (the readings' own times are now).
+    let now = now_ms();
+    send("pump/on", now - 3_000, 1.0).await;
+    send("pump/on", now - 2_900, 0.0).await;
+    send("pump/flow", now - 2_500, 2.0).await;
+    send("pump/flow", now - 2_400, 0.0).await;
+    let asked = now_ms();
+    send("pump/on", asked, 1.0).await;
+    send("pump/on", asked, 0.0).await;
+    wait_until("the unanswered request", &agent, || {
+        !alerts("pump/no-flow").is_empty()
+    })
+    .await;
+    let raised = alerts("pump/no-flow");
+    assert_eq!(raised.len(), 1, "{raised:?}");
+    assert_eq!(raised[0]["state"], "raised");
+    assert_eq!(raised[0]["event_ts"].as_i64(), Some(asked + 2_000));
+    assert!(raised[0]["value"].is_null());
+    // Not before its bound, by the agent's clock either.
+    assert!(raised[0]["detected_ts"].as_i64().unwrap() >= asked + 2_000);
+    // The flow comes at last: cleared.
+    send("pump/flow", now_ms(), 3.0).await;
+    wait_until("the clear", &agent, || alerts("pump/no-flow").len() >= 2).await;
+    assert_eq!(alerts("pump/no-flow")[1]["state"], "cleared");
+    assert_eq!(metric(metrics_port, "sluice_pattern_raised_total"), Some(4));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_table_of_1000_sensors_sets_each_ones_limit_and_an_edit_applies_without_a_restart() {
     // 1,000 sensors, sensor i with max_temp 50 + i / 10: each sends its
     // limit + 1 (an alert at its own limit) and sensor 0..100 also their

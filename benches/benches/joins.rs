@@ -6,7 +6,8 @@
 //! (`s-0000` with `s-0001`, …), by aligned 1-second windows or by interval
 //! (±200 ms), against none: without a rule over the derived series (the
 //! join's own cost), and with W1's rule over them too.
-//! Also prints the memory a derived series' join state takes.
+//! And 500 sequence patterns over the same pairs. Also prints the memory a
+//! derived series' join state, and a pattern's, take.
 //!
 //! `cargo bench -p sluice-benches --bench joins`
 
@@ -113,6 +114,22 @@ fn per_reading(c: &mut Criterion) {
             bytes as f64 * 1000.0 / 1000.0
         );
     }
+    // A pattern's state: the entry's pointer, the state machine, two times.
+    println!(
+        "pattern state: {} B per pattern",
+        8 + std::mem::size_of::<sluice_core::pattern::Sequence>() + 16
+    );
+    // 500 patterns over the same pairs of sensors: s-0000 above 24 then
+    // s-0001 below 21 within 500 ms.
+    let patterns: String = (0..SENSORS / 2)
+        .map(|i| {
+            format!(
+                "[[patterns]]\nname = \"p-{i:04}\"\nfirst = {{ match = \"s-{:04}\", above = 24.0, clear_at = 23.0 }}\nthen = {{ match = \"s-{:04}\", below = 21.0, clear_at = 22.0 }}\nwithin_ms = 500\n",
+                2 * i,
+                2 * i + 1
+            )
+        })
+        .collect();
     let mut g = c.benchmark_group("join_per_reading");
     g.throughput(Throughput::Elements(input.len() as u64));
     // W1's rule over the derived series too: each of their readings costs
@@ -128,6 +145,7 @@ fn per_reading(c: &mut Criterion) {
             "w1_rule+500_derived_interval_200ms+their_rule",
             &interval_ruled,
         ),
+        ("w1_rule+500_patterns_500ms", &patterns),
     ] {
         g.bench_function(name, |b| {
             b.iter_batched(

@@ -19,7 +19,7 @@ use sluice_collectors::mqtt::{MqttSettings, TlsSettings};
 use sluice_collectors::serial::SerialSettings;
 use sluice_collectors::udp::UdpSettings;
 
-use crate::pipeline::rules::{DerivedRule, Rule, Rules, TableConfig, Tables};
+use crate::pipeline::rules::{DerivedRule, PatternRule, Rule, Rules, TableConfig, Tables};
 
 mod document;
 
@@ -75,6 +75,10 @@ pub struct Config {
     /// joined on event time, which rules then match like any series.
     #[serde(default)]
     pub derived: Vec<DerivedRule>,
+    /// Sequence patterns (`[[patterns]]`): an alert when a condition is
+    /// followed (or not) by another within a time bound.
+    #[serde(default)]
+    pub patterns: Vec<PatternRule>,
     /// Where aggregates and alerts go.
     #[serde(default)]
     pub output: Output,
@@ -597,10 +601,10 @@ impl Config {
                 return Err(ConfigError(format!("sources.{name}.{why}")));
             }
         }
-        if self.rules.is_empty() {
+        if self.rules.is_empty() && self.patterns.is_empty() {
             return err(
                 "rules",
-                "define at least one rule: [[rules]] with match = \"<glob>\"",
+                "define at least one rule: [[rules]] with match = \"<glob>\" (or a [[patterns]] entry)",
             );
         }
         let labels: Vec<&str> = self
@@ -656,6 +660,7 @@ impl Config {
         // Each entry, and how they relate (names, no chains).
         Rules::compile(&[])
             .and_then(|r| r.with_derived(&self.derived))
+            .and_then(|r| r.with_patterns(&self.patterns))
             .map_err(ConfigError)?;
         if let Some(m) = &self.output.mqtt {
             m.validate()

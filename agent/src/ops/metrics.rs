@@ -267,6 +267,18 @@ pub fn render(r: &Running) -> String {
         &mut wk(|w| w.join_undefined.load(Relaxed)).into_iter(),
     );
     family(
+        "sluice_pattern_raised_total",
+        "counter",
+        "Times a pattern's alert was raised.",
+        &mut wk(|w| w.pattern_raised.load(Relaxed)).into_iter(),
+    );
+    family(
+        "sluice_pattern_settled_total",
+        "counter",
+        "Events of a pattern's first condition that expired without its then (or, with absent = true, that then answered in time).",
+        &mut wk(|w| w.pattern_settled.load(Relaxed)).into_iter(),
+    );
+    family(
         "sluice_first_seen_over_capacity_total",
         "counter",
         "New label values past a first_seen filter's capacity: counted, not alerted.",

@@ -267,7 +267,7 @@ pub struct AlertEvent {
     /// The series key.
     pub series: String,
     /// The rule: `zscore`, `threshold_above`, `threshold_below`,
-    /// `rate_of_change`, `absent`, `first_seen`.
+    /// `rate_of_change`, `absent`, `first_seen`, `pattern`.
     pub rule: &'static str,
     /// `raised` or `cleared`; `seen` for `first_seen`, an event with no
     /// state (not published as the retained state).

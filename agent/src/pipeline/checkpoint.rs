@@ -45,14 +45,41 @@ use crate::pipeline::rules::labels::{LabelsState, LabelsStateV2};
 use crate::pipeline::rules::{Detector, DetectorState, JoinOp, Quantiles, Rules, Window};
 use crate::pipeline::rules::{HoppingRule, SessionRule, TumblingRule, WindowRule};
 use crate::store::outbox::SavedCheckpoint;
+use sluice_core::pattern::Sequence;
 
 /// The encoding's version; a checkpoint of another version is skipped.
 /// Version 2 adds the series' label sketches after the series, in a list
 /// of their own, so that version 1 (what 0.2 wrote) still reads; version 3
 /// adds the `frequency` sketch to each open window's label sketches;
-/// version 4 adds the derived series' joins after the label sketches
-/// (versions 1 to 3 still read).
+/// version 4 adds the derived series' joins and the patterns after the
+/// label sketches (versions 1 to 3 still read).
 pub const FORMAT: u16 = 4;
+
+/// A pattern's state, as saved (by the joins' worker).
+#[derive(Clone, Serialize, Deserialize)]
+pub struct PatternState {
+    /// The pattern's name.
+    pub name: String,
+    /// Fingerprint of its settings ([`Pattern::fingerprint`](crate::pipeline::rules::Pattern)).
+    pub fingerprint: u64,
+    /// Its conditions, pending event and alert.
+    pub seq: Sequence,
+    /// Largest event time among its inputs' readings.
+    pub last_event: Timestamp,
+    /// Wall time of its last input reading.
+    pub last_seen: Timestamp,
+}
+
+/// What a worker's checkpoint holds.
+#[derive(Default, Clone)]
+pub struct Decoded {
+    /// Its series.
+    pub series: Vec<SeriesState>,
+    /// Its joins.
+    pub joins: Vec<JoinState>,
+    /// Its patterns.
+    pub patterns: Vec<PatternState>,
+}
 
 /// A derived series' join, as saved (by the worker its inputs meet in).
 #[derive(Clone, Serialize, Deserialize)]
@@ -115,6 +142,8 @@ struct Envelope {
     labels: Vec<Option<LabelsState>>,
     /// The joins (format 4 on).
     joins: Vec<JoinState>,
+    /// The patterns (format 4 on).
+    patterns: Vec<PatternState>,
 }
 
 /// [`Envelope`] as format 3 wrote it.
@@ -134,13 +163,19 @@ struct EnvelopeV2 {
 }
 
 /// Encodes a worker's series and joins.
-pub fn encode(mut series: Vec<SeriesState>, joins: Vec<JoinState>) -> Vec<u8> {
+pub fn encode(saved: Decoded) -> Vec<u8> {
+    let Decoded {
+        mut series,
+        joins,
+        patterns,
+    } = saved;
     let labels = series.iter_mut().map(|s| s.labels.take()).collect();
     postcard::to_allocvec(&Envelope {
         format: FORMAT,
         series,
         labels,
         joins,
+        patterns,
     })
     .unwrap_or_default()
 }
@@ -200,34 +235,44 @@ struct EnvelopeRef<'a> {
     series: Vec<SeriesRef<'a>>,
     labels: Vec<Option<LabelsState>>,
     joins: Vec<JoinState>,
+    patterns: Vec<PatternState>,
 }
 
 /// Encodes a worker's series without copying their windows and detectors
 /// (label sketches are encoded as bytes; joins, a few per worker, are
 /// copies); [`decode`] reads it as it reads what [`encode`] made.
-pub fn encode_refs(mut series: Vec<SeriesRef<'_>>, joins: Vec<JoinState>) -> Vec<u8> {
+pub fn encode_refs(
+    mut series: Vec<SeriesRef<'_>>,
+    joins: Vec<JoinState>,
+    patterns: Vec<PatternState>,
+) -> Vec<u8> {
     let labels = series.iter_mut().map(|s| s.labels.take()).collect();
     postcard::to_allocvec(&EnvelopeRef {
         format: FORMAT,
         series,
         labels,
         joins,
+        patterns,
     })
     .unwrap_or_default()
 }
 
 /// Decodes what [`encode`] made (format 4), or what formats 1 to 3 were.
 pub fn decode(bytes: &[u8]) -> Result<Vec<SeriesState>, String> {
-    decode_all(bytes).map(|(series, _)| series)
+    decode_all(bytes).map(|d| d.series)
 }
 
-/// [`decode`], with the joins.
-pub fn decode_all(bytes: &[u8]) -> Result<(Vec<SeriesState>, Vec<JoinState>), String> {
+/// [`decode`], with the joins and patterns.
+pub fn decode_all(bytes: &[u8]) -> Result<Decoded, String> {
+    let series = |series| Decoded {
+        series,
+        ..Decoded::default()
+    };
     let (format, _) = postcard::take_from_bytes::<u16>(bytes).map_err(|e| e.to_string())?;
     match format {
         // Format 1: the series alone.
         1 => postcard::from_bytes::<(u16, Vec<SeriesState>)>(bytes)
-            .map(|(_, series)| (series, Vec::new()))
+            .map(|(_, s)| series(s))
             .map_err(|e| e.to_string()),
         2 => {
             let e = postcard::from_bytes::<EnvelopeV2>(bytes).map_err(|e| e.to_string())?;
@@ -236,15 +281,19 @@ pub fn decode_all(bytes: &[u8]) -> Result<(Vec<SeriesState>, Vec<JoinState>), St
                 .into_iter()
                 .map(|l| l.map(LabelsState::from))
                 .collect();
-            with_labels(e.series, labels).map(|s| (s, Vec::new()))
+            with_labels(e.series, labels).map(series)
         }
         3 => {
             let e = postcard::from_bytes::<EnvelopeV3>(bytes).map_err(|e| e.to_string())?;
-            with_labels(e.series, e.labels).map(|s| (s, Vec::new()))
+            with_labels(e.series, e.labels).map(series)
         }
         FORMAT => {
             let e = postcard::from_bytes::<Envelope>(bytes).map_err(|e| e.to_string())?;
-            with_labels(e.series, e.labels).map(|s| (s, e.joins))
+            Ok(Decoded {
+                series: with_labels(e.series, e.labels)?,
+                joins: e.joins,
+                patterns: e.patterns,
+            })
         }
         other => Err(format!("format {other} (this build reads 1 to {FORMAT})")),
     }
@@ -291,6 +340,8 @@ pub struct Restored {
     pub per_worker: Vec<Vec<SeriesState>>,
     /// Per worker, the joins it owns now.
     pub joins: Vec<Vec<JoinState>>,
+    /// Per worker, the patterns it owns now.
+    pub patterns: Vec<Vec<PatternState>>,
     /// Window marks (series → end of the newest window emitted).
     pub marks: HashMap<String, Timestamp>,
     /// Checkpoints that could not be read, and why.
@@ -302,9 +353,10 @@ pub struct Restored {
 
 /// Decodes `saved` and deals each series to the worker that owns it among
 /// `workers` (by the sources' shard function of its home under `rules`:
-/// the derived series it feeds, or itself), and each join to the worker of
-/// its derived series. A series found in two checkpoints (possible only
-/// after a crash during a relayout) is taken from the newer.
+/// the joins' worker for the inputs of derived series and patterns, and
+/// for derived series; else itself), and each join and pattern to the
+/// joins' worker. A series found in two checkpoints (possible only after a
+/// crash during a relayout) is taken from the newer.
 pub fn distribute(
     saved: Vec<SavedCheckpoint>,
     marks: HashMap<String, Timestamp>,
@@ -314,6 +366,7 @@ pub fn distribute(
     let mut restored = Restored {
         per_worker: (0..workers).map(|_| Vec::new()).collect(),
         joins: (0..workers).map(|_| Vec::new()).collect(),
+        patterns: (0..workers).map(|_| Vec::new()).collect(),
         marks,
         ..Restored::default()
     };
@@ -325,8 +378,13 @@ pub fn distribute(
         n => hasher.shard(key.as_bytes(), n),
     };
     let mut joins_seen: HashMap<String, i64> = HashMap::new();
+    let mut patterns_seen: HashMap<String, i64> = HashMap::new();
     for c in saved {
-        let (series, joins) = match c.state.and_then(|bytes| decode_all(&bytes)) {
+        let Decoded {
+            series,
+            joins,
+            patterns,
+        } = match c.state.and_then(|bytes| decode_all(&bytes)) {
             Ok(decoded) => decoded,
             Err(e) => {
                 restored
@@ -335,8 +393,27 @@ pub fn distribute(
                 continue;
             }
         };
+        // Joins and patterns live in the joins' worker; a name saved twice
+        // (only after a crash during a relayout) is taken from the newer.
+        let home = owner_of(super::rules::JOINS_HOME);
+        for p in patterns {
+            if home != c.worker {
+                restored.relayout = true;
+            }
+            if patterns_seen
+                .get(&p.name)
+                .is_some_and(|&at| at >= c.saved_ms)
+            {
+                continue;
+            }
+            patterns_seen.insert(p.name.clone(), c.saved_ms);
+            for list in &mut restored.patterns {
+                list.retain(|o| o.name != p.name);
+            }
+            restored.patterns[home].push(p);
+        }
         for j in joins {
-            let owner = owner_of(&j.name);
+            let owner = home;
             if owner != c.worker {
                 restored.relayout = true;
             }
@@ -394,10 +471,10 @@ mod tests {
         SavedCheckpoint {
             worker,
             saved_ms,
-            state: Ok(encode(
-                series.iter().map(|s| state(s)).collect(),
-                Vec::new(),
-            )),
+            state: Ok(encode(Decoded {
+                series: series.iter().map(|s| state(s)).collect(),
+                ..Decoded::default()
+            })),
         }
     }
 
@@ -431,7 +508,7 @@ mod tests {
     }
 
     #[test]
-    fn a_derived_series_inputs_and_join_go_to_its_worker() {
+    fn a_derived_series_its_inputs_and_its_join_go_to_the_joins_worker() {
         let hasher = sluice_core::hash::SeriesHasher::default();
         let derived: crate::pipeline::rules::DerivedRule = toml::from_str(
             "name = \"boiler/delta\"\na = \"boiler/inlet\"\nb = \"boiler/outlet\"\nexpr = \"a - b\"\nwindow_ms = 1000",
@@ -449,19 +526,21 @@ mod tests {
             last_event: 0,
             last_seen: 0,
         };
-        let home = hasher.shard(b"boiler/delta", 4);
+        let home = hasher.shard(crate::pipeline::rules::JOINS_HOME.as_bytes(), 4);
         // Saved by worker 0 of 1; restored by 4 workers.
         let row = SavedCheckpoint {
             worker: 0,
             saved_ms: 1,
-            state: Ok(encode(
-                vec![
+            state: Ok(encode(Decoded {
+                series: vec![
                     state("boiler/inlet"),
                     state("boiler/outlet"),
+                    state("boiler/delta"),
                     state("other"),
                 ],
-                vec![join],
-            )),
+                joins: vec![join],
+                patterns: Vec::new(),
+            })),
         };
         let r = distribute(vec![row], HashMap::new(), 4, &rules);
         let names = |w: usize| {
@@ -472,6 +551,7 @@ mod tests {
         };
         assert!(names(home).contains(&"boiler/inlet"));
         assert!(names(home).contains(&"boiler/outlet"));
+        assert!(names(home).contains(&"boiler/delta"));
         assert_eq!(r.joins[home].len(), 1);
         assert_eq!(r.joins.iter().map(Vec::len).sum::<usize>(), 1);
         assert!(names(hasher.shard(b"other", 4)).contains(&"other"));
@@ -484,11 +564,17 @@ mod tests {
             series: vec![state("a")],
             labels: vec![None],
             joins: Vec::new(),
+            patterns: Vec::new(),
         })
         .unwrap();
         assert!(matches!(decode(&bytes), Err(e) if e.contains("format 5")));
         assert_eq!(
-            decode(&encode(vec![state("a")], Vec::new())).unwrap().len(),
+            decode(&encode(Decoded {
+                series: vec![state("a")],
+                ..Decoded::default()
+            }))
+            .unwrap()
+            .len(),
             1
         );
         // Format 1 (0.2's: no label sketches) still reads.

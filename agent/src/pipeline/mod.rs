@@ -181,9 +181,14 @@ async fn run_with(
                     .per_worker
                     .iter()
                     .enumerate()
-                    .zip(&restored.joins)
-                    .map(|((w, series), joins)| {
-                        (w, checkpoint::encode(series.clone(), joins.clone()))
+                    .zip(restored.joins.iter().zip(&restored.patterns))
+                    .map(|((w, series), (joins, patterns))| {
+                        let saved = checkpoint::Decoded {
+                            series: series.clone(),
+                            joins: joins.clone(),
+                            patterns: patterns.clone(),
+                        };
+                        (w, checkpoint::encode(saved))
                     })
                     .collect();
                 writer_box
@@ -302,6 +307,9 @@ async fn run_with(
             worker.restore(saved, &restored.marks);
             if let Some(joins) = restored.joins.get_mut(i) {
                 worker.restore_joins(std::mem::take(joins));
+            }
+            if let Some(patterns) = restored.patterns.get_mut(i) {
+                worker.restore_patterns(std::mem::take(patterns));
             }
         }
         let stop = stop.clone();

@@ -25,7 +25,7 @@ use sluice_collectors::reading::now_ms;
 use sluice_collectors::{Reading, ReadingConsumer, SeriesKey};
 use sluice_core::Timestamp;
 use sluice_core::aggregate::Aggregate;
-use sluice_core::anomaly::Transition;
+use sluice_core::anomaly::{AlertState, Transition};
 use sluice_core::window::{Closed, DecayingStats, Rejection};
 use tokio::sync::mpsc;
 
@@ -34,13 +34,14 @@ use crate::output::{
     GroupRecord, LabelRecord, Record, TopRecord, TopValue, base64_of, sketch_base64,
 };
 use crate::pipeline::checkpoint::{
-    self, DetectorsRef, JoinState, SeriesRef, SeriesState, WindowsRef, WindowsState,
+    self, DetectorsRef, JoinState, PatternState, SeriesRef, SeriesState, WindowsRef, WindowsState,
 };
 use crate::pipeline::rules::labels::{FirstSeen, LabelPanes, LabelSpec, LabelWindow, LabelsState};
 use crate::pipeline::rules::{
-    Derived, Detector, GROUP_ALL, Join, JoinOp, Quantiles, Row, Rules, Window,
+    Derived, Detector, Feed, GROUP_ALL, Join, JoinOp, Pattern, Quantiles, Row, Rules, Window,
 };
 use sluice_core::join::{JoinStats, Pair, Side};
+use sluice_core::pattern::{Change as PatternChange, Sequence, SequenceStats, Step};
 
 /// How often idle series are ticked.
 const TICK: Duration = Duration::from_millis(100);
@@ -109,6 +110,11 @@ pub struct WorkerStats {
     pub join_late: AtomicU64,
     /// Pairs whose `expr` has no value (a ratio to 0, or beyond ±1e100).
     pub join_undefined: AtomicU64,
+    /// Times a pattern was raised.
+    pub pattern_raised: AtomicU64,
+    /// Events of a pattern's `first` that expired without `then`, or that
+    /// `then` answered in time (`absent = true`).
+    pub pattern_settled: AtomicU64,
     /// Processing latency, ms: from a reading's ingest to the record it
     /// caused (a closed window or an alert) being handed to the outputs.
     pub latency_ms: Mutex<Histogram<u64>>,
@@ -136,6 +142,8 @@ impl Default for WorkerStats {
             join_missing_a: AtomicU64::new(0),
             join_late: AtomicU64::new(0),
             join_undefined: AtomicU64::new(0),
+            pattern_raised: AtomicU64::new(0),
+            pattern_settled: AtomicU64::new(0),
             // 1 ms to 1 hour, 3 significant digits: about 40 KiB.
             latency_ms: Mutex::new(
                 Histogram::new_with_bounds(1, 3_600_000, 3).expect("valid bounds"),
@@ -581,6 +589,32 @@ pub struct Worker {
     joins: Vec<Option<Box<JoinEntry>>>,
     /// Pairs made by the last join step (kept to reuse its allocation).
     pairs: Vec<Pair>,
+    /// The patterns whose inputs this worker has seen, by their index in
+    /// the rules.
+    patterns: Vec<Option<Box<PatternEntry>>>,
+    /// What the reading being processed feeds (kept to reuse its allocation).
+    feeds: Vec<Feed>,
+}
+
+/// A pattern's state in a worker.
+struct PatternEntry {
+    seq: Sequence,
+    /// Largest event time among its inputs' readings.
+    last_event: Timestamp,
+    /// Wall time of its last input reading.
+    last_seen: Timestamp,
+}
+
+/// Counts what a pattern step did (`before` and `after` it).
+fn count_pattern(s: &WorkerStats, before: SequenceStats, after: SequenceStats) {
+    if after.raised > before.raised {
+        s.pattern_raised
+            .fetch_add(after.raised - before.raised, Relaxed);
+    }
+    if after.settled > before.settled {
+        s.pattern_settled
+            .fetch_add(after.settled - before.settled, Relaxed);
+    }
 }
 
 /// Counts what a join step did (`before` and `after` it).
@@ -637,6 +671,8 @@ impl Worker {
             started: now_ms(),
             joins: Vec::new(),
             pairs: Vec::new(),
+            patterns: Vec::new(),
+            feeds: Vec::new(),
         }
     }
 
@@ -764,6 +800,28 @@ impl Worker {
                 op: j.op,
                 last_event: j.last_event,
                 last_seen: j.last_seen,
+            }));
+        }
+    }
+
+    /// Takes back the patterns of a checkpoint that are still there with
+    /// the same settings (the others start afresh).
+    pub fn restore_patterns(&mut self, saved: Vec<PatternState>) {
+        for saved in saved {
+            let Some(p) =
+                self.rules.patterns().iter().position(|p| {
+                    p.config.name == saved.name && p.fingerprint == saved.fingerprint
+                })
+            else {
+                continue;
+            };
+            if self.patterns.len() <= p {
+                self.patterns.resize_with(p + 1, || None);
+            }
+            self.patterns[p] = Some(Box::new(PatternEntry {
+                seq: saved.seq,
+                last_event: saved.last_event,
+                last_seen: saved.last_seen,
             }));
         }
     }
@@ -930,7 +988,22 @@ impl Worker {
                 })
             })
             .collect();
-        checkpoint::encode_refs(series, joins)
+        let patterns = self
+            .patterns
+            .iter()
+            .zip(self.rules.patterns())
+            .filter_map(|(entry, p)| {
+                let entry = entry.as_deref()?;
+                Some(PatternState {
+                    name: p.config.name.clone(),
+                    fingerprint: p.fingerprint,
+                    seq: entry.seq.clone(),
+                    last_event: entry.last_event,
+                    last_seen: entry.last_seen,
+                })
+            })
+            .collect();
+        checkpoint::encode_refs(series, joins, patterns)
     }
 
     /// Runs until `stop` is set, then drains the rings, closes every open
@@ -981,18 +1054,105 @@ impl Worker {
     /// from its rings (public so that benchmarks can drive a worker).
     pub fn process(&mut self, reading: Reading) {
         self.stats.readings.fetch_add(1, Relaxed);
-        let input = match self.rules.derived().is_empty() {
-            true => None,
-            false => self.rules.derived_input(&reading.series),
-        };
-        match input {
-            None => {
-                self.take(reading);
+        if !self.rules.any_feeds() {
+            self.take(reading);
+            return;
+        }
+        let mut feeds = std::mem::take(&mut self.feeds);
+        self.rules.feeds(&reading.series, &mut feeds);
+        if feeds.is_empty() {
+            self.take(reading);
+        } else {
+            let (ts, weight, ingest) = (reading.ts, reading.weight, reading.ingest);
+            let value = self.take(reading);
+            for &feed in &feeds {
+                match feed {
+                    Feed::Derived(d, side) => self.join(d, side, (ts, value, weight), ingest),
+                    Feed::Pattern(p, step) => self.step(p, step, (ts, value), ingest),
+                }
             }
-            Some((d, side)) => {
-                let (ts, weight, ingest) = (reading.ts, reading.weight, reading.ingest);
-                let value = self.take(reading);
-                self.join(d, side, (ts, value, weight), ingest);
+        }
+        self.feeds = feeds;
+    }
+
+    /// Offers an input reading's `(ts, value)` to condition `step` of
+    /// pattern `p`, and sends the alerts it causes.
+    fn step(&mut self, p: usize, step: Step, (ts, value): (Timestamp, f64), ingest: Timestamp) {
+        if self.patterns.len() <= p {
+            self.patterns.resize_with(p + 1, || None);
+        }
+        let entry = match &mut self.patterns[p] {
+            Some(entry) => entry,
+            slot => slot.insert(Box::new(PatternEntry {
+                seq: self.rules.patterns()[p].state(),
+                last_event: ts,
+                last_seen: ingest,
+            })),
+        };
+        entry.last_event = entry.last_event.max(ts);
+        entry.last_seen = ingest;
+        let before = entry.seq.stats();
+        // (A bad value was refused by its own series' rule already.)
+        let Ok(changes) = entry.seq.observe(step, ts, value) else {
+            return;
+        };
+        count_pattern(&self.stats, before, entry.seq.stats());
+        for change in changes.into_iter().flatten() {
+            let rules = self.rules.clone();
+            self.pattern_alert(&rules.patterns()[p], change, value);
+        }
+    }
+
+    /// Sends a pattern's alert for `change`, caused by a reading of `value`
+    /// (not used for a deadline that passed).
+    fn pattern_alert(&self, pattern: &Pattern, change: PatternChange, value: f64) {
+        let deadline = pattern.config.absent;
+        let (state, value, score, at) = match change {
+            PatternChange::Raised { first, at } => (
+                "raised",
+                // A deadline that passed: no reading raised it.
+                if deadline { f64::NAN } else { value },
+                Some(at.saturating_sub(first) as f64),
+                at,
+            ),
+            PatternChange::Cleared { at } => ("cleared", value, None, at),
+        };
+        self.emit.send(Record::Alert(AlertEvent {
+            agent: self.agent.clone(),
+            series: pattern.config.name.clone(),
+            rule: "pattern",
+            state,
+            value,
+            score,
+            threshold: pattern.config.within_ms as f64,
+            event_ts: at,
+            detected_ts: now_ms(),
+            label: None,
+        }));
+    }
+
+    /// Moves quiet patterns' event time on by the wall time since their
+    /// last input (so that a deadline passes while nothing comes).
+    fn tick_patterns(&mut self, now: Timestamp) {
+        let rules = self.rules.clone();
+        for (p, pattern) in rules.patterns().iter().enumerate() {
+            let Some(Some(entry)) = self.patterns.get_mut(p) else {
+                continue;
+            };
+            if entry.seq.armed().is_none() {
+                continue;
+            }
+            let idle = now
+                .saturating_sub(entry.last_seen)
+                .saturating_sub(IDLE_GRACE);
+            if idle <= 0 {
+                continue;
+            }
+            let before = entry.seq.stats();
+            let change = entry.seq.advance_to(entry.last_event.saturating_add(idle));
+            count_pattern(&self.stats, before, entry.seq.stats());
+            if let Some(change) = change {
+                self.pattern_alert(pattern, change, f64::NAN);
             }
         }
     }
@@ -1037,7 +1197,7 @@ impl Worker {
                 self.stats.join_undefined.fetch_add(1, Relaxed);
                 continue;
             };
-            self.take(Reading {
+            let value = self.take(Reading {
                 series: derived.key.clone(),
                 ts: p.ts,
                 value,
@@ -1045,6 +1205,15 @@ impl Worker {
                 weight: 1,
                 labels: None,
             });
+            // Patterns may watch a derived series (a derived series feeds
+            // no other: see `Rules::with_derived`).
+            let mut feeds = Vec::new();
+            self.rules.feeds(&derived.key, &mut feeds);
+            for feed in feeds {
+                if let Feed::Pattern(i, step) = feed {
+                    self.step(i, step, (p.ts, value), ingest);
+                }
+            }
         }
     }
 
@@ -1111,6 +1280,34 @@ impl Worker {
             }
         }
         self.pairs = pairs;
+    }
+
+    /// Keeps each pattern still there with the same settings (at its new
+    /// place); the others go, clearing their alert if it was raised (so
+    /// that its retained state does not stay raised).
+    fn reload_patterns(&mut self, old: &Rules) {
+        let patterns = std::mem::take(&mut self.patterns);
+        for (i, entry) in patterns.into_iter().enumerate() {
+            let (Some(entry), Some(before)) = (entry, old.patterns().get(i)) else {
+                continue;
+            };
+            let kept = self.rules.patterns().iter().position(|p| {
+                p.config.name == before.config.name && p.fingerprint == before.fingerprint
+            });
+            match kept {
+                Some(j) => {
+                    if self.patterns.len() <= j {
+                        self.patterns.resize_with(j + 1, || None);
+                    }
+                    self.patterns[j] = Some(entry);
+                }
+                None if entry.seq.state() == AlertState::Raised => {
+                    let at = entry.last_event;
+                    self.pattern_alert(before, PatternChange::Cleared { at }, f64::NAN);
+                }
+                None => {}
+            }
+        }
     }
 
     /// Takes one reading into its series' state; returns its value as the
@@ -1323,6 +1520,7 @@ impl Worker {
             self.forget(&key, &old);
         }
         self.reload_joins(&old);
+        self.reload_patterns(&old);
         self.stats.series.store(self.series.len() as u64, Relaxed);
     }
 
@@ -1332,6 +1530,9 @@ impl Worker {
     fn tick(&mut self, now: Timestamp) {
         if !self.joins.is_empty() {
             self.tick_joins(now, false);
+        }
+        if !self.patterns.is_empty() {
+            self.tick_patterns(now);
         }
         if let Some(idle) = self.idle_evict {
             let gone: Vec<SeriesKey> = self
@@ -2202,7 +2403,13 @@ mod tests {
                 .iter()
                 .all(|s| s.windows.as_ref().unwrap().quantiles.is_some())
         );
-        assert_eq!(checkpoint::encode(owned, Vec::new()), bytes);
+        assert_eq!(
+            checkpoint::encode(checkpoint::Decoded {
+                series: owned,
+                ..Default::default()
+            }),
+            bytes
+        );
     }
 
     #[test]
@@ -2541,7 +2748,8 @@ mod tests {
                     w.process(r.clone());
                 }
                 let bytes = w.checkpoint();
-                let (series, joins) = checkpoint::decode_all(&bytes).unwrap();
+                let checkpoint::Decoded { series, joins, .. } =
+                    checkpoint::decode_all(&bytes).unwrap();
                 assert_eq!(joins.len(), 1);
                 let (fresh, rx2, stats2) = worker(DELTA);
                 (w, rx) = (fresh, rx2);
@@ -2573,5 +2781,101 @@ mod tests {
         assert_eq!(delta(&restored), delta(&whole));
         // Windows 0 to 2 were paired before the cut (watermark 3.6 s).
         assert_eq!(later, 11 - 3);
+    }
+
+    const PATTERN: &str = "[[rules]]\nmatch = \"line1/*\"\nwindow = { kind = \"tumbling\", size_ms = 10000 }\n[[patterns]]\nname = \"line1/overheat-then-drop\"\nfirst = { match = \"line1/temp\", above = 80.0, clear_at = 75.0 }\nthen = { match = \"line1/pressure\", below = 2.0, clear_at = 2.5 }\nwithin_ms = 10000\n";
+
+    fn alert_events(rx: &mut mpsc::Receiver<Record>) -> Vec<AlertEvent> {
+        let mut out = Vec::new();
+        while let Ok(r) = rx.try_recv() {
+            if let Record::Alert(a) = r {
+                out.push(a);
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn a_pattern_fires_once_per_occurrence_and_never_otherwise() {
+        let (mut w, mut rx, stats) = worker(PATTERN);
+        let steps = [
+            ("line1/pressure", 0, 1.0),     // B with no A before it
+            ("line1/pressure", 500, 3.0),   // B clears
+            ("line1/temp", 1_000, 85.0),    // A
+            ("line1/temp", 2_000, 90.0),    // still A: not a new event
+            ("line1/pressure", 5_000, 1.5), // B within 4 s: raised
+            ("line1/pressure", 6_000, 1.0), // still B
+            ("line1/pressure", 7_000, 3.0), // B clears: cleared
+            ("line1/pressure", 8_000, 1.0), // B again; A was used
+            ("line1/pressure", 8_500, 3.0),
+            ("line1/temp", 9_000, 70.0),     // A clears
+            ("line1/temp", 20_000, 85.0),    // A again
+            ("line1/pressure", 31_000, 1.0), // B 11 s later: too late
+            ("line1/pressure", 31_500, 3.0),
+            ("line1/temp", 32_000, 70.0),
+            ("line1/temp", 40_000, 81.0),    // A
+            ("line1/pressure", 40_000, 1.9), // B at the same time: raised
+        ];
+        for (series, ts, v) in steps {
+            w.process(reading(series, ts, v));
+        }
+        let got: Vec<_> = alert_events(&mut rx)
+            .into_iter()
+            .filter(|a| a.rule == "pattern")
+            .map(|a| (a.series, a.state, a.event_ts, a.score))
+            .collect();
+        let name = "line1/overheat-then-drop".to_string();
+        assert_eq!(
+            got,
+            [
+                (name.clone(), "raised", 5_000, Some(4_000.0)),
+                (name.clone(), "cleared", 7_000, None),
+                (name, "raised", 40_000, Some(0.0)),
+            ]
+        );
+        assert_eq!(stats.pattern_raised.load(Relaxed), 2);
+        // The A at 20 s expired.
+        assert_eq!(stats.pattern_settled.load(Relaxed), 1);
+    }
+
+    #[test]
+    fn an_unanswered_request_raises_after_its_bound_on_the_agents_clock_and_survives_a_restart() {
+        let config = "[[patterns]]\nname = \"pump/no-flow\"\nfirst = { match = \"pump/on\", above = 0.5 }\nthen = { match = \"pump/flow\", above = 1.0 }\nwithin_ms = 5000\nabsent = true\n";
+        let (mut w, mut rx, stats) = worker(config);
+        let now = now_ms();
+        let at = |series: &str, ts: Timestamp, v: f64| Reading {
+            ingest: ts,
+            ..reading(series, ts, v)
+        };
+        // Answered in time.
+        w.process(at("pump/on", now - 60_000, 1.0));
+        w.process(at("pump/on", now - 59_900, 0.0));
+        w.process(at("pump/flow", now - 58_000, 2.0));
+        w.process(at("pump/flow", now - 57_000, 0.0));
+        // Not answered; the inputs go quiet.
+        w.process(at("pump/on", now - 30_000, 1.0));
+        w.process(at("pump/on", now - 29_900, 0.0));
+        w.tick(now - 29_900 + 4_000);
+        assert!(alert_events(&mut rx).is_empty());
+        // A checkpoint while it waits, restored into a new worker.
+        let saved = checkpoint::decode_all(&w.checkpoint()).unwrap();
+        assert_eq!(saved.patterns.len(), 1);
+        let (mut w, mut rx, stats2) = worker(config);
+        w.restore_patterns(saved.patterns);
+        // The agent's clock passes the deadline (30 s ago + 5 s + grace).
+        w.tick(now - 29_900 + 5_200);
+        let got = alert_events(&mut rx);
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert_eq!(
+            (got[0].rule, got[0].state, got[0].event_ts, got[0].threshold),
+            ("pattern", "raised", now - 30_000 + 5_000, 5_000.0)
+        );
+        assert!(got[0].value.is_nan());
+        // The answer comes at last: cleared.
+        w.process(at("pump/flow", now - 20_000, 3.0));
+        let got = alert_events(&mut rx);
+        assert_eq!((got[0].state, got[0].value), ("cleared", 3.0));
+        assert_eq!(stats.pattern_settled.load(Relaxed), 1);
+        assert_eq!(stats2.pattern_raised.load(Relaxed), 1);
     }
 }

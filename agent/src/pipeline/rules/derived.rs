@@ -338,31 +338,53 @@ mod tests {
     }
 
     #[test]
-    fn a_series_feeds_the_first_derived_series_that_names_it_glob_or_literal() {
+    fn a_series_feeds_every_derived_series_and_pattern_that_names_it() {
+        use super::super::{Feed, JOINS_HOME, PatternRule};
+        use sluice_core::pattern::Step;
         let entry = |name: &str, a: &str, b: &str| -> DerivedRule {
             toml::from_str(&format!(
                 "name = \"{name}\"\na = \"{a}\"\nb = \"{b}\"\nexpr = \"a - b\"\nwithin_ms = 1"
             ))
             .unwrap()
         };
+        let pattern: PatternRule = toml::from_str(
+            "name = \"p\"\nfirst = { match = \"x-*\", above = 1.0 }\nthen = { match = \"d1\", above = 1.0 }\nwithin_ms = 1",
+        )
+        .unwrap();
         let rules = super::super::Rules::compile(&[])
             .unwrap()
             .with_derived(&[
                 entry("d0", "x-*", "y"),
                 entry("d1", "x-1", "z"),
-                entry("d2", "w", "y"),
-                entry("d3", "w*", "v-[0-9]"),
+                entry("d2", "q*", "q1"),
             ])
+            .unwrap()
+            .with_patterns(&[pattern])
             .unwrap();
-        let of = |s: &str| rules.derived_input(s);
-        assert_eq!(of("x-1"), Some((0, Side::A)));
-        assert_eq!(of("y"), Some((0, Side::B)));
-        assert_eq!(of("z"), Some((1, Side::B)));
-        assert_eq!(of("w"), Some((2, Side::A)));
-        assert_eq!(of("w2"), Some((3, Side::A)));
-        assert_eq!(of("v-7"), Some((3, Side::B)));
-        assert_eq!(of("u"), None);
-        assert_eq!(rules.home("x-9"), "d0");
+        let of = |s: &str| {
+            let mut out = Vec::new();
+            rules.feeds(s, &mut out);
+            out
+        };
+        use Feed::*;
+        assert_eq!(
+            of("x-1"),
+            [
+                Derived(0, Side::A),
+                Derived(1, Side::A),
+                Pattern(0, Step::First)
+            ]
+        );
+        assert_eq!(of("y"), [Derived(0, Side::B)]);
+        assert_eq!(of("z"), [Derived(1, Side::B)]);
+        // Both sides of d2 match: side A only.
+        assert_eq!(of("q1"), [Derived(2, Side::A)]);
+        // A pattern watching a derived series.
+        assert_eq!(of("d1"), [Pattern(0, Step::Then)]);
+        assert!(of("u").is_empty());
+        for held in ["x-9", "y", "d0", "d1"] {
+            assert_eq!(rules.home(held), JOINS_HOME);
+        }
         assert_eq!(rules.home("u"), "u");
     }
 }

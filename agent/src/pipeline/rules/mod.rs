@@ -17,14 +17,18 @@ use sluice_core::window::{
 use serde::{Deserialize, Serialize};
 
 pub mod derived;
+pub mod feeds;
 pub mod groups;
 pub mod labels;
+pub mod patterns;
 pub mod quantiles;
 mod settings;
 pub mod tables;
 
 pub use derived::{Derived, DerivedRule, JoinOp};
+pub use feeds::{Feed, Feeds, JOINS_HOME};
 pub use groups::{GROUP_ALL, GroupSpec, MAX_GROUP_NAME};
+pub use patterns::{Pattern, PatternRule};
 pub use quantiles::{QuantileShape, Quantiles};
 pub use settings::*;
 pub use tables::{Row, Table, TableConfig, Tables};
@@ -545,15 +549,10 @@ pub struct Rules {
     any_group: bool,
     /// The derived series, in order (`[[derived]]`).
     derived: Vec<Derived>,
-    /// Inputs named literally (no `*`, `?` or `[`) by name: the first
-    /// derived series that names each, and the side.
-    derived_exact: std::collections::HashMap<
-        Box<str>,
-        (usize, sluice_core::join::Side),
-        foldhash::fast::RandomState,
-    >,
-    /// The derived series with a glob for an input, in order.
-    derived_globbed: Vec<usize>,
+    /// The patterns, in order (`[[patterns]]`).
+    patterns: Vec<Pattern>,
+    /// What each series feeds (see [`feeds`]).
+    feeds: Feeds,
 }
 
 impl Rules {
@@ -624,14 +623,39 @@ impl Rules {
             any_critical,
             any_group,
             derived: Vec::new(),
-            derived_exact: Default::default(),
-            derived_globbed: Vec::new(),
+            patterns: Vec::new(),
+            feeds: Feeds::default(),
         })
     }
 
-    /// The rules of `config`, joined to its tables, with its derived series.
+    /// The rules of `config`, joined to its tables, with its derived series
+    /// and patterns.
     pub fn of(config: &crate::config::Config) -> Result<Rules, String> {
-        Self::compile_with(&config.rules, &config.table_data)?.with_derived(&config.derived)
+        Self::compile_with(&config.rules, &config.table_data)?
+            .with_derived(&config.derived)?
+            .with_patterns(&config.patterns)
+    }
+
+    /// Adds the patterns of `patterns` (`[[patterns]]`): an error names the
+    /// entry and key.
+    pub fn with_patterns(mut self, patterns: &[PatternRule]) -> Result<Rules, String> {
+        for (i, p) in patterns.iter().enumerate() {
+            let bad = |e: &dyn std::fmt::Display| format!("patterns[{i}].{e}");
+            let compiled = Pattern::compile(p).map_err(|e| bad(&e))?;
+            if let Some(j) = self.patterns.iter().position(|o| o.config.name == p.name) {
+                return Err(bad(&format!("name: patterns[{j}] has the same name")));
+            }
+            let index = self.patterns.len();
+            for (c, step) in [
+                (&p.first, sluice_core::pattern::Step::First),
+                (&p.then, sluice_core::pattern::Step::Then),
+            ] {
+                let glob = glob::Pattern::new(&c.pattern).map_err(|e| bad(&e))?;
+                self.feeds.add(&glob, Feed::Pattern(index, step));
+            }
+            self.patterns.push(compiled);
+        }
+        Ok(self)
     }
 
     /// Adds the derived series of `derived` (`[[derived]]`): an error names
@@ -643,8 +667,9 @@ impl Rules {
             if let Some(j) = self.derived.iter().position(|o| o.config.name == d.name) {
                 return Err(bad(&format!("name: derived[{j}] has the same name")));
             }
-            // One derived series may not feed another: their inputs meet in
-            // the worker of the series they feed, which would be two.
+            // One derived series may not feed another: a derived reading is
+            // offered to patterns only, so that one reading makes at most
+            // one step of derived readings (no chains, no cycles).
             if let Some(j) = self.derived.iter().position(|o| o.side(&d.name).is_some()) {
                 return Err(bad(&format!(
                     "name: {:?} is an input of derived[{j}]; a derived series cannot feed another",
@@ -661,40 +686,33 @@ impl Rules {
                     self.derived[j].config.name
                 )));
             }
-            let literal = |glob: &str| !glob.contains(['*', '?', '[']);
             let index = self.derived.len();
             for (glob, side) in [
                 (&d.a, sluice_core::join::Side::A),
                 (&d.b, sluice_core::join::Side::B),
             ] {
-                if literal(glob) {
-                    self.derived_exact
-                        .entry(glob.as_str().into())
-                        .or_insert((index, side));
-                }
+                let glob = glob::Pattern::new(glob).map_err(|e| bad(&e))?;
+                self.feeds.add(&glob, Feed::Derived(index, side));
             }
-            if !literal(&d.a) || !literal(&d.b) {
-                self.derived_globbed.push(index);
-            }
+            self.feeds.add_output(&d.name);
             self.derived.push(compiled);
         }
         Ok(self)
     }
 
     /// Where a reading goes: a reading of a series that feeds a derived
-    /// series keeps its id and goes to the worker of the derived series
-    /// (the hash of its id is returned, by `hasher`); a reading of a
-    /// grouped rule takes its group's id as its series (see [`groups`]);
-    /// other readings stay as they are.
+    /// series or a pattern, or of a derived series, keeps its id and goes
+    /// to the joins' worker (the hash of [`JOINS_HOME`] by `hasher` is
+    /// returned; see [`feeds`]); a reading of a grouped rule takes its
+    /// group's id as its series (see [`groups`]); other readings stay as
+    /// they are.
     pub fn route(
         &self,
         reading: &mut sluice_collectors::Reading,
         hasher: &sluice_core::hash::SeriesHasher,
     ) -> Option<u64> {
-        if !self.derived.is_empty()
-            && let Some((d, _)) = self.derived_input(&reading.series)
-        {
-            return Some(hasher.hash(self.derived[d].key.as_bytes()));
+        if self.joins_hold(&reading.series) {
+            return Some(hasher.hash(JOINS_HOME.as_bytes()));
         }
         if self.any_group
             && let Some(rule) = self.find(&reading.series)
@@ -705,36 +723,39 @@ impl Rules {
         None
     }
 
-    /// Whether readings need a route: some rule groups, or some series is derived.
-    pub fn routes(&self) -> bool {
-        self.any_group || !self.derived.is_empty()
+    /// Whether the joins' worker holds `series`: it feeds a derived series
+    /// or a pattern, or it is a derived series.
+    pub fn joins_hold(&self, series: &str) -> bool {
+        !self.feeds.is_empty() && self.feeds.holds(series)
     }
 
-    /// The id whose worker holds `series`' state: the derived series it
-    /// feeds, or its own.
+    /// The id whose worker holds `series`' state: [`JOINS_HOME`] for the
+    /// series the joins' worker holds, or its own.
     pub fn home<'a>(&'a self, series: &'a str) -> &'a str {
-        match self.derived_input(series) {
-            Some((d, _)) => &self.derived[d].config.name,
-            None => series,
+        if self.joins_hold(series) {
+            JOINS_HOME
+        } else {
+            series
         }
     }
 
-    /// The derived series `series` feeds (the first whose `a` or `b`
-    /// matches it), and on which side.
-    pub fn derived_input(&self, series: &str) -> Option<(usize, sluice_core::join::Side)> {
-        // A literal name is a hash lookup; only the globs are tried in turn
-        // (those before the literal match, which the first match wins).
-        let exact = self.derived_exact.get(series).copied();
-        let bound = exact.map_or(usize::MAX, |(d, _)| d);
-        for &d in &self.derived_globbed {
-            if d >= bound {
-                break;
-            }
-            if let Some(side) = self.derived[d].side(series) {
-                return Some((d, side));
-            }
+    /// Puts what `series` feeds in `out` (see [`Feeds::of`]).
+    pub fn feeds(&self, series: &str, out: &mut Vec<Feed>) {
+        if self.feeds.is_empty() {
+            out.clear();
+        } else {
+            self.feeds.of(series, out);
         }
-        exact
+    }
+
+    /// Whether any series feeds a derived series or a pattern.
+    pub fn any_feeds(&self) -> bool {
+        !self.feeds.is_empty()
+    }
+
+    /// The patterns, in order.
+    pub fn patterns(&self) -> &[Pattern] {
+        &self.patterns
     }
 
     /// The derived series, in order.
