@@ -227,6 +227,7 @@ fn a_value_out_of_range_names_its_key_and_line() {
             "\"@max_temp\"",
             "\"max_temp\"",
         ),
+        ("tables.sensors.key", "\"series\"", "\"\""),
         ("derived[0].name", "\"boiler/delta\"", "\"\""),
         ("derived[0].a", "\"boiler/inlet\"", "\"boiler/*\""),
         ("derived[0].b", "\"boiler/outlet\"", "\"boiler/inlet\""),

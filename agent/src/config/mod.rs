@@ -457,7 +457,18 @@ impl Config {
 
     /// The files whose changes reload the configuration: its tables'.
     pub fn watched_files(&self) -> Vec<PathBuf> {
-        self.tables.values().map(|t| t.path.clone()).collect()
+        let mut files = Vec::new();
+        for t in self.tables.values() {
+            files.push(t.path.clone());
+            // A SQLite database in WAL mode commits into its -wal file (the
+            // database file changes only at a checkpoint).
+            if t.table.is_some() || t.query.is_some() {
+                let mut wal = t.path.clone().into_os_string();
+                wal.push("-wal");
+                files.push(wal.into());
+            }
+        }
+        files
     }
 
     /// Parses and validates a configuration document. Every error names the
@@ -600,6 +611,11 @@ impl Config {
             if let Err(why) = checked {
                 return Err(ConfigError(format!("sources.{name}.{why}")));
             }
+        }
+        for (name, table) in &self.tables {
+            table
+                .validate()
+                .map_err(|why| ConfigError(format!("tables.{name}.{why}")))?;
         }
         if self.rules.is_empty() && self.patterns.is_empty() {
             return err(

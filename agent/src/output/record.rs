@@ -287,6 +287,10 @@ pub struct AlertEvent {
     /// For `first_seen`: the label and the value seen for the first time.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub label: Option<LabelRecord>,
+    /// For a rule with `table`: the series' row, as aggregate records
+    /// carry it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub table: Option<crate::pipeline::rules::Row>,
 }
 
 /// Something to deliver.

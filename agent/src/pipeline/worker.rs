@@ -1128,6 +1128,7 @@ impl Worker {
             event_ts: at,
             detected_ts: now_ms(),
             label: None,
+            table: None,
         }));
     }
 
@@ -1383,6 +1384,7 @@ impl Worker {
                 event_ts: reading.ts,
                 detected_ts: detected,
                 label: None,
+                table: None,
             });
         }
         if let Some(filter) = &mut series.first_seen
@@ -1421,6 +1423,7 @@ impl Worker {
                         name: rule_fs.label.clone(),
                         value: value.to_owned(),
                     }),
+                    table: None,
                 });
             }
         }
@@ -1440,6 +1443,7 @@ impl Worker {
                     event_ts: reading.ts,
                     detected_ts: detected,
                     label: None,
+                    table: None,
                 });
             }
         }
@@ -1456,7 +1460,9 @@ impl Worker {
             );
             self.emit.send(record);
         }
-        for a in alerts {
+        for mut a in alerts {
+            // The series' row, as its records carry it.
+            a.table = row.clone();
             self.emit.send(Record::Alert(a));
         }
         if caused && let Ok(mut h) = self.stats.latency_ms.lock() {
@@ -1565,6 +1571,7 @@ impl Worker {
                         event_ts: s.last_event,
                         detected_ts: now,
                         label: None,
+                        table: Joined::row(&s.joined).cloned(),
                     }));
                 }
             }
@@ -2877,5 +2884,40 @@ mod tests {
         assert_eq!((got[0].state, got[0].value), ("cleared", 3.0));
         assert_eq!(stats.pattern_settled.load(Relaxed), 1);
         assert_eq!(stats2.pattern_raised.load(Relaxed), 1);
+    }
+
+    #[test]
+    fn a_sqlite_table_sets_each_series_limit_and_its_alerts_carry_the_row() {
+        let dir = std::env::temp_dir().join(format!("sluice-worker-sqlite-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("assets.db");
+        let _ = std::fs::remove_file(&path);
+        let db = rusqlite::Connection::open(&path).unwrap();
+        db.execute_batch(
+            "CREATE TABLE sensors (id TEXT, site TEXT, max_temp REAL, active INTEGER);
+             INSERT INTO sensors VALUES ('t-1', 'north', 50, 1), ('t-2', 'south', 80, 1), ('t-3', 'east', 10, 0);",
+        )
+        .unwrap();
+        let text = format!(
+            "agent_id = \"t\"\n[sources.u]\nkind = \"udp\"\nbind = \"127.0.0.1:0\"\n[output]\nconsole = true\n[tables.sensors]\npath = {:?}\nquery = \"SELECT id AS series, site, max_temp FROM sensors WHERE active = 1\"\n[[rules]]\nmatch = \"t-*\"\ntable = \"sensors\"\non_missing = \"refuse\"\nthresholds = [{{ above = \"@max_temp\" }}]\n",
+            path.display().to_string()
+        );
+        let mut config = Config::parse(&text).unwrap();
+        config.load_tables().unwrap();
+        let (mut w, _, mut rx, stats) = worker_of(&config, 100);
+        for (i, series) in ["t-1", "t-2", "t-3"].iter().enumerate() {
+            w.process(reading(series, i as Timestamp, 60.0));
+        }
+        let raised: Vec<AlertEvent> = alert_events(&mut rx);
+        assert_eq!(raised.len(), 1, "{raised:?}");
+        assert_eq!(
+            (raised[0].series.as_str(), raised[0].threshold),
+            ("t-1", 50.0)
+        );
+        let row = raised[0].table.as_ref().expect("the alert carries the row");
+        assert_eq!(row["site"], "north");
+        // t-3 is not active: no row, refused.
+        assert_eq!(stats.table_unmatched.load(Relaxed), 1);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

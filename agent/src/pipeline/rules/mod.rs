@@ -373,7 +373,10 @@ fn check_join(r: &Rule, table: &Table, i: usize) -> Result<(), String> {
     }
     for (key, row, line) in table.rows() {
         let at = |why: &dyn std::fmt::Display| {
-            format!("tables.{name} line {line} ({key}): rules[{i}].{why}")
+            format!(
+                "tables.{name} {} {line} ({key}): rules[{i}].{why}",
+                table.place
+            )
         };
         detectors_of(r, Some(row)).map_err(|(k, e)| at(&format!("{k}: {e}")))?;
         if r.calibrate {

@@ -27,11 +27,34 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct TableConfig {
-    /// The CSV file (with a header row).
+    /// The CSV file (with a header row), or a SQLite database (with
+    /// `table` or `query`).
     pub path: PathBuf,
-    /// The column that holds the series ids. Default `series`.
+    /// The column that holds the keys (series ids, or a label's values).
+    /// Default `series`.
     #[serde(default = "default_key")]
     pub key: String,
+    /// SQLite: the table to read whole.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub table: Option<String>,
+    /// SQLite: the query whose rows to read (one read-only statement).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub query: Option<String>,
+}
+
+impl TableConfig {
+    /// Checks the settings; the error names the key.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.key.is_empty() {
+            return Err("key: must not be empty".into());
+        }
+        match (&self.table, &self.query) {
+            (Some(_), Some(_)) => Err("query: set table or query, not both".into()),
+            (Some(t), None) if t.is_empty() => Err("table: must not be empty".into()),
+            (None, Some(q)) if q.trim().is_empty() => Err("query: must not be empty".into()),
+            _ => Ok(()),
+        }
+    }
 }
 
 fn default_key() -> String {
@@ -53,11 +76,14 @@ pub type Row = Arc<serde_json::Map<String, serde_json::Value>>;
 pub struct Table {
     /// The columns, in the file's order.
     pub columns: Vec<String>,
+    /// What a row's place counts: `line` (CSV: the file's line) or `row`
+    /// (SQLite: the result's row, from 1).
+    pub place: &'static str,
     rows: HashMap<String, (Row, usize)>,
 }
 
 impl Table {
-    /// The row of `key`, and its line in the file.
+    /// The row of `key`, and its place (see [`Table::place`]).
     pub fn row(&self, key: &str) -> Option<(&Row, usize)> {
         self.rows.get(key).map(|(row, line)| (row, *line))
     }
@@ -77,6 +103,121 @@ impl Table {
     /// Whether it has no rows.
     pub fn is_empty(&self) -> bool {
         self.rows.is_empty()
+    }
+
+    /// Reads the table `config` names, from a CSV file or a SQLite
+    /// database.
+    pub fn read(config: &TableConfig) -> Result<Table, String> {
+        match (&config.table, &config.query) {
+            (None, None) => Self::read_csv(&config.path, &config.key),
+            (table, query) => {
+                let query = match (table, query) {
+                    (_, Some(q)) => q.clone(),
+                    // Quoted as an identifier: any name, no injection.
+                    (Some(t), None) => format!("SELECT * FROM \"{}\"", t.replace('"', "\"\"")),
+                    (None, None) => unreachable!("matched above"),
+                };
+                Self::read_sqlite(&config.path, &query, &config.key)
+            }
+        }
+    }
+
+    /// Reads the rows of `query` from the SQLite database at `path`, opened
+    /// read-only (a database another process is writing is read as of its
+    /// last commit; one locked for longer than a second is an error). An
+    /// error names the row (counted from 1).
+    pub fn read_sqlite(path: &Path, query: &str, key: &str) -> Result<Table, String> {
+        use rusqlite::types::ValueRef;
+        let at = |row: usize, why: &dyn std::fmt::Display| {
+            format!("{} row {row}: {why}", path.display())
+        };
+        let whole = |why: &dyn std::fmt::Display| format!("{}: {why}", path.display());
+        // Read-only and never created: a missing file is an error.
+        let db = rusqlite::Connection::open_with_flags(
+            path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(|e| whole(&e))?;
+        db.busy_timeout(std::time::Duration::from_secs(1))
+            .map_err(|e| whole(&e))?;
+        let mut stmt = db.prepare(query).map_err(|e| whole(&e))?;
+        if !stmt.readonly() {
+            return Err(whole(&"the query must only read (one SELECT)"));
+        }
+        let columns: Vec<String> = stmt.column_names().map(str::to_owned).collect();
+        let Some(key_at) = columns.iter().position(|c| c == key) else {
+            return Err(whole(&format!(
+                "no column {key:?} (the key) in the result's columns {columns:?}"
+            )));
+        };
+        if let Some(c) = columns
+            .iter()
+            .enumerate()
+            .find_map(|(i, c)| columns[..i].contains(c).then_some(c))
+        {
+            return Err(whole(&format!("column {c:?} twice")));
+        }
+        let mut rows = HashMap::new();
+        let mut result = stmt.query([]).map_err(|e| whole(&e))?;
+        let mut n = 0;
+        while let Some(r) = result.next().map_err(|e| whole(&e))? {
+            n += 1;
+            if rows.len() >= MAX_ROWS {
+                return Err(at(n, &format!("more than {MAX_ROWS} rows")));
+            }
+            let mut row = serde_json::Map::new();
+            let mut id = None;
+            for (i, column) in columns.iter().enumerate() {
+                let cell = r.get_ref(i).map_err(|e| at(n, &e))?;
+                let value = match cell {
+                    ValueRef::Null => continue,
+                    ValueRef::Integer(x) => serde_json::json!(x as f64),
+                    ValueRef::Real(x) if x.is_finite() => serde_json::json!(x),
+                    ValueRef::Real(_) => return Err(at(n, &format!("{column}: not finite"))),
+                    ValueRef::Text(bytes) => {
+                        let text = std::str::from_utf8(bytes)
+                            .map_err(|_| at(n, &format!("{column}: not UTF-8 text")))?;
+                        if text.len() > MAX_CELL {
+                            return Err(at(n, &format!("{column}: longer than {MAX_CELL} bytes")));
+                        }
+                        if text.is_empty() {
+                            continue;
+                        }
+                        // As in a CSV file: text that reads as a number is one.
+                        match text.parse::<f64>() {
+                            Ok(x) if x.is_finite() => serde_json::json!(x),
+                            _ => serde_json::Value::String(text.to_owned()),
+                        }
+                    }
+                    ValueRef::Blob(_) => return Err(at(n, &format!("{column}: a blob"))),
+                };
+                if i == key_at {
+                    id = Some(match cell {
+                        ValueRef::Integer(x) => x.to_string(),
+                        ValueRef::Text(bytes) => String::from_utf8_lossy(bytes).into_owned(),
+                        _ => {
+                            return Err(at(
+                                n,
+                                &format!("the key column {key:?} is not text or an integer"),
+                            ));
+                        }
+                    });
+                }
+                row.insert(column.clone(), value);
+            }
+            let Some(id) = id else {
+                return Err(at(n, &format!("the key column {key:?} is empty")));
+            };
+            check_key(&id).map_err(|why| at(n, &why))?;
+            if let Some((_, first)) = rows.insert(id.clone(), (Arc::new(row), n)) {
+                return Err(at(n, &format!("{id:?} again (first in row {first})")));
+            }
+        }
+        Ok(Table {
+            columns,
+            rows,
+            place: "row",
+        })
     }
 
     /// Reads a CSV table (see the module docs); an error names the line.
@@ -137,14 +278,7 @@ impl Table {
             if id.is_empty() {
                 return Err(at(line as u64, &format!("the key column {key:?} is empty")));
             }
-            if id != "*"
-                && let Some(why) = sluice_collectors::reading::series_problem(id)
-            {
-                return Err(at(
-                    line as u64,
-                    &format!("{id:?} is not a series id: {why}"),
-                ));
-            }
+            check_key(id).map_err(|why| at(line as u64, &why))?;
             let mut row = serde_json::Map::new();
             for (column, cell) in columns.iter().zip(record.iter()) {
                 if cell.len() > MAX_CELL {
@@ -169,8 +303,23 @@ impl Table {
                 ));
             }
         }
-        Ok(Table { columns, rows })
+        Ok(Table {
+            columns,
+            rows,
+            place: "line",
+        })
     }
+}
+
+/// Whether `id` can be a table's key (a series id, a label's value, or
+/// `*`).
+fn check_key(id: &str) -> Result<(), String> {
+    if id != "*"
+        && let Some(why) = sluice_collectors::reading::series_problem(id)
+    {
+        return Err(format!("{id:?} is not a series id: {why}"));
+    }
+    Ok(())
 }
 
 /// The tables of a configuration, read.
@@ -182,8 +331,7 @@ impl Tables {
     pub fn load(configs: &BTreeMap<String, TableConfig>) -> Result<Tables, String> {
         let mut tables = BTreeMap::new();
         for (name, c) in configs {
-            let table =
-                Table::read_csv(&c.path, &c.key).map_err(|e| format!("tables.{name}: {e}"))?;
+            let table = Table::read(c).map_err(|e| format!("tables.{name}: {e}"))?;
             tables.insert(name.clone(), Arc::new(table));
         }
         Ok(Tables(tables))
@@ -263,5 +411,127 @@ mod tests {
             let err = table(text).unwrap_err();
             assert!(err.starts_with(says), "{text:?}: {err}");
         }
+    }
+
+    fn sqlite(setup: &str) -> (sluice_tests_dir::Dir, PathBuf) {
+        let dir = sluice_tests_dir::Dir::new();
+        let path = dir.0.join("sensors.db");
+        let db = rusqlite::Connection::open(&path).unwrap();
+        db.execute_batch(setup).unwrap();
+        (dir, path)
+    }
+
+    /// A directory removed when dropped.
+    mod sluice_tests_dir {
+        pub struct Dir(pub std::path::PathBuf);
+        impl Dir {
+            pub fn new() -> Dir {
+                static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+                let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let dir = std::env::temp_dir()
+                    .join(format!("sluice-sqlite-table-{}-{n}", std::process::id()));
+                std::fs::create_dir_all(&dir).unwrap();
+                Dir(dir)
+            }
+        }
+        impl Drop for Dir {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_dir_all(&self.0);
+            }
+        }
+    }
+
+    fn config(path: &Path, table: Option<&str>, query: Option<&str>) -> TableConfig {
+        TableConfig {
+            path: path.to_owned(),
+            key: "series".into(),
+            table: table.map(str::to_owned),
+            query: query.map(str::to_owned),
+        }
+    }
+
+    #[test]
+    fn a_sqlite_table_or_query_reads_with_its_types() {
+        let (_dir, path) = sqlite(
+            "CREATE TABLE \"sensor list\" (series TEXT, site TEXT, max_temp REAL, n INTEGER, note TEXT, active INTEGER);
+             INSERT INTO \"sensor list\" VALUES ('s-1', 'north', 80.5, 3, NULL, 1), ('s-2', 'south', NULL, 7, '12', 0), ('*', NULL, 90, NULL, '', 1);",
+        );
+        let t = Table::read(&config(&path, Some("sensor list"), None)).unwrap();
+        assert_eq!(t.len(), 3);
+        let (row, n) = t.row("s-1").unwrap();
+        assert_eq!((n, row["site"].as_str()), (1, Some("north")));
+        assert_eq!(
+            (number(row, "max_temp"), number(row, "n")),
+            (Some(80.5), Some(3.0))
+        );
+        assert!(!row.contains_key("note"));
+        // Numeric text is a number, as in a CSV file; empty text is absent.
+        assert_eq!(number(t.row("s-2").unwrap().0, "note"), Some(12.0));
+        assert!(!t.row("*").unwrap().0.contains_key("note"));
+        let q = Table::read(&config(
+            &path,
+            None,
+            Some("SELECT series, max_temp AS max FROM \"sensor list\" WHERE active = 1"),
+        ))
+        .unwrap();
+        assert_eq!(q.len(), 2);
+        assert_eq!(q.columns, ["series", "max"]);
+        assert_eq!(number(q.row("*").unwrap().0, "max"), Some(90.0));
+    }
+
+    #[test]
+    fn a_bad_sqlite_table_is_refused_with_its_row_or_why() {
+        let (_dir, path) = sqlite(
+            "CREATE TABLE t (series TEXT, v BLOB, k INTEGER);
+             INSERT INTO t VALUES ('a', NULL, 1), ('b', x'00', 2), (NULL, NULL, 3), ('a', NULL, 4);",
+        );
+        let err = |query: &str| Table::read(&config(&path, None, Some(query))).unwrap_err();
+        assert!(
+            err("SELECT * FROM t").ends_with("row 2: v: a blob"),
+            "{}",
+            err("SELECT * FROM t")
+        );
+        assert!(err("SELECT series FROM t").ends_with("row 3: the key column \"series\" is empty"));
+        assert!(
+            err("SELECT series FROM t WHERE series = 'a'")
+                .ends_with("row 2: \"a\" again (first in row 1)")
+        );
+        assert!(err("SELECT k FROM t").contains("no column \"series\""));
+        assert!(err("DELETE FROM t").ends_with("the query must only read (one SELECT)"));
+        assert!(err("SELECT * FROM nowhere").contains("no such table"));
+        // An integer key is its decimal text.
+        let by_k = TableConfig {
+            key: "k".into(),
+            ..config(&path, None, Some("SELECT k, series FROM t"))
+        };
+        assert!(Table::read(&by_k).unwrap().row("4").is_some());
+        // A missing database is an error, and is not created.
+        let missing = path.with_file_name("missing.db");
+        assert!(Table::read(&config(&missing, Some("t"), None)).is_err());
+        assert!(!missing.exists());
+        // The table is still there, unchanged (read-only).
+        let db = rusqlite::Connection::open(&path).unwrap();
+        let n: i64 = db
+            .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(n, 4);
+    }
+
+    #[test]
+    fn a_sqlite_database_locked_for_more_than_a_second_is_refused_and_read_once_free() {
+        let (_dir, path) = sqlite(
+            "PRAGMA journal_mode = DELETE; CREATE TABLE t (series TEXT, max REAL); INSERT INTO t VALUES ('s', 1);",
+        );
+        let writer = rusqlite::Connection::open(&path).unwrap();
+        writer
+            .execute_batch("BEGIN EXCLUSIVE; INSERT INTO t VALUES ('s2', 2);")
+            .unwrap();
+        let err = Table::read(&config(&path, Some("t"), None)).unwrap_err();
+        assert!(err.contains("locked"), "{err}");
+        writer.execute_batch("COMMIT").unwrap();
+        assert_eq!(
+            Table::read(&config(&path, Some("t"), None)).unwrap().len(),
+            2
+        );
     }
 }
