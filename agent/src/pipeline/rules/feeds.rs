@@ -7,7 +7,7 @@
 //! rule's state lives there too), and so does the dealing of checkpoints.
 //! So a series may feed any number of them, and a pattern may watch a
 //! derived series. The price is that they share one worker's thread (a
-//! join step costs 57 to 73 ns a reading: see `benches/README.md`).
+//! join or pattern step costs 78 to 93 ns a reading: see `benches/README.md`).
 //!
 //! Inputs named literally are found by one hash lookup; globbed ones are
 //! matched in turn.
