@@ -446,6 +446,14 @@ fn label_rules_need_a_tumbling_window_and_a_source_that_reads_the_label() {
             "first_seen = { label = \"site\" }",
             "line 8: rules[0].first_seen.label: no source reads the label \"site\"",
         ),
+        (
+            "absent_after_ms = 1000\njoin_label = \"mac\"",
+            "line 9: rules[0].join_label: joins to the rule's table by a label's value: set table too",
+        ),
+        (
+            "absent_after_ms = 1000\ntable = \"t\"\njoin_label = \"site\"\n[tables.t]\npath = \"t.csv\"",
+            "line 10: rules[0].join_label: no source reads the label \"site\"",
+        ),
     ] {
         let text = format!("{source}[[rules]]\nmatch = \"*\"\n{rule}\n");
         let e = error_of(&text);

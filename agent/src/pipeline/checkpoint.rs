@@ -132,6 +132,10 @@ pub struct SeriesState {
     /// [`FORMAT`]).
     #[serde(skip)]
     pub labels: Option<LabelsState>,
+    /// With `join_label`: the label's value its row was joined by (encoded
+    /// beside the series, format 4 on).
+    #[serde(skip)]
+    pub join_key: Option<String>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -144,6 +148,8 @@ struct Envelope {
     joins: Vec<JoinState>,
     /// The patterns (format 4 on).
     patterns: Vec<PatternState>,
+    /// Per series, in the same order: the label value of its join (format 4 on).
+    join_keys: Vec<Option<String>>,
 }
 
 /// [`Envelope`] as format 3 wrote it.
@@ -170,12 +176,14 @@ pub fn encode(saved: Decoded) -> Vec<u8> {
         patterns,
     } = saved;
     let labels = series.iter_mut().map(|s| s.labels.take()).collect();
+    let join_keys = series.iter_mut().map(|s| s.join_key.take()).collect();
     postcard::to_allocvec(&Envelope {
         format: FORMAT,
         series,
         labels,
         joins,
         patterns,
+        join_keys,
     })
     .unwrap_or_default()
 }
@@ -203,6 +211,9 @@ pub struct SeriesRef<'a> {
     /// Its label sketches (encoded beside the series: see [`FORMAT`]).
     #[serde(skip)]
     pub labels: Option<LabelsState>,
+    /// See [`SeriesState::join_key`].
+    #[serde(skip)]
+    pub join_key: Option<String>,
 }
 
 /// [`WindowsState`], borrowed (see [`SeriesRef`]).
@@ -236,6 +247,7 @@ struct EnvelopeRef<'a> {
     labels: Vec<Option<LabelsState>>,
     joins: Vec<JoinState>,
     patterns: Vec<PatternState>,
+    join_keys: Vec<Option<String>>,
 }
 
 /// Encodes a worker's series without copying their windows and detectors
@@ -247,12 +259,14 @@ pub fn encode_refs(
     patterns: Vec<PatternState>,
 ) -> Vec<u8> {
     let labels = series.iter_mut().map(|s| s.labels.take()).collect();
+    let join_keys = series.iter_mut().map(|s| s.join_key.take()).collect();
     postcard::to_allocvec(&EnvelopeRef {
         format: FORMAT,
         series,
         labels,
         joins,
         patterns,
+        join_keys,
     })
     .unwrap_or_default()
 }
@@ -289,8 +303,16 @@ pub fn decode_all(bytes: &[u8]) -> Result<Decoded, String> {
         }
         FORMAT => {
             let e = postcard::from_bytes::<Envelope>(bytes).map_err(|e| e.to_string())?;
+            if e.join_keys.len() != e.series.len() {
+                return Err("join keys do not match the series".into());
+            }
+            let series = with_labels(e.series, e.labels)?
+                .into_iter()
+                .zip(e.join_keys)
+                .map(|(s, join_key)| SeriesState { join_key, ..s })
+                .collect();
             Ok(Decoded {
-                series: with_labels(e.series, e.labels)?,
+                series,
                 joins: e.joins,
                 patterns: e.patterns,
             })
@@ -464,6 +486,7 @@ mod tests {
             last_event: 10,
             last_seen: 20,
             labels: None,
+            join_key: None,
         }
     }
 
@@ -565,6 +588,7 @@ mod tests {
             labels: vec![None],
             joins: Vec::new(),
             patterns: Vec::new(),
+            join_keys: vec![None],
         })
         .unwrap();
         assert!(matches!(decode(&bytes), Err(e) if e.contains("format 5")));

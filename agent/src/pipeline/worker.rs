@@ -177,21 +177,41 @@ struct Series {
 struct Joined {
     row: Option<Row>,
     calibration: Option<(f64, f64)>,
+    /// With `join_label`: the label's value it was joined by (`None`: the
+    /// reading had no such label).
+    by: Option<Box<str>>,
 }
 
 impl Joined {
-    /// How `series` of rule `rule` joins, or `Err` if its readings are
-    /// refused (`on_missing = "refuse"`).
-    fn of(rules: &Rules, rule: usize, series: &str) -> Result<Option<Box<Joined>>, ()> {
-        let join = rules.join(rule, series);
+    /// How `series` of rule `rule` joins (by `label`, the value of its
+    /// `join_label`, if it has one), or `Err` if its readings are refused
+    /// (`on_missing = "refuse"`).
+    fn of(
+        rules: &Rules,
+        rule: usize,
+        series: &str,
+        label: Option<&str>,
+    ) -> Result<Option<Box<Joined>>, ()> {
+        let join = rules.join(rule, series, label);
         match join {
             Join::NoTable => Ok(None),
             Join::Refused => Err(()),
             Join::Row(_) | Join::Missing => Ok(Some(Box::new(Joined {
                 calibration: rules.calibration(rule, join.row()),
                 row: join.row().cloned(),
+                by: rules.join_label(rule).and(label).map(Box::from),
             }))),
         }
+    }
+
+    /// The value of rule `rule`'s `join_label` in `reading`, if it joins by one.
+    fn label_of<'a>(rules: &Rules, rule: usize, reading: &'a Reading) -> Option<&'a str> {
+        let label = rules.join_label(rule)?;
+        reading.labels.as_deref()?.get(label)
+    }
+
+    fn by(joined: &Option<Box<Joined>>) -> Option<&str> {
+        joined.as_deref().and_then(|j| j.by.as_deref())
     }
 
     fn row(joined: &Option<Box<Joined>>) -> Option<&Row> {
@@ -846,7 +866,7 @@ impl Worker {
                 dropped += 1;
                 continue;
             }
-            let Ok(joined) = Joined::of(&self.rules, rule, &key) else {
+            let Ok(joined) = Joined::of(&self.rules, rule, &key, s.join_key.as_deref()) else {
                 dropped += 1;
                 continue;
             };
@@ -970,6 +990,7 @@ impl Worker {
                     last_event: s.last_event,
                     last_seen: s.last_seen,
                     labels,
+                    join_key: Joined::by(&s.joined).map(str::to_owned),
                 }
             })
             .collect();
@@ -1324,7 +1345,8 @@ impl Worker {
                 self.stats.unmatched.fetch_add(1, Relaxed);
                 return reading.value;
             };
-            let Ok(joined) = Joined::of(&self.rules, rule, &reading.series) else {
+            let label = Joined::label_of(&self.rules, rule, &reading);
+            let Ok(joined) = Joined::of(&self.rules, rule, &reading.series, label) else {
                 self.stats.table_unmatched.fetch_add(1, Relaxed);
                 return reading.value;
             };
@@ -1356,6 +1378,22 @@ impl Worker {
             .series
             .get_mut(&reading.series)
             .expect("inserted above");
+        // A series joined by a label follows its value: a new value joins
+        // its own row (and the detectors take its levels).
+        if self.rules.join_label(series.rule).is_some() {
+            let label = Joined::label_of(&self.rules, series.rule, &reading);
+            if label != Joined::by(&series.joined) {
+                let Ok(joined) = Joined::of(&self.rules, series.rule, &reading.series, label)
+                else {
+                    self.stats.table_unmatched.fetch_add(1, Relaxed);
+                    return reading.value;
+                };
+                if Joined::row(&joined) != Joined::row(&series.joined) {
+                    series.detectors = self.rules.detectors_for(series.rule, Joined::row(&joined));
+                }
+                series.joined = joined;
+            }
+        }
         let mut reading = reading;
         if let Some((scale, offset)) = series.joined.as_deref().and_then(|j| j.calibration) {
             reading.value = reading.value * scale + offset;
@@ -1488,7 +1526,7 @@ impl Worker {
                 gone.push(key.clone());
                 continue;
             };
-            let Ok(joined) = Joined::of(&self.rules, new, key) else {
+            let Ok(joined) = Joined::of(&self.rules, new, key, Joined::by(&s.joined)) else {
                 gone.push(key.clone());
                 continue;
             };
@@ -2918,6 +2956,50 @@ mod tests {
         assert_eq!(row["site"], "north");
         // t-3 is not active: no row, refused.
         assert_eq!(stats.table_unmatched.load(Relaxed), 1);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_table_keyed_by_a_label_sets_each_sites_limit_follows_the_label_and_survives_a_restart() {
+        let dir = std::env::temp_dir().join(format!("sluice-worker-sites-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("sites.csv");
+        std::fs::write(&path, "site,max_temp\nnorth,50\nsouth,80\n").unwrap();
+        let text = format!(
+            "agent_id = \"t\"\n[sources.u]\nkind = \"udp\"\nbind = \"127.0.0.1:0\"\njson = {{ labels = [\"site\"] }}\n[output]\nconsole = true\n[tables.sites]\npath = {:?}\nkey = \"site\"\n[[rules]]\nmatch = \"t-*\"\ntable = \"sites\"\njoin_label = \"site\"\non_missing = \"refuse\"\nthresholds = [{{ above = \"@max_temp\" }}]\n",
+            path.display().to_string()
+        );
+        let mut config = Config::parse(&text).unwrap();
+        config.load_tables().unwrap();
+        let (mut w, rules, mut rx, stats) = worker_of(&config, 100);
+        // 60 is over north's 50, under south's 80; no site: refused.
+        w.process(at_site(&rules, "t-1", 0, 60.0, Some("north")));
+        w.process(at_site(&rules, "t-2", 0, 60.0, Some("south")));
+        w.process(at_site(&rules, "t-3", 0, 60.0, None));
+        let got = alert_events(&mut rx);
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert_eq!((got[0].series.as_str(), got[0].threshold), ("t-1", 50.0));
+        assert_eq!(got[0].table.as_ref().unwrap()["site"], "north");
+        assert_eq!(stats.table_unmatched.load(Relaxed), 1);
+        // t-2 moves north: north's limit applies from its next reading.
+        w.process(at_site(&rules, "t-2", 1, 60.0, Some("north")));
+        let got = alert_events(&mut rx);
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert_eq!((got[0].series.as_str(), got[0].threshold), ("t-2", 50.0));
+        // Restored, t-1 keeps its row and its raised alert: no new raise.
+        let saved = checkpoint::decode_all(&w.checkpoint()).unwrap();
+        let (mut w, _, mut rx, stats) = worker_of(&config, 100);
+        w.restore(saved.series, &HashMap::new());
+        assert_eq!(stats.restore_dropped.load(Relaxed), 0);
+        w.process(at_site(&rules, "t-1", 2, 70.0, Some("north")));
+        w.process(at_site(&rules, "t-1", 3, 10.0, Some("north")));
+        let got = alert_events(&mut rx);
+        assert_eq!(
+            got.iter()
+                .map(|a| (a.series.as_str(), a.state))
+                .collect::<Vec<_>>(),
+            [("t-1", "cleared")]
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -786,13 +786,19 @@ impl Rules {
         self.rules[i].group.as_ref()
     }
 
-    /// `series` joined to rule `i`'s table.
-    pub fn join(&self, i: usize, series: &str) -> Join {
+    /// `series` joined to rule `i`'s table: by its id, or with
+    /// `join_label` by `label`, the label's value (`None`: the reading has
+    /// no such label, so no row).
+    pub fn join(&self, i: usize, series: &str, label: Option<&str>) -> Join {
         let r = &self.rules[i];
         let Some(table) = &r.table else {
             return Join::NoTable;
         };
-        if let Some((row, _)) = table.row(series) {
+        let key = match &r.config.join_label {
+            None => Some(series),
+            Some(_) => label,
+        };
+        if let Some((row, _)) = key.and_then(|key| table.row(key)) {
             return Join::Row(row.clone());
         }
         match r.config.on_missing {
@@ -803,6 +809,11 @@ impl Rules {
                 .row("*")
                 .map_or(Join::Missing, |(row, _)| Join::Row(row.clone())),
         }
+    }
+
+    /// The label rule `i` joins its table by (`join_label`), if any.
+    pub fn join_label(&self, i: usize) -> Option<&str> {
+        self.rules[i].config.join_label.as_deref()
     }
 
     /// The detectors of a series of rule `i` joined to `row`.
@@ -922,6 +933,11 @@ impl Rule {
                 "calibrate: takes scale and offset from the rule's table: set table too".into(),
             );
         }
+        if self.join_label.is_some() && self.table.is_none() {
+            return Err(
+                "join_label: joins to the rule's table by a label's value: set table too".into(),
+            );
+        }
         if self.on_missing != OnMissing::Pass && self.table.is_none() {
             return Err(
                 "on_missing: says what a series without a row in table gets: set table too".into(),
@@ -1005,6 +1021,9 @@ impl Rule {
         }
         if let Some(by) = self.group_by.as_deref().filter(|&by| by != GROUP_ALL) {
             uses.push(("group_by", by));
+        }
+        if let Some(label) = &self.join_label {
+            uses.push(("join_label", label.as_str()));
         }
         uses
     }

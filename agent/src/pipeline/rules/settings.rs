@@ -75,6 +75,13 @@ pub struct Rule {
     /// and detectors see it. Needs `table`. Default false.
     #[serde(default)]
     pub calibrate: bool,
+    /// Join each series by the value of this label of its readings instead
+    /// of its id (the table's `key` column holds the label's values, e.g.
+    /// one row per site). The row follows the label: a reading whose
+    /// value differs from the last one's joins the new value's row. A
+    /// reading without the label has no row (`on_missing` applies). Needs
+    /// `table`. Default: join by series id.
+    pub join_label: Option<String>,
     /// Aggregate across the series the rule matches: `"*"` makes them one
     /// group, a label's name one group per value of that label. A group
     /// is then the rule's unit: its windows, sketches and detectors see
