@@ -52,13 +52,18 @@ fn main() -> ExitCode {
                 });
             match checked {
                 Ok((mut found, mut c)) => {
-                    if !quiet {
-                        sluice::cli::out(format_args!("{}", c.to_toml()));
-                    }
+                    let effective = c.to_toml();
                     // The reference tables, read as the agent would.
                     c.resolve_paths(&config);
                     if let Err(e) = c.load_tables() {
                         found.errors.push(e.to_string());
+                    }
+                    if !quiet {
+                        sluice::cli::out(format_args!("{effective}"));
+                        // What each table holds, as TOML comments.
+                        for line in c.table_data.summary(&c.tables) {
+                            sluice::cli::out(format_args!("# {line}\n"));
+                        }
                     }
                     for note in &found.notes {
                         eprintln!("note: {}: {note}", config.display());

@@ -407,6 +407,22 @@ fn check_and_run_read_the_tables_and_name_a_bad_line() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // Without --quiet, the effective configuration ends with what each
+    // table holds, as TOML comments.
+    let out = sluice_tests::own_binary(env!("CARGO_BIN_EXE_sluice"))
+        .args(["check", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains(&format!(
+            "# tables.sensors: 1 row from {} (columns: series, max)",
+            csv.display()
+        )),
+        "{stdout}"
+    );
+    toml::from_str::<toml::Table>(&stdout).expect("still TOML");
     std::fs::write(&csv, "series,max\ns-1,80\ns-1,90\n").unwrap();
     for command in ["check", "run"] {
         let out = sluice_tests::own_binary(env!("CARGO_BIN_EXE_sluice"))

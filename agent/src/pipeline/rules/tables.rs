@@ -337,6 +337,24 @@ impl Tables {
         Ok(Tables(tables))
     }
 
+    /// One line per table read: its rows, where from and its columns.
+    pub fn summary(&self, configs: &BTreeMap<String, TableConfig>) -> Vec<String> {
+        self.0
+            .iter()
+            .map(|(name, t)| {
+                let from = configs
+                    .get(name)
+                    .map_or(String::new(), |c| c.path.display().to_string());
+                format!(
+                    "tables.{name}: {} row{} from {from} (columns: {})",
+                    t.len(),
+                    if t.len() == 1 { "" } else { "s" },
+                    t.columns.join(", ")
+                )
+            })
+            .collect()
+    }
+
     /// Table `name`, if it was read.
     pub fn get(&self, name: &str) -> Option<&Arc<Table>> {
         self.0.get(name)
