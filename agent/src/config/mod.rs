@@ -673,6 +673,30 @@ impl Config {
                 }
             }
         }
+        let grouped = self
+            .derived
+            .iter()
+            .enumerate()
+            .map(|(i, d)| (format!("derived[{i}]"), &d.group_by))
+            .chain(
+                self.patterns
+                    .iter()
+                    .enumerate()
+                    .map(|(i, p)| (format!("patterns[{i}]"), &p.group_by)),
+            );
+        for (entry, by) in grouped {
+            if let Some(label) = by
+                && !label.is_empty()
+                && !labels.contains(&label.as_str())
+            {
+                return err(
+                    &format!("{entry}.group_by"),
+                    &format!(
+                        "no source reads the label {label:?}: add it to a source's json.labels"
+                    ),
+                );
+            }
+        }
         // Each entry, and how they relate (names, no chains).
         Rules::compile(&[])
             .and_then(|r| r.with_derived(&self.derived))

@@ -267,6 +267,12 @@ pub fn render(r: &Running) -> String {
         &mut wk(|w| w.join_undefined.load(Relaxed)).into_iter(),
     );
     family(
+        "sluice_join_groups_overflow_total",
+        "counter",
+        "Readings of a derived series' or a pattern's input dropped for a new value of its group_by label past the 1,024 it keeps.",
+        &mut wk(|w| w.groups_overflow.load(Relaxed)).into_iter(),
+    );
+    family(
         "sluice_pattern_raised_total",
         "counter",
         "Times a pattern's alert was raised.",

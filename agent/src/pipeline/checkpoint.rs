@@ -68,6 +68,9 @@ pub struct PatternState {
     pub last_event: Timestamp,
     /// Wall time of its last input reading.
     pub last_seen: Timestamp,
+    /// With `group_by`: the label's value of this group (`None`: the one,
+    /// or the group without the label).
+    pub group: Option<String>,
 }
 
 /// What a worker's checkpoint holds.
@@ -94,6 +97,8 @@ pub struct JoinState {
     pub last_event: Timestamp,
     /// Wall time of its last input reading.
     pub last_seen: Timestamp,
+    /// With `group_by`: the label's value of this group.
+    pub group: Option<String>,
 }
 
 /// A series' windows, as saved.
@@ -548,6 +553,7 @@ mod tests {
             op: d.state(),
             last_event: 0,
             last_seen: 0,
+            group: None,
         };
         let home = hasher.shard(crate::pipeline::rules::JOINS_HOME.as_bytes(), 4);
         // Saved by worker 0 of 1; restored by 4 workers.

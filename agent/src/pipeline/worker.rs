@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
-use sluice_collectors::reading::now_ms;
+use sluice_collectors::reading::{Labels, now_ms};
 use sluice_collectors::{Reading, ReadingConsumer, SeriesKey};
 use sluice_core::Timestamp;
 use sluice_core::aggregate::Aggregate;
@@ -36,6 +36,7 @@ use crate::output::{
 use crate::pipeline::checkpoint::{
     self, DetectorsRef, JoinState, PatternState, SeriesRef, SeriesState, WindowsRef, WindowsState,
 };
+use crate::pipeline::rules::derived::MAX_INSTANCES;
 use crate::pipeline::rules::labels::{FirstSeen, LabelPanes, LabelSpec, LabelWindow, LabelsState};
 use crate::pipeline::rules::{
     Derived, Detector, Feed, GROUP_ALL, Join, JoinOp, Pattern, Quantiles, Row, Rules, Window,
@@ -110,6 +111,9 @@ pub struct WorkerStats {
     pub join_late: AtomicU64,
     /// Pairs whose `expr` has no value (a ratio to 0, or beyond ±1e100).
     pub join_undefined: AtomicU64,
+    /// Readings of a derived series' or a pattern's input dropped for a
+    /// new value of its `group_by` label past the most it keeps.
+    pub groups_overflow: AtomicU64,
     /// Times a pattern was raised.
     pub pattern_raised: AtomicU64,
     /// Events of a pattern's `first` that expired without `then`, or that
@@ -142,6 +146,7 @@ impl Default for WorkerStats {
             join_missing_a: AtomicU64::new(0),
             join_late: AtomicU64::new(0),
             join_undefined: AtomicU64::new(0),
+            groups_overflow: AtomicU64::new(0),
             pattern_raised: AtomicU64::new(0),
             pattern_settled: AtomicU64::new(0),
             // 1 ms to 1 hour, 3 significant digits: about 40 KiB.
@@ -606,14 +611,80 @@ pub struct Worker {
     started: Timestamp,
     /// The derived series' joins whose inputs this worker has seen, by
     /// their index in the rules.
-    joins: Vec<Option<Box<JoinEntry>>>,
+    joins: Vec<Instances<JoinEntry>>,
     /// Pairs made by the last join step (kept to reuse its allocation).
     pairs: Vec<Pair>,
     /// The patterns whose inputs this worker has seen, by their index in
     /// the rules.
-    patterns: Vec<Option<Box<PatternEntry>>>,
+    patterns: Vec<Instances<PatternEntry>>,
     /// What the reading being processed feeds (kept to reuse its allocation).
     feeds: Vec<Feed>,
+}
+
+/// A derived series' or a pattern's state in the joins' worker: one, or
+/// one per value of its `group_by` label (at most [`MAX_INSTANCES`]).
+struct Instances<T> {
+    one: Option<Box<T>>,
+    by: HashMap<Box<str>, Box<T>, foldhash::fast::RandomState>,
+}
+
+impl<T> Default for Instances<T> {
+    fn default() -> Self {
+        Self {
+            one: None,
+            by: HashMap::default(),
+        }
+    }
+}
+
+impl<T> Instances<T> {
+    /// The state of group `key` (`None`: the one, or the group without the
+    /// label), made by `make` if new; `None` when `key` is new and the
+    /// groups are full.
+    fn entry(&mut self, key: Option<&str>, make: impl FnOnce() -> T) -> Option<&mut T> {
+        let Some(key) = key else {
+            return Some(self.one.get_or_insert_with(|| Box::new(make())));
+        };
+        if !self.by.contains_key(key) {
+            if self.by.len() >= MAX_INSTANCES {
+                return None;
+            }
+            self.by.insert(key.into(), Box::new(make()));
+        }
+        self.by.get_mut(key).map(|b| &mut **b)
+    }
+
+    /// Puts `state` back as group `key`'s.
+    fn put(&mut self, key: Option<Box<str>>, state: Box<T>) {
+        match key {
+            None => self.one = Some(state),
+            Some(key) => {
+                self.by.insert(key, state);
+            }
+        }
+    }
+
+    /// Every group's state, with its key.
+    fn iter(&self) -> impl Iterator<Item = (Option<&str>, &T)> {
+        let one = self.one.as_deref().map(|e| (None, e));
+        one.into_iter()
+            .chain(self.by.iter().map(|(k, e)| (Some(&**k), &**e)))
+    }
+
+    /// Every group's state, taken out, with its key.
+    fn drain(&mut self) -> impl Iterator<Item = (Option<Box<str>>, Box<T>)> + use<T> {
+        let one = self.one.take().map(|e| (None, e));
+        let by: Vec<_> = self.by.drain().map(|(k, e)| (Some(k), e)).collect();
+        one.into_iter().chain(by)
+    }
+}
+
+/// Slot `i` of `list`, grown to hold it.
+fn slot<T: Default>(list: &mut Vec<T>, i: usize) -> &mut T {
+    if list.len() <= i {
+        list.resize_with(i + 1, T::default);
+    }
+    &mut list[i]
 }
 
 /// A pattern's state in a worker.
@@ -813,14 +884,12 @@ impl Worker {
             else {
                 continue;
             };
-            if self.joins.len() <= d {
-                self.joins.resize_with(d + 1, || None);
-            }
-            self.joins[d] = Some(Box::new(JoinEntry {
+            let entry = Box::new(JoinEntry {
                 op: j.op,
                 last_event: j.last_event,
                 last_seen: j.last_seen,
-            }));
+            });
+            slot(&mut self.joins, d).put(j.group.map(Box::from), entry);
         }
     }
 
@@ -835,14 +904,12 @@ impl Worker {
             else {
                 continue;
             };
-            if self.patterns.len() <= p {
-                self.patterns.resize_with(p + 1, || None);
-            }
-            self.patterns[p] = Some(Box::new(PatternEntry {
+            let entry = Box::new(PatternEntry {
                 seq: saved.seq,
                 last_event: saved.last_event,
                 last_seen: saved.last_seen,
-            }));
+            });
+            slot(&mut self.patterns, p).put(saved.group.map(Box::from), entry);
         }
     }
 
@@ -998,14 +1065,14 @@ impl Worker {
             .joins
             .iter()
             .zip(self.rules.derived())
-            .filter_map(|(entry, d)| {
-                let entry = entry.as_deref()?;
-                Some(JoinState {
+            .flat_map(|(groups, d)| {
+                groups.iter().map(|(group, entry)| JoinState {
                     name: d.config.name.clone(),
                     fingerprint: d.fingerprint,
                     op: entry.op.clone(),
                     last_event: entry.last_event,
                     last_seen: entry.last_seen,
+                    group: group.map(str::to_owned),
                 })
             })
             .collect();
@@ -1013,14 +1080,14 @@ impl Worker {
             .patterns
             .iter()
             .zip(self.rules.patterns())
-            .filter_map(|(entry, p)| {
-                let entry = entry.as_deref()?;
-                Some(PatternState {
+            .flat_map(|(groups, p)| {
+                groups.iter().map(|(group, entry)| PatternState {
                     name: p.config.name.clone(),
                     fingerprint: p.fingerprint,
                     seq: entry.seq.clone(),
                     last_event: entry.last_event,
                     last_seen: entry.last_seen,
+                    group: group.map(str::to_owned),
                 })
             })
             .collect();
@@ -1081,15 +1148,23 @@ impl Worker {
         }
         let mut feeds = std::mem::take(&mut self.feeds);
         self.rules.feeds(&reading.series, &mut feeds);
-        if feeds.is_empty() {
-            self.take(reading);
-        } else {
-            let (ts, weight, ingest) = (reading.ts, reading.weight, reading.ingest);
-            let value = self.take(reading);
+        let reading = self.take(reading);
+        if !feeds.is_empty() {
+            let rules = self.rules.clone();
+            let labels = reading.labels.as_deref();
+            let point = (reading.ts, reading.value, reading.weight);
             for &feed in &feeds {
                 match feed {
-                    Feed::Derived(d, side) => self.join(d, side, (ts, value, weight), ingest),
-                    Feed::Pattern(p, step) => self.step(p, step, (ts, value), ingest),
+                    Feed::Derived(d, side) => {
+                        let group = rules.derived()[d].group.as_ref();
+                        let key = group.and_then(|g| g.value(labels));
+                        self.join(d, key, side, point, reading.ingest);
+                    }
+                    Feed::Pattern(p, step) => {
+                        let group = rules.patterns()[p].group.as_ref();
+                        let key = group.and_then(|g| g.value(labels));
+                        self.step(p, key, step, (point.0, point.1), reading.ingest);
+                    }
                 }
             }
         }
@@ -1097,18 +1172,24 @@ impl Worker {
     }
 
     /// Offers an input reading's `(ts, value)` to condition `step` of
-    /// pattern `p`, and sends the alerts it causes.
-    fn step(&mut self, p: usize, step: Step, (ts, value): (Timestamp, f64), ingest: Timestamp) {
-        if self.patterns.len() <= p {
-            self.patterns.resize_with(p + 1, || None);
-        }
-        let entry = match &mut self.patterns[p] {
-            Some(entry) => entry,
-            slot => slot.insert(Box::new(PatternEntry {
-                seq: self.rules.patterns()[p].state(),
-                last_event: ts,
-                last_seen: ingest,
-            })),
+    /// pattern `p` (its group `key`'s), and sends the alerts it causes.
+    fn step(
+        &mut self,
+        p: usize,
+        key: Option<&str>,
+        step: Step,
+        (ts, value): (Timestamp, f64),
+        ingest: Timestamp,
+    ) {
+        let rules = self.rules.clone();
+        let pattern = &rules.patterns()[p];
+        let Some(entry) = slot(&mut self.patterns, p).entry(key, || PatternEntry {
+            seq: pattern.state(),
+            last_event: ts,
+            last_seen: ingest,
+        }) else {
+            self.stats.groups_overflow.fetch_add(1, Relaxed);
+            return;
         };
         entry.last_event = entry.last_event.max(ts);
         entry.last_seen = ingest;
@@ -1119,14 +1200,19 @@ impl Worker {
         };
         count_pattern(&self.stats, before, entry.seq.stats());
         for change in changes.into_iter().flatten() {
-            let rules = self.rules.clone();
-            self.pattern_alert(&rules.patterns()[p], change, value);
+            self.pattern_alert(pattern, key, change, value);
         }
     }
 
-    /// Sends a pattern's alert for `change`, caused by a reading of `value`
-    /// (not used for a deadline that passed).
-    fn pattern_alert(&self, pattern: &Pattern, change: PatternChange, value: f64) {
+    /// Sends the alert of `pattern` (its group `key`'s) for `change`,
+    /// caused by a reading of `value` (not used for a deadline that passed).
+    fn pattern_alert(
+        &self,
+        pattern: &Pattern,
+        key: Option<&str>,
+        change: PatternChange,
+        value: f64,
+    ) {
         let deadline = pattern.config.absent;
         let (state, value, score, at) = match change {
             PatternChange::Raised { first, at } => (
@@ -1138,9 +1224,13 @@ impl Worker {
             ),
             PatternChange::Cleared { at } => ("cleared", value, None, at),
         };
+        let series = match &pattern.group {
+            Some(g) => g.key_of(key).to_string(),
+            None => pattern.config.name.clone(),
+        };
         self.emit.send(Record::Alert(AlertEvent {
             agent: self.agent.clone(),
-            series: pattern.config.name.clone(),
+            series,
             rule: "pattern",
             state,
             value,
@@ -1158,46 +1248,57 @@ impl Worker {
     fn tick_patterns(&mut self, now: Timestamp) {
         let rules = self.rules.clone();
         for (p, pattern) in rules.patterns().iter().enumerate() {
-            let Some(Some(entry)) = self.patterns.get_mut(p) else {
+            let Some(groups) = self.patterns.get_mut(p) else {
                 continue;
             };
-            if entry.seq.armed().is_none() {
-                continue;
+            let mut changes = Vec::new();
+            let entries = groups
+                .one
+                .iter_mut()
+                .map(|e| (None, e))
+                .chain(groups.by.iter_mut().map(|(k, e)| (Some(k.clone()), e)));
+            for (key, entry) in entries {
+                if entry.seq.armed().is_none() {
+                    continue;
+                }
+                let idle = now
+                    .saturating_sub(entry.last_seen)
+                    .saturating_sub(IDLE_GRACE);
+                if idle <= 0 {
+                    continue;
+                }
+                let before = entry.seq.stats();
+                let change = entry.seq.advance_to(entry.last_event.saturating_add(idle));
+                count_pattern(&self.stats, before, entry.seq.stats());
+                if let Some(change) = change {
+                    changes.push((key, change));
+                }
             }
-            let idle = now
-                .saturating_sub(entry.last_seen)
-                .saturating_sub(IDLE_GRACE);
-            if idle <= 0 {
-                continue;
-            }
-            let before = entry.seq.stats();
-            let change = entry.seq.advance_to(entry.last_event.saturating_add(idle));
-            count_pattern(&self.stats, before, entry.seq.stats());
-            if let Some(change) = change {
-                self.pattern_alert(pattern, change, f64::NAN);
+            for (key, change) in changes {
+                self.pattern_alert(pattern, key.as_deref(), change, f64::NAN);
             }
         }
     }
 
     /// Offers an input reading's `(ts, value, weight)` to derived series
-    /// `d`'s join, and takes the readings of the derived series it makes.
+    /// `d`'s join (its group `key`'s), and takes the readings of the
+    /// derived series it makes.
     fn join(
         &mut self,
         d: usize,
+        key: Option<&str>,
         side: Side,
         (ts, value, weight): (Timestamp, f64, u32),
         ingest: Timestamp,
     ) {
-        if self.joins.len() <= d {
-            self.joins.resize_with(d + 1, || None);
-        }
-        let entry = match &mut self.joins[d] {
-            Some(entry) => entry,
-            slot => slot.insert(Box::new(JoinEntry {
-                op: self.rules.derived()[d].state(),
-                last_event: ts,
-                last_seen: ingest,
-            })),
+        let derived = &self.rules.derived()[d];
+        let Some(entry) = slot(&mut self.joins, d).entry(key, || JoinEntry {
+            op: derived.state(),
+            last_event: ts,
+            last_seen: ingest,
+        }) else {
+            self.stats.groups_overflow.fetch_add(1, Relaxed);
+            return;
         };
         entry.last_event = entry.last_event.max(ts);
         entry.last_seen = ingest;
@@ -1207,33 +1308,58 @@ impl Worker {
         if !self.pairs.is_empty() {
             let rules = self.rules.clone();
             let mut pairs = std::mem::take(&mut self.pairs);
-            self.take_pairs(&rules.derived()[d], &mut pairs, ingest);
+            self.take_pairs(&rules.derived()[d], key, &mut pairs, ingest);
             self.pairs = pairs;
         }
     }
 
-    /// Takes the readings of `derived` that `pairs` make, and empties it.
-    fn take_pairs(&mut self, derived: &Derived, pairs: &mut Vec<Pair>, ingest: Timestamp) {
+    /// Takes the readings of `derived` (its group `key`'s) that `pairs`
+    /// make, and empties it.
+    fn take_pairs(
+        &mut self,
+        derived: &Derived,
+        key: Option<&str>,
+        pairs: &mut Vec<Pair>,
+        ingest: Timestamp,
+    ) {
+        if pairs.is_empty() {
+            return;
+        }
+        let (series, labels) = match &derived.group {
+            None => (derived.key.clone(), None),
+            // A group's readings carry its label, for the patterns (and
+            // label rules) that watch them.
+            Some(g) => (
+                g.key_of(key),
+                key.and_then(|value| {
+                    let names: Arc<[Box<str>]> = Arc::from(vec![g.by.clone()?.into_boxed_str()]);
+                    Labels::new(names, &[Some(value)]).map(Box::new)
+                }),
+            ),
+        };
+        let mut feeds = Vec::new();
+        // Patterns may watch a derived series (a derived series feeds no
+        // other: see `Rules::with_derived`).
+        self.rules.feeds(&series, &mut feeds);
         for p in pairs.drain(..) {
             let Some(value) = derived.expr.eval(p.a, p.b) else {
                 self.stats.join_undefined.fetch_add(1, Relaxed);
                 continue;
             };
-            let value = self.take(Reading {
-                series: derived.key.clone(),
+            let reading = self.take(Reading {
+                series: series.clone(),
                 ts: p.ts,
                 value,
                 ingest,
                 weight: 1,
-                labels: None,
+                labels: labels.clone(),
             });
-            // Patterns may watch a derived series (a derived series feeds
-            // no other: see `Rules::with_derived`).
-            let mut feeds = Vec::new();
-            self.rules.feeds(&derived.key, &mut feeds);
-            for feed in feeds {
+            for &feed in &feeds {
                 if let Feed::Pattern(i, step) = feed {
-                    self.step(i, step, (p.ts, value), ingest);
+                    let rules = self.rules.clone();
+                    let group = rules.patterns()[i].group.as_ref();
+                    let key = group.and_then(|g| g.value(reading.labels.as_deref()));
+                    self.step(i, key, step, (p.ts, reading.value), ingest);
                 }
             }
         }
@@ -1246,29 +1372,39 @@ impl Worker {
         let rules = self.rules.clone();
         let mut pairs = std::mem::take(&mut self.pairs);
         for d in 0..self.joins.len().min(rules.derived().len()) {
-            let Some(entry) = &mut self.joins[d] else {
-                continue;
-            };
-            if !entry.op.has_open() {
-                continue;
-            }
-            let before = entry.op.stats();
-            if flush {
-                entry.op.flush(&mut pairs);
-            } else {
-                let idle = now
-                    .saturating_sub(entry.last_seen)
-                    .saturating_sub(IDLE_GRACE);
-                if idle <= 0 {
+            let mut made = Vec::new();
+            let groups = &mut self.joins[d];
+            let entries = groups
+                .one
+                .iter_mut()
+                .map(|e| (None, e))
+                .chain(groups.by.iter_mut().map(|(k, e)| (Some(k.clone()), e)));
+            for (key, entry) in entries {
+                if !entry.op.has_open() {
                     continue;
                 }
-                entry
-                    .op
-                    .advance_to(entry.last_event.saturating_add(idle), &mut pairs);
+                let before = entry.op.stats();
+                if flush {
+                    entry.op.flush(&mut pairs);
+                } else {
+                    let idle = now
+                        .saturating_sub(entry.last_seen)
+                        .saturating_sub(IDLE_GRACE);
+                    if idle <= 0 {
+                        continue;
+                    }
+                    entry
+                        .op
+                        .advance_to(entry.last_event.saturating_add(idle), &mut pairs);
+                }
+                count_join(&self.stats, before, entry.op.stats());
+                if !pairs.is_empty() {
+                    made.push((key, std::mem::take(&mut pairs)));
+                }
             }
-            let after = entry.op.stats();
-            count_join(&self.stats, before, after);
-            self.take_pairs(&rules.derived()[d], &mut pairs, now);
+            for (key, mut made) in made {
+                self.take_pairs(&rules.derived()[d], key.as_deref(), &mut made, now);
+            }
         }
         self.pairs = pairs;
     }
@@ -1279,25 +1415,22 @@ impl Worker {
     fn reload_joins(&mut self, old: &Rules) {
         let joins = std::mem::take(&mut self.joins);
         let mut pairs = std::mem::take(&mut self.pairs);
-        for (i, entry) in joins.into_iter().enumerate() {
-            let (Some(mut entry), Some(before)) = (entry, old.derived().get(i)) else {
+        for (i, mut groups) in joins.into_iter().enumerate() {
+            let Some(before) = old.derived().get(i) else {
                 continue;
             };
             let kept = self.rules.derived().iter().position(|d| {
                 d.config.name == before.config.name && d.fingerprint == before.fingerprint
             });
             match kept {
-                Some(j) => {
-                    if self.joins.len() <= j {
-                        self.joins.resize_with(j + 1, || None);
-                    }
-                    self.joins[j] = Some(entry);
-                }
+                Some(j) => *slot(&mut self.joins, j) = groups,
                 None => {
-                    let stats = entry.op.stats();
-                    entry.op.flush(&mut pairs);
-                    count_join(&self.stats, stats, entry.op.stats());
-                    self.take_pairs(before, &mut pairs, now_ms());
+                    for (key, mut entry) in groups.drain() {
+                        let stats = entry.op.stats();
+                        entry.op.flush(&mut pairs);
+                        count_join(&self.stats, stats, entry.op.stats());
+                        self.take_pairs(before, key.as_deref(), &mut pairs, now_ms());
+                    }
                 }
             }
         }
@@ -1305,50 +1438,50 @@ impl Worker {
     }
 
     /// Keeps each pattern still there with the same settings (at its new
-    /// place); the others go, clearing their alert if it was raised (so
-    /// that its retained state does not stay raised).
+    /// place); the others go, clearing their alerts that were raised (so
+    /// that their retained state does not stay raised).
     fn reload_patterns(&mut self, old: &Rules) {
         let patterns = std::mem::take(&mut self.patterns);
-        for (i, entry) in patterns.into_iter().enumerate() {
-            let (Some(entry), Some(before)) = (entry, old.patterns().get(i)) else {
+        for (i, mut groups) in patterns.into_iter().enumerate() {
+            let Some(before) = old.patterns().get(i) else {
                 continue;
             };
             let kept = self.rules.patterns().iter().position(|p| {
                 p.config.name == before.config.name && p.fingerprint == before.fingerprint
             });
             match kept {
-                Some(j) => {
-                    if self.patterns.len() <= j {
-                        self.patterns.resize_with(j + 1, || None);
+                Some(j) => *slot(&mut self.patterns, j) = groups,
+                None => {
+                    for (key, entry) in groups.drain() {
+                        if entry.seq.state() == AlertState::Raised {
+                            let at = PatternChange::Cleared {
+                                at: entry.last_event,
+                            };
+                            self.pattern_alert(before, key.as_deref(), at, f64::NAN);
+                        }
                     }
-                    self.patterns[j] = Some(entry);
                 }
-                None if entry.seq.state() == AlertState::Raised => {
-                    let at = entry.last_event;
-                    self.pattern_alert(before, PatternChange::Cleared { at }, f64::NAN);
-                }
-                None => {}
             }
         }
     }
 
-    /// Takes one reading into its series' state; returns its value as the
-    /// series' rule saw it (calibrated by its table), or as it came when no
-    /// rule took it.
-    fn take(&mut self, reading: Reading) -> f64 {
+    /// Takes one reading into its series' state; gives it back with its
+    /// value as the series' rule saw it (calibrated by its table), or as it
+    /// came when no rule took it.
+    fn take(&mut self, reading: Reading) -> Reading {
         if !self.series.contains_key(&reading.series) {
             if self.series.len() >= self.max_series && !self.make_room(reading.ingest) {
                 self.stats.series_overflow.fetch_add(1, Relaxed);
-                return reading.value;
+                return reading;
             }
             let Some(rule) = self.rules.resolve(&reading.series) else {
                 self.stats.unmatched.fetch_add(1, Relaxed);
-                return reading.value;
+                return reading;
             };
             let label = Joined::label_of(&self.rules, rule, &reading);
             let Ok(joined) = Joined::of(&self.rules, rule, &reading.series, label) else {
                 self.stats.table_unmatched.fetch_add(1, Relaxed);
-                return reading.value;
+                return reading;
             };
             let (window, quantiles, _) = self.rules.state(rule);
             let detectors = self.rules.detectors_for(rule, Joined::row(&joined));
@@ -1386,7 +1519,7 @@ impl Worker {
                 let Ok(joined) = Joined::of(&self.rules, series.rule, &reading.series, label)
                 else {
                     self.stats.table_unmatched.fetch_add(1, Relaxed);
-                    return reading.value;
+                    return reading;
                 };
                 if Joined::row(&joined) != Joined::row(&series.joined) {
                     series.detectors = self.rules.detectors_for(series.rule, Joined::row(&joined));
@@ -1506,7 +1639,7 @@ impl Worker {
         if caused && let Ok(mut h) = self.stats.latency_ms.lock() {
             h.saturating_record(now_ms().saturating_sub(reading.ingest).max(1) as u64);
         }
-        reading.value
+        reading
     }
 
     /// Switches to new rules. A series keeps each part of its state (window,
@@ -3001,5 +3134,98 @@ mod tests {
             [("t-1", "cleared")]
         );
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    const BY_SITE: &str = "[sources.s]\nkind = \"udp\"\nbind = \"127.0.0.1:0\"\njson = { labels = [\"site\"] }\n[[rules]]\nmatch = \"delta:*\"\nwindow = { kind = \"tumbling\", size_ms = 10000 }\n[[derived]]\nname = \"delta\"\na = \"*/inlet\"\nb = \"*/outlet\"\nexpr = \"a - b\"\nwindow_ms = 1000\ngroup_by = \"site\"\n[[patterns]]\nname = \"hot-then-low\"\nfirst = { match = \"*/inlet\", above = 80.0 }\nthen = { match = \"*/outlet\", below = 10.0 }\nwithin_ms = 5000\ngroup_by = \"site\"\n";
+
+    #[test]
+    fn derived_series_and_patterns_by_a_label_keep_one_state_per_value() {
+        let (mut w, rules_of, mut rx, stats) = {
+            let config = Config::parse(&format!("{BASE}{BY_SITE}")).unwrap();
+            let (w, rules, rx, stats) = worker_of(&config, 100);
+            (w, rules, rx, stats)
+        };
+        let at = |series: &str, ts, v, site| at_site(&rules_of, series, ts, v, Some(site));
+        // Two sites, ten seconds; north's outlet runs 10 below its inlet,
+        // south's 20 below.
+        for sec in 0..11i64 {
+            for (site, drop) in [("north", 10.0), ("south", 20.0)] {
+                w.process(at(&format!("{site}/inlet"), sec * 1000 + 100, 50.0, site));
+                w.process(at(
+                    &format!("{site}/outlet"),
+                    sec * 1000 + 200,
+                    50.0 - drop,
+                    site,
+                ));
+            }
+        }
+        w.process(at("north/inlet", 12_000, 50.0, "north"));
+        w.process(at("south/inlet", 12_000, 50.0, "south"));
+        let got = aggregates(&mut rx);
+        let mut deltas: Vec<_> = got
+            .iter()
+            .filter(|a| a.series.starts_with("delta"))
+            .map(|a| (a.series.as_str(), a.count, a.sum))
+            .collect();
+        deltas.sort_by(|a, b| a.0.cmp(b.0));
+        assert_eq!(
+            deltas,
+            [("delta:north", 10, 100.0), ("delta:south", 10, 200.0)]
+        );
+        assert_eq!(stats.join_pairs.load(Relaxed), 22);
+        // North hot, then south low: no pattern; north low: north's.
+        w.process(at("north/inlet", 13_000, 90.0, "north"));
+        w.process(at("south/outlet", 13_500, 5.0, "south"));
+        assert!(alert_events(&mut rx).is_empty());
+        w.process(at("north/outlet", 14_000, 5.0, "north"));
+        let got = alert_events(&mut rx);
+        assert_eq!(
+            got.iter()
+                .map(|a| (a.series.as_str(), a.state))
+                .collect::<Vec<_>>(),
+            [("hot-then-low:north", "raised")]
+        );
+        // A checkpoint keeps each site's join and pattern.
+        let saved = checkpoint::decode_all(&w.checkpoint()).unwrap();
+        let groups = |v: Vec<Option<String>>| {
+            let mut v: Vec<_> = v.into_iter().flatten().collect();
+            v.sort();
+            v
+        };
+        assert_eq!(
+            groups(saved.joins.iter().map(|j| j.group.clone()).collect()),
+            ["north", "south"]
+        );
+        assert_eq!(
+            groups(saved.patterns.iter().map(|p| p.group.clone()).collect()),
+            ["north", "south"]
+        );
+        let config = Config::parse(&format!("{BASE}{BY_SITE}")).unwrap();
+        let (mut b, _, mut rx, _) = worker_of(&config, 100);
+        b.restore(saved.series, &HashMap::new());
+        b.restore_joins(saved.joins);
+        b.restore_patterns(saved.patterns);
+        // North's low ends: its raised pattern clears in the restored worker.
+        b.process(at("north/outlet", 15_000, 50.0, "north"));
+        let got = alert_events(&mut rx);
+        assert_eq!(
+            got.iter()
+                .map(|a| (a.series.as_str(), a.state))
+                .collect::<Vec<_>>(),
+            [("hot-then-low:north", "cleared")]
+        );
+    }
+
+    #[test]
+    fn a_flood_of_label_values_is_bounded_and_counted() {
+        let config = Config::parse(&format!("{BASE}{BY_SITE}")).unwrap();
+        let (mut w, rules, _rx, stats) = worker_of(&config, 100);
+        for i in 0..MAX_INSTANCES + 10 {
+            let site = format!("site-{i}");
+            w.process(at_site(&rules, "x/inlet", 0, 1.0, Some(&site)));
+        }
+        // Each reading feeds the derived series and the pattern.
+        assert_eq!(stats.groups_overflow.load(Relaxed), 2 * 10);
+        assert_eq!(w.joins[0].by.len(), MAX_INSTANCES);
     }
 }

@@ -70,7 +70,15 @@ pub struct DerivedRule {
     pub lateness_ms: u64,
     /// Interval join: the largest gap between paired readings, ms.
     pub within_ms: Option<u64>,
+    /// One derived series per value of this label of the inputs' readings
+    /// (`<name>:<value>`; readings without it make `<name>`), each with its
+    /// own join, at most [`MAX_INSTANCES`] values. Default: one.
+    pub group_by: Option<String>,
 }
+
+/// The most values of a `group_by` label a derived series or a pattern
+/// keeps state for; readings of further values are counted and dropped.
+pub const MAX_INSTANCES: usize = 1024;
 
 /// The expressions `expr` may name, as written.
 pub const EXPRS: [(&str, Expr); 6] = [
@@ -110,6 +118,18 @@ impl DerivedRule {
                     self.name
                 ));
             }
+        }
+        if self.group_by.is_some() {
+            let max = super::MAX_GROUP_NAME;
+            if self.name.len() > max || self.name.contains(':') {
+                return Err(format!(
+                    "name: {:?} cannot name a derived series' groups: 1 to {max} bytes without ':'",
+                    self.name
+                ));
+            }
+        }
+        if self.group_by.as_deref().is_some_and(str::is_empty) {
+            return Err("group_by: must name a label".into());
         }
         if self.a == self.b {
             return Err("b: the same series as a".into());
@@ -173,6 +193,8 @@ pub struct Derived {
     /// Fingerprint of the join's settings (its state is kept across a
     /// reload, and restored from a checkpoint, only under the same).
     pub fingerprint: u64,
+    /// `group_by`: the ids of its series.
+    pub group: Option<super::GroupSpec>,
 }
 
 impl Derived {
@@ -191,7 +213,12 @@ impl Derived {
                 config.window_ms,
                 config.lateness_ms,
                 config.within_ms,
+                &config.group_by,
             )),
+            group: config.group_by.as_ref().map(|by| super::GroupSpec {
+                name: config.name.clone(),
+                by: Some(by.clone()),
+            }),
             config: config.clone(),
         })
     }
@@ -386,5 +413,29 @@ mod tests {
             assert_eq!(rules.home(held), JOINS_HOME);
         }
         assert_eq!(rules.home("u"), "u");
+    }
+
+    #[test]
+    fn a_grouped_derived_series_ids_live_in_the_joins_worker() {
+        let d: DerivedRule = toml::from_str(
+            "name = \"delta\"\na = \"*/in\"\nb = \"*/out\"\nexpr = \"a - b\"\nwithin_ms = 1\ngroup_by = \"site\"",
+        )
+        .unwrap();
+        let rules = super::super::Rules::compile(&[])
+            .unwrap()
+            .with_derived(std::slice::from_ref(&d))
+            .unwrap();
+        for held in ["delta", "delta:north", "delta:a:b", "x/in"] {
+            assert_eq!(rules.home(held), super::super::JOINS_HOME, "{held}");
+        }
+        for not in ["deltas", "delta2:north", "x"] {
+            assert_eq!(rules.home(not), not);
+        }
+        // A grouped name is a group id's prefix: short, without ':'.
+        let bad = DerivedRule {
+            name: "a:b".into(),
+            ..d
+        };
+        assert!(bad.validate().unwrap_err().starts_with("name:"));
     }
 }

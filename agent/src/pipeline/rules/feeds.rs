@@ -49,6 +49,9 @@ pub struct Feeds {
     globbed: Vec<(glob::Pattern, Feed)>,
     /// The derived series' ids (their state lives in the joins' worker).
     outputs: HashSet<Box<str>, foldhash::fast::RandomState>,
+    /// The names of derived series with `group_by`, whose ids are
+    /// `<name>:<value>` too.
+    grouped: HashSet<Box<str>, foldhash::fast::RandomState>,
 }
 
 impl Feeds {
@@ -62,9 +65,13 @@ impl Feeds {
         }
     }
 
-    /// Records a derived series' id.
-    pub fn add_output(&mut self, id: &str) {
+    /// Records a derived series' id (`grouped`: and the ids
+    /// `<id>:<value>`).
+    pub fn add_output(&mut self, id: &str, grouped: bool) {
         self.outputs.insert(id.into());
+        if grouped {
+            self.grouped.insert(id.into());
+        }
     }
 
     /// Whether nothing is fed.
@@ -77,6 +84,10 @@ impl Feeds {
     pub fn holds(&self, series: &str) -> bool {
         self.exact.contains_key(series)
             || self.outputs.contains(series)
+            || (!self.grouped.is_empty()
+                && series
+                    .split_once(':')
+                    .is_some_and(|(name, _)| self.grouped.contains(name)))
             || self.globbed.iter().any(|(g, _)| g.matches(series))
     }
 

@@ -43,7 +43,16 @@ impl GroupSpec {
 
     /// The id of the group of a reading with `labels`.
     pub fn key(&self, labels: Option<&Labels>) -> SeriesKey {
-        let value = self.by.as_deref().and_then(|label| labels?.get(label));
+        self.key_of(self.value(labels))
+    }
+
+    /// The value of the grouping label in `labels`, if it groups by one.
+    pub fn value<'a>(&self, labels: Option<&'a Labels>) -> Option<&'a str> {
+        self.by.as_deref().and_then(|label| labels?.get(label))
+    }
+
+    /// The id of the group of `value` (`None`: the group of the name alone).
+    pub fn key_of(&self, value: Option<&str>) -> SeriesKey {
         let mut key = SeriesKey::new();
         // The name fits: validated to at most MAX_GROUP_NAME bytes.
         let _ = key.push_str(&self.name);

@@ -697,7 +697,7 @@ impl Rules {
                 let glob = glob::Pattern::new(glob).map_err(|e| bad(&e))?;
                 self.feeds.add(&glob, Feed::Derived(index, side));
             }
-            self.feeds.add_output(&d.name);
+            self.feeds.add_output(&d.name, d.group_by.is_some());
             self.derived.push(compiled);
         }
         Ok(self)

@@ -84,6 +84,10 @@ pub struct PatternRule {
     /// Raise when A is *not* followed by B within the bound. Default false.
     #[serde(default)]
     pub absent: bool,
+    /// One pattern per value of this label of the inputs' readings (its
+    /// alerts name `<name>:<value>`; readings without it: `<name>`), at most
+    /// [`MAX_INSTANCES`](super::derived::MAX_INSTANCES) values. Default: one.
+    pub group_by: Option<String>,
 }
 
 impl Condition {
@@ -127,6 +131,18 @@ impl PatternRule {
             glob::Pattern::new(&c.pattern).map_err(|e| format!("{key}.match: {e}"))?;
             c.detector().map_err(|e| format!("{key}.{e}"))?;
         }
+        if self.group_by.is_some() {
+            let max = super::MAX_GROUP_NAME;
+            if self.name.len() > max || self.name.contains(':') {
+                return Err(format!(
+                    "name: {:?} cannot name a pattern's groups: 1 to {max} bytes without ':'",
+                    self.name
+                ));
+            }
+        }
+        if self.group_by.as_deref().is_some_and(str::is_empty) {
+            return Err("group_by: must name a label".into());
+        }
         if self.within_ms > MAX_WITHIN_MS {
             return Err(format!("within_ms: must be 0..={MAX_WITHIN_MS}"));
         }
@@ -144,6 +160,8 @@ pub struct Pattern {
     /// Fingerprint of its settings (its state is kept across a reload, and
     /// restored from a checkpoint, only under the same).
     pub fingerprint: u64,
+    /// `group_by`: the ids its alerts name.
+    pub group: Option<super::GroupSpec>,
 }
 
 impl Pattern {
@@ -154,6 +172,10 @@ impl Pattern {
             first: glob::Pattern::new(&config.first.pattern).map_err(|e| e.to_string())?,
             then: glob::Pattern::new(&config.then.pattern).map_err(|e| e.to_string())?,
             fingerprint: super::fingerprint(config),
+            group: config.group_by.as_ref().map(|by| super::GroupSpec {
+                name: config.name.clone(),
+                by: Some(by.clone()),
+            }),
             config: config.clone(),
         })
     }
