@@ -263,7 +263,7 @@ pub fn render(r: &Running) -> String {
     family(
         "sluice_join_undefined_total",
         "counter",
-        "Pairs whose expr has no value (a ratio to 0, or beyond 1e100).",
+        "Pairs whose expr has no value (a ratio to 0, beyond 1e100, or the first pair of a rate).",
         &mut wk(|w| w.join_undefined.load(Relaxed)).into_iter(),
     );
     family(

@@ -93,6 +93,8 @@ pub struct JoinState {
     pub fingerprint: u64,
     /// Its open windows, or B's latest reading.
     pub op: JoinOp,
+    /// The previous pair's event time and expression, for `rate(...)`.
+    pub prev: Option<(Timestamp, f64)>,
     /// Largest event time among its inputs' readings.
     pub last_event: Timestamp,
     /// Wall time of its last input reading.
@@ -551,6 +553,7 @@ mod tests {
             name: derived.name.clone(),
             fingerprint: d.fingerprint,
             op: d.state(),
+            prev: None,
             last_event: 0,
             last_seen: 0,
             group: None,

@@ -109,7 +109,8 @@ pub struct WorkerStats {
     pub join_missing_a: AtomicU64,
     /// Readings too late for their join window (or older than B's latest).
     pub join_late: AtomicU64,
-    /// Pairs whose `expr` has no value (a ratio to 0, or beyond ±1e100).
+    /// Pairs whose `expr` has no value (a ratio to 0, beyond ±1e100, or
+    /// the first pair of a `rate`).
     pub join_undefined: AtomicU64,
     /// Readings of a derived series' or a pattern's input dropped for a
     /// new value of its `group_by` label past the most it keeps.
@@ -708,6 +709,26 @@ fn count_pattern(s: &WorkerStats, before: SequenceStats, after: SequenceStats) {
     }
 }
 
+/// The derived values of `pairs` (emptied), by `derived`'s expression from
+/// the join's previous pair `prev`; those without a value are counted.
+fn evaluate(
+    derived: &Derived,
+    prev: &mut Option<(Timestamp, f64)>,
+    pairs: &mut Vec<Pair>,
+    stats: &WorkerStats,
+) -> Vec<(Timestamp, f64)> {
+    let mut values = Vec::with_capacity(pairs.len());
+    for p in pairs.drain(..) {
+        match derived.expr.value(prev, p.ts, p.a, p.b) {
+            Some(v) => values.push((p.ts, v)),
+            None => {
+                stats.join_undefined.fetch_add(1, Relaxed);
+            }
+        }
+    }
+    values
+}
+
 /// Counts what a join step did (`before` and `after` it).
 fn count_join(s: &WorkerStats, before: JoinStats, after: JoinStats) {
     for (counter, b, a) in [
@@ -725,6 +746,8 @@ fn count_join(s: &WorkerStats, before: JoinStats, after: JoinStats) {
 /// A derived series' join in a worker.
 struct JoinEntry {
     op: JoinOp,
+    /// The previous pair's event time and expression, for `rate(...)`.
+    prev: Option<(Timestamp, f64)>,
     /// Largest event time among its inputs' readings.
     last_event: Timestamp,
     /// Wall time of its last input reading.
@@ -886,6 +909,7 @@ impl Worker {
             };
             let entry = Box::new(JoinEntry {
                 op: j.op,
+                prev: j.prev,
                 last_event: j.last_event,
                 last_seen: j.last_seen,
             });
@@ -1070,6 +1094,7 @@ impl Worker {
                     name: d.config.name.clone(),
                     fingerprint: d.fingerprint,
                     op: entry.op.clone(),
+                    prev: entry.prev,
                     last_event: entry.last_event,
                     last_seen: entry.last_seen,
                     group: group.map(str::to_owned),
@@ -1294,6 +1319,7 @@ impl Worker {
         let derived = &self.rules.derived()[d];
         let Some(entry) = slot(&mut self.joins, d).entry(key, || JoinEntry {
             op: derived.state(),
+            prev: None,
             last_event: ts,
             last_seen: ingest,
         }) else {
@@ -1306,23 +1332,21 @@ impl Worker {
         entry.op.push(side, ts, value, weight, &mut self.pairs);
         count_join(&self.stats, before, entry.op.stats());
         if !self.pairs.is_empty() {
+            let values = evaluate(derived, &mut entry.prev, &mut self.pairs, &self.stats);
             let rules = self.rules.clone();
-            let mut pairs = std::mem::take(&mut self.pairs);
-            self.take_pairs(&rules.derived()[d], key, &mut pairs, ingest);
-            self.pairs = pairs;
+            self.take_values(&rules.derived()[d], key, &values, ingest);
         }
     }
 
-    /// Takes the readings of `derived` (its group `key`'s) that `pairs`
-    /// make, and empties it.
-    fn take_pairs(
+    /// Takes the readings `(ts, value)` of `derived` (its group `key`'s).
+    fn take_values(
         &mut self,
         derived: &Derived,
         key: Option<&str>,
-        pairs: &mut Vec<Pair>,
+        values: &[(Timestamp, f64)],
         ingest: Timestamp,
     ) {
-        if pairs.is_empty() {
+        if values.is_empty() {
             return;
         }
         let (series, labels) = match &derived.group {
@@ -1341,14 +1365,10 @@ impl Worker {
         // Patterns may watch a derived series (a derived series feeds no
         // other: see `Rules::with_derived`).
         self.rules.feeds(&series, &mut feeds);
-        for p in pairs.drain(..) {
-            let Some(value) = derived.expr.eval(p.a, p.b) else {
-                self.stats.join_undefined.fetch_add(1, Relaxed);
-                continue;
-            };
+        for &(ts, value) in values {
             let reading = self.take(Reading {
                 series: series.clone(),
-                ts: p.ts,
+                ts,
                 value,
                 ingest,
                 weight: 1,
@@ -1359,7 +1379,7 @@ impl Worker {
                     let rules = self.rules.clone();
                     let group = rules.patterns()[i].group.as_ref();
                     let key = group.and_then(|g| g.value(reading.labels.as_deref()));
-                    self.step(i, key, step, (p.ts, reading.value), ingest);
+                    self.step(i, key, step, (ts, reading.value), ingest);
                 }
             }
         }
@@ -1399,11 +1419,17 @@ impl Worker {
                 }
                 count_join(&self.stats, before, entry.op.stats());
                 if !pairs.is_empty() {
-                    made.push((key, std::mem::take(&mut pairs)));
+                    let values = evaluate(
+                        &rules.derived()[d],
+                        &mut entry.prev,
+                        &mut pairs,
+                        &self.stats,
+                    );
+                    made.push((key, values));
                 }
             }
-            for (key, mut made) in made {
-                self.take_pairs(&rules.derived()[d], key.as_deref(), &mut made, now);
+            for (key, values) in made {
+                self.take_values(&rules.derived()[d], key.as_deref(), &values, now);
             }
         }
         self.pairs = pairs;
@@ -1429,7 +1455,8 @@ impl Worker {
                         let stats = entry.op.stats();
                         entry.op.flush(&mut pairs);
                         count_join(&self.stats, stats, entry.op.stats());
-                        self.take_pairs(before, key.as_deref(), &mut pairs, now_ms());
+                        let values = evaluate(before, &mut entry.prev, &mut pairs, &self.stats);
+                        self.take_values(before, key.as_deref(), &values, now_ms());
                     }
                 }
             }
@@ -3227,5 +3254,26 @@ mod tests {
         // Each reading feeds the derived series and the pattern.
         assert_eq!(stats.groups_overflow.load(Relaxed), 2 * 10);
         assert_eq!(w.joins[0].by.len(), MAX_INSTANCES);
+    }
+
+    #[test]
+    fn a_rate_derived_series_is_the_change_per_second_of_its_expression() {
+        let (mut w, mut rx, stats) = worker(
+            "[[rules]]\nmatch = \"gap-rate\"\nwindow = { kind = \"tumbling\", size_ms = 10000 }\n[[derived]]\nname = \"gap-rate\"\na = \"in\"\nb = \"out\"\nexpr = \"rate(a - b)\"\nwindow_ms = 1000\n",
+        );
+        // The gap widens by 3 a second.
+        for sec in 0..12i64 {
+            w.process(reading("in", sec * 1000 + 100, 50.0 + 3.0 * sec as f64));
+            w.process(reading("out", sec * 1000 + 200, 40.0));
+        }
+        let got = aggregates(&mut rx);
+        let rate: Vec<_> = got
+            .iter()
+            .filter(|a| a.series == "gap-rate")
+            .map(|a| (a.count, a.min, a.max))
+            .collect();
+        // Pairs at 0..=10 s closed; the first has no rate (counted).
+        assert_eq!(rate, [(9, 3.0, 3.0)]);
+        assert_eq!(stats.join_undefined.load(Relaxed), 1);
     }
 }

@@ -7,7 +7,8 @@
 //! name = "boiler/delta"      # the new series' id
 //! a = "boiler/inlet"         # glob of side A's series
 //! b = "boiler/outlet"        # glob of side B's series
-//! expr = "a - b"             # a - b | a + b | a / b | min(a, b) | max(a, b) | mean(a, b)
+//! expr = "a - b"             # a - b | a + b | a / b | min(a, b) | max(a, b) | mean(a, b),
+//!                            # or rate(...) of one: its change per second since the last pair
 //! window_ms = 1000           # aligned: the mean of each side in the same second
 //! lateness_ms = 500          # how long a window waits for the slower side
 //! # within_ms = 2000         # or interval: each reading of A with B's latest within ±2 s
@@ -27,7 +28,8 @@
 //!
 //! Readings too late for their window (or a reading of B older than the
 //! latest) are counted in `sluice_join_late_total`; an `expr` without a
-//! value (a ratio to 0, or beyond ±1e100) in `sluice_join_undefined_total`.
+//! value (a ratio to 0, beyond ±1e100, or the first pair of a `rate`) in
+//! `sluice_join_undefined_total`.
 //! The values joined are those the inputs' own rules see (after a table's
 //! calibration), or the readings' values for inputs that no rule matches.
 //!
@@ -90,14 +92,54 @@ pub const EXPRS: [(&str, Expr); 6] = [
     ("mean(a, b)", Expr::Mean),
 ];
 
-/// `expr` read (spaces do not matter).
-pub fn parse_expr(text: &str) -> Option<Expr> {
+/// A derived series' value: an expression of the pair, or its change per
+/// second (`rate(...)`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DerivedExpr {
+    /// The expression of the pair.
+    pub expr: Expr,
+    /// `rate(expr)`: the expression's change since the previous pair, per
+    /// second of event time (the first pair has no value).
+    pub rate: bool,
+}
+
+/// `expr` read (spaces do not matter): one of [`EXPRS`], or `rate(` one
+/// of them `)`.
+pub fn parse_expr(text: &str) -> Option<DerivedExpr> {
     let squeeze = |s: &str| s.chars().filter(|c| !c.is_whitespace()).collect::<String>();
     let text = squeeze(text);
+    let (inner, rate) = match text.strip_prefix("rate(").and_then(|t| t.strip_suffix(')')) {
+        Some(inner) => (inner, true),
+        None => (text.as_str(), false),
+    };
     EXPRS
         .iter()
-        .find(|(name, _)| squeeze(name) == text)
-        .map(|&(_, e)| e)
+        .find(|(name, _)| squeeze(name) == inner)
+        .map(|&(_, expr)| DerivedExpr { expr, rate })
+}
+
+impl DerivedExpr {
+    /// The derived value of pair `(ts, a, b)`, given the previous pair's
+    /// `(ts, expr)` in `prev` (updated); `None` when it has none.
+    pub fn value(
+        &self,
+        prev: &mut Option<(Timestamp, f64)>,
+        ts: Timestamp,
+        a: f64,
+        b: f64,
+    ) -> Option<f64> {
+        let v = self.expr.eval(a, b)?;
+        if !self.rate {
+            return Some(v);
+        }
+        let before = prev.replace((ts, v));
+        let (t0, v0) = before?;
+        if ts <= t0 {
+            return None;
+        }
+        let per_second = (v - v0) * 1000.0 / (ts - t0) as f64;
+        (per_second.abs() <= sluice_core::MAX_VALUE).then_some(per_second)
+    }
 }
 
 impl DerivedRule {
@@ -137,7 +179,7 @@ impl DerivedRule {
         if parse_expr(&self.expr).is_none() {
             let names: Vec<&str> = EXPRS.iter().map(|(n, _)| *n).collect();
             return Err(format!(
-                "expr: {:?} is not one of {}",
+                "expr: {:?} is not one of {}, or rate( one of them )",
                 self.expr,
                 names.join(", ")
             ));
@@ -189,7 +231,7 @@ pub struct Derived {
     a: glob::Pattern,
     b: glob::Pattern,
     /// `expr`.
-    pub expr: Expr,
+    pub expr: DerivedExpr,
     /// Fingerprint of the join's settings (its state is kept across a
     /// reload, and restored from a checkpoint, only under the same).
     pub fingerprint: u64,
@@ -214,6 +256,7 @@ impl Derived {
                 config.lateness_ms,
                 config.within_ms,
                 &config.group_by,
+                &config.expr,
             )),
             group: config.group_by.as_ref().map(|by| super::GroupSpec {
                 name: config.name.clone(),
@@ -359,9 +402,29 @@ mod tests {
 
     #[test]
     fn expressions_read_with_or_without_spaces() {
-        assert_eq!(parse_expr("a-b"), Some(Expr::Difference));
-        assert_eq!(parse_expr(" min( a,b ) "), Some(Expr::Min));
+        let plain = |expr| Some(DerivedExpr { expr, rate: false });
+        assert_eq!(parse_expr("a-b"), plain(Expr::Difference));
+        assert_eq!(parse_expr(" min( a,b ) "), plain(Expr::Min));
         assert_eq!(parse_expr("b - a"), None);
+        assert_eq!(
+            parse_expr("rate(a - b)"),
+            Some(DerivedExpr {
+                expr: Expr::Difference,
+                rate: true
+            })
+        );
+        assert_eq!(parse_expr("rate(rate(a - b))"), None);
+    }
+
+    #[test]
+    fn a_rate_is_the_change_per_second_since_the_previous_pair() {
+        let e = parse_expr("rate(a - b)").unwrap();
+        let mut prev = None;
+        assert_eq!(e.value(&mut prev, 0, 10.0, 4.0), None);
+        assert_eq!(e.value(&mut prev, 500, 12.0, 4.0), Some(4.0));
+        assert_eq!(e.value(&mut prev, 2_500, 12.0, 6.0), Some(-1.0));
+        // The same event time again: no rate.
+        assert_eq!(e.value(&mut prev, 2_500, 12.0, 6.0), None);
     }
 
     #[test]
