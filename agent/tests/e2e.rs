@@ -1669,6 +1669,112 @@ listen = "127.0.0.1:{metrics_port}"
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sqlite_table_edited_by_another_process_applies_without_a_restart() {
+    // The limits live in a SQLite database in WAL mode that another program
+    // keeps open and updates: its commits go to the -wal file, which the
+    // agent watches.
+    let broker = Broker::start("sqlite-table");
+    let (dir, db_path) = temp_file("assets.db", "");
+    std::fs::remove_file(&db_path).unwrap();
+    let db = rusqlite::Connection::open(&db_path).unwrap();
+    db.execute_batch(
+        "PRAGMA journal_mode = WAL;
+         CREATE TABLE limits (series TEXT PRIMARY KEY, max REAL);
+         INSERT INTO limits VALUES ('t-1', 80), ('t-2', 80);",
+    )
+    .unwrap();
+    let config = dir.path().join("sqlite.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+agent_id = "sql"
+
+[sources.plant]
+kind = "mqtt"
+host = "127.0.0.1"
+port = {port}
+client_id = "sluice-sqlite-in"
+topics = ["sensors/+"]
+
+[tables.limits]
+path = "assets.db"
+table = "limits"
+
+[[rules]]
+match = "s-probe"
+window = {{ kind = "tumbling", size_ms = 1000 }}
+
+[[rules]]
+match = "t-*"
+table = "limits"
+thresholds = [{{ above = "@max" }}]
+
+[output.mqtt]
+host = "127.0.0.1"
+port = {port}
+"#,
+            port = broker.port,
+        ),
+    )
+    .unwrap();
+    let got = subscribe(broker.port, "sluice/sql/#").await;
+    let agent = Agent::start(&config);
+    let publisher = Publisher::connect(broker.port, "sqlite-publisher");
+    await_agent(&publisher, &got, &agent, "sql").await;
+    let send = |sensor: &'static str, value: f64| {
+        let publisher = &publisher;
+        async move {
+            publisher
+                .publish(
+                    &format!("sensors/{sensor}"),
+                    QoS::AtLeastOnce,
+                    format!(
+                        r#"{{"sensor":"{sensor}","ts":{},"value":{value}}}"#,
+                        now_ms()
+                    ),
+                )
+                .await
+        }
+    };
+    let raised = |series: &str| -> Vec<Value> {
+        got.lock()
+            .unwrap()
+            .iter()
+            .filter(|(t, v, retained)| {
+                t.starts_with("sluice/sql/alerts/") && v["series"] == series && !retained
+            })
+            .map(|(_, v, _)| v.clone())
+            .collect()
+    };
+    // 60 is under both limits; t-2 at 90 is over its 80.
+    send("t-1", 60.0).await;
+    send("t-2", 90.0).await;
+    wait_until("t-2's alert", &agent, || !raised("t-2").is_empty()).await;
+    assert!(raised("t-1").is_empty());
+    assert_eq!(raised("t-2")[0]["table"]["max"], 80.0);
+    // Another program lowers t-1's limit (the connection stays open).
+    db.execute("UPDATE limits SET max = 50 WHERE series = 't-1'", [])
+        .unwrap();
+    wait_until("the table's reload", &agent, || {
+        let log = agent.log();
+        log.contains("a table changed: reloading") && log.contains("rules replaced")
+    })
+    .await;
+    send("t-1", 60.0).await;
+    wait_until("t-1's alert at its new limit", &agent, || {
+        !raised("t-1").is_empty()
+    })
+    .await;
+    let alert = &raised("t-1")[0];
+    assert_eq!(
+        (alert["state"].as_str(), alert["threshold"].as_f64()),
+        (Some("raised"), Some(50.0))
+    );
+    drop(db);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_table_of_1000_sensors_sets_each_ones_limit_and_an_edit_applies_without_a_restart() {
     // 1,000 sensors, sensor i with max_temp 50 + i / 10: each sends its
     // limit + 1 (an alert at its own limit) and sensor 0..100 also their
