@@ -130,6 +130,26 @@ fn reading(sensor: &str, ts: i64, value: f64) -> String {
     format!(r#"{{"sensor":"{sensor}","ts":{ts},"value":{value}}}"#)
 }
 
+/// What `got` received, not retained, on topics under `prefix` about
+/// `series`.
+fn of_series(got: &Received, prefix: &str, series: &str) -> Vec<Value> {
+    got.lock()
+        .unwrap()
+        .iter()
+        .filter(|(t, v, retained)| t.starts_with(prefix) && v["series"] == series && !retained)
+        .map(|(_, v, _)| v.clone())
+        .collect()
+}
+
+/// Publishes `sensor`'s reading at QoS 1 to `sensors/<sensor>` (a `/` in
+/// its id as `-`: one topic level).
+async fn send(publisher: &Publisher, sensor: &str, ts: i64, value: f64) {
+    let topic = format!("sensors/{}", sensor.replace('/', "-"));
+    publisher
+        .publish(&topic, QoS::AtLeastOnce, reading(sensor, ts, value))
+        .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exact_aggregates_alert_raise_and_clear_and_a_clean_sigterm() {
     let broker = Broker::start("e2e");
@@ -1437,18 +1457,6 @@ listen = "127.0.0.1:{metrics_port}"
     await_agent(&publisher, &got, &agent, "drv").await;
 
     let base = (now_ms() - 300_000) / 10_000 * 10_000;
-    let send = |sensor: &'static str, ts: i64, value: f64| {
-        let publisher = &publisher;
-        async move {
-            publisher
-                .publish(
-                    &format!("sensors/{}", sensor.replace('/', "-")),
-                    QoS::AtLeastOnce,
-                    format!(r#"{{"sensor":"{sensor}","ts":{ts},"value":{value}}}"#),
-                )
-                .await
-        }
-    };
     // Ten seconds: the inlet 8 readings a second, the outlet 4; a mean is
     // a sum over a power of two, so every figure below is exact.
     let (mut deltas, mut inlet_sum) = (Vec::new(), 0.0);
@@ -1459,33 +1467,25 @@ listen = "127.0.0.1:{metrics_port}"
             let v = 60.0 + ((sec * 8 + k) % 5) as f64;
             means.0 += v / 8.0;
             inlet_sum += v;
-            send("boiler/inlet", t + k * 125, v).await;
+            send(&publisher, "boiler/inlet", t + k * 125, v).await;
         }
         for k in 0..4i64 {
             let v = 30.0 + ((sec + k) % 3) as f64;
             means.1 += v / 4.0;
-            send("boiler/outlet", t + k * 250 + 10, v).await;
+            send(&publisher, "boiler/outlet", t + k * 250 + 10, v).await;
         }
         deltas.push(means.0 - means.1);
     }
     // The next seconds close the last join window, whose pair closes the
     // derived series' window.
     for ts in [base + 10_500, base + 12_000] {
-        send("boiler/inlet", ts, 0.0).await;
-        send("boiler/outlet", ts, 0.0).await;
+        send(&publisher, "boiler/inlet", ts, 0.0).await;
+        send(&publisher, "boiler/outlet", ts, 0.0).await;
     }
     let find = |series: &str| -> Vec<Value> {
-        got.lock()
-            .unwrap()
-            .iter()
-            .filter(|(t, v, retained)| {
-                t.starts_with("sluice/drv/agg/")
-                    && v["series"] == series
-                    && v["start"].as_i64() == Some(base)
-                    && !retained
-            })
-            .map(|(_, v, _)| v.clone())
-            .collect()
+        let mut records = of_series(&got, "sluice/drv/agg/", series);
+        records.retain(|v| v["start"].as_i64() == Some(base));
+        records
     };
     wait_until("the derived window", &agent, || {
         !find("boiler/delta").is_empty()
@@ -1569,28 +1569,7 @@ listen = "127.0.0.1:{metrics_port}"
     let agent = Agent::start(&config);
     let publisher = Publisher::connect(broker.port, "patterns-publisher");
     await_agent(&publisher, &got, &agent, "pat").await;
-    let send = |sensor: &'static str, ts: i64, value: f64| {
-        let publisher = &publisher;
-        async move {
-            publisher
-                .publish(
-                    &format!("sensors/{}", sensor.replace('/', "-")),
-                    QoS::AtLeastOnce,
-                    format!(r#"{{"sensor":"{sensor}","ts":{ts},"value":{value}}}"#),
-                )
-                .await
-        }
-    };
-    let alerts = |name: &str| -> Vec<Value> {
-        got.lock()
-            .unwrap()
-            .iter()
-            .filter(|(t, v, retained)| {
-                t.starts_with("sluice/pat/alerts/") && v["series"] == name && !retained
-            })
-            .map(|(_, v, _)| v.clone())
-            .collect()
-    };
+    let alerts = |name: &str| of_series(&got, "sluice/pat/alerts/", name);
     // Three occurrences, each raised once and cleared once, among readings
     // that must not raise it: a drop with no overheat before it, a drop
     // too late, a second drop after one overheat.
@@ -1613,7 +1592,7 @@ listen = "127.0.0.1:{metrics_port}"
             ("line1/pressure", 24_100, 3.0),
             ("line1/temp", 25_000, 70.0),
         ] {
-            send(sensor, t + dt, v).await;
+            send(&publisher, sensor, t + dt, v).await;
         }
         t += 30_000;
     }
@@ -1643,13 +1622,13 @@ listen = "127.0.0.1:{metrics_port}"
     // A request answered in time, then one that is not: raised once the
     // agent's clock passes the bound (the readings' own times are now).
     let now = now_ms();
-    send("pump/on", now - 3_000, 1.0).await;
-    send("pump/on", now - 2_900, 0.0).await;
-    send("pump/flow", now - 2_500, 2.0).await;
-    send("pump/flow", now - 2_400, 0.0).await;
+    send(&publisher, "pump/on", now - 3_000, 1.0).await;
+    send(&publisher, "pump/on", now - 2_900, 0.0).await;
+    send(&publisher, "pump/flow", now - 2_500, 2.0).await;
+    send(&publisher, "pump/flow", now - 2_400, 0.0).await;
     let asked = now_ms();
-    send("pump/on", asked, 1.0).await;
-    send("pump/on", asked, 0.0).await;
+    send(&publisher, "pump/on", asked, 1.0).await;
+    send(&publisher, "pump/on", asked, 0.0).await;
     wait_until("the unanswered request", &agent, || {
         !alerts("pump/no-flow").is_empty()
     })
@@ -1662,7 +1641,7 @@ listen = "127.0.0.1:{metrics_port}"
     // Not before its bound, by the agent's clock either.
     assert!(raised[0]["detected_ts"].as_i64().unwrap() >= asked + 2_000);
     // The flow comes at last: cleared.
-    send("pump/flow", now_ms(), 3.0).await;
+    send(&publisher, "pump/flow", now_ms(), 3.0).await;
     wait_until("the clear", &agent, || alerts("pump/no-flow").len() >= 2).await;
     assert_eq!(alerts("pump/no-flow")[1]["state"], "cleared");
     assert_eq!(metric(metrics_port, "sluice_pattern_raised_total"), Some(4));
@@ -1722,34 +1701,10 @@ port = {port}
     let agent = Agent::start(&config);
     let publisher = Publisher::connect(broker.port, "sqlite-publisher");
     await_agent(&publisher, &got, &agent, "sql").await;
-    let send = |sensor: &'static str, value: f64| {
-        let publisher = &publisher;
-        async move {
-            publisher
-                .publish(
-                    &format!("sensors/{sensor}"),
-                    QoS::AtLeastOnce,
-                    format!(
-                        r#"{{"sensor":"{sensor}","ts":{},"value":{value}}}"#,
-                        now_ms()
-                    ),
-                )
-                .await
-        }
-    };
-    let raised = |series: &str| -> Vec<Value> {
-        got.lock()
-            .unwrap()
-            .iter()
-            .filter(|(t, v, retained)| {
-                t.starts_with("sluice/sql/alerts/") && v["series"] == series && !retained
-            })
-            .map(|(_, v, _)| v.clone())
-            .collect()
-    };
+    let raised = |series: &str| of_series(&got, "sluice/sql/alerts/", series);
     // 60 is under both limits; t-2 at 90 is over its 80.
-    send("t-1", 60.0).await;
-    send("t-2", 90.0).await;
+    send(&publisher, "t-1", now_ms(), 60.0).await;
+    send(&publisher, "t-2", now_ms(), 90.0).await;
     wait_until("t-2's alert", &agent, || !raised("t-2").is_empty()).await;
     assert!(raised("t-1").is_empty());
     assert_eq!(raised("t-2")[0]["table"]["max"], 80.0);
@@ -1761,7 +1716,7 @@ port = {port}
         log.contains("a table changed: reloading") && log.contains("rules replaced")
     })
     .await;
-    send("t-1", 60.0).await;
+    send(&publisher, "t-1", now_ms(), 60.0).await;
     wait_until("t-1's alert at its new limit", &agent, || {
         !raised("t-1").is_empty()
     })

@@ -142,16 +142,32 @@ impl DerivedExpr {
     }
 }
 
+/// Checks the `name` and `group_by` of a derived series or a pattern
+/// (`whose`, for the message): a series id, and with `group_by` (a label)
+/// the prefix of its groups' ids.
+pub(super) fn check_name(name: &str, group_by: Option<&str>, whose: &str) -> Result<(), String> {
+    let max = sluice_collectors::reading::MAX_SERIES_LEN;
+    if name.is_empty() || name.len() > max {
+        return Err(format!("name: must be 1 to {max} bytes (a series id)"));
+    }
+    if let Some(why) = sluice_collectors::reading::series_problem(name) {
+        return Err(format!("name: has {why}"));
+    }
+    match group_by {
+        None => Ok(()),
+        Some("") => Err("group_by: must name a label".into()),
+        Some(_) if name.len() > super::MAX_GROUP_NAME || name.contains(':') => Err(format!(
+            "name: {name:?} cannot name {whose} groups: 1 to {} bytes without ':'",
+            super::MAX_GROUP_NAME
+        )),
+        Some(_) => Ok(()),
+    }
+}
+
 impl DerivedRule {
     /// Checks every value; the error names the key.
     pub fn validate(&self) -> Result<(), String> {
-        let max = sluice_collectors::reading::MAX_SERIES_LEN;
-        if self.name.is_empty() || self.name.len() > max {
-            return Err(format!("name: must be 1 to {max} bytes (a series id)"));
-        }
-        if let Some(why) = sluice_collectors::reading::series_problem(&self.name) {
-            return Err(format!("name: has {why}"));
-        }
+        check_name(&self.name, self.group_by.as_deref(), "a derived series'")?;
         for (key, glob) in [("a", &self.a), ("b", &self.b)] {
             let pattern = glob::Pattern::new(glob).map_err(|e| format!("{key}: {e}"))?;
             if pattern.matches(&self.name) {
@@ -160,18 +176,6 @@ impl DerivedRule {
                     self.name
                 ));
             }
-        }
-        if self.group_by.is_some() {
-            let max = super::MAX_GROUP_NAME;
-            if self.name.len() > max || self.name.contains(':') {
-                return Err(format!(
-                    "name: {:?} cannot name a derived series' groups: 1 to {max} bytes without ':'",
-                    self.name
-                ));
-            }
-        }
-        if self.group_by.as_deref().is_some_and(str::is_empty) {
-            return Err("group_by: must name a label".into());
         }
         if self.a == self.b {
             return Err("b: the same series as a".into());

@@ -120,28 +120,10 @@ impl Condition {
 impl PatternRule {
     /// Checks every value; the error names the key.
     pub fn validate(&self) -> Result<(), String> {
-        let max = sluice_collectors::reading::MAX_SERIES_LEN;
-        if self.name.is_empty() || self.name.len() > max {
-            return Err(format!("name: must be 1 to {max} bytes (a series id)"));
-        }
-        if let Some(why) = sluice_collectors::reading::series_problem(&self.name) {
-            return Err(format!("name: has {why}"));
-        }
+        super::derived::check_name(&self.name, self.group_by.as_deref(), "a pattern's")?;
         for (key, c) in [("first", &self.first), ("then", &self.then)] {
             glob::Pattern::new(&c.pattern).map_err(|e| format!("{key}.match: {e}"))?;
             c.detector().map_err(|e| format!("{key}.{e}"))?;
-        }
-        if self.group_by.is_some() {
-            let max = super::MAX_GROUP_NAME;
-            if self.name.len() > max || self.name.contains(':') {
-                return Err(format!(
-                    "name: {:?} cannot name a pattern's groups: 1 to {max} bytes without ':'",
-                    self.name
-                ));
-            }
-        }
-        if self.group_by.as_deref().is_some_and(str::is_empty) {
-            return Err("group_by: must name a label".into());
         }
         if self.within_ms > MAX_WITHIN_MS {
             return Err(format!("within_ms: must be 0..={MAX_WITHIN_MS}"));
