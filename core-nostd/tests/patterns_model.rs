@@ -1,7 +1,9 @@
-//! Model-based test of `Sequence` in `FollowedBy` mode: over random streams
-//! of two inputs with out-of-order times, the pattern is raised exactly
-//! where a reference computed from the whole history says, and cleared at
-//! B's next clear after each.
+//! Model-based tests of `Sequence`: over random streams of two inputs with
+//! out-of-order times, the pattern is raised and cleared exactly where a
+//! reference computed from the whole history says (`FollowedBy`: raised at
+//! each B matching a fresh A, cleared at B's next clear; `NotFollowedBy`:
+//! raised once event time passes an unanswered A's deadline, cleared at
+//! the next B).
 
 #![cfg(not(any(miri, loom)))]
 
@@ -83,6 +85,71 @@ proptest! {
                 last_match = Some(i);
                 up = true;
                 want.push((i, Change::Raised { first: a, at: t }));
+            }
+        }
+        prop_assert_eq!(got, want);
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(3_000))]
+
+    #[test]
+    fn not_followed_by_raises_where_the_history_says(
+        readings in readings(),
+        within in 0i64..80,
+    ) {
+        let mut seq = Sequence::new(condition(), condition(), within, Mode::NotFollowedBy).unwrap();
+        let mut got = Vec::new();
+        for (i, &(step, ts, v)) in readings.iter().enumerate() {
+            for c in seq.observe(step, ts, v).unwrap().into_iter().flatten() {
+                got.push((i, c));
+            }
+        }
+        // The reference, reading by reading from the history: each
+        // condition's raise events, the largest event time so far, and the
+        // earliest A not yet answered by a B at or after it.
+        let raises = |which: Step| {
+            let mut up = false;
+            let mut at = vec![false; readings.len()];
+            for (i, &(s, _, v)) in readings.iter().enumerate() {
+                if s != which { continue; }
+                if !up && v >= 50.0 { up = true; at[i] = true; }
+                else if up && v < 40.0 { up = false; }
+            }
+            at
+        };
+        let (a, b) = (raises(Step::First), raises(Step::Then));
+        let mut want = Vec::new();
+        let mut pending: Option<i64> = None;
+        let mut raised = false;
+        let mut max = i64::MIN;
+        for i in 0..readings.len() {
+            let ts = readings[i].1;
+            max = max.max(ts);
+            // The deadline passes before this reading's own event counts.
+            if let Some(first) = pending && max > first + within {
+                pending = None;
+                raised = true;
+                want.push((i, Change::Raised { first, at: first + within }));
+            }
+            if b[i] {
+                if pending.is_some_and(|first| ts >= first) {
+                    pending = None;
+                }
+                if raised {
+                    raised = false;
+                    want.push((i, Change::Cleared { at: ts }));
+                }
+            }
+            if a[i] && pending.is_none() {
+                pending = Some(ts);
+                // Already past its deadline: raised at once.
+                if max > ts + within {
+                    pending = None;
+                    raised = true;
+                    want.push((i, Change::Raised { first: ts, at: ts + within }));
+                }
             }
         }
         prop_assert_eq!(got, want);
