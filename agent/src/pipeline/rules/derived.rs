@@ -498,6 +498,20 @@ mod tests {
         for not in ["deltas", "delta2:north", "x"] {
             assert_eq!(rules.home(not), not);
         }
+        // Its groups cannot feed another derived series either.
+        let chained: DerivedRule = toml::from_str(
+            "name = \"d2\"\na = \"delta:*\"\nb = \"x\"\nexpr = \"a - b\"\nwithin_ms = 1",
+        )
+        .unwrap();
+        let err = super::super::Rules::compile(&[])
+            .unwrap()
+            .with_derived(&[d.clone(), chained])
+            .err()
+            .unwrap();
+        assert!(
+            err.contains("a derived series cannot feed another"),
+            "{err}"
+        );
         // A grouped name is a group id's prefix: short, without ':'.
         let bad = DerivedRule {
             name: "a:b".into(),

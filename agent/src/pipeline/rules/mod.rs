@@ -679,10 +679,19 @@ impl Rules {
                     d.name
                 )));
             }
+            // (A grouped one's ids are `<name>:<value>` too: probed with a
+            // value, since a glob cannot be checked for every one.)
+            let ids = |o: &Derived| {
+                let name = &o.config.name;
+                match o.group {
+                    Some(_) => vec![name.clone(), format!("{name}:"), format!("{name}:x")],
+                    None => vec![name.clone()],
+                }
+            };
             if let Some(j) = self
                 .derived
                 .iter()
-                .position(|o| compiled.side(&o.config.name).is_some())
+                .position(|o| ids(o).iter().any(|id| compiled.side(id).is_some()))
             {
                 return Err(bad(&format!(
                     "a: takes derived[{j}] ({:?}) as an input; a derived series cannot feed another",
