@@ -33,14 +33,15 @@
 //! The values joined are those the inputs' own rules see (after a table's
 //! calibration), or the readings' values for inputs that no rule matches.
 //!
-//! The inputs of a derived series meet in one worker: the sources' hand-off
-//! sends every reading of a series that `a` or `b` matches to the worker of
-//! the derived series' id, and that series' state (its own rule's windows,
-//! detectors, checkpoints) lives there under its own id. A series feeds the
-//! first `[[derived]]` whose `a` or `b` matches it (as with rules, the first
-//! match wins), and a series that feeds one is not grouped by `group_by`.
-//! Memory is fixed per derived series: two tumbling windows of at most
-//! [`JOIN_PANES`] panes, or one point.
+//! The inputs of every derived series meet in one worker, the joins'
+//! worker (see [`feeds`](super::feeds)): the sources' hand-off sends every
+//! reading of a series that an `a` or `b` matches there, and that series'
+//! state (its own rule's windows, detectors, checkpoints) lives there under
+//! its own id. A series feeds every `[[derived]]` whose `a` or `b` matches
+//! it, and a series that feeds one is not grouped by `group_by`. Memory is
+//! fixed per derived series (per label value, with `group_by`): two
+//! tumbling windows of as many panes as the lateness needs (at most
+//! [`JOIN_PANES`]), or one point.
 
 use serde::{Deserialize, Serialize};
 use sluice_core::Timestamp;

@@ -29,12 +29,11 @@
 //! The alert (`rule = "pattern"`, `series` the pattern's name) carries the
 //! reading that raised it (none for a deadline), `score`: the time from
 //! `first`'s event to `then`'s (or to the deadline), ms, and `threshold`:
-//! `within_ms`. Inputs meet in the worker of the pattern's name, as a
-//! derived series' do; a series feeds the first `[[derived]]` that matches
-//! it, or else the patterns (every one that matches it, if they share a
-//! worker; the first otherwise). State (both conditions, the pending event,
-//! the alert) is checkpointed and kept across a reload unless the pattern's
-//! settings changed.
+//! `within_ms`. Inputs meet in the joins' worker, as a derived series' do
+//! (see [`feeds`](super::feeds)): a series feeds every pattern that
+//! matches it, and a pattern may watch a derived series. State (both
+//! conditions, the pending event, the alert) is checkpointed and kept
+//! across a reload unless the pattern's settings changed.
 
 use serde::{Deserialize, Serialize};
 use sluice_core::Timestamp;
