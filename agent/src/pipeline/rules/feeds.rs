@@ -91,9 +91,10 @@ impl Feeds {
             || self.globbed.iter().any(|(g, _)| g.matches(series))
     }
 
-    /// Puts what `series` feeds in `out` (emptied first), in the order of
-    /// [`Feed::rank`]; a series both sides of a derived series match feeds
-    /// side A only.
+    /// Puts what `series` feeds in `out` (emptied first): derived series
+    /// first, by index (side A before B), then patterns by index (`then`
+    /// before `first`); a series both sides of a derived series match
+    /// feeds side A only.
     pub fn of(&self, series: &str, out: &mut Vec<Feed>) {
         out.clear();
         if let Some(feeds) = self.exact.get(series) {
