@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use hdrhistogram::Histogram;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use sluice_tests::Broker;
 
@@ -184,25 +185,39 @@ pub(crate) async fn through_agent(w: Workload, port: u16, args: &Args, agent_bin
     // Each alert's (intended send time of its spike, latency), µs.
     let alert_times = Arc::new(Mutex::new(Vec::<(i64, i64)>::new()));
     let agg_hist = Arc::new(Mutex::new(histogram()));
+    // Per spike (sensor, ts): when its probe and its alert arrived, µs.
+    let arrivals = Arc::new(Mutex::new(Arrivals::default()));
     let counts = Arc::new(Mutex::new((0u64, 0u64, 0u64, 0u64))); // aggregates, their readings, alerts, spikes alerted
     // Readings of critical series (`c-…`) the aggregates hold.
     let critical_received = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let task = {
-        let (spikes, alert_hist, agg_hist, counts, alert_times, critical) = (
+        let (spikes, alert_hist, agg_hist, counts, alert_times, critical, arrivals) = (
             spikes.clone(),
             alert_hist.clone(),
             agg_hist.clone(),
             counts.clone(),
             alert_times.clone(),
             critical_received.clone(),
+            arrivals.clone(),
         );
         subscribe(
             port,
             "bench-results",
-            &["agg/#", "alerts/#"],
+            &["agg/#", "alerts/#", "probe/#"],
             stop.clone(),
             move |topic, payload, now| {
+                let sensor = topic
+                    .rsplit('/')
+                    .next()
+                    .and_then(|s| s.strip_prefix("s-"))
+                    .and_then(|s| s.parse::<u32>().ok());
+                if topic.starts_with("probe/") {
+                    if let (Some(sensor), Some(ts)) = (sensor, field_i64(payload, "ts")) {
+                        arrivals.lock().unwrap().probes.insert((sensor, ts), now);
+                    }
+                    return;
+                }
                 let mut c = counts.lock().unwrap();
                 if topic.starts_with("agg/c-") {
                     critical.fetch_add(field_i64(payload, "count").unwrap_or(0) as u64, Relaxed);
@@ -221,15 +236,11 @@ pub(crate) async fn through_agent(w: Workload, port: u16, args: &Args, agent_bin
                     }
                 } else if payload.windows(8).any(|w| w == b"\"raised\"") {
                     c.2 += 1;
-                    let sensor = topic
-                        .rsplit('/')
-                        .next()
-                        .and_then(|s| s.strip_prefix("s-"))
-                        .and_then(|s| s.parse::<u32>().ok());
                     if let (Some(sensor), Some(ts)) = (sensor, field_i64(payload, "event_ts"))
                         && let Some(intended) = spikes.lock().unwrap().get(&(sensor, ts))
                     {
                         c.3 += 1;
+                        arrivals.lock().unwrap().alerts.push((sensor, ts, now));
                         let _ = alert_hist
                             .lock()
                             .unwrap()
@@ -287,7 +298,7 @@ pub(crate) async fn through_agent(w: Workload, port: u16, args: &Args, agent_bin
     let burst_task = args
         .burst_factor
         .map(|factor| crate::burst::start(&w, factor, args, port, udp_port));
-    let sent = publish_all(&w, port, "sensors", &spikes).await;
+    let sent = publish_all(&w, port, "sensors", &spikes, true).await;
     let elapsed = w.start.elapsed();
     sampling.store(false, Relaxed);
     let (cpu_percent, rss_max_kib) = sampler.await.unwrap_or((0.0, 0));
@@ -353,13 +364,57 @@ pub(crate) async fn through_agent(w: Workload, port: u16, args: &Args, agent_bin
         burst: burst_outcome,
         ..Phase::default()
     };
-    for (name, h) in [("alert", alert_hist), ("aggregate", agg_hist)] {
-        let h = h.lock().unwrap().clone();
+    let (probe_hist, added_hist, alert_before_probe) =
+        arrivals.lock().unwrap().paired(&spikes.lock().unwrap());
+    phase.alerts_before_probe = alert_before_probe;
+    for (name, h) in [
+        ("alert", alert_hist.lock().unwrap().clone()),
+        ("probe", probe_hist),
+        ("added", added_hist),
+        ("aggregate", agg_hist.lock().unwrap().clone()),
+    ] {
         phase.latency_ms.insert(name.into(), percentiles(&h));
         phase.histograms.push((name.into(), h));
     }
     let _ = std::fs::remove_dir_all(&dir);
     phase
+}
+
+/// When each spike's probe and alert reached the subscriber.
+#[derive(Default)]
+struct Arrivals {
+    /// (sensor, ts) → arrival of the probe, µs since the epoch.
+    probes: std::collections::HashMap<(u32, i64), i64>,
+    /// (sensor, ts, arrival) of each alert matched to a spike.
+    alerts: Vec<(u32, i64, i64)>,
+}
+
+impl Arrivals {
+    /// The broker's path for the spikes (intended send → probe arrival) and
+    /// what the agent added to each alerted spike's (probe arrival → alert
+    /// arrival), µs; and how many alerts arrived before their probe (then
+    /// recorded as 1 µs: the agent added nothing measurable).
+    fn paired(
+        &self,
+        spikes: &std::collections::HashMap<(u32, i64), i64>,
+    ) -> (Histogram<u64>, Histogram<u64>, u64) {
+        let (mut probe, mut added, mut early) = (histogram(), histogram(), 0);
+        for (key, arrived) in &self.probes {
+            if let Some(intended) = spikes.get(key) {
+                let _ = probe.record((arrived - intended).max(1) as u64);
+            }
+        }
+        for (sensor, ts, arrived) in &self.alerts {
+            if let Some(probe_arrived) = self.probes.get(&(*sensor, *ts)) {
+                let d = arrived - probe_arrived;
+                if d < 1 {
+                    early += 1;
+                }
+                let _ = added.record(d.max(1) as u64);
+            }
+        }
+        (probe, added, early)
+    }
 }
 
 /// A persistent-session subscriber to the upstream broker's aggregates: it

@@ -120,7 +120,7 @@ pub(crate) fn start(
             .await
             .expect("udp burst")
         } else {
-            let sent = publish_all(&extra, port, "sensors", &Spikes::default())
+            let sent = publish_all(&extra, port, "sensors", &Spikes::default(), false)
                 .await
                 .readings;
             (sent, 0)

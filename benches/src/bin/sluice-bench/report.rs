@@ -21,6 +21,9 @@ pub(crate) struct Phase {
     pub(crate) spikes_after_warmup: u64,
     pub(crate) alerts: u64,
     pub(crate) spikes_alerted: u64,
+    /// Alerts that reached the subscriber before their spike's probe (the
+    /// same reading through the broker alone): counted as 1 µs added.
+    pub(crate) alerts_before_probe: u64,
     pub(crate) cpu_percent: f64,
     pub(crate) rss_max_kib: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
