@@ -259,6 +259,12 @@ fn a_value_out_of_range_names_its_key_and_line() {
         ),
         ("output.mqtt.alert_qos", "1", "2"),
         ("output.mqtt.aggregate_qos", "1", "2"),
+        ("output.mqtt.aggregate_batch", "0", "10001"),
+        (
+            "output.mqtt.aggregate_batch_topic",
+            "\"sluice/{agent}/aggregates\"",
+            "\"sluice/{agent}/agg/{series}\"",
+        ),
         ("outbox.max_records", "1000000", "0"),
         ("outbox.max_bytes", "268435456", "0"),
         ("outbox.on_full", "\"drop_oldest\"", "\"drop_newest\""),

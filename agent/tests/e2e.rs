@@ -969,6 +969,104 @@ listen = "127.0.0.1:{metrics}"
     drop(agent);
 }
 
+/// `aggregate_batch`: the aggregates go out as JSON arrays of records on
+/// one topic, at most `aggregate_batch` records and 64 KiB a message; every
+/// record arrives once, whole, and none on the per-series topic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batched_aggregates_arrive_once_each_in_arrays_on_the_batch_topic() {
+    const SERIES: usize = 2000;
+    let broker = Broker::start("batch");
+    let (udp, metrics) = (sluice_tests::free_port(), sluice_tests::free_port());
+    let (_dir, config) = temp_file(
+        "batch.toml",
+        &format!(
+            r#"
+agent_id = "batch"
+max_series = {SERIES}
+[sources.u]
+kind = "udp"
+bind = "127.0.0.1:{udp}"
+[[rules]]
+match = "*"
+window = {{ kind = "tumbling", size_ms = 1000 }}
+[output.mqtt]
+host = "127.0.0.1"
+port = {port}
+aggregate_batch = 100
+aggregate_batch_topic = "sluice/{{agent}}/aggregates"
+[metrics]
+listen = "127.0.0.1:{metrics}"
+"#,
+            port = broker.port
+        ),
+    );
+    let got = subscribe(broker.port, "sluice/batch/#").await;
+    let agent = Agent::start(&config);
+    wait_until("metrics", &agent, || {
+        metric(metrics, "sluice_readings_processed_total").is_some()
+    })
+    .await;
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    // Two windows of every series, a minute in the past: the second
+    // round's readings close the first round's windows.
+    let t0 = (now_ms() - 60_000) / 1000 * 1000;
+    let mut sent = 0u64;
+    for ts in [t0, t0 + 1000] {
+        for chunk in (0..SERIES).collect::<Vec<_>>().chunks(250) {
+            for i in chunk {
+                let line = reading(&format!("s-{i}"), ts, *i as f64);
+                socket.send_to(line.as_bytes(), ("127.0.0.1", udp)).unwrap();
+            }
+            sent += chunk.len() as u64;
+            wait_until("the worker to take every reading sent", &agent, || {
+                metric(metrics, "sluice_readings_processed_total") == Some(sent)
+            })
+            .await;
+        }
+    }
+    let first_round = |got: &Received| -> Vec<Value> {
+        got.lock()
+            .unwrap()
+            .iter()
+            .filter(|(t, _, _)| t == "sluice/batch/aggregates")
+            .flat_map(|(_, v, _)| v.as_array().cloned().unwrap_or_default())
+            .filter(|r| r["start"] == t0)
+            .collect()
+    };
+    wait_until("every first-round record", &agent, || {
+        first_round(&got).len() >= SERIES
+    })
+    .await;
+    let records = first_round(&got);
+    assert_eq!(records.len(), SERIES, "a record arrived twice");
+    let mut series: Vec<String> = records
+        .iter()
+        .map(|r| {
+            let name = r["series"].as_str().unwrap().to_string();
+            let i: f64 = name[2..].parse().unwrap();
+            assert_eq!(
+                (r["count"].as_u64(), r["sum"].as_f64()),
+                (Some(1), Some(i)),
+                "{r}"
+            );
+            name
+        })
+        .collect();
+    series.sort();
+    series.dedup();
+    assert_eq!(series.len(), SERIES);
+    // Each record's wait from its window's close to its batch's hand-off.
+    assert!(metric(metrics, "sluice_output_delay_ms_count").unwrap() >= SERIES as u64);
+    for (topic, v, _) in got.lock().unwrap().iter() {
+        assert!(!topic.starts_with("sluice/batch/agg/"), "{topic}");
+        if topic == "sluice/batch/aggregates" {
+            let n = v.as_array().expect("a batch is a JSON array").len();
+            assert!((1..=100).contains(&n), "{n} records in one message");
+        }
+    }
+    drop(agent);
+}
+
 /// The `--help` text shipped in the package's docs
 /// (`/usr/share/doc/sluice/sluice-help.txt`) is the binary's own;
 /// `SLUICE_BLESS=1` rewrites the file.

@@ -366,6 +366,25 @@ pub struct MqttOutput {
     /// QoS of aggregates: 0 or 1 (the default).
     #[serde(default = "default_qos1")]
     pub aggregate_qos: u8,
+    /// Aggregates in batches: a message holds up to this many records, as
+    /// a JSON array, on `aggregate_batch_topic` (and none goes to
+    /// `aggregate_topic`). A batch is what waits when the output gets to
+    /// it (no timer): one record when they come one at a time, up to this
+    /// many, and at most 64 KiB, when a window boundary closes thousands.
+    /// Default 0: one message per record.
+    #[serde(default)]
+    pub aggregate_batch: usize,
+    /// Topic of the batches; `{agent}` is filled in. Default
+    /// `sluice/{agent}/aggregates`.
+    #[serde(default = "default_aggregate_batch_topic")]
+    pub aggregate_batch_topic: String,
+}
+
+/// Records in one batch message at most (`aggregate_batch`).
+pub const MAX_AGGREGATE_BATCH: usize = 10_000;
+
+fn default_aggregate_batch_topic() -> String {
+    "sluice/{agent}/aggregates".into()
 }
 
 const fn default_mqtt_port() -> u16 {
@@ -794,9 +813,22 @@ impl MqttOutput {
             ("state_topic", &self.state_topic, true),
             ("aggregate_topic", &self.aggregate_topic, true),
             ("stats_topic", &self.stats_topic, false),
+            ("aggregate_batch_topic", &self.aggregate_batch_topic, false),
         ] {
             crate::output::topic::check_template(template, needs_series)
                 .map_err(|e| format!("{key}: {e}"))?;
+        }
+        if self.aggregate_batch_topic.contains("{series}") {
+            return Err(
+                "aggregate_batch_topic: must not contain {series} (a batch holds many series)"
+                    .into(),
+            );
+        }
+        if self.aggregate_batch > MAX_AGGREGATE_BATCH {
+            return Err(format!(
+                "aggregate_batch: {} is more than {MAX_AGGREGATE_BATCH} records a message",
+                self.aggregate_batch
+            ));
         }
         for (key, qos) in [
             ("alert_qos", self.alert_qos),

@@ -401,28 +401,40 @@ pub fn render(r: &Running) -> String {
             let _ = merged.add(&*h);
         }
     }
-    let mut latency: Vec<(String, String)> = [0.5, 0.9, 0.99, 0.999, 1.0]
-        .iter()
-        .map(|q| {
-            (
-                format!("{{quantile=\"{q}\"}}"),
-                merged.value_at_quantile(*q).to_string(),
-            )
-        })
-        .collect();
-    latency.push((
-        "_sum".into(),
-        ((merged.mean() * merged.len() as f64).round() as u64).to_string(),
-    ));
-    latency.push(("_count".into(), merged.len().to_string()));
-    let _ = writeln!(
-        out,
-        "# HELP sluice_processing_latency_ms From a reading's ingest to the record it caused, ms (1 ms resolution).\n# TYPE sluice_processing_latency_ms summary"
+    summary(
+        &mut out,
+        "sluice_processing_latency_ms",
+        "From a reading's ingest to the record it caused, ms (1 ms resolution).",
+        &merged,
+        1.0,
     );
-    for (labels, value) in latency {
-        let _ = writeln!(out, "sluice_processing_latency_ms{labels} {value}");
-    }
+    summary(
+        &mut out,
+        "sluice_output_delay_ms",
+        "From an aggregate's window close to its hand-off to the MQTT output client (in a batch, the batch's), ms.",
+        &o.aggregate_delay.snapshot(),
+        1000.0,
+    );
     out
+}
+
+/// A Prometheus summary of `h` (p50, p90, p99, p99.9, max, sum, count), its
+/// values divided by `per_unit` (a histogram of µs reported in ms: 1000).
+fn summary(
+    out: &mut String,
+    name: &str,
+    help: &str,
+    h: &hdrhistogram::Histogram<u64>,
+    per_unit: f64,
+) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} summary");
+    for q in [0.5, 0.9, 0.99, 0.999, 1.0] {
+        let v = h.value_at_quantile(q) as f64 / per_unit;
+        let _ = writeln!(out, "{name}{{quantile=\"{q}\"}} {v}");
+    }
+    let sum = h.mean() * h.len() as f64 / per_unit;
+    let _ = writeln!(out, "{name}_sum {}", sum.round());
+    let _ = writeln!(out, "{name}_count {}", h.len());
 }
 
 /// Connections served at once; past that, a connection gets a 503 and is

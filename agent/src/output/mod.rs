@@ -10,9 +10,9 @@ use console::print;
 pub use console::{Console, clock};
 use mqtt::MqttSink;
 pub use record::{
-    AggregateRecord, AlertEvent, DecayingSummary, DistinctRecord, FrequencyRecord, FrequencyValue,
-    GroupRecord, LabelRecord, OutputStats, Record, TopRecord, TopValue, base64_bytes, base64_of,
-    sketch_base64,
+    AggregateRecord, AlertEvent, DecayingSummary, Delays, DistinctRecord, FrequencyRecord,
+    FrequencyValue, GroupRecord, LabelRecord, Made, OutputStats, Record, TopRecord, TopValue,
+    base64_bytes, base64_of, sketch_base64,
 };
 
 use std::sync::Arc;
@@ -169,9 +169,28 @@ struct Lane {
 
 /// Delivers what comes on `lane.rx` until every sender is gone, then closes
 /// the lane's MQTT connection.
+///
+/// With `aggregate_batch`, aggregates collect in a batch while more records
+/// are already waiting in the channel, and the batch leaves when none is
+/// (or when it is full): no timer, so a lone record is not held back, and
+/// the thousands a window boundary closes go out in a few messages.
 async fn deliver(mut lane: Lane) {
     let stats = &lane.stats;
-    while let Some(record) = lane.rx.recv().await {
+    let mut batch = lane.sink.as_ref().and_then(MqttSink::batch);
+    loop {
+        let record = match lane.rx.try_recv() {
+            Ok(record) => record,
+            Err(mpsc::error::TryRecvError::Empty) => {
+                if let (Some(sink), Some(batch)) = (&lane.sink, &mut batch) {
+                    sink.send_batch(batch, stats, &lane.shutdown).await;
+                }
+                match lane.rx.recv().await {
+                    Some(record) => record,
+                    None => break,
+                }
+            }
+            Err(mpsc::error::TryRecvError::Disconnected) => break,
+        };
         if let Record::Checkpoint { worker, state } = record {
             // Only the store takes these.
             if let Some(feed) = &lane.outbox {
@@ -197,11 +216,23 @@ async fn deliver(mut lane: Lane) {
         if let Some(feed) = &lane.outbox {
             feed.store(&record, &lane.agent).await;
         }
-        if let Some(sink) = &lane.sink {
-            sink.publish(&record, stats, &lane.shutdown).await;
+        match (&lane.sink, &mut batch, &record) {
+            (Some(sink), Some(batch), Record::Aggregate(a)) => {
+                sink.batch_aggregate(batch, a, stats, &lane.shutdown).await;
+            }
+            (Some(sink), _, _) => {
+                sink.publish(&record, stats, &lane.shutdown).await;
+                if let Record::Aggregate(a) = &record {
+                    stats.aggregate_delay.record(a.made);
+                }
+            }
+            (None, _, _) => {}
         }
     }
     if let Some(sink) = lane.sink {
+        if let Some(batch) = &mut batch {
+            sink.send_batch(batch, stats, &lane.shutdown).await;
+        }
         sink.close().await;
     }
 }
@@ -241,6 +272,7 @@ mod tests {
             partial_reason: None,
             sampled_one_in: None,
             count_stderr: None,
+            made: Made::default(),
         }))
     }
 

@@ -24,6 +24,18 @@ fn qos(n: u8) -> QoS {
 /// client's queue before they are dropped (and counted).
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 
+/// Aggregates waiting to leave as one message (`aggregate_batch`): a JSON
+/// array being written.
+pub(super) struct Batch {
+    topic: String,
+    max_records: usize,
+    max_bytes: usize,
+    /// `[` and the records so far, comma-separated (no `]` yet).
+    json: Vec<u8>,
+    /// When each of those records was made.
+    made: Vec<super::Made>,
+}
+
 /// The MQTT side of the output task.
 pub(super) struct MqttSink {
     client: AsyncClient,
@@ -173,6 +185,69 @@ impl MqttSink {
             self.handed.fetch_add(1, Relaxed);
         }
         sent
+    }
+
+    /// An empty batch, if this connection sends aggregates in batches
+    /// (`aggregate_batch`).
+    pub(super) fn batch(&self) -> Option<Batch> {
+        let s = &self.settings;
+        (s.aggregate_batch > 0).then(|| {
+            let topic = topic(&s.aggregate_batch_topic, &self.agent, "");
+            Batch {
+                // The packet's header, the topic and a packet id take their
+                // share of the client's largest packet.
+                max_bytes: sluice_collectors::mqtt::MAX_OUTGOING_PACKET - topic.len() - 16,
+                topic,
+                max_records: s.aggregate_batch,
+                json: Vec::new(),
+                made: Vec::new(),
+            }
+        })
+    }
+
+    /// Adds an aggregate to `batch`, sending the batch first if the record
+    /// would take it past its bytes, and after if it is then full.
+    pub(super) async fn batch_aggregate(
+        &self,
+        batch: &mut Batch,
+        record: &super::AggregateRecord,
+        stats: &OutputStats,
+        shutdown: &CancellationToken,
+    ) {
+        let json = serde_json::to_vec(record).unwrap_or_default();
+        if !batch.made.is_empty() && batch.json.len() + json.len() + 2 > batch.max_bytes {
+            self.send_batch(batch, stats, shutdown).await;
+        }
+        batch
+            .json
+            .push(if batch.made.is_empty() { b'[' } else { b',' });
+        batch.json.extend_from_slice(&json);
+        batch.made.push(record.made);
+        if batch.made.len() >= batch.max_records {
+            self.send_batch(batch, stats, shutdown).await;
+        }
+    }
+
+    /// Sends what `batch` holds (nothing if it is empty) as one message.
+    pub(super) async fn send_batch(
+        &self,
+        batch: &mut Batch,
+        stats: &OutputStats,
+        shutdown: &CancellationToken,
+    ) {
+        if batch.made.is_empty() {
+            return;
+        }
+        batch.json.push(b']');
+        let payload = std::mem::take(&mut batch.json);
+        let qos = qos(self.settings.aggregate_qos);
+        let sent = self
+            .send(batch.topic.clone(), qos, false, payload, shutdown, stats)
+            .await;
+        self.report(sent, stats);
+        for made in batch.made.drain(..) {
+            stats.aggregate_delay.record(made);
+        }
     }
 
     pub(super) async fn publish(

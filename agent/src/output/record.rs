@@ -94,6 +94,9 @@ pub struct AggregateRecord {
     /// window was sampled; smaller when some were kept whole).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub count_stderr: Option<f64>,
+    /// When the record was made (not serialized).
+    #[serde(skip)]
+    pub made: Made,
 }
 
 /// `group` in a record: the group a rule with `group_by` aggregated.
@@ -311,9 +314,67 @@ pub enum Record {
     },
 }
 
+/// When a record was made (its window closed), for the output's delay
+/// histogram. Not part of what the record says: never serialized, and two
+/// records are equal whatever their `Made`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Made(pub Option<std::time::Instant>);
+
+impl Made {
+    /// Now.
+    pub fn now() -> Made {
+        Made(Some(std::time::Instant::now()))
+    }
+}
+
+impl PartialEq for Made {
+    fn eq(&self, _: &Made) -> bool {
+        true
+    }
+}
+
+/// How long aggregates waited between their window's close and their
+/// hand-off to the MQTT client (in a batch, the batch's), µs: the queueing
+/// in the agent's own output, where a window boundary of many series waits.
+pub struct Delays(std::sync::Mutex<hdrhistogram::Histogram<u64>>);
+
+impl Default for Delays {
+    fn default() -> Delays {
+        Delays(std::sync::Mutex::new(
+            hdrhistogram::Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid bounds"),
+        ))
+    }
+}
+
+impl std::fmt::Debug for Delays {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Delays")
+    }
+}
+
+impl Delays {
+    /// Records the delay of a record made at `made` (nothing if unknown).
+    pub fn record(&self, made: Made) {
+        if let (Some(t), Ok(mut h)) = (made.0, self.0.lock()) {
+            h.saturating_record(t.elapsed().as_micros().min(u128::from(u64::MAX)) as u64);
+        }
+    }
+
+    /// A copy of the histogram so far.
+    pub fn snapshot(&self) -> hdrhistogram::Histogram<u64> {
+        self.0
+            .lock()
+            .map(|h| h.clone())
+            .unwrap_or_else(|e| e.into_inner().clone())
+    }
+}
+
 /// What the output task delivered.
 #[derive(Debug, Default)]
 pub struct OutputStats {
+    /// From each aggregate's window close to its hand-off to the MQTT
+    /// client.
+    pub aggregate_delay: Delays,
     /// Aggregates handed to the outputs.
     pub aggregates: AtomicU64,
     /// Alerts raised.

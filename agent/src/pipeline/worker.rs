@@ -483,6 +483,7 @@ fn aggregate(
         sampled_one_in: (done.sampled_one_in > 1).then_some(done.sampled_one_in),
         count_stderr: (done.sampled_one_in > 1)
             .then(|| (a.count() as f64 * f64::from(done.sampled_one_in - 1)).sqrt()),
+        made: crate::output::Made::now(),
     };
     if let (Some(w), Some(spec)) = (done.labels, rules.label_spec(rule)) {
         label_records(&mut record, w, spec);

@@ -13,7 +13,7 @@ use sluice_tests::Broker;
 
 use crate::Args;
 use crate::load::{Spikes, Workload, epoch_us, field_i64, publish_all, subscribe};
-use crate::report::{Phase, histogram, percentiles};
+use crate::report::{Percentiles, Phase, histogram, percentiles};
 
 pub(crate) const AGENT_CONFIG: &str = r#"
 agent_id = "bench"
@@ -107,6 +107,12 @@ fn config_text(args: &Args, port: u16, metrics_port: u16, udp_port: u16) -> Stri
         text = text.replace(
             "[[rules]]\nmatch = \"*\"",
             "[[rules]]\nmatch = \"c-*\"\npriority = \"critical\"\nwindow = { kind = \"tumbling\", size_ms = 1000 }\n[[rules]]\nmatch = \"*\"",
+        );
+    }
+    if let Some(n) = args.aggregate_batch {
+        text = text.replace(
+            "aggregate_topic = \"agg/{series}\"",
+            &format!("aggregate_topic = \"agg/{{series}}\"\naggregate_batch = {n}\naggregate_batch_topic = \"aggbatch\""),
         );
     }
     if args.burst_udp {
@@ -204,9 +210,30 @@ pub(crate) async fn through_agent(w: Workload, port: u16, args: &Args, agent_bin
         subscribe(
             port,
             "bench-results",
-            &["agg/#", "alerts/#", "probe/#"],
+            &["agg/#", "aggbatch", "alerts/#", "probe/#"],
             stop.clone(),
             move |topic, payload, now| {
+                if topic == "aggbatch" {
+                    // A batch: each record as if it had come on its own.
+                    let records: Vec<serde_json::Value> =
+                        serde_json::from_slice(payload).unwrap_or_default();
+                    let mut c = counts.lock().unwrap();
+                    for r in records {
+                        let count = r["count"].as_u64().unwrap_or(0);
+                        if r["series"].as_str().is_some_and(|s| s.starts_with("c-")) {
+                            critical.fetch_add(count, Relaxed);
+                        }
+                        c.0 += 1;
+                        c.1 += count;
+                        if let (Some(end), false) = (r["end"].as_i64(), r["partial"] == true) {
+                            let _ = agg_hist
+                                .lock()
+                                .unwrap()
+                                .record((now - end * 1000).max(1) as u64);
+                        }
+                    }
+                    return;
+                }
                 let sensor = topic
                     .rsplit('/')
                     .next()
@@ -317,6 +344,7 @@ pub(crate) async fn through_agent(w: Workload, port: u16, args: &Args, agent_bin
         }
     }
     let processed = last.0;
+    let output_delay = output_delay(metrics_port);
     let shed = metric(metrics_port, "sluice_readings_shed_total");
     let late = metric(metrics_port, "sluice_readings_late_total");
     let mut burst_outcome = None;
@@ -364,6 +392,9 @@ pub(crate) async fn through_agent(w: Workload, port: u16, args: &Args, agent_bin
         burst: burst_outcome,
         ..Phase::default()
     };
+    if let Some(d) = output_delay {
+        phase.latency_ms.insert("close → out".into(), d);
+    }
     let (probe_hist, added_hist, alert_before_probe) =
         arrivals.lock().unwrap().paired(&spikes.lock().unwrap());
     phase.alerts_before_probe = alert_before_probe;
@@ -378,6 +409,26 @@ pub(crate) async fn through_agent(w: Workload, port: u16, args: &Args, agent_bin
     }
     let _ = std::fs::remove_dir_all(&dir);
     phase
+}
+
+/// The agent's own `sluice_output_delay_ms` summary: from each aggregate's
+/// window close to its hand-off to the MQTT client (p90 is not in it).
+fn output_delay(metrics_port: u16) -> Option<Percentiles> {
+    let text = sluice_tests::http_get(metrics_port, "/metrics");
+    let value = |key: &str| -> Option<f64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.trim().parse().ok())
+    };
+    let q = |q: &str| value(&format!("sluice_output_delay_ms{{quantile=\"{q}\"}}"));
+    Some(Percentiles {
+        count: value("sluice_output_delay_ms_count")? as u64,
+        p50: q("0.5")?,
+        p90: q("0.9")?,
+        p99: q("0.99")?,
+        p999: q("0.999")?,
+        max: q("1")?,
+    })
 }
 
 /// When each spike's probe and alert reached the subscriber.

@@ -113,6 +113,10 @@ pub(crate) struct Args {
     /// ring, an overload the agent could otherwise absorb.
     #[arg(long)]
     pub(crate) sample_above: Option<f64>,
+    /// The agent's `aggregate_batch`: aggregates leave in JSON arrays of up
+    /// to this many records (default: one message each).
+    #[arg(long)]
+    pub(crate) aggregate_batch: Option<usize>,
     /// Exit non-zero unless the counts are right: every reading the agent
     /// processed is in an aggregate, none shed, and every spike after the
     /// warm-up raised an alert (for CI; never asserts on timings).
