@@ -970,12 +970,30 @@ listen = "127.0.0.1:{metrics}"
 }
 
 /// `aggregate_batch`: the aggregates go out as JSON arrays of records on
-/// one topic, at most `aggregate_batch` records and 64 KiB a message; every
-/// record arrives once, whole, and none on the per-series topic.
+/// one topic, at most `aggregate_batch` records a message; every record
+/// arrives once, whole, and none on the per-series topic.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batched_aggregates_arrive_once_each_in_arrays_on_the_batch_topic() {
+    batched_aggregates(100).await;
+}
+
+/// A batch allowed more records than 64 KiB holds is cut at 64 KiB (the
+/// MQTT client refuses a larger packet, and the records in it would be
+/// lost).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_stops_at_64_kib() {
+    let sizes = batched_aggregates(10_000).await;
+    assert!(
+        sizes.iter().any(|(_, bytes)| *bytes > 48 * 1024),
+        "{sizes:?}"
+    );
+}
+
+/// Runs 2,000 series' windows through an agent with `aggregate_batch =
+/// batch`, checks what arrived, and returns each batch's records and bytes.
+async fn batched_aggregates(batch: usize) -> Vec<(usize, usize)> {
     const SERIES: usize = 2000;
-    let broker = Broker::start("batch");
+    let broker = Broker::start(&format!("batch-{batch}"));
     let (udp, metrics) = (sluice_tests::free_port(), sluice_tests::free_port());
     let (_dir, config) = temp_file(
         "batch.toml",
@@ -992,7 +1010,7 @@ window = {{ kind = "tumbling", size_ms = 1000 }}
 [output.mqtt]
 host = "127.0.0.1"
 port = {port}
-aggregate_batch = 100
+aggregate_batch = {batch}
 aggregate_batch_topic = "sluice/{{agent}}/aggregates"
 [metrics]
 listen = "127.0.0.1:{metrics}"
@@ -1057,14 +1075,19 @@ listen = "127.0.0.1:{metrics}"
     assert_eq!(series.len(), SERIES);
     // Each record's wait from its window's close to its batch's hand-off.
     assert!(metric(metrics, "sluice_output_delay_ms_count").unwrap() >= SERIES as u64);
+    let mut sizes = Vec::new();
     for (topic, v, _) in got.lock().unwrap().iter() {
         assert!(!topic.starts_with("sluice/batch/agg/"), "{topic}");
         if topic == "sluice/batch/aggregates" {
             let n = v.as_array().expect("a batch is a JSON array").len();
-            assert!((1..=100).contains(&n), "{n} records in one message");
+            assert!((1..=batch).contains(&n), "{n} records in one message");
+            let bytes = serde_json::to_vec(v).unwrap().len();
+            assert!(bytes <= 64 * 1024, "{bytes} bytes in one message");
+            sizes.push((n, bytes));
         }
     }
     drop(agent);
+    sizes
 }
 
 /// The `--help` text shipped in the package's docs
