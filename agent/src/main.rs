@@ -34,14 +34,36 @@ fn main() -> ExitCode {
     } else {
         "info"
     };
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| default_level.into()),
+    // RUST_LOG as `level` or `target=level,…` directives (the filter
+    // without span and field matching, which would bring in a regex engine,
+    // about 0.5 MB of the binary).
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    let asked = std::env::var("RUST_LOG").ok();
+    let parsed = asked
+        .as_deref()
+        .and_then(|v| v.parse::<tracing_subscriber::filter::Targets>().ok());
+    let unparsed = asked.filter(|_| parsed.is_none());
+    let filter = parsed.unwrap_or_else(|| {
+        tracing_subscriber::filter::Targets::new().with_default(
+            default_level
+                .parse::<tracing::Level>()
+                .unwrap_or(tracing::Level::INFO),
         )
+    });
+    tracing_subscriber::registry()
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())),
+        )
+        .with(filter)
         .init();
+    if let Some(v) = unparsed {
+        tracing::warn!(
+            "RUST_LOG={v:?} is not `level` or `target=level,…`: logging at {default_level}"
+        );
+    }
     match cli.command {
         Command::Check { config, quiet } => {
             let checked = std::fs::read_to_string(&config)
