@@ -408,13 +408,15 @@ pub fn render(r: &Running) -> String {
         &merged,
         1.0,
     );
-    summary(
-        &mut out,
-        "sluice_output_delay_ms",
-        "From an aggregate's window close to its hand-off to the MQTT output client (in a batch, the batch's), ms.",
-        &o.aggregate_delay.snapshot(),
-        1000.0,
-    );
+    o.aggregate_delay.read(|h| {
+        summary(
+            &mut out,
+            "sluice_output_delay_ms",
+            "From an aggregate's window close to its hand-off to the MQTT output client (in a batch, the batch's), ms.",
+            h,
+            1000.0,
+        );
+    });
     out
 }
 

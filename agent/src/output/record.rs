@@ -339,9 +339,11 @@ impl PartialEq for Made {
 pub struct Delays(std::sync::Mutex<hdrhistogram::Histogram<u64>>);
 
 impl Default for Delays {
+    /// 1 µs to 10 minutes (longer waits count as 10 minutes), two
+    /// significant digits: about 30 KB.
     fn default() -> Delays {
         Delays(std::sync::Mutex::new(
-            hdrhistogram::Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid bounds"),
+            hdrhistogram::Histogram::new_with_bounds(1, 600_000_000, 2).expect("valid bounds"),
         ))
     }
 }
@@ -360,12 +362,12 @@ impl Delays {
         }
     }
 
-    /// A copy of the histogram so far.
-    pub fn snapshot(&self) -> hdrhistogram::Histogram<u64> {
-        self.0
-            .lock()
-            .map(|h| h.clone())
-            .unwrap_or_else(|e| e.into_inner().clone())
+    /// Runs `f` on the histogram so far (under its lock: no copy).
+    pub fn read<T>(&self, f: impl FnOnce(&hdrhistogram::Histogram<u64>) -> T) -> T {
+        match self.0.lock() {
+            Ok(h) => f(&h),
+            Err(e) => f(&e.into_inner()),
+        }
     }
 }
 
