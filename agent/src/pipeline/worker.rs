@@ -1254,7 +1254,7 @@ impl Worker {
             Some(g) => g.key_of(key).to_string(),
             None => pattern.config.name.clone(),
         };
-        self.emit.send(Record::Alert(AlertEvent {
+        self.emit.send(Record::Alert(Box::new(AlertEvent {
             agent: self.agent.clone(),
             series,
             rule: "pattern",
@@ -1266,7 +1266,7 @@ impl Worker {
             detected_ts: now_ms(),
             label: None,
             table: None,
-        }));
+        })));
     }
 
     /// Moves quiet patterns' event time on by the wall time since their
@@ -1662,7 +1662,7 @@ impl Worker {
         for mut a in alerts {
             // The series' row, as its records carry it.
             a.table = row.clone();
-            self.emit.send(Record::Alert(a));
+            self.emit.send(Record::Alert(Box::new(a)));
         }
         if caused && let Ok(mut h) = self.stats.latency_ms.lock() {
             h.saturating_record(now_ms().saturating_sub(reading.ingest).max(1) as u64);
@@ -1758,7 +1758,7 @@ impl Worker {
                 let silent = now.saturating_sub(s.last_seen.max(self.started));
                 if !s.absent && silent >= after {
                     s.absent = true;
-                    self.emit.send(Record::Alert(AlertEvent {
+                    self.emit.send(Record::Alert(Box::new(AlertEvent {
                         agent: self.agent.clone(),
                         series: key.to_string(),
                         rule: "absent",
@@ -1771,7 +1771,7 @@ impl Worker {
                         detected_ts: now,
                         label: None,
                         table: Joined::row(&s.joined).cloned(),
-                    }));
+                    })));
                 }
             }
             let Some(windows) = &mut s.windows else {
@@ -2995,7 +2995,7 @@ mod tests {
         let mut out = Vec::new();
         while let Ok(r) = rx.try_recv() {
             if let Record::Alert(a) = r {
-                out.push(a);
+                out.push(*a);
             }
         }
         out
