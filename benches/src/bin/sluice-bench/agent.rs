@@ -12,7 +12,7 @@ use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use sluice_tests::Broker;
 
 use crate::Args;
-use crate::load::{Spikes, Workload, epoch_us, field_i64, publish_all, subscribe};
+use crate::load::{Spikes, Workload, epoch_us, field_i64, progress, publish_all, subscribe};
 use crate::report::{Percentiles, Phase, histogram, percentiles};
 
 pub(crate) const AGENT_CONFIG: &str = r#"
@@ -325,7 +325,16 @@ pub(crate) async fn through_agent(w: Workload, port: u16, args: &Args, agent_bin
     let burst_task = args
         .burst_factor
         .map(|factor| crate::burst::start(&w, factor, args, port, udp_port));
+    let line = {
+        let counts = counts.clone();
+        progress("through the agent", &w, move || {
+            let processed = metric(metrics_port, "sluice_readings_processed_total");
+            let (aggregates, _, alerts, _) = *counts.lock().unwrap();
+            format!(", agent processed {processed}, {aggregates} aggregates, {alerts} alerts")
+        })
+    };
     let sent = publish_all(&w, port, "sensors", &spikes, true).await;
+    line.end().await;
     let elapsed = w.start.elapsed();
     sampling.store(false, Relaxed);
     let (cpu_percent, rss_max_kib) = sampler.await.unwrap_or((0.0, 0));

@@ -102,6 +102,7 @@ pub(crate) fn start(
         duration: Duration::from_secs(args.burst_seconds),
         tag: "burst",
         ts_now: true,
+        written: Default::default(),
         ..w.clone()
     };
     tokio::spawn(async move {

@@ -34,6 +34,60 @@ pub(crate) struct Workload {
     /// burst, which may fall behind its schedule: old event times would be
     /// refused as late instead of loading the agent).
     pub(crate) ts_now: bool,
+    /// Readings written so far, all connections (for the progress line).
+    pub(crate) written: Arc<AtomicU64>,
+}
+
+/// While `running`, rewrites one line on standard error every half second
+/// (only on a terminal): the phase, its seconds, the readings written and
+/// their rate, and what `more` says. It runs on a thread of its own, so
+/// that what `more` reads (the agent's metrics over HTTP) never holds up
+/// the generator's tasks.
+pub(crate) fn progress(
+    phase: &'static str,
+    w: &Workload,
+    mut more: impl FnMut() -> String + Send + 'static,
+) -> Progress {
+    use std::io::{IsTerminal, Write};
+    let running = Arc::new(AtomicBool::new(true));
+    let thread = std::io::stderr().is_terminal().then(|| {
+        let (running, written, start) = (running.clone(), w.written.clone(), w.start);
+        let seconds = w.duration.as_secs_f64();
+        std::thread::spawn(move || {
+            while running.load(Relaxed) {
+                std::thread::sleep(Duration::from_millis(500));
+                let elapsed = start.elapsed().as_secs_f64();
+                let n = written.load(Relaxed);
+                let extra = more();
+                let mut err = std::io::stderr().lock();
+                let _ = write!(
+                    err,
+                    "\r\x1b[K{phase}: {:.0}/{seconds:.0} s, {n} readings written ({:.0}/s){extra}",
+                    elapsed.min(seconds),
+                    n as f64 / elapsed.max(1e-3)
+                );
+                let _ = err.flush();
+            }
+            let _ = write!(std::io::stderr(), "\r\x1b[K");
+        })
+    });
+    Progress { running, thread }
+}
+
+/// The progress line of [`progress`]; [`Progress::end`] erases it.
+pub(crate) struct Progress {
+    running: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Progress {
+    /// Stops the line and erases it.
+    pub(crate) async fn end(self) {
+        self.running.store(false, Relaxed);
+        if let Some(thread) = self.thread {
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        }
+    }
 }
 
 /// Spikes sent: (sensor, ts ms) → intended send time, µs since the epoch.
@@ -153,6 +207,7 @@ pub(crate) async fn publish(
         spikes_after_warmup: 0,
     };
     let mut k = 0u64;
+    let mut flushed = 0u64;
     while k < total {
         let now = w.start.elapsed().as_nanos() as f64;
         while k < total && (k as f64) * interval_ns <= now {
@@ -196,6 +251,8 @@ pub(crate) async fn publish(
         if client.flush().await.is_err() {
             break;
         }
+        w.written.fetch_add(k - flushed, Relaxed);
+        flushed = k;
         if k < total {
             let next = Duration::from_nanos(((k as f64) * interval_ns) as u64);
             tokio::time::sleep_until((w.start + next).into()).await;
@@ -306,7 +363,14 @@ pub(crate) async fn broker_only(w: Workload, port: u16) -> Phase {
         epoch_start_us: epoch_us(),
         ..w
     };
+    let line = {
+        let received = received.clone();
+        progress("broker only", &w, move || {
+            format!(", {} received", received.load(Relaxed))
+        })
+    };
     let sent = publish_all(&w, port, "baseline", &Spikes::default(), false).await;
+    line.end().await;
     let elapsed = w.start.elapsed();
     // Until every reading has arrived, or a second of silence.
     let mut last = (received.load(Relaxed), Instant::now());

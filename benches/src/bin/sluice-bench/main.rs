@@ -155,6 +155,7 @@ fn main() {
         start: Instant::now(),
         tag: "pub",
         ts_now: false,
+        written: Default::default(),
     };
     println!(
         "W1: {} sensors, {} s per phase, {} connections, spike every {} readings per sensor, agent {} worker(s)",
@@ -207,7 +208,7 @@ fn main() {
         &agent_bin,
     ));
     print_phase("agent", &agent);
-    if let Some(added) = agent.latency_ms.get("added") {
+    if let Some(added) = agent.latency_ms.get("added").filter(|a| a.count > 0) {
         println!(
             "  added by the agent (per spike: its alert's arrival − the arrival of the same reading through the broker alone): p50 {:.3} ms, p99 {:.3} ms, p99.9 {:.3} ms ({} spikes, {} alerts before their probe)",
             added.p50, added.p99, added.p999, added.count, agent.alerts_before_probe
@@ -258,9 +259,12 @@ fn main() {
         serde_json::to_string_pretty(&summary).expect("json"),
     )
     .expect("json");
+    // The full path: a relative --out is resolved against the directory
+    // the benchmark ran in, which the reader of this line may not know.
+    let out = std::fs::canonicalize(&args.out).unwrap_or_else(|_| args.out.clone());
     println!(
         "results: {}/{stem}.{{svg,json}} and .hgrm files",
-        args.out.display()
+        out.display()
     );
     if args.check {
         let mut problems = Vec::new();
