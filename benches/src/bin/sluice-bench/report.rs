@@ -143,76 +143,86 @@ pub(crate) fn hgrm(h: &Histogram<u64>) -> String {
 }
 
 /// A percentile-distribution plot (latency against percentile on the usual
-/// log scale of 1/(1−p)), as SVG.
+/// log scale of 1/(1−p): 90 %, 99 %, 99.9 % … equally spaced), as SVG, drawn
+/// with plotters.
 pub(crate) fn svg(title: &str, series: &[(&str, &Histogram<u64>)]) -> String {
-    let (w, h, left, bottom, top, right) = (760.0, 440.0, 70.0, 50.0, 40.0, 40.0);
-    let (pw, ph) = (w - left - right, h - top - bottom);
-    let max_x = 5.0; // 99.999 %
+    let mut out = String::new();
+    if let Err(e) = plot(&mut out, title, series) {
+        eprintln!("the plot could not be drawn: {e}");
+    }
+    out
+}
+
+fn plot(
+    out: &mut String,
+    title: &str,
+    series: &[(&str, &Histogram<u64>)],
+) -> Result<(), Box<dyn std::error::Error>> {
+    use plotters::prelude::*;
+    // The x axis counts nines: 0 is the median's left end (0 %), 1 is 90 %,
+    // 2 is 99 % … 5 is 99.999 %.
+    const NINES: f64 = 5.0;
+    let quantile = |nines: f64| {
+        if nines <= 0.0 {
+            0.0
+        } else {
+            1.0 - 10f64.powf(-nines)
+        }
+    };
     let max_ms = series
         .iter()
-        .map(|(_, h)| h.value_at_quantile(0.99999) as f64 / 1000.0)
+        .map(|(_, h)| h.value_at_quantile(quantile(NINES)) as f64 / 1000.0)
         .fold(0.0f64, f64::max)
         .max(0.001);
-    // A round top for the y axis.
-    let step = 10f64.powf((max_ms / 5.0).log10().ceil());
-    let y_top = (max_ms / step).ceil() * step;
-    let x = |q: f64| left + pw * (-(1.0 - q).max(1e-5).log10() / max_x).min(1.0);
-    let y = |ms: f64| top + ph * (1.0 - (ms / y_top).min(1.0));
-    let mut s = format!(
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">
-<rect width="100%" height="100%" fill="white"/>
-<text x="{}" y="22" text-anchor="middle" font-size="14">{title}</text>
-"#,
-        w / 2.0
-    );
-    for (i, label) in ["0%", "90%", "99%", "99.9%", "99.99%", "99.999%"]
-        .iter()
-        .enumerate()
-    {
-        let q = 1.0 - 10f64.powi(-(i as i32));
-        let px = x(if i == 0 { 0.0 } else { q });
-        s += &format!(
-            "<line x1=\"{px:.1}\" y1=\"{top}\" x2=\"{px:.1}\" y2=\"{}\" stroke=\"#ddd\"/>\n<text x=\"{px:.1}\" y=\"{}\" text-anchor=\"middle\">{label}</text>\n",
-            top + ph,
-            top + ph + 18.0
-        );
-    }
-    for i in 0..=5 {
-        let ms = y_top * f64::from(i) / 5.0;
-        let py = y(ms);
-        s += &format!(
-            "<line x1=\"{left}\" y1=\"{py:.1}\" x2=\"{}\" y2=\"{py:.1}\" stroke=\"#ddd\"/>\n<text x=\"{}\" y=\"{:.1}\" text-anchor=\"end\">{ms}</text>\n",
-            left + pw,
-            left - 6.0,
-            py + 4.0
-        );
-    }
-    s += &format!(
-        "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">percentile</text>\n<text x=\"16\" y=\"{}\" transform=\"rotate(-90 16 {})\" text-anchor=\"middle\">latency, ms</text>\n",
-        left + pw / 2.0,
-        h - 8.0,
-        top + ph / 2.0,
-        top + ph / 2.0
-    );
-    let colours = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"];
-    for (i, (name, hist)) in series.iter().enumerate() {
+    let root = SVGBackend::with_string(out, (760, 440)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 16))
+        .margin(14)
+        .margin_right(36)
+        .x_label_area_size(40)
+        .y_label_area_size(64)
+        .build_cartesian_2d(0f64..NINES, 0f64..max_ms * 1.05)?;
+    chart
+        .configure_mesh()
+        .x_labels(6)
+        .x_label_formatter(&|n| {
+            let labels = ["0%", "90%", "99%", "99.9%", "99.99%", "99.999%"];
+            labels
+                .get(n.round().max(0.0) as usize)
+                .map_or_else(String::new, |l| (*l).to_string())
+        })
+        .x_desc("percentile")
+        .y_desc("latency, ms")
+        .draw()?;
+    let colours = [
+        RGBColor(0x1f, 0x77, 0xb4),
+        RGBColor(0xd6, 0x27, 0x28),
+        RGBColor(0x2c, 0xa0, 0x2c),
+        RGBColor(0x94, 0x67, 0xbd),
+    ];
+    // An empty distribution (no spike alerted yet) has no line.
+    for (i, (name, h)) in series.iter().enumerate().filter(|(_, (_, h))| h.len() > 0) {
         let colour = colours[i % colours.len()];
-        let points: Vec<String> = (0..=500)
-            .map(|k| {
-                let q = 1.0 - 10f64.powf(-max_x * f64::from(k) / 500.0);
-                let q = if k == 0 { 0.0 } else { q };
-                let v = hist.value_at_quantile(q) as f64 / 1000.0;
-                format!("{:.1},{:.1}", x(q), y(v))
-            })
-            .collect();
-        s += &format!(
-            "<polyline fill=\"none\" stroke=\"{colour}\" stroke-width=\"2\" points=\"{}\"/>\n<text x=\"{}\" y=\"{}\" fill=\"{colour}\">{name}</text>\n",
-            points.join(" "),
-            left + 10.0,
-            top + 16.0 + 16.0 * i as f64
-        );
+        let points = (0..=500).map(|k| {
+            let nines = NINES * f64::from(k) / 500.0;
+            (nines, h.value_at_quantile(quantile(nines)) as f64 / 1000.0)
+        });
+        chart
+            .draw_series(LineSeries::new(points, colour.stroke_width(2)))?
+            .label(*name)
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 18, y)], colour.stroke_width(2))
+            });
     }
-    s + "</svg>\n"
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
+        .background_style(WHITE.mix(0.9))
+        .border_style(BLACK)
+        .draw()?;
+    root.present()?;
+    Ok(())
 }
 
 pub(crate) fn print_phase(label: &str, p: &Phase) {
