@@ -202,7 +202,11 @@ fn plot(
         RGBColor(0x94, 0x67, 0xbd),
     ];
     // An empty distribution (no spike alerted yet) has no line.
-    for (i, (name, h)) in series.iter().enumerate().filter(|(_, (_, h))| h.len() > 0) {
+    for (i, (name, h)) in series
+        .iter()
+        .enumerate()
+        .filter(|(_, (_, h))| !h.is_empty())
+    {
         let colour = colours[i % colours.len()];
         let points = (0..=500).map(|k| {
             let nines = NINES * f64::from(k) / 500.0;
