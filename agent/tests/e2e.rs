@@ -944,29 +944,41 @@ listen = "127.0.0.1:{metrics}"
         metric(metrics, "sluice_readings_processed_total").is_some()
     })
     .await;
+    // The second round closes SERIES windows, twice what the output
+    // channels and the MQTT client's queue used to hold together.
+    two_rounds_over_udp(&agent, udp, metrics, SERIES, |_| 1.0).await;
+    assert_eq!(metric(metrics, "sluice_readings_shed_total"), Some(0));
+    drop(agent);
+}
+
+/// Two windows of every series `s-0` … over UDP, a minute in the past, so
+/// that the first closes only when the second's readings come; paced by
+/// the agent's processed count (the socket's buffer is not what the callers
+/// test). Returns the first window's start.
+async fn two_rounds_over_udp(
+    agent: &Agent,
+    udp: u16,
+    metrics: u16,
+    series: usize,
+    value: impl Fn(usize) -> f64,
+) -> i64 {
     let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-    // Two windows of every series, a minute in the past (so that the first
-    // closes only when the second's readings come): the second round closes
-    // SERIES windows, twice what the output channels and the MQTT client's
-    // queue used to hold together.
     let t0 = (now_ms() - 60_000) / 1000 * 1000;
     let mut sent = 0u64;
     for ts in [t0, t0 + 1000] {
-        for chunk in (0..SERIES).collect::<Vec<_>>().chunks(250) {
-            for i in chunk {
-                let line = reading(&format!("s-{i}"), ts, 1.0);
+        for chunk in (0..series).collect::<Vec<_>>().chunks(250) {
+            for &i in chunk {
+                let line = reading(&format!("s-{i}"), ts, value(i));
                 socket.send_to(line.as_bytes(), ("127.0.0.1", udp)).unwrap();
             }
             sent += chunk.len() as u64;
-            // Paced: the socket's buffer is not what this test is about.
-            wait_until("the worker to take every reading sent", &agent, || {
+            wait_until("the worker to take every reading sent", agent, || {
                 metric(metrics, "sluice_readings_processed_total") == Some(sent)
             })
             .await;
         }
     }
-    assert_eq!(metric(metrics, "sluice_readings_shed_total"), Some(0));
-    drop(agent);
+    t0
 }
 
 /// `aggregate_batch`: the aggregates go out as JSON arrays of records on
@@ -1024,24 +1036,7 @@ listen = "127.0.0.1:{metrics}"
         metric(metrics, "sluice_readings_processed_total").is_some()
     })
     .await;
-    let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-    // Two windows of every series, a minute in the past: the second
-    // round's readings close the first round's windows.
-    let t0 = (now_ms() - 60_000) / 1000 * 1000;
-    let mut sent = 0u64;
-    for ts in [t0, t0 + 1000] {
-        for chunk in (0..SERIES).collect::<Vec<_>>().chunks(250) {
-            for i in chunk {
-                let line = reading(&format!("s-{i}"), ts, *i as f64);
-                socket.send_to(line.as_bytes(), ("127.0.0.1", udp)).unwrap();
-            }
-            sent += chunk.len() as u64;
-            wait_until("the worker to take every reading sent", &agent, || {
-                metric(metrics, "sluice_readings_processed_total") == Some(sent)
-            })
-            .await;
-        }
-    }
+    let t0 = two_rounds_over_udp(&agent, udp, metrics, SERIES, |i| i as f64).await;
     let first_round = |got: &Received| -> Vec<Value> {
         got.lock()
             .unwrap()
