@@ -196,7 +196,8 @@ impl MqttSink {
             Batch {
                 // The packet's header, the topic and a packet id take their
                 // share of the client's largest packet.
-                max_bytes: sluice_collectors::mqtt::MAX_OUTGOING_PACKET - topic.len() - 16,
+                max_bytes: sluice_collectors::mqtt::MAX_OUTGOING_PACKET
+                    .saturating_sub(topic.len() + 16),
                 topic,
                 max_records: s.aggregate_batch,
                 json: Vec::new(),
