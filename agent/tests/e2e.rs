@@ -1085,6 +1085,99 @@ listen = "127.0.0.1:{metrics}"
     sizes
 }
 
+/// A record too large for an MQTT packet (here: a thousand sampled
+/// readings and a thousand top values with long labels, over 64 KiB) is
+/// dropped by the live output with a count and a warning; the connection
+/// and the other series' records go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_too_large_for_a_packet_is_counted_and_the_output_goes_on() {
+    let broker = Broker::start("too-large");
+    let (udp, metrics) = (sluice_tests::free_port(), sluice_tests::free_port());
+    let (_dir, config) = temp_file(
+        "too-large.toml",
+        &format!(
+            r#"
+agent_id = "big"
+[sources.u]
+kind = "udp"
+bind = "127.0.0.1:{udp}"
+json = {{ labels = ["tag"] }}
+[[rules]]
+match = "big"
+window = {{ kind = "tumbling", size_ms = 1000 }}
+sample = {{ k = 1000 }}
+top_k = {{ label = "tag", k = 1000 }}
+[[rules]]
+match = "*"
+window = {{ kind = "tumbling", size_ms = 1000 }}
+[output.mqtt]
+host = "127.0.0.1"
+port = {port}
+[metrics]
+listen = "127.0.0.1:{metrics}"
+"#,
+            port = broker.port
+        ),
+    );
+    let got = subscribe(broker.port, "sluice/big/agg/#").await;
+    let agent = Agent::start(&config);
+    wait_until("metrics", &agent, || {
+        metric(metrics, "sluice_readings_processed_total").is_some()
+    })
+    .await;
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let t0 = (now_ms() - 60_000) / 1000 * 1000;
+    let mut sent = 0u64;
+    let mut send = |line: String| {
+        socket.send_to(line.as_bytes(), ("127.0.0.1", udp)).unwrap();
+        sent += 1;
+        sent
+    };
+    // Three windows of "small", and in the first two 1,500 readings of "big"
+    // with distinct 60-byte tags: its records are far over 64 KiB.
+    for w in 0..3 {
+        let ts = t0 + w * 1000;
+        send(reading("small", ts, w as f64));
+        if w < 2 {
+            for i in 0..1500 {
+                let n = send(format!(
+                    r#"{{"sensor":"big","ts":{},"value":{i},"tag":"{:060}"}}"#,
+                    ts + (i % 1000),
+                    i
+                ));
+                if n % 250 == 0 {
+                    wait_until("the worker to take the readings", &agent, || {
+                        metric(metrics, "sluice_readings_processed_total") == Some(n)
+                    })
+                    .await;
+                }
+            }
+        }
+    }
+    // The third window of "small" closes the second: both of its records
+    // before it arrive, and the connection stayed up for them.
+    let small = |got: &Received| of_series(got, "sluice/big/agg/", "small");
+    wait_until("small's first two windows", &agent, || {
+        small(&got).len() >= 2
+    })
+    .await;
+    assert_eq!(
+        small(&got)
+            .iter()
+            .map(|r| r["start"].as_i64().unwrap())
+            .collect::<Vec<_>>(),
+        vec![t0, t0 + 1000]
+    );
+    wait_until("both oversized records counted", &agent, || {
+        metric(metrics, "sluice_output_too_large_total") == Some(2)
+    })
+    .await;
+    assert!(of_series(&got, "sluice/big/agg/", "big").is_empty());
+    assert!(agent.log().contains("too large"), "{}", agent.log());
+    assert_eq!(metric(metrics, "sluice_publish_errors_total"), Some(0));
+    drop(agent);
+}
+
 /// The `--help` text shipped in the package's docs
 /// (`/usr/share/doc/sluice/sluice-help.txt`) is the binary's own;
 /// `SLUICE_BLESS=1` rewrites the file.

@@ -252,6 +252,13 @@ pub fn network_options() -> rumqttc::NetworkOptions {
 /// in bytes (the outputs and the uplink check records against it).
 pub const MAX_OUTGOING_PACKET: usize = 64 * 1024;
 
+/// The most bytes a QoS 0 or 1 PUBLISH of this topic and payload takes on
+/// the wire: fixed header (at most 5 bytes), topic length, topic, packet id,
+/// payload. A client refuses to send more than [`MAX_OUTGOING_PACKET`].
+pub const fn publish_size(topic_len: usize, payload_len: usize) -> usize {
+    5 + 2 + topic_len + 2 + payload_len
+}
+
 /// A secret from the first line of `file`, or from the environment variable
 /// `env`; `None` when neither is given. Errors name the key.
 pub fn resolve_secret(

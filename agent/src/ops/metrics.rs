@@ -321,6 +321,12 @@ pub fn render(r: &Running) -> String {
         "Live messages dropped while the output broker was unreachable (the outbox stores regardless).",
         &mut std::iter::once((String::new(), o.dropped_offline.load(Relaxed).to_string())),
     );
+    family(
+        "sluice_output_too_large_total",
+        "counter",
+        "Live messages not published because no MQTT packet can hold them (64 KiB; the outbox keeps its records).",
+        &mut std::iter::once((String::new(), o.too_large.load(Relaxed).to_string())),
+    );
     let u = &r.uplink;
     for (name, help, value) in [
         (

@@ -139,6 +139,25 @@ impl MqttSink {
         shutdown: &CancellationToken,
         stats: &OutputStats,
     ) -> Result<(), rumqttc::ClientError> {
+        // The client would refuse it in its event loop, which fails the
+        // connection: every message in flight on it would be sent again or,
+        // at QoS 0, lost. Refused here instead, on its own.
+        let size = sluice_collectors::mqtt::publish_size(topic.len(), payload.len());
+        let max = sluice_collectors::mqtt::MAX_OUTGOING_PACKET;
+        if size > max {
+            let n = stats.too_large.fetch_add(1, Relaxed) + 1;
+            // The first, and then each time the count doubles.
+            if n.is_power_of_two() {
+                tracing::warn!(
+                    connection = self.name,
+                    topic,
+                    size,
+                    "a message too large for one MQTT packet ({size} bytes, over {max}) is not published; \
+                     {n} so far (sluice_output_too_large_total); the outbox, if configured, keeps the record"
+                );
+            }
+            return Ok(());
+        }
         if !self.online.load(Relaxed) {
             let queued = self.client.try_publish(topic, qos, retain, payload);
             if queued.is_ok() {
@@ -197,7 +216,7 @@ impl MqttSink {
                 // The packet's header, the topic and a packet id take their
                 // share of the client's largest packet.
                 max_bytes: sluice_collectors::mqtt::MAX_OUTGOING_PACKET
-                    .saturating_sub(topic.len() + 16),
+                    .saturating_sub(sluice_collectors::mqtt::publish_size(topic.len(), 0)),
                 topic,
                 max_records: s.aggregate_batch,
                 json: Vec::new(),

@@ -390,4 +390,7 @@ pub struct OutputStats {
     /// Live messages dropped because the output broker was unreachable and
     /// the client's queue was full (the outbox stores regardless).
     pub dropped_offline: AtomicU64,
+    /// Live messages not published because no MQTT packet can hold them
+    /// (over `MAX_OUTGOING_PACKET`).
+    pub too_large: AtomicU64,
 }

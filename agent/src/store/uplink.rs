@@ -377,8 +377,7 @@ fn unsendable(record: &Queued, packet: &[u8]) -> Option<String> {
     if let Some(problem) = crate::output::topic::problem(&record.topic) {
         return Some(format!("invalid topic: {problem}"));
     }
-    // Fixed header (at most 5 bytes), topic length, topic, packet id.
-    let size = 5 + 2 + record.topic.len() + 2 + packet.len();
+    let size = sluice_collectors::mqtt::publish_size(record.topic.len(), packet.len());
     let max = sluice_collectors::mqtt::MAX_OUTGOING_PACKET;
     (size > max).then(|| format!("a {size}-byte packet, over the uplink's limit of {max} bytes"))
 }
