@@ -30,13 +30,24 @@ pub fn temp_dir(name: &str) -> TempDir {
         .expect("a temporary directory")
 }
 
-/// A free TCP port on 127.0.0.1 (bound and released; the broker rebinds it).
+/// A port on 127.0.0.1 that is free for TCP and for UDP (bound both ways
+/// and released; the broker or the agent binds it again), and that this
+/// process has not handed out before: tests run in parallel threads, and
+/// the kernel may offer a released port again before the test it went to
+/// has bound it.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static GIVEN: std::sync::Mutex<Option<std::collections::HashSet<u16>>> =
+        std::sync::Mutex::new(None);
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    let given = given.get_or_insert_with(Default::default);
+    loop {
+        let tcp = std::net::TcpListener::bind("127.0.0.1:0").expect("a TCP port");
+        let port = tcp.local_addr().expect("its address").port();
+        if !given.contains(&port) && std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok() {
+            given.insert(port);
+            return port;
+        }
+    }
 }
 
 impl Broker {
@@ -431,5 +442,23 @@ pub async fn wait_until(what: &str, log: &std::path::Path, mut done: impl FnMut(
             std::fs::read_to_string(log).unwrap_or_default()
         );
         tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// Tests run in parallel threads of one process: a port handed to one
+    /// test must not be handed to another before that test binds it, and a
+    /// UDP source needs the port free for UDP, not only TCP.
+    #[test]
+    fn free_port_never_repeats_and_is_free_for_tcp_and_udp() {
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..2000 {
+            let port = super::free_port();
+            assert!(seen.insert(port), "port {port} handed out twice");
+        }
+        let port = super::free_port();
+        std::net::UdpSocket::bind(("127.0.0.1", port)).expect("free for UDP");
+        std::net::TcpListener::bind(("127.0.0.1", port)).expect("free for TCP");
     }
 }
