@@ -29,6 +29,17 @@ impl Agent {
         Agent::start_with_stdout(config, Stdio::null())
     }
 
+    /// The agent, once its metrics on port `metrics` answer (they start
+    /// after every source).
+    async fn started_with_metrics(config: &std::path::Path, metrics: u16) -> Agent {
+        let agent = Agent::start(config);
+        wait_until("metrics", &agent, || {
+            metric(metrics, "sluice_readings_processed_total").is_some()
+        })
+        .await;
+        agent
+    }
+
     /// The agent with its standard output going to `stdout`.
     fn start_with_stdout(config: &std::path::Path, stdout: impl Into<Stdio>) -> Agent {
         let mut child = sluice_tests::own_binary(env!("CARGO_BIN_EXE_sluice"))
@@ -939,11 +950,7 @@ listen = "127.0.0.1:{metrics}"
 "#
         ),
     );
-    let agent = Agent::start(&config);
-    wait_until("metrics", &agent, || {
-        metric(metrics, "sluice_readings_processed_total").is_some()
-    })
-    .await;
+    let agent = Agent::started_with_metrics(&config, metrics).await;
     // The second round closes SERIES windows, twice what the output
     // channels and the MQTT client's queue used to hold together.
     two_rounds_over_udp(&agent, udp, metrics, SERIES, |_| 1.0).await;
@@ -1031,11 +1038,7 @@ listen = "127.0.0.1:{metrics}"
         ),
     );
     let got = subscribe(broker.port, "sluice/batch/#").await;
-    let agent = Agent::start(&config);
-    wait_until("metrics", &agent, || {
-        metric(metrics, "sluice_readings_processed_total").is_some()
-    })
-    .await;
+    let agent = Agent::started_with_metrics(&config, metrics).await;
     let t0 = two_rounds_over_udp(&agent, udp, metrics, SERIES, |i| i as f64).await;
     let first_round = |got: &Received| -> Vec<Value> {
         got.lock()
@@ -1120,11 +1123,7 @@ listen = "127.0.0.1:{metrics}"
         ),
     );
     let got = subscribe(broker.port, "sluice/big/agg/#").await;
-    let agent = Agent::start(&config);
-    wait_until("metrics", &agent, || {
-        metric(metrics, "sluice_readings_processed_total").is_some()
-    })
-    .await;
+    let agent = Agent::started_with_metrics(&config, metrics).await;
     let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     let t0 = (now_ms() - 60_000) / 1000 * 1000;
     let mut sent = 0u64;
