@@ -30,6 +30,17 @@ pub fn temp_dir(name: &str) -> TempDir {
         .expect("a temporary directory")
 }
 
+/// Where Mosquitto is installed, if it is: Debian puts it in /usr/sbin,
+/// which a non-root PATH may lack, so that is looked at before PATH.
+pub fn mosquitto_program() -> Option<std::path::PathBuf> {
+    let sbin = ["/usr/sbin", "/usr/local/sbin"].map(std::path::PathBuf::from);
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    sbin.into_iter()
+        .chain(std::env::split_paths(&path))
+        .map(|dir| dir.join("mosquitto"))
+        .find(|p| p.is_file())
+}
+
 /// A port on 127.0.0.1 that is free for TCP and for UDP (bound both ways
 /// and released; the broker or the agent binds it again), and that this
 /// process has not handed out before: tests run in parallel threads, and
@@ -135,11 +146,7 @@ impl Broker {
 
     /// Starts (again) on the same ports, and waits until it accepts connections.
     pub fn restart(&mut self) {
-        // Debian installs it in /usr/sbin, which a non-root PATH may lack.
-        let program = ["/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto"]
-            .into_iter()
-            .find(|p| std::path::Path::new(p).exists())
-            .unwrap_or("mosquitto");
+        let program = mosquitto_program().unwrap_or_else(|| "mosquitto".into());
         let child = std::process::Command::new(program)
             .arg("-c")
             .arg(self.dir.join("mosquitto.conf"))

@@ -15,30 +15,29 @@ use crate::Args;
 use crate::load::{Spikes, Workload, epoch_us, field_i64, progress, publish_all, subscribe};
 use crate::report::{Percentiles, Phase, histogram, percentiles};
 
-pub(crate) const AGENT_CONFIG: &str = r#"
-agent_id = "bench"
-workers = {workers}
+/// W1's rule, when no `--config` gives the rules to measure.
+const W1_RULES: &str = r#"
 max_series = 20000
-[sources.sensors]
-kind = "mqtt"
-host = "127.0.0.1"
-port = {port}
-client_id = "bench-agent-{pid}"
-topics = ["sensors/+"]
 [[rules]]
 match = "*"
 window = { kind = "tumbling", size_ms = 1000 }
 anomaly = { alpha = 0.01, k = 4.0, warmup = 30 }
-[output.mqtt]
-host = "127.0.0.1"
-port = {port}
-aggregate_topic = "agg/{series}"
-alert_topic = "alerts/{series}"
-state_topic = "state/{series}"
-[metrics]
-listen = "127.0.0.1:{metrics}"
-stats_interval_s = 0
 "#;
+
+/// What the benchmark sets in the agent's configuration whatever `--config`
+/// says: where readings come from and results go (the benchmark's broker,
+/// under its topic root), the metrics it reads, no store-and-forward (the
+/// benchmark's readings must not go upstream) and no checkpoints (nor into
+/// the state of the agent whose configuration it borrowed).
+const REPLACED: [&str; 7] = [
+    "agent_id",
+    "sources",
+    "output",
+    "metrics",
+    "outbox",
+    "uplink",
+    "checkpoint",
+];
 
 pub(crate) fn metric(port: u16, name: &str) -> u64 {
     sluice_tests::metric(port, name).unwrap_or(0)
@@ -80,48 +79,167 @@ pub(crate) fn terminate(child: &mut Child) {
     }
 }
 
-/// The agent's configuration for this run: W1's rule on the broker at
-/// `port`, metrics on `metrics_port`, and what the options add (sampling,
-/// ring size, a critical rule, the UDP burst's source on `udp_port`).
-fn config_text(args: &Args, port: u16, metrics_port: u16, udp_port: u16) -> String {
-    let mut text = AGENT_CONFIG
-        .replace("{workers}", &args.workers.to_string())
-        .replace("{port}", &port.to_string())
-        .replace("{metrics}", &metrics_port.to_string())
-        .replace("{pid}", &std::process::id().to_string());
-    if let Some(f) = args.sample_above {
-        text = text.replace(
-            "max_series = 20000",
-            &format!("max_series = 20000\n[shedding]\npolicy = \"sample\"\nhigh_water = {f}\nkeep_one_in = 4"),
-        );
+/// The agent's configuration for this run: the rules (windows, detectors,
+/// sketches, shedding, workers, tables …) of `--config`, or W1's; the
+/// benchmark's broker at `port` as source and output, under the run's topic
+/// root; metrics on `metrics_port`; and what the options add (workers,
+/// sampling, ring size, a critical rule, batched aggregates, the UDP
+/// burst's source on `udp_port`).
+pub(crate) fn config_text(
+    args: &Args,
+    port: u16,
+    metrics_port: u16,
+    udp_port: u16,
+) -> Result<String, String> {
+    use toml::{Table, Value};
+    let (mut config, base_dir) = match &args.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+            let config: Table = text
+                .parse()
+                .map_err(|e| format!("{} is not valid TOML: {e}", path.display()))?;
+            let dir = path
+                .canonicalize()
+                .ok()
+                .and_then(|p| p.parent().map(Path::to_path_buf));
+            (config, dir)
+        }
+        None => (W1_RULES.parse::<Table>().expect("W1's rules"), None),
+    };
+    // Settings of the borrowed output that change its cost: kept.
+    let kept_output: Table = config
+        .get("output")
+        .and_then(|o| o.get("mqtt"))
+        .and_then(Value::as_table)
+        .map(|m| {
+            m.iter()
+                .filter(|(k, _)| {
+                    matches!(
+                        k.as_str(),
+                        "alert_qos" | "aggregate_qos" | "aggregate_batch"
+                    )
+                })
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect()
+        })
+        .unwrap_or_default();
+    // The labels the sources read: rules may group, join or count by them
+    // (the load's readings carry none, so those see one value: none).
+    let mut labels: Vec<Value> = Vec::new();
+    for source in config
+        .get("sources")
+        .and_then(Value::as_table)
+        .into_iter()
+        .flat_map(|s| s.values())
+    {
+        for label in source
+            .get("json")
+            .and_then(|j| j.get("labels"))
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            if !labels.contains(label) {
+                labels.push(label.clone());
+            }
+        }
     }
-    // After [shedding] went in: top-level keys come before any table.
+    for key in REPLACED {
+        config.remove(key);
+    }
+    // A table's relative path is relative to the file that names it, and
+    // the agent reads this configuration from elsewhere.
+    if let (Some(dir), Some(tables)) = (
+        &base_dir,
+        config.get_mut("tables").and_then(Value::as_table_mut),
+    ) {
+        for (_, table) in tables.iter_mut() {
+            if let Some(path) = table.get_mut("path")
+                && let Some(relative) = path.as_str().filter(|p| Path::new(p).is_relative())
+            {
+                *path = Value::String(dir.join(relative).display().to_string());
+            }
+        }
+    }
+    let pid = std::process::id();
+    let host = crate::load::broker_host();
+    let root = crate::load::topic("");
+    let mut settings = format!(
+        r#"agent_id = "bench"
+[sources.sensors]
+kind = "mqtt"
+host = "{host}"
+port = {port}
+client_id = "bench-agent-{pid}"
+topics = ["{root}sensors/+"]
+[output.mqtt]
+host = "{host}"
+port = {port}
+client_id = "bench-agent-out-{pid}"
+aggregate_topic = "{root}agg/{{series}}"
+aggregate_batch_topic = "{root}aggbatch"
+alert_topic = "{root}alerts/{{series}}"
+state_topic = "{root}state/{{series}}"
+[metrics]
+listen = "127.0.0.1:{metrics_port}"
+stats_interval_s = 0
+"#
+    );
+    if args.burst_udp {
+        settings += &format!("[sources.burst]\nkind = \"udp\"\nbind = \"127.0.0.1:{udp_port}\"\n");
+        if let Some(size) = args.burst_recv_buffer {
+            settings += &format!("recv_buffer = {size}\n");
+        }
+    }
+    let mut settings: Table = settings.parse().expect("the benchmark's settings");
+    if !labels.is_empty()
+        && let Some(Value::Table(sensors)) = settings
+            .get_mut("sources")
+            .and_then(|s| s.get_mut("sensors"))
+    {
+        let mut json = Table::new();
+        json.insert("labels".into(), Value::Array(labels));
+        sensors.insert("json".into(), Value::Table(json));
+    }
+    for (k, v) in settings {
+        config.insert(k, v);
+    }
+    if let Some(mqtt) = config
+        .get_mut("output")
+        .and_then(|o| o.get_mut("mqtt"))
+        .and_then(Value::as_table_mut)
+    {
+        mqtt.extend(kept_output);
+        if let Some(n) = args.aggregate_batch {
+            mqtt.insert("aggregate_batch".into(), Value::Integer(n as i64));
+        }
+    }
+    if let Some(n) = args.workers {
+        config.insert("workers".into(), Value::Integer(n as i64));
+    }
     if let Some(n) = args.ring_capacity {
-        text = text.replace(
-            "max_series = 20000",
-            &format!("max_series = 20000\nring_capacity = {n}"),
-        );
+        config.insert("ring_capacity".into(), Value::Integer(n as i64));
+    }
+    if let Some(f) = args.sample_above {
+        let shedding: Table = format!("policy = \"sample\"\nhigh_water = {f}\nkeep_one_in = 4")
+            .parse()
+            .expect("shedding");
+        config.insert("shedding".into(), Value::Table(shedding));
     }
     if args.critical_every.is_some() {
         // First match wins: the critical series' rule goes first.
-        text = text.replace(
-            "[[rules]]\nmatch = \"*\"",
-            "[[rules]]\nmatch = \"c-*\"\npriority = \"critical\"\nwindow = { kind = \"tumbling\", size_ms = 1000 }\n[[rules]]\nmatch = \"*\"",
-        );
-    }
-    if let Some(n) = args.aggregate_batch {
-        text = text.replace(
-            "aggregate_topic = \"agg/{series}\"",
-            &format!("aggregate_topic = \"agg/{{series}}\"\naggregate_batch = {n}\naggregate_batch_topic = \"aggbatch\""),
-        );
-    }
-    if args.burst_udp {
-        text += &format!("[sources.burst]\nkind = \"udp\"\nbind = \"127.0.0.1:{udp_port}\"\n");
-        if let Some(size) = args.burst_recv_buffer {
-            text += &format!("recv_buffer = {size}\n");
+        let critical: Table = "match = \"c-*\"\npriority = \"critical\"\nwindow = { kind = \"tumbling\", size_ms = 1000 }"
+            .parse()
+            .expect("critical rule");
+        let rules = config
+            .entry("rules")
+            .or_insert_with(|| Value::Array(Vec::new()));
+        if let Value::Array(rules) = rules {
+            rules.insert(0, Value::Table(critical));
         }
     }
-    text
+    Ok(toml::to_string(&config).expect("a TOML table serializes"))
 }
 
 /// Phase 2: publisher → broker → agent → broker → subscriber.
@@ -132,7 +250,7 @@ pub(crate) async fn through_agent(w: Workload, port: u16, args: &Args, agent_bin
     let config = dir.join("agent.toml");
     // The UDP burst's source.
     let udp_port = sluice_tests::free_port();
-    let mut text = config_text(args, port, metrics_port, udp_port);
+    let mut text = config_text(args, port, metrics_port, udp_port).expect("checked in main");
     // W3: an upstream broker, an outbox, and a persistent-session
     // subscriber upstream that sees every seq the uplink got acknowledged.
     let upstream = args
@@ -169,10 +287,18 @@ pub(crate) async fn through_agent(w: Workload, port: u16, args: &Args, agent_bin
     // moment for its subscription.
     let start = Instant::now();
     while sluice_tests::metric(metrics_port, "sluice_readings_processed_total").is_none() {
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "the agent did not start"
-        );
+        // A configuration the agent refuses ends it at once: say why.
+        let exited = agent.try_wait().ok().flatten();
+        if exited.is_some() || start.elapsed() > Duration::from_secs(20) {
+            let log = std::fs::read_to_string(dir.join("agent.log")).unwrap_or_default();
+            let _ = agent.kill();
+            crate::fail(format_args!(
+                "the agent {}; its log:\n{log}",
+                exited.map_or("did not start within 20 s".to_string(), |s| format!(
+                    "exited ({s})"
+                ))
+            ));
+        }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     // Connected to the broker (it subscribes on the CONNACK), then a moment

@@ -3,13 +3,46 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use sluice_core::rng::SplitMix64;
 
 use crate::report::{Phase, histogram, percentiles};
+
+/// The broker every phase runs against, and the topic root all of this
+/// run's topics sit under: `sluice-bench/<pid>/`, so that a run against a
+/// broker in use (`--broker`) neither reaches its subscribers, an agent
+/// subscribed to `sensors/+` included, nor takes what they publish.
+struct Target {
+    host: String,
+    root: String,
+}
+
+static TARGET: OnceLock<Target> = OnceLock::new();
+
+/// Sets the broker's host, once, before any phase runs.
+pub(crate) fn set_broker_host(host: &str) {
+    let _ = TARGET.set(Target {
+        host: host.to_string(),
+        root: format!("sluice-bench/{}/", std::process::id()),
+    });
+}
+
+fn target() -> &'static Target {
+    TARGET.get().expect("set_broker_host runs first")
+}
+
+/// The broker's host.
+pub(crate) fn broker_host() -> &'static str {
+    &target().host
+}
+
+/// `rest` under this run's topic root.
+pub(crate) fn topic(rest: &str) -> String {
+    format!("{}{rest}", target().root)
+}
 
 pub(crate) fn epoch_us() -> i64 {
     SystemTime::now()
@@ -115,7 +148,7 @@ impl RawPublisher {
     /// CONNACK.
     pub(crate) async fn connect(port: u16, id: &str) -> std::io::Result<Self> {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+        let mut stream = tokio::net::TcpStream::connect((broker_host(), port)).await?;
         stream.set_nodelay(true)?;
         let mut buf = bytes::BytesMut::with_capacity(1 << 16);
         let mut connect = rumqttc::Connect::new(id);
@@ -187,6 +220,8 @@ pub(crate) async fn publish(
         RawPublisher::connect(port, &format!("bench-{}-{c}-{}", w.tag, std::process::id()))
             .await
             .expect("publisher connects to the broker");
+    let topic_prefix = topic(topic_prefix);
+    let probe_prefix = topic("probe");
     let mine: Vec<u32> = (c..w.sensors).step_by(w.connections as usize).collect();
     if mine.is_empty() {
         return Sent {
@@ -243,7 +278,7 @@ pub(crate) async fn publish(
             );
             client.push(&format!("{topic_prefix}/s-{sensor:04}"), payload.as_bytes());
             if spike && probe {
-                client.push(&format!("probe/s-{sensor:04}"), payload.as_bytes());
+                client.push(&format!("{probe_prefix}/s-{sensor:04}"), payload.as_bytes());
             }
             sent.readings += 1;
             k += 1;
@@ -290,7 +325,8 @@ pub(crate) async fn publish_all(
     total
 }
 
-/// A subscriber that hands every message to `on` with its arrival time (µs
+/// A subscriber to `filters` under the run's topic root that hands every
+/// message to `on` with its topic below the root and its arrival time (µs
 /// since the epoch); stops when `stop` is set.
 pub(crate) async fn subscribe(
     port: u16,
@@ -299,13 +335,13 @@ pub(crate) async fn subscribe(
     stop: Arc<AtomicBool>,
     mut on: impl FnMut(&str, &[u8], i64) + Send + 'static,
 ) -> tokio::task::JoinHandle<()> {
-    let mut options = MqttOptions::new(format!("{id}-{}", std::process::id()), "127.0.0.1", port);
+    let mut options = MqttOptions::new(format!("{id}-{}", std::process::id()), broker_host(), port);
     options.set_max_packet_size(1 << 20, 1 << 20);
     let (client, mut events) = AsyncClient::new(options, 1024);
     events.set_network_options(sluice_collectors::mqtt::network_options());
     for f in filters {
         client
-            .subscribe(*f, QoS::AtMostOnce)
+            .subscribe(topic(f), QoS::AtMostOnce)
             .await
             .expect("subscribe");
     }
@@ -319,7 +355,10 @@ pub(crate) async fn subscribe(
         let _client = client;
         while !stop.load(Relaxed) {
             match tokio::time::timeout(Duration::from_millis(100), events.poll()).await {
-                Ok(Ok(Event::Incoming(Packet::Publish(p)))) => on(&p.topic, &p.payload, epoch_us()),
+                Ok(Ok(Event::Incoming(Packet::Publish(p)))) => {
+                    let below = p.topic.strip_prefix(&target().root).unwrap_or(&p.topic);
+                    on(below, &p.payload, epoch_us());
+                }
                 Ok(Err(_)) => tokio::time::sleep(Duration::from_millis(50)).await,
                 _ => {}
             }

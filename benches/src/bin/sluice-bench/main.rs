@@ -43,7 +43,24 @@ use report::{hgrm, kept_up, print_phase, svg};
 
 /// Command-line options.
 #[derive(Parser, Debug, Clone)]
-#[command(about = "End-to-end latency and throughput benchmark of the sluice agent (W1)")]
+#[command(
+    name = "sluice-bench",
+    version,
+    about = "End-to-end latency and throughput benchmark of the sluice agent (W1)",
+    long_about = "End-to-end latency and throughput benchmark of the sluice agent (W1).\n\n\
+N sensors publish JSON readings at a fixed rate, with a spike every so often, \
+through an MQTT broker: first to a subscriber alone (the broker-only \
+baseline), then through a sluice agent that the benchmark starts with W1's \
+rule or the rules of --config. It reports the latency from each spike's \
+publish to its alert and the part of it the agent added, the aggregates' \
+delay after their window closes, the agent's CPU, RSS, shed and late counts; \
+prints a progress line on a terminal; and writes .hgrm percentile files, an \
+SVG plot and a JSON summary to --out.\n\n\
+Against a broker in use (--broker), every topic of the run is under \
+sluice-bench/<pid>/: subscribers to sensors/+ see none of the load.\n\n\
+Exit status: 0 done; 1 --check found wrong counts; 2 a usage or setup \
+error, before any load."
+)]
 pub(crate) struct Args {
     /// Readings per second, all sensors together.
     #[arg(long, default_value_t = 20_000)]
@@ -60,14 +77,27 @@ pub(crate) struct Args {
     /// Every this many readings of a sensor, a +15 spike (an anomaly).
     #[arg(long, default_value_t = 500)]
     pub(crate) spike_every: u64,
-    /// Agent worker threads.
-    #[arg(long, default_value_t = 1)]
-    pub(crate) workers: usize,
-    /// The `sluice` binary (default: next to this one).
+    /// Agent worker threads (default: the configuration's, or 1).
+    #[arg(long)]
+    pub(crate) workers: Option<usize>,
+    /// The broker to run against, HOST:PORT (default: a private Mosquitto
+    /// on a free loopback port, which needs `mosquitto` installed). Every
+    /// topic of the run is under `sluice-bench/<pid>/`, so a broker in use
+    /// can serve: its subscribers to `sensors/+` see none of the load.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub(crate) broker: Option<String>,
+    /// The agent configuration whose rules to measure (windows, detectors,
+    /// sketches, shedding, workers, tables): the benchmark keeps those and
+    /// sets its own sources, output topics, metrics, agent_id, and no
+    /// outbox, uplink or checkpoints. The load's series are `s-0000`,
+    /// `s-0001` …; a rule must match them. Default: W1's rule.
+    #[arg(long, value_name = "FILE")]
+    pub(crate) config: Option<PathBuf>,
+    /// The `sluice` binary (default: the one next to this binary).
     #[arg(long)]
     pub(crate) agent: Option<PathBuf>,
     /// Where the .hgrm, .svg and .json results go.
-    #[arg(long, default_value = "benches/results")]
+    #[arg(long, default_value = "sluice-bench-results")]
     pub(crate) out: PathBuf,
     /// Raise the rate (×1.25 per step, from --rate) until the agent falls
     /// behind; report the highest rate it sustained.
@@ -124,27 +154,84 @@ pub(crate) struct Args {
     pub(crate) check: bool,
 }
 
+/// Ends the run with `message` on standard error and exit status 2 (a
+/// usage or setup problem, before any load).
+pub(crate) fn fail(message: impl std::fmt::Display) -> ! {
+    eprintln!("error: {message}");
+    std::process::exit(2);
+}
+
 fn main() {
     let args = Args::parse();
     let agent_bin = args.agent.clone().unwrap_or_else(|| {
         let me = std::env::current_exe().expect("current exe");
         me.with_file_name("sluice")
     });
-    assert!(
-        agent_bin.exists(),
-        "{} not found: build it first (cargo build --release -p sluice --bin sluice) or pass --agent",
-        agent_bin.display()
-    );
+    if !agent_bin.exists() {
+        fail(format_args!(
+            "{} not found: build it first (cargo build --release -p sluice --bin sluice) or pass --agent",
+            agent_bin.display()
+        ));
+    }
+    // The broker: the one given, or a private Mosquitto.
+    let (host, private) = match &args.broker {
+        Some(address) => {
+            let Some((host, port)) = address.rsplit_once(':') else {
+                fail(format_args!("--broker {address}: expected HOST:PORT"));
+            };
+            let Ok(port) = port.parse::<u16>() else {
+                fail(format_args!("--broker {address}: {port} is not a port"));
+            };
+            let host = host
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_string();
+            if let Err(e) = std::net::TcpStream::connect_timeout(
+                &std::net::ToSocketAddrs::to_socket_addrs(&(host.as_str(), port))
+                    .ok()
+                    .and_then(|mut a| a.next())
+                    .unwrap_or_else(|| {
+                        fail(format_args!("--broker {address}: cannot resolve {host}"))
+                    }),
+                Duration::from_secs(5),
+            ) {
+                fail(format_args!("--broker {address}: cannot connect: {e}"));
+            }
+            (host, Err(port))
+        }
+        None => {
+            if sluice_tests::mosquitto_program().is_none() {
+                fail(
+                    "no --broker given and mosquitto is not installed (apt-get install mosquitto), so there is no private broker to start: pass --broker HOST:PORT",
+                );
+            }
+            // Nagle off on the broker's side too (Mosquitto leaves it on by
+            // default): otherwise a quiet subscriber's delayed ACKs hold
+            // back small messages by up to 40 ms, and that would be
+            // measured, not Sluice.
+            (
+                "127.0.0.1".to_string(),
+                Ok(Broker::start_configured("bench", "set_tcp_nodelay true\n")),
+            )
+        }
+    };
+    load::set_broker_host(&host);
+    let port = match &private {
+        Ok(broker) => broker.port,
+        Err(port) => *port,
+    };
+    // The configuration is read (and its errors told) before any load.
+    if let Err(e) = agent::config_text(&args, port, 0, 0) {
+        fail(e);
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .expect("runtime");
-    // Nagle off on the broker's side too (Mosquitto leaves it on by
-    // default): otherwise a quiet subscriber's delayed ACKs hold back small
-    // messages by up to 40 ms, and that would be measured, not Sluice.
-    let broker = Broker::start_configured("bench", "set_tcp_nodelay true\n");
-    std::fs::create_dir_all(&args.out).expect("out dir");
+    if let Err(e) = std::fs::create_dir_all(&args.out) {
+        fail(format_args!("cannot create {}: {e}", args.out.display()));
+    }
     let workload = |rate: u64| Workload {
         rate,
         sensors: args.sensors,
@@ -158,19 +245,24 @@ fn main() {
         written: Default::default(),
     };
     println!(
-        "W1: {} sensors, {} s per phase, {} connections, spike every {} readings per sensor, agent {} worker(s)",
-        args.sensors, args.seconds, args.connections, args.spike_every, args.workers
+        "W1: {} sensors, {} s per phase, {} connections, spike every {} readings per sensor; broker {}; rules of {}",
+        args.sensors,
+        args.seconds,
+        args.connections,
+        args.spike_every,
+        match &private {
+            Ok(_) => format!("private Mosquitto on 127.0.0.1:{port}"),
+            Err(_) => format!("{host}:{port}, topics under {}", load::topic("")),
+        },
+        args.config
+            .as_ref()
+            .map_or("W1 (one worker)".to_string(), |c| c.display().to_string()),
     );
     if args.find_max {
         let mut rate = args.rate;
         let mut best = None;
         loop {
-            let p = runtime.block_on(through_agent(
-                workload(rate),
-                broker.port,
-                &args,
-                &agent_bin,
-            ));
+            let p = runtime.block_on(through_agent(workload(rate), port, &args, &agent_bin));
             print_phase("agent", &p);
             if !kept_up(&p) {
                 break;
@@ -181,7 +273,7 @@ fn main() {
         let mut rate = args.rate;
         let mut broker_best = None;
         loop {
-            let p = runtime.block_on(broker_only(workload(rate), broker.port));
+            let p = runtime.block_on(broker_only(workload(rate), port));
             print_phase("broker", &p);
             if (p.received as f64) < 0.999 * p.sent as f64 || p.achieved_rate < 0.97 * rate as f64 {
                 break;
@@ -196,17 +288,12 @@ fn main() {
         );
         return;
     }
-    let baseline = (!args.no_baseline)
-        .then(|| runtime.block_on(broker_only(workload(args.rate), broker.port)));
+    let baseline =
+        (!args.no_baseline).then(|| runtime.block_on(broker_only(workload(args.rate), port)));
     if let Some(b) = &baseline {
         print_phase("broker", b);
     }
-    let agent = runtime.block_on(through_agent(
-        workload(args.rate),
-        broker.port,
-        &args,
-        &agent_bin,
-    ));
+    let agent = runtime.block_on(through_agent(workload(args.rate), port, &args, &agent_bin));
     print_phase("agent", &agent);
     if let Some(added) = agent.latency_ms.get("added").filter(|a| a.count > 0) {
         println!(
@@ -304,5 +391,35 @@ fn main() {
             std::process::exit(1);
         }
         println!("check: counts are right");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    /// The manual page the package ships is rendered from the command line
+    /// and must match it: `SLUICE_BLESS=1 cargo test -p sluice-benches
+    /// --bin sluice-bench` rewrites it after a change to the options.
+    #[test]
+    fn the_packaged_manual_page_is_current() {
+        let at = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../packaging/deb/man/sluice-bench.1");
+        let mut page = Vec::new();
+        clap_mangen::Man::new(
+            super::Args::command()
+                .name("sluice-bench")
+                .version(env!("CARGO_PKG_VERSION")),
+        )
+        .render(&mut page)
+        .unwrap();
+        if std::env::var_os("SLUICE_BLESS").is_some() {
+            std::fs::write(&at, &page).unwrap();
+            return;
+        }
+        assert!(
+            std::fs::read(&at).unwrap_or_default() == page,
+            "packaging/deb/man/sluice-bench.1 is not current: SLUICE_BLESS=1 cargo test -p sluice-benches --bin sluice-bench"
+        );
     }
 }
