@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Builds sluice_<version>-1_{amd64,arm64,armhf}.deb into target/debian/: the
-# binary with cargo-zigbuild against glibc $SLUICE_GLIBC (default 2.28, so
-# that Debian 10/11 and Raspberry Pi OS buster/bullseye can install it), the
-# package with cargo-deb (metadata in agent/Cargo.toml); then sets Depends to
-# what the packaged binary really needs: libc6 at least the newest GLIBC_ symbol
-# version it links against (for cross builds, dpkg-shlibdeps would claim the
-# build host's libc6 instead), libgcc-s1 likewise, and procps (the unit's
-# ExecReload runs /bin/kill).
+# binaries (the agent, sluice, and its load benchmark, sluice-bench) with
+# cargo-zigbuild against glibc $SLUICE_GLIBC (default 2.28, so that Debian
+# 10/11 and Raspberry Pi OS buster/bullseye can install them), the package
+# with cargo-deb (metadata in agent/Cargo.toml); then sets Depends to what
+# the packaged binaries really need: libc6 at least the newest GLIBC_ symbol
+# version they link against (for cross builds, dpkg-shlibdeps would claim
+# the build host's libc6 instead), libgcc-s1 likewise, and procps (the
+# unit's ExecReload runs /bin/kill).
 #
 #   packaging/deb/build.sh [TARGET ...]   (default: all three)
 #
@@ -29,29 +30,36 @@ done
 
 for target in "${targets[@]}"; do
     cargo zigbuild -p sluice --bin sluice --profile dist --target "$target.$glibc_floor"
+    # sluice-bench, the load benchmark shipped beside the agent, in a build
+    # of its own: built together, the two would share (unify) their
+    # dependencies' features, and the agent would carry the benchmark's.
+    cargo zigbuild -p sluice-benches --bin sluice-bench --profile dist --target "$target.$glibc_floor"
     deb=$(cargo deb -p sluice --profile dist --target "$target" --no-build | tail -n 1)
     work=$(mktemp -d)
     # mktemp -d makes the directory 0700; it becomes the package's ./
     chmod 0755 "$work"
     dpkg-deb -R "$deb" "$work"
-    bin="$work/usr/bin/sluice"
-    depends=()
-    for lib in $(readelf -d "$bin" | sed -n 's/.*Shared library: \[\(.*\)\]/\1/p'); do
-        case "$lib" in
-            libc.so.6 | libm.so.6 | libpthread.so.0 | libdl.so.2 | librt.so.1 | ld-linux*)
-                glibc=$(readelf -V --wide "$bin" | grep -o 'GLIBC_[0-9][0-9.]*' | sed 's/GLIBC_//' | sort -uV | tail -n 1)
-                depends+=("libc6 (>= $glibc)")
-                ;;
-            libgcc_s.so.1)
-                gcc=$(readelf -V --wide "$bin" | grep -o 'GCC_[0-9][0-9.]*' | sed 's/GCC_//' | sort -uV | tail -n 1)
-                depends+=("libgcc-s1 (>= ${gcc:-3.0})")
-                ;;
-            *)
-                echo "error: $target: unexpected shared library $lib; add its package to build.sh" >&2
-                exit 1
-                ;;
-        esac
+    # The newest GLIBC_ and GCC_ symbol versions either binary needs.
+    glibc="" gcc=""
+    for bin in "$work/usr/bin/sluice" "$work/usr/bin/sluice-bench"; do
+        for lib in $(readelf -d "$bin" | sed -n 's/.*Shared library: \[\(.*\)\]/\1/p'); do
+            case "$lib" in
+                libc.so.6 | libm.so.6 | libpthread.so.0 | libdl.so.2 | librt.so.1 | ld-linux*)
+                    glibc=$( (echo "$glibc"; readelf -V --wide "$bin" | grep -o 'GLIBC_[0-9][0-9.]*' | sed 's/GLIBC_//') | sort -uV | tail -n 1)
+                    ;;
+                libgcc_s.so.1)
+                    gcc=$( (echo "${gcc:-3.0}"; readelf -V --wide "$bin" | grep -o 'GCC_[0-9][0-9.]*' | sed 's/GCC_//') | sort -uV | tail -n 1)
+                    ;;
+                *)
+                    echo "error: $target: $bin needs an unexpected shared library $lib; add its package to build.sh" >&2
+                    exit 1
+                    ;;
+            esac
+        done
     done
+    depends=()
+    [ -n "$glibc" ] && depends+=("libc6 (>= $glibc)")
+    [ -n "$gcc" ] && depends+=("libgcc-s1 (>= $gcc)")
     # The unit's ExecReload runs /bin/kill.
     depends+=("procps")
     line=$(printf '%s\n' "${depends[@]}" | sort -u | paste -sd, - | sed 's/,/, /g')
@@ -67,5 +75,5 @@ for target in "${targets[@]}"; do
     find "$work" -exec touch -h -d "@$epoch" {} +
     SOURCE_DATE_EPOCH="$epoch" dpkg-deb --root-owner-group -Zxz -b "$work" "$deb" > /dev/null
     rm -rf "$work"
-    echo "$deb: Depends: $line; /usr/bin/sluice $(dpkg-deb --fsys-tarfile "$deb" | tar -tvf - ./usr/bin/sluice | awk '{print $3}') bytes"
+    echo "$deb: Depends: $line; $(dpkg-deb --fsys-tarfile "$deb" | tar -tvf - ./usr/bin/sluice ./usr/bin/sluice-bench | awk '{printf "%s %s bytes; ", $6, $3}')"
 done
