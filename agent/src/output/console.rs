@@ -90,7 +90,7 @@ pub(super) fn write(record: &Record, out: &mut impl Write) -> std::io::Result<()
                 } else {
                     String::new()
                 },
-                a.distinct.as_ref().map_or_else(String::new, |d| {
+                a.extras().distinct.as_ref().map_or_else(String::new, |d| {
                     format!("  distinct {}={:.0}", d.label, d.estimate)
                 }),
                 if a.partial { "  (partial)" } else { "" }

@@ -11,8 +11,8 @@ pub use console::{Console, clock};
 use mqtt::MqttSink;
 pub use record::{
     AggregateRecord, AlertEvent, DecayingSummary, Delays, DistinctRecord, FrequencyRecord,
-    FrequencyValue, GroupRecord, LabelRecord, Made, OutputStats, Record, TopRecord, TopValue,
-    base64_bytes, base64_of, sketch_base64,
+    FrequencyValue, GroupRecord, LabelRecord, Made, OutputStats, Record, RecordExtras, TopRecord,
+    TopValue, base64_bytes, base64_of, sketch_base64,
 };
 
 use std::sync::Arc;
@@ -258,15 +258,7 @@ mod tests {
             stddev: None,
             first: 1.0,
             last: 1.0,
-            quantiles: None,
-            quantiles_collapsed: Vec::new(),
-            quantiles_rank_error: None,
-            quantile_sketch: None,
-            distinct: None,
-            top_k: None,
-            sample: None,
-            frequency: None,
-            decaying: None,
+            extras: None,
             late: 0,
             partial: false,
             partial_reason: None,
@@ -281,14 +273,17 @@ mod tests {
         let Record::Aggregate(mut a) = aggregate("gw-1", 60_000) else {
             unreachable!()
         };
-        a.distinct = Some(Box::new(DistinctRecord {
-            label: "mac".into(),
-            estimate: 4_987.4,
-            rse: 0.013,
-            low: 4_857.7,
-            high: 5_117.1,
-            without_label: 0,
-            sketch: None,
+        a.extras = Some(Box::new(RecordExtras {
+            distinct: Some(Box::new(DistinctRecord {
+                label: "mac".into(),
+                estimate: 4_987.4,
+                rse: 0.013,
+                low: 4_857.7,
+                high: 5_117.1,
+                without_label: 0,
+                sketch: None,
+            })),
+            ..RecordExtras::NONE
         }));
         let mut line = Vec::new();
         console::write(&Record::Aggregate(a), &mut line).unwrap();

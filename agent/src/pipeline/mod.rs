@@ -39,9 +39,11 @@ const OUTPUT_QUEUE: usize = 1024;
 /// series the workers can hold (`max_series` × `workers`, at least
 /// [`OUTPUT_QUEUE`]). Every series closes its window at the same boundary,
 /// within one tick; the output takes a while to drain them (about 0.4 s for
-/// 10,000 over MQTT at QoS 1 here). They wait in the channel, 224 bytes
-/// each and only while they wait (it allocates as it fills), while the
-/// workers go on taking readings and raising alerts. A smaller channel made
+/// 10,000 over MQTT at QoS 1 here). They wait in the channel, about 300
+/// bytes each (a 40-byte slot, the boxed aggregate of 232 bytes, its series
+/// id; more for a rule with quantiles or label sketches) and only while
+/// they wait (it allocates as it fills), while the workers go on taking
+/// readings and raising alerts. A smaller channel made
 /// the workers wait instead, and their rings filled and shed.
 fn record_queue(config: &Config) -> usize {
     config

@@ -31,7 +31,7 @@ use tokio::sync::mpsc;
 
 use crate::output::{
     AggregateRecord, AlertEvent, DecayingSummary, DistinctRecord, FrequencyRecord, FrequencyValue,
-    GroupRecord, LabelRecord, Record, TopRecord, TopValue, base64_of, sketch_base64,
+    GroupRecord, LabelRecord, Record, RecordExtras, TopRecord, TopValue, base64_of, sketch_base64,
 };
 use crate::pipeline::checkpoint::{
     self, DetectorsRef, JoinState, PatternState, SeriesRef, SeriesState, WindowsRef, WindowsState,
@@ -461,22 +461,7 @@ fn aggregate(
         stddev: a.stddev(),
         first: a.first().map_or(f64::NAN, |p| p.value),
         last: a.last().map_or(f64::NAN, |p| p.value),
-        quantiles,
-        quantiles_collapsed,
-        quantiles_rank_error,
-        quantile_sketch,
-        distinct: None,
-        top_k: None,
-        sample: None,
-        frequency: None,
-        decaying: done.decaying.and_then(|d| {
-            Some(DecayingSummary {
-                mean: d.mean()?,
-                stddev: d.stddev()?,
-                sum: d.decaying_sum(),
-                weight: d.weight(),
-            })
-        }),
+        extras: None,
         late: done.late,
         partial: done.closed.partial || after_crash,
         partial_reason: after_crash.then_some("restored_after_crash"),
@@ -485,8 +470,26 @@ fn aggregate(
             .then(|| (a.count() as f64 * f64::from(done.sampled_one_in - 1)).sqrt()),
         made: crate::output::Made::now(),
     };
+    let mut extras = RecordExtras {
+        quantiles,
+        quantiles_collapsed,
+        quantiles_rank_error,
+        quantile_sketch,
+        decaying: done.decaying.and_then(|d| {
+            Some(DecayingSummary {
+                mean: d.mean()?,
+                stddev: d.stddev()?,
+                sum: d.decaying_sum(),
+                weight: d.weight(),
+            })
+        }),
+        ..RecordExtras::NONE
+    };
     if let (Some(w), Some(spec)) = (done.labels, rules.label_spec(rule)) {
-        label_records(&mut record, w, spec);
+        label_records(&mut extras, w, spec);
+    }
+    if !extras.is_empty() {
+        record.extras = Some(Box::new(extras));
     }
     Record::Aggregate(Box::new(record))
 }
@@ -497,7 +500,7 @@ pub fn quantile_name(level: f64) -> String {
 }
 
 /// What a closed window's label sketches report, into its record.
-fn label_records(record: &mut AggregateRecord, w: LabelWindow, spec: &LabelSpec) {
+fn label_records(record: &mut RecordExtras, w: LabelWindow, spec: &LabelSpec) {
     record.distinct = w
         .distinct
         .zip(spec.distinct.as_ref())
@@ -2035,7 +2038,10 @@ mod tests {
         assert_eq!(got.len(), 1);
         assert_eq!((got[0].start, got[0].end, got[0].count), (0, 4_901, 50));
         assert_eq!(got[0].sum, 25.0 + 50.0);
-        assert_eq!(got[0].quantiles.as_ref().unwrap()["p50"].round(), 1.0);
+        assert_eq!(
+            got[0].extras().quantiles.as_ref().unwrap()["p50"].round(),
+            1.0
+        );
         // The second closes on the agent's clock once the series is quiet.
         b.tick(now_ms() + 10_000);
         let got = aggregates(&mut rx);
@@ -2408,7 +2414,7 @@ mod tests {
         }
         b.process(with_mac("gw", 200_000, None));
         let got = aggregates(&mut rx);
-        let f = got[0].frequency.as_ref().unwrap();
+        let f = got[0].extras().frequency.as_ref().unwrap();
         let labelled = (stream.len() - 10) as u64;
         assert_eq!((f.total, f.without_label), (labelled, 10));
         assert!((f.bound - f.epsilon * labelled as f64).abs() < 1e-6);
@@ -2473,7 +2479,7 @@ mod tests {
         assert_eq!(got.len(), 1);
         let a = &got[0];
         assert_eq!(a.count, 610);
-        let d = a.distinct.as_deref().unwrap();
+        let d = a.extras().distinct.as_deref().unwrap();
         assert_eq!((d.label.as_str(), d.without_label), ("mac", 10));
         assert!((d.estimate - 500.0).abs() <= 500.0 * 4.0 * d.rse, "{d:?}");
         assert!(d.low <= 500.0 && 500.0 <= d.high, "{d:?}");
@@ -2488,14 +2494,14 @@ mod tests {
         )
         .unwrap();
         assert_eq!(h.estimate(), d.estimate);
-        let top = a.top_k.as_deref().unwrap();
+        let top = a.extras().top_k.as_deref().unwrap();
         let names: Vec<&str> = top.values.iter().map(|v| v.value.as_str()).collect();
         assert_eq!(names, ["m-0", "m-1", "m-2"]);
         for (v, truth) in top.values.iter().zip([51, 31, 21]) {
             assert!(v.count - v.overcount <= truth && truth <= v.count, "{v:?}");
         }
         assert_eq!(top.without_label, 10);
-        let sample = a.sample.as_ref().unwrap();
+        let sample = a.extras().sample.as_ref().unwrap();
         assert_eq!(sample.len(), 5);
         assert!(sample.windows(2).all(|p| p[0].ts <= p[1].ts));
         assert!(sample.iter().all(|r| (0..610).contains(&r.ts)));
@@ -2524,8 +2530,8 @@ mod tests {
         assert!(seen_after.iter().all(|m| !seen_before.contains(m)));
         let (x, y) = (&whole[0], &resumed[0]);
         assert_eq!(x.count, y.count);
-        assert_eq!(x.distinct, y.distinct);
-        assert_eq!(x.top_k, y.top_k);
+        assert_eq!(x.extras().distinct, y.extras().distinct);
+        assert_eq!(x.extras().top_k, y.extras().top_k);
     }
 
     #[test]
@@ -2649,7 +2655,7 @@ mod tests {
         assert_eq!(alerts, 1);
         assert_eq!(got.len(), 1);
         assert_eq!((got[0].start, got[0].end, got[0].count), (0, 1000, 200));
-        assert!((got[0].quantiles.as_ref().unwrap()["p50"] - 11.0).abs() < 0.2);
+        assert!((got[0].extras().quantiles.as_ref().unwrap()["p50"] - 11.0).abs() < 0.2);
     }
 
     #[test]
@@ -2697,7 +2703,7 @@ mod tests {
         w.process(reading("a", 1_100, 9.0));
         let got = aggregates(&mut rx);
         assert_eq!(got.len(), 1);
-        let d = got[0].decaying.unwrap();
+        let d = got[0].extras().decaying.unwrap();
         // λ = 0.5: S = 2 + 0.5·4 = 4, W = 1.5, mean = 8/3.
         assert_eq!((got[0].start, got[0].end, got[0].count), (0, 1000, 2));
         assert!((d.mean - 8.0 / 3.0).abs() < 1e-12 && (d.sum - 4.0).abs() < 1e-12);
@@ -2716,8 +2722,8 @@ mod tests {
         }
         w.process(reading("a", 1_000, 0.0));
         let got = aggregates(&mut rx);
-        assert_eq!(got[0].quantiles_collapsed, vec!["p5".to_string()]);
-        let q = got[0].quantiles.as_ref().unwrap();
+        assert_eq!(got[0].extras().quantiles_collapsed, vec!["p5".to_string()]);
+        let q = got[0].extras().quantiles.as_ref().unwrap();
         assert!(q["p5"] >= 5.0, "an upper bound: {q:?}");
         assert!((q["p50"] - 50.0).abs() <= 0.5 + 0.01 * 50.0, "{q:?}");
     }
@@ -2745,13 +2751,13 @@ mod tests {
         let whole = got.iter().find(|a| (a.start, a.end) == (0, 2000)).unwrap();
         assert_eq!(whole.count, 2000);
         assert!(
-            whole.quantiles_collapsed.is_empty(),
+            whole.extras().quantiles_collapsed.is_empty(),
             "{:?}",
-            whole.quantiles_collapsed
+            whole.extras().quantiles_collapsed
         );
         let mut values: Vec<f64> = (0..2000).map(value).collect();
         values.sort_by(f64::total_cmp);
-        let q = whole.quantiles.as_ref().unwrap();
+        let q = whole.extras().quantiles.as_ref().unwrap();
         for (name, at) in [("p1", 0.01), ("p10", 0.1), ("p50", 0.5), ("p99", 0.99)] {
             // DDSketch's rank: the value of rank floor(q·(n−1)).
             let exact = values[(at * 1999.0) as usize];
@@ -2789,12 +2795,12 @@ mod tests {
         b.process(reading("s", 200_000, 1.0));
         let got = aggregates(&mut rx);
         assert_eq!(got[0].count, 20_000);
-        assert!(got[0].quantiles_collapsed.is_empty());
-        let eps = got[0].quantiles_rank_error.unwrap();
+        assert!(got[0].extras().quantiles_collapsed.is_empty());
+        let eps = got[0].extras().quantiles_rank_error.unwrap();
         assert!((0.01..0.02).contains(&eps), "{eps}");
         let mut sorted = values.clone();
         sorted.sort_by(f64::total_cmp);
-        let q = got[0].quantiles.as_ref().unwrap();
+        let q = got[0].extras().quantiles.as_ref().unwrap();
         for (name, level) in [
             ("p1.234", 0.01234),
             ("p50.001", 0.50001),
@@ -2807,7 +2813,7 @@ mod tests {
                 q[name]
             );
         }
-        let sketch = got[0].quantile_sketch.as_ref().unwrap();
+        let sketch = got[0].extras().quantile_sketch.as_ref().unwrap();
         let python = std::env::var("SLUICE_PYTHON").unwrap_or_else(|_| "python3".into());
         let script = "import base64, sys\nfrom datasketches import kll_doubles_sketch\ns = kll_doubles_sketch.deserialize(base64.b64decode(sys.argv[1]))\nprint(s.n, *(repr(s.get_quantile(r)) for r in (0.01234, 0.50001, 0.98767)))\n";
         let out = std::process::Command::new(&python)
@@ -2861,7 +2867,7 @@ mod tests {
         }
         w.process(reading("s-1", 1_000, 0.0));
         let got = aggregates(&mut rx);
-        let q = got[0].quantiles.as_ref().unwrap();
+        let q = got[0].extras().quantiles.as_ref().unwrap();
         assert!((q["p50"] - 50.0).abs() <= 0.5 + 0.01 * 50.0, "{q:?}");
         // Rank 0.999 · 99 falls on the 99th value.
         assert!((q["p99.9"] - 99.0).abs() <= 0.01 * 99.0, "{q:?}");
