@@ -248,6 +248,7 @@ where
                 _ = term.recv() => tracing::info!("SIGTERM"),
                 _ = int.recv() => tracing::info!("SIGINT"),
             }
+            sluice::ops::service::stopping();
             signals.cancel();
         });
         match job(shutdown).await {

@@ -154,3 +154,54 @@ fn a_store_stuck_in_sqlite_stops_the_watchdog_pings_until_it_moves_again() {
     let (_, pings) = longest_ping_gap(&socket, Duration::from_secs(8));
     assert!(pings >= 2, "no pings after the store moved again");
 }
+
+/// Without a watchdog (`Type=notify` and no `WatchdogSec=`) the agent still
+/// says `READY=1`, and `STOPPING=1` on SIGTERM (it was sent by the watchdog
+/// task, which does not run then), before it exits.
+#[test]
+fn stopping_reaches_the_notify_socket_without_a_watchdog() {
+    let tmp = sluice_tests::temp_dir("notify-nowd");
+    let dir = tmp.path().to_path_buf();
+    let socket_path = dir.join("notify.sock");
+    let socket = UnixDatagram::bind(&socket_path).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let config = dir.join("notify.toml");
+    std::fs::write(
+        &config,
+        "agent_id = \"n\"\n[sources.u]\nkind = \"udp\"\nbind = \"127.0.0.1:0\"\n[[rules]]\nmatch = \"*\"\nwindow = { kind = \"count\", size = 1 }\n[output]\nconsole = true\n",
+    )
+    .unwrap();
+    let mut agent = sluice_tests::ChildGuard(
+        sluice_tests::own_binary(env!("CARGO_BIN_EXE_sluice"))
+            .args(["run", "--config"])
+            .arg(&config)
+            .env("NOTIFY_SOCKET", &socket_path)
+            .env_remove("WATCHDOG_USEC")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let mut buf = [0u8; 512];
+    let start = Instant::now();
+    loop {
+        assert!(start.elapsed() < Duration::from_secs(30), "no READY=1");
+        if let Ok(n) = socket.recv(&mut buf)
+            && String::from_utf8_lossy(&buf[..n]).contains("READY=1")
+        {
+            break;
+        }
+    }
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(agent.id() as i32, libc::SIGTERM) };
+    let status = agent.wait().unwrap();
+    assert!(status.success(), "{status}");
+    // Sent before the agent exited, so it waits in the socket.
+    let mut got = Vec::new();
+    while let Ok(n) = socket.recv(&mut buf) {
+        got.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+    }
+    assert!(got.iter().any(|m| m.contains("STOPPING=1")), "{got:?}");
+}

@@ -2,7 +2,8 @@
 //! `WatchdogSec=`), through `$NOTIFY_SOCKET`. Outside systemd (no socket in
 //! the environment) every call here does nothing.
 //!
-//! Readiness (`READY=1`) is sent once every source is up. The watchdog is
+//! Readiness (`READY=1`) is sent once every source is up, `STOPPING=1` on
+//! SIGTERM or SIGINT, before shutdown begins. The watchdog is
 //! pinged at half its period, but only while every worker thread's
 //! heartbeat (bumped on every pass of its loop, at least ten times a second
 //! even when idle) keeps moving, or it is waiting for room in the output
@@ -20,6 +21,14 @@ use sd_notify::NotifyState;
 use tokio_util::sync::CancellationToken;
 
 use crate::ops::metrics::Running;
+
+/// Tells systemd the agent is stopping (`STOPPING=1`). Sent where the
+/// signal is taken, before shutdown begins: from the watchdog task, as it
+/// was, it raced the shutdown, which could end the runtime before that task
+/// ran again (and without a watchdog it was never sent).
+pub fn stopping() {
+    let _ = sd_notify::notify(&[NotifyState::Stopping]);
+}
 
 /// Tells systemd the agent is ready, then pings its watchdog (if enabled)
 /// while the workers are alive, until `stop`.
@@ -46,10 +55,8 @@ pub async fn ready_and_watchdog(running: Running, stop: CancellationToken) {
     let mut last = beats(&running);
     loop {
         tokio::select! {
-            _ = stop.cancelled() => {
-                let _ = sd_notify::notify(&[NotifyState::Stopping]);
-                return;
-            }
+            // STOPPING=1 went with the signal (see `stopping`).
+            _ = stop.cancelled() => return,
             _ = tokio::time::sleep(every) => {}
         }
         let stuck: Vec<&str> = [
