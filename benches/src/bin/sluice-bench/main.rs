@@ -99,10 +99,15 @@ pub(crate) struct Args {
     /// Where the .hgrm, .svg and .json results go.
     #[arg(long, default_value = "sluice-bench-results")]
     pub(crate) out: PathBuf,
-    /// Raise the rate (×1.25 per step, from --rate) until the agent falls
-    /// behind; report the highest rate it sustained.
+    /// Raise the rate (×--step per step, from --rate) until the agent falls
+    /// behind, then the same for the broker alone; report the highest rate
+    /// each sustained.
     #[arg(long)]
     pub(crate) find_max: bool,
+    /// With --find-max: the factor between one rate and the next (finer
+    /// steps tell two close maxima apart, at the cost of more runs).
+    #[arg(long, default_value_t = 1.25, value_parser = parse_step)]
+    pub(crate) step: f64,
     /// Skip the broker-only phase.
     #[arg(long)]
     pub(crate) no_baseline: bool,
@@ -152,6 +157,14 @@ pub(crate) struct Args {
     /// warm-up raised an alert (for CI; never asserts on timings).
     #[arg(long)]
     pub(crate) check: bool,
+}
+
+/// A --step: a factor from 1.01 to 4.
+fn parse_step(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(f) if (1.01..=4.0).contains(&f) => Ok(f),
+        _ => Err(format!("{text}: expected a factor from 1.01 to 4")),
+    }
 }
 
 /// Ends the run with `message` on standard error and exit status 2 (a
@@ -268,7 +281,7 @@ fn main() {
                 break;
             }
             best = Some(rate);
-            rate = rate * 5 / 4;
+            rate = (rate as f64 * args.step).round() as u64;
         }
         let mut rate = args.rate;
         let mut broker_best = None;
@@ -279,12 +292,20 @@ fn main() {
                 break;
             }
             broker_best = Some(rate);
-            rate = rate * 5 / 4;
+            rate = (rate as f64 * args.step).round() as u64;
         }
         println!(
-            "highest sustained rate: agent {}, broker only {} readings/s",
+            "highest sustained rate: agent {}, broker only {} readings/s{}",
             best.map_or("none".into(), |r| r.to_string()),
-            broker_best.map_or("none".into(), |r| r.to_string())
+            broker_best.map_or("none".into(), |r| r.to_string()),
+            match (best, broker_best) {
+                (Some(a), Some(b)) => format!(
+                    " (agent/broker {:.2}; each within a step of ×{} of its true maximum)",
+                    a as f64 / b as f64,
+                    args.step
+                ),
+                _ => String::new(),
+            }
         );
         return;
     }
