@@ -259,7 +259,11 @@ impl MqttSink {
             return;
         }
         batch.json.push(b']');
-        let payload = std::mem::take(&mut batch.json);
+        let mut payload = std::mem::take(&mut batch.json);
+        // It waits in the client's queue until written, and grew by
+        // doubling: up to half of it would wait there unused (about 0.5 MB
+        // at a boundary of 10,000 series).
+        payload.shrink_to_fit();
         let qos = qos(self.settings.aggregate_qos);
         let sent = self
             .send(batch.topic.clone(), qos, false, payload, shutdown, stats)
