@@ -7,33 +7,48 @@ use std::os::unix::net::UnixDatagram;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-#[test]
-fn ready_watchdog_pings_and_stopping_reach_the_notify_socket() {
-    let tmp = sluice_tests::temp_dir("notify");
-    let dir = tmp.path().to_path_buf();
-    let socket_path = dir.join("notify.sock");
+/// An agent with one UDP source, started with `NOTIFY_SOCKET` (a socket
+/// bound in a temporary directory, read with a 200 ms timeout) and, if
+/// given, `WATCHDOG_USEC`.
+fn notified_agent(
+    name: &str,
+    watchdog_usec: Option<&str>,
+) -> (
+    sluice_tests::TempDir,
+    UnixDatagram,
+    sluice_tests::ChildGuard,
+) {
+    let tmp = sluice_tests::temp_dir(name);
+    let socket_path = tmp.path().join("notify.sock");
     let socket = UnixDatagram::bind(&socket_path).unwrap();
     socket
         .set_read_timeout(Some(Duration::from_millis(200)))
         .unwrap();
-    let config = dir.join("notify.toml");
+    let config = tmp.path().join("notify.toml");
     std::fs::write(
         &config,
         "agent_id = \"n\"\n[sources.u]\nkind = \"udp\"\nbind = \"127.0.0.1:0\"\n[[rules]]\nmatch = \"*\"\nwindow = { kind = \"count\", size = 1 }\n[output]\nconsole = true\n",
     )
     .unwrap();
-    let mut agent = sluice_tests::ChildGuard(
-        sluice_tests::own_binary(env!("CARGO_BIN_EXE_sluice"))
-            .args(["run", "--config"])
-            .arg(&config)
-            .env("NOTIFY_SOCKET", &socket_path)
-            // A 400 ms watchdog: pings every 200 ms.
-            .env("WATCHDOG_USEC", "400000")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let mut command = sluice_tests::own_binary(env!("CARGO_BIN_EXE_sluice"));
+    command
+        .args(["run", "--config"])
+        .arg(&config)
+        .env("NOTIFY_SOCKET", &socket_path)
+        .env_remove("WATCHDOG_USEC")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    if let Some(usec) = watchdog_usec {
+        command.env("WATCHDOG_USEC", usec);
+    }
+    let agent = sluice_tests::ChildGuard(command.spawn().unwrap());
+    (tmp, socket, agent)
+}
+
+#[test]
+fn ready_watchdog_pings_and_stopping_reach_the_notify_socket() {
+    // A 400 ms watchdog: pings every 200 ms.
+    let (_tmp, socket, mut agent) = notified_agent("notify", Some("400000"));
     let mut messages = Vec::new();
     let start = Instant::now();
     let mut buf = [0u8; 512];
@@ -160,30 +175,7 @@ fn a_store_stuck_in_sqlite_stops_the_watchdog_pings_until_it_moves_again() {
 /// task, which does not run then), before it exits.
 #[test]
 fn stopping_reaches_the_notify_socket_without_a_watchdog() {
-    let tmp = sluice_tests::temp_dir("notify-nowd");
-    let dir = tmp.path().to_path_buf();
-    let socket_path = dir.join("notify.sock");
-    let socket = UnixDatagram::bind(&socket_path).unwrap();
-    socket
-        .set_read_timeout(Some(Duration::from_millis(200)))
-        .unwrap();
-    let config = dir.join("notify.toml");
-    std::fs::write(
-        &config,
-        "agent_id = \"n\"\n[sources.u]\nkind = \"udp\"\nbind = \"127.0.0.1:0\"\n[[rules]]\nmatch = \"*\"\nwindow = { kind = \"count\", size = 1 }\n[output]\nconsole = true\n",
-    )
-    .unwrap();
-    let mut agent = sluice_tests::ChildGuard(
-        sluice_tests::own_binary(env!("CARGO_BIN_EXE_sluice"))
-            .args(["run", "--config"])
-            .arg(&config)
-            .env("NOTIFY_SOCKET", &socket_path)
-            .env_remove("WATCHDOG_USEC")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let (_tmp, socket, mut agent) = notified_agent("notify-nowd", None);
     let mut buf = [0u8; 512];
     let start = Instant::now();
     loop {
