@@ -268,6 +268,7 @@ fn a_value_out_of_range_names_its_key_and_line() {
         ("outbox.max_records", "1000000", "0"),
         ("outbox.max_bytes", "268435456", "0"),
         ("outbox.on_full", "\"drop_oldest\"", "\"drop_newest\""),
+        ("uplink.kind", "\"mqtt\"", "\"kafka\""),
         ("uplink.host", "\"upstream.example.net\"", "\"\""),
         ("uplink.max_inflight", "64", "0"),
         (
@@ -470,4 +471,34 @@ fn label_rules_need_a_tumbling_window_and_a_source_that_reads_the_label() {
         "{source}[[rules]]\nmatch = \"*\"\nfirst_seen = {{ label = \"mac\" }}\n[output]\nconsole = true\n"
     ))
     .unwrap();
+}
+
+/// `[uplink] kind = "nats"`: its subject templates are checked as NATS
+/// subjects (one token an id, no wildcard, no `$`), and a build without the
+/// `nats` feature refuses the kind itself with what to do.
+#[test]
+fn a_nats_uplink_needs_valid_subjects_and_a_build_that_has_it() {
+    let base = "[sources.u]\nkind = \"udp\"\nbind = \"127.0.0.1:9000\"\n\n[[rules]]\nmatch = \"*\"\nwindow = { kind = \"tumbling\", size_ms = 1000 }\n\n[outbox]\npath = \"/tmp/outbox.db\"\n\n[uplink]\nkind = \"nats\"\nhost = \"127.0.0.1\"\n";
+    let e = error_of(&format!(
+        "{base}aggregate_topic = \"sluice.>.{{series}}\"\n"
+    ));
+    assert!(
+        e.contains("uplink.aggregate_topic: is not a valid NATS subject"),
+        "{e}"
+    );
+    let e = error_of(&format!("{base}alert_topic = \"$JS.{{series}}\"\n"));
+    assert!(
+        e.contains("uplink.alert_topic: must not start with '$'"),
+        "{e}"
+    );
+    let checked = Config::parse(base);
+    if cfg!(feature = "nats") {
+        assert!(checked.is_ok(), "{:?}", checked.err());
+    } else {
+        let e = checked.unwrap_err().to_string();
+        assert!(
+            e.contains("uplink.kind") && e.contains("`nats` feature"),
+            "{e}"
+        );
+    }
 }

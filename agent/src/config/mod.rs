@@ -150,15 +150,32 @@ const fn default_outbox_bytes() -> u64 {
     256 << 20
 }
 
-/// The upstream broker.
+/// What the uplink forwards to.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UplinkKind {
+    /// An MQTT broker: QoS 1, a record leaves the outbox on its PUBACK.
+    #[default]
+    Mqtt,
+    /// NATS JetStream: a record leaves the outbox on the stream's publish
+    /// acknowledgement, and its `Nats-Msg-Id` (agent, epoch, seq) lets the
+    /// stream drop a resend. Needs a build with the `nats` feature.
+    Nats,
+}
+
+/// The upstream broker or log.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct UplinkConfig {
-    /// Broker host.
+    /// `"mqtt"` (the default) or `"nats"` (JetStream).
+    #[serde(default)]
+    pub kind: UplinkKind,
+    /// Broker (or NATS server) host.
     pub host: String,
-    /// Broker port. Default 8883 with TLS, 1883 without.
+    /// Port. Default for MQTT 8883 with TLS, 1883 without; for NATS 4222.
     pub port: Option<u16>,
-    /// Client id. Default `sluice-<agent_id>-uplink`.
+    /// Client id (for NATS, the connection's name). Default
+    /// `sluice-<agent_id>-uplink`.
     pub client_id: Option<String>,
     /// User name.
     pub username: Option<String>,
@@ -168,12 +185,14 @@ pub struct UplinkConfig {
     pub password_env: Option<String>,
     /// TLS (CA file, optional client certificate and key).
     pub tls: Option<TlsSettings>,
-    /// Topic template for forwarded aggregates. Default `sluice/{agent}/agg/{series}`.
-    #[serde(default = "default_aggregate_topic")]
-    pub aggregate_topic: String,
-    /// Topic template for forwarded alerts. Default `sluice/{agent}/alerts/{series}`.
-    #[serde(default = "default_alert_topic")]
-    pub alert_topic: String,
+    /// Topic (for NATS, subject) template for forwarded aggregates.
+    /// Default `sluice/{agent}/agg/{series}` (NATS: `sluice.{agent}.agg.{series}`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aggregate_topic: Option<String>,
+    /// Topic (for NATS, subject) template for forwarded alerts.
+    /// Default `sluice/{agent}/alerts/{series}` (NATS: `sluice.{agent}.alerts.{series}`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alert_topic: Option<String>,
     /// Records sent and not yet acknowledged, at most. Default 64.
     #[serde(default = "default_max_inflight")]
     pub max_inflight: u16,
@@ -190,6 +209,24 @@ const fn default_uplink_reconnect_max_ms() -> u64 {
 }
 
 impl UplinkConfig {
+    /// The template for forwarded aggregates (the kind's default if unset).
+    pub fn aggregate_topic(&self) -> String {
+        self.aggregate_topic
+            .clone()
+            .unwrap_or_else(|| match self.kind {
+                UplinkKind::Mqtt => default_aggregate_topic(),
+                UplinkKind::Nats => "sluice.{agent}.agg.{series}".into(),
+            })
+    }
+
+    /// The template for forwarded alerts (the kind's default if unset).
+    pub fn alert_topic(&self) -> String {
+        self.alert_topic.clone().unwrap_or_else(|| match self.kind {
+            UplinkKind::Mqtt => default_alert_topic(),
+            UplinkKind::Nats => "sluice.{agent}.alerts.{series}".into(),
+        })
+    }
+
     /// Settings for the MQTT connection.
     pub fn connection(&self, agent_id: &str) -> MqttSettings {
         let port = self
@@ -747,12 +784,22 @@ impl Config {
                     return err("uplink.max_inflight", "must be 1..=1024");
                 }
                 for (key, t) in [
-                    ("uplink.aggregate_topic", &u.aggregate_topic),
-                    ("uplink.alert_topic", &u.alert_topic),
+                    ("uplink.aggregate_topic", u.aggregate_topic()),
+                    ("uplink.alert_topic", u.alert_topic()),
                 ] {
-                    if let Err(e) = crate::output::topic::check_template(t, true) {
+                    let checked = match u.kind {
+                        UplinkKind::Mqtt => crate::output::topic::check_template(&t, true),
+                        UplinkKind::Nats => crate::output::subject::check_template(&t, true),
+                    };
+                    if let Err(e) = checked {
                         return err(key, &e);
                     }
+                }
+                if u.kind == UplinkKind::Nats && !cfg!(feature = "nats") {
+                    return err(
+                        "uplink.kind",
+                        "\"nats\" needs a sluice built with the `nats` feature (cargo build --features nats); this one has only \"mqtt\"",
+                    );
                 }
                 u.connection(&self.agent_id)
                     .validate()

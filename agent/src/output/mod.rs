@@ -4,6 +4,7 @@
 mod console;
 mod mqtt;
 mod record;
+pub mod subject;
 pub mod topic;
 
 use console::print;
@@ -22,7 +23,6 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::MqttOutput;
-use crate::output::topic::render as topic;
 use crate::store::uplink::ToStore;
 
 /// Where records for the outbox go: the writer thread's channel, and the
@@ -36,6 +36,8 @@ pub struct OutboxFeed {
     pub aggregate_topic: String,
     /// Upstream topic template for alerts, if alerts are stored too.
     pub alert_topic: Option<String>,
+    /// How a template and ids become a topic (MQTT) or a subject (NATS).
+    pub render: fn(&str, &str, &str) -> String,
 }
 
 /// What the store keeps of the records (it always keeps checkpoints when
@@ -85,12 +87,16 @@ impl OutboxFeed {
             }
             (Record::Alert(_), Keeps::Marks) => return,
             (Record::Aggregate(a), keeps) => (
-                topic(&self.aggregate_topic, agent, &a.series),
+                (self.render)(&self.aggregate_topic, agent, &a.series),
                 serde_json::to_vec(a),
                 (keeps == Keeps::RecordsAndMarks).then(|| (a.series.clone(), a.end)),
             ),
             (Record::Alert(e), _) => match &self.alert_topic {
-                Some(t) => (topic(t, agent, &e.series), serde_json::to_vec(e), None),
+                Some(t) => (
+                    (self.render)(t, agent, &e.series),
+                    serde_json::to_vec(e),
+                    None,
+                ),
                 None => return,
             },
         };
@@ -301,6 +307,7 @@ mod tests {
             keeps,
             aggregate_topic: "up/{series}".into(),
             alert_topic: None,
+            render: crate::output::topic::render,
         };
         let runtime = tokio::runtime::Builder::new_current_thread()
             .build()

@@ -233,8 +233,8 @@ async fn run_with(
         };
         let (aggregate_topic, alert_topic) = match (&config.outbox, &config.uplink) {
             (Some(o), Some(u)) => (
-                u.aggregate_topic.clone(),
-                o.include_alerts.then(|| u.alert_topic.clone()),
+                u.aggregate_topic(),
+                o.include_alerts.then(|| u.alert_topic()),
             ),
             _ => (String::new(), None),
         };
@@ -243,6 +243,10 @@ async fn run_with(
             keeps: output::Keeps::new(config.outbox.is_some(), config.checkpoint.is_some()),
             aggregate_topic,
             alert_topic,
+            render: match config.uplink.as_ref().map(|u| u.kind) {
+                Some(crate::config::UplinkKind::Nats) => output::subject::render,
+                _ => output::topic::render,
+            },
         });
         store = Some((writer, uplink, stop, lock));
     }
