@@ -452,6 +452,105 @@ pub async fn wait_until(what: &str, log: &std::path::Path, mut done: impl FnMut(
     }
 }
 
+/// A `nats-server` with JetStream (Debian's `nats-server`, started with
+/// `-js`) on a free port of 127.0.0.1, its store in a directory of its own
+/// that survives [`NatsServer::restart`]; stopped when dropped.
+pub struct NatsServer {
+    /// Its client port.
+    pub port: u16,
+    dir: TempDir,
+    conf_extra: String,
+    child: Option<std::process::Child>,
+}
+
+impl NatsServer {
+    /// Starts one; `conf` is added to its configuration file (e.g. a `tls`
+    /// block).
+    pub fn start(name: &str, conf: &str) -> NatsServer {
+        let mut server = NatsServer {
+            port: free_port(),
+            dir: temp_dir(&format!("nats-{name}")),
+            conf_extra: conf.to_string(),
+            child: None,
+        };
+        server.restart();
+        server
+    }
+
+    /// Its directory (for certificates the test writes beside it).
+    pub fn dir(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+
+    /// Starts it (again) on the same port and store, and waits until it
+    /// accepts connections.
+    pub fn restart(&mut self) {
+        let store = self.dir.path().join("store");
+        let conf = format!(
+            "listen: \"127.0.0.1:{}\"\njetstream {{\n  store_dir: \"{}\"\n}}\n{}\n",
+            self.port,
+            store.display(),
+            self.conf_extra
+        );
+        let conf_path = self.dir.path().join("nats.conf");
+        std::fs::write(&conf_path, conf).unwrap();
+        let program = ["/usr/sbin/nats-server", "/usr/bin/nats-server"]
+            .into_iter()
+            .find(|p| std::path::Path::new(p).exists())
+            .unwrap_or("nats-server");
+        let child = std::process::Command::new(program)
+            .arg("-c")
+            .arg(&conf_path)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(self.dir.path().join("nats.log")).unwrap())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("cannot run nats-server ({e}); install it: apt-get install -y nats-server")
+            });
+        self.child = Some(child);
+        let start = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!(
+                    "nats-server exited ({status}) on port {}: {}",
+                    self.port,
+                    self.log()
+                );
+            }
+            assert!(
+                start.elapsed() < WAIT,
+                "nats-server did not accept connections on port {} within {WAIT:?}: {}",
+                self.port,
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Stops it (SIGKILL: an outage, not a shutdown) and waits for it.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// What it logged.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("nats.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     /// Tests run in parallel threads of one process: a port handed to one

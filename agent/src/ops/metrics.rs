@@ -370,6 +370,11 @@ pub fn render(r: &Running) -> String {
             u.connects.load(Relaxed),
         ),
         (
+            "sluice_uplink_duplicates_total",
+            "Records the upstream log acknowledged as duplicates of records it already held (NATS JetStream: the same Nats-Msg-Id), so stored once.",
+            u.duplicates.load(Relaxed),
+        ),
+        (
             "sluice_outbox_ack_errors_total",
             "Deletes of acknowledged records that failed (a full disk) and were retried.",
             u.ack_errors.load(Relaxed),

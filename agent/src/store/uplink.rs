@@ -58,6 +58,10 @@ use rumqttc::{AsyncClient, Event, Outgoing, Packet, QoS};
 use tokio::sync::mpsc;
 
 use crate::config::UplinkConfig;
+
+#[cfg(feature = "nats")]
+#[path = "uplink_nats.rs"]
+mod nats;
 use crate::store::outbox::{Claimed, Outbox, Queued, with_identity};
 
 /// How often the live lane looks for new records when it has none.
@@ -96,6 +100,9 @@ pub struct UplinkStats {
     pub acked: AtomicU64,
     /// Upstream connections made.
     pub connects: AtomicU64,
+    /// Records the upstream log acknowledged as duplicates (NATS
+    /// JetStream's duplicate window caught a resend).
+    pub duplicates: AtomicU64,
     /// Records waiting in the outbox (after the last commit or ack).
     pub backlog: AtomicU64,
     /// Worker checkpoints committed.
@@ -271,17 +278,37 @@ pub fn run_uplink(
     while !stop.load(Relaxed) {
         let isolate = outstanding.filter(|_| strikes >= STRIKES);
         let mut report = SessionReport::default();
-        let result = runtime.block_on(session(
-            &mut outbox,
-            &config,
-            &agent,
-            &stats,
-            &stop,
-            &claimed,
-            isolate,
-            &mut report,
-            &mut undeleted,
-        ));
+        let result = match config.kind {
+            crate::config::UplinkKind::Mqtt => runtime.block_on(session(
+                &mut outbox,
+                &config,
+                &agent,
+                &stats,
+                &stop,
+                &claimed,
+                isolate,
+                &mut report,
+                &mut undeleted,
+            )),
+            #[cfg(feature = "nats")]
+            crate::config::UplinkKind::Nats => runtime.block_on(nats::session(
+                &mut outbox,
+                &config,
+                &agent,
+                &stats,
+                &stop,
+                &claimed,
+                isolate,
+                &mut report,
+                &mut undeleted,
+            )),
+            // Refused by the configuration's validation.
+            #[cfg(not(feature = "nats"))]
+            crate::config::UplinkKind::Nats => {
+                tracing::error!("uplink kind \"nats\" needs a build with the `nats` feature");
+                return;
+            }
+        };
         // Whatever was read and not acknowledged is read again next time;
         // what was acknowledged and not deleted stays claimed.
         if let Ok(mut c) = claimed.lock() {
