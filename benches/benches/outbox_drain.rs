@@ -3,8 +3,13 @@
 //! the broker-limited ceiling measured in the same run: a bare rumqttc client
 //! publishing the same payloads with the same in-flight window, no SQLite.
 //!
-//! `cargo bench -p sluice-benches --bench outbox_drain` (`RECORDS` changes
-//! the default of 50,000 per run; needs `mosquitto` on the PATH).
+//! Built with `--features nats`, the same backlog drained to NATS JetStream
+//! too (a local `nats-server -js`, a stream on the subject; a record leaves
+//! the outbox on the stream's acknowledgement), in the same run.
+//!
+//! `cargo bench -p sluice-benches --bench outbox_drain [--features nats]`
+//! (`RECORDS` changes the default of 50,000 per run; needs `mosquitto`, and
+//! `nats-server` for NATS).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
@@ -18,8 +23,13 @@ use sluice_tests::Broker;
 
 const PAYLOAD: &[u8] = br#"{"agent":"gateway-01","series":"s-0042","start":1732600000000,"end":1732600001000,"count":20,"sum":427.4,"mean":21.37,"min":19.8,"max":23.1,"stddev":0.92,"first":21.1,"last":20.9,"late":0,"partial":false}"#;
 
-fn drain(broker: &Broker, n: usize, inflight: u16, dir: &std::path::Path) -> f64 {
-    let path = dir.join(format!("drain-{inflight}.db"));
+/// Where the backlog drains to: (`[uplink]` kind, port, the subject or
+/// topic of its records).
+type Upstream<'a> = (&'a str, u16, &'a str);
+
+fn drain(upstream: Upstream<'_>, n: usize, inflight: u16, dir: &std::path::Path) -> f64 {
+    let (kind, port, topic) = upstream;
+    let path = dir.join(format!("drain-{kind}-{inflight}.db"));
     let _ = std::fs::remove_file(&path);
     let open = || {
         Outbox::open(
@@ -34,7 +44,7 @@ fn drain(broker: &Broker, n: usize, inflight: u16, dir: &std::path::Path) -> f64
     };
     let mut writer = open();
     let batch: Vec<(String, Vec<u8>)> = (0..512)
-        .map(|_| ("sluice/gateway-01/agg/s-0042".to_string(), PAYLOAD.to_vec()))
+        .map(|_| (topic.to_string(), PAYLOAD.to_vec()))
         .collect();
     let mut filled = 0;
     while filled < n {
@@ -42,7 +52,7 @@ fn drain(broker: &Broker, n: usize, inflight: u16, dir: &std::path::Path) -> f64
         filled += 512.min(n - filled);
     }
     let config: UplinkConfig = serde_json::from_value(serde_json::json!({
-        "host": "127.0.0.1", "port": broker.port, "max_inflight": inflight,
+        "kind": kind, "host": "127.0.0.1", "port": port, "max_inflight": inflight,
         "client_id": format!("drain-{inflight}"),
     }))
     .unwrap();
@@ -125,13 +135,54 @@ fn main() {
         "{n} records of {} bytes per run, QoS 1 to a local Mosquitto",
         PAYLOAD.len()
     );
+    let mqtt = ("mqtt", broker.port, "sluice/gateway-01/agg/s-0042");
+    #[cfg(feature = "nats")]
+    let nats = nats_upstream();
     for inflight in [64u16, 256, 1024] {
-        let outbox = drain(&broker, n, inflight, &dir);
+        let outbox = drain(mqtt, n, inflight, &dir);
         let bare = bare_client(&broker, n, inflight);
         println!(
             "in flight {inflight:>4}: outbox drain {outbox:>8.0} records/s, bare client {bare:>8.0} msgs/s, ratio {:.2}",
             outbox / bare
         );
+        #[cfg(feature = "nats")]
+        {
+            let to_nats = drain(
+                ("nats", nats.port, "sluice.gateway-01.agg.s-0042"),
+                n,
+                inflight,
+                &dir,
+            );
+            println!(
+                "in flight {inflight:>4}: outbox drain to NATS JetStream {to_nats:>8.0} records/s, {:.2}× the drain to Mosquitto",
+                to_nats / outbox
+            );
+        }
     }
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A local `nats-server -js` with a file-stored stream on `sluice.>` (kept
+/// alive by the returned server).
+#[cfg(feature = "nats")]
+fn nats_upstream() -> sluice_tests::NatsServer {
+    let server = sluice_tests::NatsServer::start("drain-bench", "");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let client = async_nats::connect(format!("127.0.0.1:{}", server.port))
+            .await
+            .unwrap();
+        async_nats::jetstream::new(client)
+            .get_or_create_stream(async_nats::jetstream::stream::Config {
+                name: "SLUICE".into(),
+                subjects: vec!["sluice.>".into()],
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    });
+    server
 }
