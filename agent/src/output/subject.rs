@@ -21,7 +21,6 @@
 //! record's payload keeps the id as it was.
 
 use std::borrow::Cow;
-use std::fmt::Write;
 
 /// Fills `{agent}` and `{series}` into a subject template, each escaped
 /// into one token (see the module docs).
@@ -33,7 +32,7 @@ pub fn render(template: &str, agent: &str, series: &str) -> String {
 
 /// `id` as exactly one subject token (see the module docs).
 pub fn token(id: &str) -> Cow<'_, str> {
-    let escape = |i: usize, c: char| {
+    super::topic::percent_encode(id, |i, c| {
         matches!(c, '%' | '.' | '*' | '>')
             || c.is_whitespace()
             || (i == 0 && c == '$')
@@ -42,22 +41,7 @@ pub fn token(id: &str) -> Cow<'_, str> {
                 let mut buf = [0; 4];
                 sluice_collectors::reading::series_problem(c.encode_utf8(&mut buf)).is_some()
             }
-    };
-    if !id.char_indices().any(|(i, c)| escape(i, c)) {
-        return Cow::Borrowed(id);
-    }
-    let mut out = String::with_capacity(id.len() + 8);
-    for (i, c) in id.char_indices() {
-        if escape(i, c) {
-            let mut buf = [0; 4];
-            for b in c.encode_utf8(&mut buf).bytes() {
-                let _ = write!(out, "%{b:02X}");
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    Cow::Owned(out)
+    })
 }
 
 /// Why no NATS server takes `subject` for a publish, or `None`: it is

@@ -33,14 +33,20 @@ pub fn render(template: &str, agent: &str, series: &str) -> String {
 
 /// `id` as exactly one topic level (see the module docs).
 pub fn level(id: &str) -> Cow<'_, str> {
-    let escape = |i: usize, c: char| {
+    percent_encode(id, |i, c| {
         matches!(c, '%' | '/' | '+' | '#')
             || (i == 0 && c == '$')
             || (!c.is_ascii() || c.is_ascii_control()) && {
                 let mut buf = [0; 4];
                 sluice_collectors::reading::series_problem(c.encode_utf8(&mut buf)).is_some()
             }
-    };
+    })
+}
+
+/// `id` with every byte of each character `escape` picks (by its byte
+/// offset and itself) written as `%` and two upper-case hex digits; borrowed
+/// when none is. Topics and NATS subjects ([`super::subject`]) share it.
+pub fn percent_encode(id: &str, escape: impl Fn(usize, char) -> bool) -> Cow<'_, str> {
     if !id.char_indices().any(|(i, c)| escape(i, c)) {
         return Cow::Borrowed(id);
     }
