@@ -156,30 +156,8 @@ impl Broker {
             .unwrap_or_else(|e| {
                 panic!("cannot run mosquitto ({e}); install it: apt-get install -y mosquitto")
             });
-        self.child = Some(child);
-        let start = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            // An early exit (a port taken since `free_port` released it,
-            // say) fails at once, with its status and log.
-            if let Some(status) = self
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten())
-            {
-                panic!(
-                    "mosquitto exited ({status}) on port {}: {}",
-                    self.port,
-                    self.log()
-                );
-            }
-            assert!(
-                start.elapsed() < WAIT,
-                "mosquitto did not accept connections on port {} within {WAIT:?}: {}",
-                self.port,
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let log = self.dir.join("mosquitto.log");
+        wait_listening("mosquitto", self.child.insert(child), self.port, &log);
     }
 
     /// Stops the broker the way its service would (SIGTERM: it saves its
@@ -452,6 +430,31 @@ pub async fn wait_until(what: &str, log: &std::path::Path, mut done: impl FnMut(
     }
 }
 
+/// Waits until `program`, started as `child`, accepts connections on
+/// 127.0.0.1:`port`; an early exit (a port taken since `free_port` released
+/// it, say) fails at once, with its status and the `log` file, and so does
+/// a wait longer than [`WAIT`].
+fn wait_listening(
+    program: &str,
+    child: &mut std::process::Child,
+    port: u16,
+    log: &std::path::Path,
+) {
+    let log = || std::fs::read_to_string(log).unwrap_or_default();
+    let start = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if let Some(status) = child.try_wait().ok().flatten() {
+            panic!("{program} exited ({status}) on port {port}: {}", log());
+        }
+        assert!(
+            start.elapsed() < WAIT,
+            "{program} did not accept connections on port {port} within {WAIT:?}: {}",
+            log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// A `nats-server` with JetStream (Debian's `nats-server`, started with
 /// `-js`) on a free port of 127.0.0.1, its store in a directory of its own
 /// that survives [`NatsServer::restart`]; stopped when dropped.
@@ -507,28 +510,8 @@ impl NatsServer {
             .unwrap_or_else(|e| {
                 panic!("cannot run nats-server ({e}); install it: apt-get install -y nats-server")
             });
-        self.child = Some(child);
-        let start = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            if let Some(status) = self
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten())
-            {
-                panic!(
-                    "nats-server exited ({status}) on port {}: {}",
-                    self.port,
-                    self.log()
-                );
-            }
-            assert!(
-                start.elapsed() < WAIT,
-                "nats-server did not accept connections on port {} within {WAIT:?}: {}",
-                self.port,
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let log = self.dir.path().join("nats.log");
+        wait_listening("nats-server", self.child.insert(child), self.port, &log);
     }
 
     /// Stops it (SIGKILL: an outage, not a shutdown) and waits for it.

@@ -64,17 +64,13 @@ pub fn problem(subject: &str) -> Option<&'static str> {
 /// Whether `template` makes valid subjects for any ids: it must contain
 /// `{series}` (when `needs_series`), and not start with `$`.
 pub fn check_template(template: &str, needs_series: bool) -> Result<(), String> {
-    if needs_series && !template.contains("{series}") {
-        return Err("must contain {series}".into());
-    }
-    let sample = render(template, "agent", "series");
-    if let Some(problem) = problem(&sample) {
-        return Err(format!("is not a valid NATS subject: {problem}"));
-    }
-    if sample.starts_with('$') {
-        return Err("must not start with '$' (the server's own subjects)".into());
-    }
-    Ok(())
+    super::topic::check_with(
+        template,
+        needs_series,
+        render,
+        problem,
+        ("NATS subject", "the server's own subjects"),
+    )
 }
 
 #[cfg(test)]

@@ -87,15 +87,33 @@ pub fn problem(topic: &str) -> Option<&'static str> {
 /// Checks a topic template: it must hold `{series}` (when `needs_series`),
 /// and render to a topic a broker takes that does not start with `$`.
 pub fn check_template(template: &str, needs_series: bool) -> Result<(), String> {
+    check_with(
+        template,
+        needs_series,
+        render,
+        problem,
+        ("topic", "the broker's own topics"),
+    )
+}
+
+/// A template checked by the rules of `render` and `problem` (topics, or
+/// NATS subjects); `names` says what it makes and what `$` starts there.
+pub fn check_with(
+    template: &str,
+    needs_series: bool,
+    render: fn(&str, &str, &str) -> String,
+    problem: fn(&str) -> Option<&'static str>,
+    names: (&str, &str),
+) -> Result<(), String> {
     if needs_series && !template.contains("{series}") {
         return Err("must contain {series}".into());
     }
     let sample = render(template, "agent", "series");
     if let Some(problem) = problem(&sample) {
-        return Err(format!("is not a valid topic: {problem}"));
+        return Err(format!("is not a valid {}: {problem}", names.0));
     }
     if sample.starts_with('$') {
-        return Err("must not start with '$' (the broker's own topics)".into());
+        return Err(format!("must not start with '$' ({})", names.1));
     }
     Ok(())
 }

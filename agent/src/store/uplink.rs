@@ -278,30 +278,26 @@ pub fn run_uplink(
     while !stop.load(Relaxed) {
         let isolate = outstanding.filter(|_| strikes >= STRIKES);
         let mut report = SessionReport::default();
+        // One session of the kind's own (the same arguments either way).
+        macro_rules! session_of {
+            ($session:path) => {
+                runtime.block_on($session(
+                    &mut outbox,
+                    &config,
+                    &agent,
+                    &stats,
+                    &stop,
+                    &claimed,
+                    isolate,
+                    &mut report,
+                    &mut undeleted,
+                ))
+            };
+        }
         let result = match config.kind {
-            crate::config::UplinkKind::Mqtt => runtime.block_on(session(
-                &mut outbox,
-                &config,
-                &agent,
-                &stats,
-                &stop,
-                &claimed,
-                isolate,
-                &mut report,
-                &mut undeleted,
-            )),
+            crate::config::UplinkKind::Mqtt => session_of!(session),
             #[cfg(feature = "nats")]
-            crate::config::UplinkKind::Nats => runtime.block_on(nats::session(
-                &mut outbox,
-                &config,
-                &agent,
-                &stats,
-                &stop,
-                &claimed,
-                isolate,
-                &mut report,
-                &mut undeleted,
-            )),
+            crate::config::UplinkKind::Nats => session_of!(nats::session),
             // Refused by the configuration's validation.
             #[cfg(not(feature = "nats"))]
             crate::config::UplinkKind::Nats => {
@@ -409,6 +405,40 @@ fn unsendable(record: &Queued, packet: &[u8]) -> Option<String> {
     (size > max).then(|| format!("a {size}-byte packet, over the uplink's limit of {max} bytes"))
 }
 
+/// What every session does once connected, whatever the kind: counts the
+/// connection, notes when it came (for the backoff and isolation), reads
+/// the backlog, logs, and returns the first seq that is live (records from
+/// it on were committed after this connection).
+fn connected(
+    outbox: &mut Outbox,
+    config: &UplinkConfig,
+    stats: &UplinkStats,
+    report: &mut SessionReport,
+    isolate: Option<(i64, i64)>,
+) -> Result<i64, String> {
+    stats.connects.fetch_add(1, Relaxed);
+    report.connected_at = Some(Instant::now());
+    let status = outbox.status().map_err(|e| e.to_string())?;
+    stats.backlog.store(status.backlog, Relaxed);
+    let live_from = status.next_seq;
+    let kind = config.kind;
+    match isolate {
+        Some((lo, hi)) => tracing::warn!(
+            upstream = %config.host,
+            ?kind,
+            backlog_below_seq = live_from,
+            "uplink connected; the last {STRIKES} sessions failed soon after connecting: sending seqs {lo}..={hi} one at a time to find a record upstream refuses"
+        ),
+        None => tracing::info!(
+            upstream = %config.host,
+            ?kind,
+            backlog_below_seq = live_from,
+            "uplink connected"
+        ),
+    }
+    Ok(live_from)
+}
+
 /// One connection: send, collect acknowledgements, until it fails or `stop`.
 /// With `isolate = Some((lo, hi))`, records up to `hi` go one at a time,
 /// each acknowledged before the next is sent (see the module docs).
@@ -445,22 +475,7 @@ async fn session(
             _ => continue,
         }
     }
-    stats.connects.fetch_add(1, Relaxed);
-    report.connected_at = Some(Instant::now());
-    // Records from here on are live.
-    let status = outbox.status().map_err(|e| e.to_string())?;
-    stats.backlog.store(status.backlog, Relaxed);
-    let live_from = status.next_seq;
-    match isolate {
-        Some((lo, hi)) => tracing::warn!(
-            broker = %config.host,
-            backlog_below_seq = live_from,
-            "uplink connected; the last {STRIKES} sessions failed soon after connecting: sending seqs {lo}..={hi} one at a time to find a record the broker refuses"
-        ),
-        None => {
-            tracing::info!(broker = %config.host, backlog_below_seq = live_from, "uplink connected")
-        }
-    }
+    let live_from = connected(outbox, config, stats, report, isolate)?;
     let full_window = usize::from(config.max_inflight);
     // Isolating: one record at a time until one past the range is sent.
     let mut isolating = isolate.map(|(_, hi)| hi);

@@ -16,7 +16,7 @@
 //! again: consumers then drop it by the same `(agent, epoch, seq)`, which
 //! the payload carries too.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_nats::jetstream::context::PublishErrorKind;
 use tokio::task::JoinSet;
@@ -56,21 +56,7 @@ pub(super) async fn session(
     let client = connect(config, agent).await?;
     let mut jetstream = async_nats::jetstream::new(client.clone());
     jetstream.set_timeout(ACK_TIMEOUT);
-    stats.connects.fetch_add(1, Relaxed);
-    report.connected_at = Some(Instant::now());
-    let status = outbox.status().map_err(|e| e.to_string())?;
-    stats.backlog.store(status.backlog, Relaxed);
-    let live_from = status.next_seq;
-    match isolate {
-        Some((lo, hi)) => tracing::warn!(
-            server = %config.host,
-            backlog_below_seq = live_from,
-            "uplink connected to NATS; the last sessions failed soon after connecting: sending seqs {lo}..={hi} one at a time to find a record the stream refuses"
-        ),
-        None => {
-            tracing::info!(server = %config.host, backlog_below_seq = live_from, "uplink connected to NATS")
-        }
-    }
+    let live_from = super::connected(outbox, config, stats, report, isolate)?;
     let full_window = usize::from(config.max_inflight);
     let mut isolating = isolate.map(|(_, hi)| hi);
     let mut window = if isolating.is_some() { 1 } else { full_window };
