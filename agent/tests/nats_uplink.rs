@@ -324,3 +324,49 @@ async fn the_uplink_speaks_tls_to_nats_and_refuses_a_server_its_ca_did_not_sign(
     }
     assert_eq!(s.info().await.unwrap().state.messages, 5);
 }
+
+/// A record larger than the server's `max_payload` is set aside as a dead
+/// letter (counted, listed by `sluice outbox dead-letters`) instead of
+/// holding up the lane: the small records around it go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_over_the_servers_max_payload_is_set_aside_and_the_lane_goes_on() {
+    let nats = NatsServer::start("max-payload", "max_payload: 310\n");
+    let mut s = stream(nats.port).await;
+    let tmp = sluice_tests::temp_dir("nats-big");
+    let udp_port = sluice_tests::free_port();
+    let path = config(tmp.path(), "big", udp_port, nats.port, "");
+    let log = tmp.path().join("agent.log");
+    let _agent = start_agent(SLUICE, &path, &log);
+    std::thread::sleep(Duration::from_millis(500));
+    let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
+    // A 64-byte id makes a record (JSON and headers) of about 340 bytes;
+    // the short ones stay near 280.
+    let long = "x".repeat(64);
+    send(&udp, udp_port, &["s-0", &long, "s-1"], 0, 9);
+    let start = Instant::now();
+    loop {
+        let status = sluice_tests::own_binary(SLUICE)
+            .args(["outbox", "status", "--config"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&status.stdout).to_string();
+        if text.contains("backlog: 0 records") && s.info().await.unwrap().state.messages == 6 {
+            break;
+        }
+        assert!(
+            start.elapsed() < WAIT,
+            "{text}; {} in the stream; agent log:\n{}",
+            s.info().await.unwrap().state.messages,
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let letters = sluice_tests::own_binary(SLUICE)
+        .args(["outbox", "dead-letters", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let letters = String::from_utf8_lossy(&letters.stdout);
+    assert_eq!(letters.matches("max_payload").count(), 3, "{letters}");
+}
