@@ -45,11 +45,15 @@ fn main() -> ExitCode {
         .and_then(|v| v.parse::<tracing_subscriber::filter::Targets>().ok());
     let unparsed = asked.filter(|_| parsed.is_none());
     let filter = parsed.unwrap_or_else(|| {
-        tracing_subscriber::filter::Targets::new().with_default(
-            default_level
-                .parse::<tracing::Level>()
-                .unwrap_or(tracing::Level::INFO),
-        )
+        tracing_subscriber::filter::Targets::new()
+            .with_default(
+                default_level
+                    .parse::<tracing::Level>()
+                    .unwrap_or(tracing::Level::INFO),
+            )
+            // The Kafka client logs every retry of a connection; the
+            // uplink says once per outage what failed.
+            .with_target("rskafka", tracing::Level::ERROR)
     });
     tracing_subscriber::registry()
         .with(

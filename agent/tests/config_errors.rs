@@ -268,7 +268,7 @@ fn a_value_out_of_range_names_its_key_and_line() {
         ("outbox.max_records", "1000000", "0"),
         ("outbox.max_bytes", "268435456", "0"),
         ("outbox.on_full", "\"drop_oldest\"", "\"drop_newest\""),
-        ("uplink.kind", "\"mqtt\"", "\"kafka\""),
+        ("uplink.kind", "\"mqtt\"", "\"amqp\""),
         ("uplink.host", "\"upstream.example.net\"", "\"\""),
         ("uplink.max_inflight", "64", "0"),
         (
@@ -498,6 +498,41 @@ fn a_nats_uplink_needs_valid_subjects_and_a_build_that_has_it() {
         let e = checked.unwrap_err().to_string();
         assert!(
             e.contains("uplink.kind") && e.contains("`nats` feature"),
+            "{e}"
+        );
+    }
+}
+
+/// `[uplink] kind = "kafka"`: a topic template with `{series}` is refused
+/// (the series is the key), so is one that gives a topic Kafka refuses
+/// (with this agent's id filled in), and a build without the `kafka`
+/// feature refuses the kind itself with what to do.
+#[test]
+fn a_kafka_uplink_needs_topics_kafka_takes_and_a_build_that_has_it() {
+    let base = "agent_id = \"gw 1\"\n[sources.u]\nkind = \"udp\"\nbind = \"127.0.0.1:9000\"\n\n[[rules]]\nmatch = \"*\"\nwindow = { kind = \"tumbling\", size_ms = 1000 }\n\n[outbox]\npath = \"/tmp/outbox.db\"\n\n[uplink]\nkind = \"kafka\"\nhost = \"127.0.0.1\"\n";
+    let e = error_of(&format!("{base}aggregate_topic = \"sluice.{{series}}\"\n"));
+    assert!(
+        e.contains("uplink.aggregate_topic: must not contain {series}"),
+        "{e}"
+    );
+    let e = error_of(&format!(
+        "{base}alert_topic = \"sluice.{{agent}}.alerts\"\n"
+    ));
+    assert!(
+        e.contains(
+            "uplink.alert_topic: gives the topic \"sluice.gw 1.alerts\", which Kafka refuses"
+        ),
+        "{e}"
+    );
+    let e = error_of(&format!("{base}alert_topic = \"sluice/alerts\"\n"));
+    assert!(e.contains("uplink.alert_topic"), "{e}");
+    let checked = Config::parse(base);
+    if cfg!(feature = "kafka") {
+        assert!(checked.is_ok(), "{:?}", checked.err());
+    } else {
+        let e = checked.unwrap_err().to_string();
+        assert!(
+            e.contains("uplink.kind") && e.contains("`kafka` feature"),
             "{e}"
         );
     }

@@ -11,7 +11,7 @@ use std::net::UdpSocket;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use sluice_tests::{NatsServer, WAIT, now_ms, start_agent};
+use sluice_tests::{NatsServer, WAIT, start_agent};
 
 const SLUICE: &str = env!("CARGO_BIN_EXE_sluice");
 
@@ -100,22 +100,6 @@ async fn wait_for_count(port: u16, n: usize, log: &Path) -> Vec<(i64, String, St
     }
 }
 
-fn send(udp: &UdpSocket, port: u16, ids: &[&str], from: usize, n: usize) {
-    for i in from..from + n {
-        let reading = format!(
-            r#"{{"sensor":"{}","ts":{},"value":{i}}}"#,
-            ids[i % ids.len()],
-            now_ms()
-        );
-        udp.send_to(reading.as_bytes(), ("127.0.0.1", port))
-            .unwrap();
-        // The kernel's receive buffer is not the subject here.
-        if i % 50 == 49 {
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_record_lands_once_and_in_order_across_an_outage_of_the_server() {
     let mut nats = NatsServer::start("outage", "");
@@ -129,12 +113,12 @@ async fn every_record_lands_once_and_in_order_across_an_outage_of_the_server() {
     let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
     // Ids a subject must escape into one token.
     let ids = ["s-0", "line1.temp", "a b", "*", ">", "$JS"];
-    send(&udp, udp_port, &ids, 0, 200);
+    sluice_tests::send_readings(&udp, udp_port, &ids, 0, 200);
     let got = wait_for_count(nats.port, 200, &log).await;
     assert_eq!(got.len(), 200);
     // The server goes away; the agent keeps committing.
     nats.stop();
-    send(&udp, udp_port, &ids, 200, 300);
+    sluice_tests::send_readings(&udp, udp_port, &ids, 200, 300);
     tokio::time::sleep(Duration::from_secs(1)).await;
     nats.restart();
     let got = wait_for_count(nats.port, 500, &log).await;
@@ -174,62 +158,9 @@ async fn twenty_kill_9s_under_load_leave_no_gap_and_no_record_twice() {
     let udp_port = sluice_tests::free_port();
     let path = config(tmp.path(), "k9", udp_port, nats.port, "");
     let log = tmp.path().join("agent.log");
-    let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
-    let mut sent = 0;
-    for round in 0..20 {
-        // Every other run dies (abort, as kill -9) right after the stream
-        // acknowledged a batch and before the outbox deleted it: those
-        // records are sent again by the next run, which only Nats-Msg-Id
-        // keeps from being stored twice. The others are killed at a
-        // different point of their sending each time.
-        let mut agent = if round % 2 == 0 {
-            let log = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&log)
-                .unwrap();
-            sluice_tests::ChildGuard(
-                sluice_tests::own_binary(SLUICE)
-                    .args(["run", "--config"])
-                    .arg(&path)
-                    .env("SLUICE_CRASH_AT", "ack.before_delete:2")
-                    .stdout(std::process::Stdio::null())
-                    .stderr(log)
-                    .spawn()
-                    .unwrap(),
-            )
-        } else {
-            start_agent(SLUICE, &path, &log)
-        };
-        // Until its source is bound: a datagram before that is lost, not
-        // committed, and would be counted as a gap.
-        std::thread::sleep(Duration::from_millis(300));
-        send(&udp, udp_port, &["s-0", "s-1", "s-2"], sent, 100);
-        sent += 100;
-        std::thread::sleep(Duration::from_millis(20 + 15 * round));
-        let _ = agent.kill();
-        agent.wait().unwrap();
-    }
+    let sent = sluice_tests::twenty_kill_9s(SLUICE, &path, &log, udp_port);
     // A last run drains what is left: until the outbox is empty.
-    let _agent = start_agent(SLUICE, &path, &log);
-    let start = Instant::now();
-    loop {
-        let status = sluice_tests::own_binary(SLUICE)
-            .args(["outbox", "status", "--config"])
-            .arg(&path)
-            .output()
-            .unwrap();
-        if String::from_utf8_lossy(&status.stdout).contains("backlog: 0 records") {
-            break;
-        }
-        assert!(
-            start.elapsed() < WAIT * 2,
-            "{}; agent log:\n{}",
-            String::from_utf8_lossy(&status.stdout),
-            std::fs::read_to_string(&log).unwrap_or_default()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let _agent = sluice_tests::drain_outbox(SLUICE, &path, &log);
     tokio::time::sleep(Duration::from_millis(500)).await;
     let got = stored(nats.port).await;
     // Readings sent while an agent was dead are lost before they are
@@ -299,7 +230,7 @@ async fn the_uplink_speaks_tls_to_nats_and_refuses_a_server_its_ca_did_not_sign(
     let log = tmp.path().join("wrong.log");
     let mut agent = start_agent(SLUICE, &wrong, &log);
     std::thread::sleep(Duration::from_millis(300));
-    send(&udp, udp_port, &["s-0"], 0, 5);
+    sluice_tests::send_readings(&udp, udp_port, &["s-0"], 0, 5);
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(s.info().await.unwrap().state.messages, 0);
     agent.kill().unwrap();
@@ -342,7 +273,7 @@ async fn a_record_over_the_servers_max_payload_is_set_aside_and_the_lane_goes_on
     // A 64-byte id makes a record (JSON and headers) of about 340 bytes;
     // the short ones stay near 280.
     let long = "x".repeat(64);
-    send(&udp, udp_port, &["s-0", &long, "s-1"], 0, 9);
+    sluice_tests::send_readings(&udp, udp_port, &["s-0", &long, "s-1"], 0, 9);
     let start = Instant::now();
     loop {
         let status = sluice_tests::own_binary(SLUICE)

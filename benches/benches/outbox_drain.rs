@@ -5,11 +5,13 @@
 //!
 //! Built with `--features nats`, the same backlog drained to NATS JetStream
 //! too (a local `nats-server -js`, a stream on the subject; a record leaves
-//! the outbox on the stream's acknowledgement), in the same run.
+//! the outbox on the stream's acknowledgement), in the same run; with
+//! `--features kafka`, to Kafka (a local tansu, a topic of one partition; a
+//! record leaves the outbox on the leader's `acks = all`).
 //!
-//! `cargo bench -p sluice-benches --bench outbox_drain [--features nats]`
-//! (`RECORDS` changes the default of 50,000 per run; needs `mosquitto`, and
-//! `nats-server` for NATS).
+//! `cargo bench -p sluice-benches --bench outbox_drain [--features nats,kafka]`
+//! (`RECORDS` changes the default of 50,000 per run; needs `mosquitto`,
+//! `nats-server` for NATS and tansu for Kafka: `SLUICE_TANSU`, as the tests).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
@@ -138,6 +140,8 @@ fn main() {
     let mqtt = ("mqtt", broker.port, "sluice/gateway-01/agg/s-0042");
     #[cfg(feature = "nats")]
     let nats = nats_upstream();
+    #[cfg(feature = "kafka")]
+    let kafka = kafka_upstream();
     for inflight in [64u16, 256, 1024] {
         let outbox = drain(mqtt, n, inflight, &dir);
         let bare = bare_client(&broker, n, inflight);
@@ -156,6 +160,19 @@ fn main() {
             println!(
                 "in flight {inflight:>4}: outbox drain to NATS JetStream {to_nats:>8.0} records/s, {:.2}× the drain to Mosquitto",
                 to_nats / outbox
+            );
+        }
+        #[cfg(feature = "kafka")]
+        {
+            let to_kafka = drain(
+                ("kafka", kafka.port, "sluice.aggregates/s-0042"),
+                n,
+                inflight,
+                &dir,
+            );
+            println!(
+                "in flight {inflight:>4}: outbox drain to Kafka (tansu) {to_kafka:>8.0} records/s, {:.2}× the drain to Mosquitto",
+                to_kafka / outbox
             );
         }
     }
@@ -185,4 +202,27 @@ fn nats_upstream() -> sluice_tests::NatsServer {
             .unwrap();
     });
     server
+}
+
+/// A local tansu (Kafka protocol, SQLite storage) with the topic
+/// `sluice.aggregates` of one partition (kept alive by the returned broker).
+#[cfg(feature = "kafka")]
+fn kafka_upstream() -> sluice_tests::KafkaBroker {
+    let broker = sluice_tests::KafkaBroker::start("drain-bench", None);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        rskafka::client::ClientBuilder::new(vec![broker.address()])
+            .build()
+            .await
+            .unwrap()
+            .controller_client()
+            .unwrap()
+            .create_topic("sluice.aggregates", 1, 1, 5_000)
+            .await
+            .unwrap();
+    });
+    broker
 }

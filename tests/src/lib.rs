@@ -455,6 +455,94 @@ fn wait_listening(
     }
 }
 
+/// Sends readings `from..from + n` as JSON datagrams to 127.0.0.1:`port`,
+/// each from the next sensor of `ids` in turn with its index as value,
+/// pausing every 50 so that the kernel's receive buffer is not the subject.
+pub fn send_readings(udp: &std::net::UdpSocket, port: u16, ids: &[&str], from: usize, n: usize) {
+    for i in from..from + n {
+        let reading = format!(
+            r#"{{"sensor":"{}","ts":{},"value":{i}}}"#,
+            ids[i % ids.len()],
+            now_ms()
+        );
+        udp.send_to(reading.as_bytes(), ("127.0.0.1", port))
+            .unwrap();
+        if i % 50 == 49 {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+/// Twenty runs of the agent `bin` with `config` (a UDP source on
+/// `udp_port`), each sent 100 readings and killed under load (SIGKILL).
+/// Every other run dies by itself (abort, as `kill -9`) right after the
+/// upstream acknowledged a batch and before the outbox deleted it, so the
+/// next run sends those records again; the others are killed at a
+/// different point of their sending each time. Returns the readings sent.
+pub fn twenty_kill_9s(
+    bin: &str,
+    config: &std::path::Path,
+    log: &std::path::Path,
+    udp_port: u16,
+) -> usize {
+    let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let mut sent = 0;
+    for round in 0..20 {
+        let mut agent = if round % 2 == 0 {
+            let log = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(log)
+                .unwrap();
+            ChildGuard(
+                own_binary(bin)
+                    .args(["run", "--config"])
+                    .arg(config)
+                    .env("SLUICE_CRASH_AT", "ack.before_delete:2")
+                    .stdout(std::process::Stdio::null())
+                    .stderr(log)
+                    .spawn()
+                    .unwrap(),
+            )
+        } else {
+            start_agent(bin, config, log)
+        };
+        // Until its source is bound: a datagram before that is lost, not
+        // committed, and would be counted as a gap.
+        std::thread::sleep(Duration::from_millis(300));
+        send_readings(&udp, udp_port, &["s-0", "s-1", "s-2"], sent, 100);
+        sent += 100;
+        std::thread::sleep(Duration::from_millis(20 + 15 * round));
+        let _ = agent.kill();
+        agent.wait().unwrap();
+    }
+    sent
+}
+
+/// Runs the agent `bin` with `config` until `sluice outbox status` says
+/// its backlog is empty (at most twice [`WAIT`]), and returns it running.
+pub fn drain_outbox(bin: &str, config: &std::path::Path, log: &std::path::Path) -> ChildGuard {
+    let agent = start_agent(bin, config, log);
+    let start = Instant::now();
+    loop {
+        let status = own_binary(bin)
+            .args(["outbox", "status", "--config"])
+            .arg(config)
+            .output()
+            .unwrap();
+        if String::from_utf8_lossy(&status.stdout).contains("backlog: 0 records") {
+            return agent;
+        }
+        assert!(
+            start.elapsed() < WAIT * 2,
+            "{}; agent log:\n{}",
+            String::from_utf8_lossy(&status.stdout),
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// A `nats-server` with JetStream (Debian's `nats-server`, started with
 /// `-js`) on a free port of 127.0.0.1, its store in a directory of its own
 /// that survives [`NatsServer::restart`]; stopped when dropped.
@@ -531,6 +619,180 @@ impl NatsServer {
 impl Drop for NatsServer {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// A Kafka-protocol broker on a free port of 127.0.0.1: tansu (built from
+/// crates.io by `.ci/test`; `SLUICE_TANSU` names the program, else `tansu`
+/// on the PATH), its log in an SQLite file of its own directory that
+/// survives [`KafkaBroker::restart`]; stopped when dropped.
+pub struct KafkaBroker {
+    /// Its port (with TLS, the TLS front's).
+    pub port: u16,
+    /// The port tansu itself listens on (`port` without TLS).
+    listen: u16,
+    dir: TempDir,
+    child: Option<std::process::Child>,
+    _front: Option<TlsFront>,
+}
+
+impl KafkaBroker {
+    /// Starts one; with `tls` = (certificate, key) clients reach it only
+    /// through TLS: tansu 0.6's command line cannot take both `--cert` and
+    /// `--key` (they share one exclusive argument group), so a TLS front
+    /// ([`TlsFront`]) on `port` forwards to tansu on a port of its own, and
+    /// tansu advertises the front's port in its metadata.
+    pub fn start(name: &str, tls: Option<(std::path::PathBuf, std::path::PathBuf)>) -> KafkaBroker {
+        let port = free_port();
+        let (listen, front) = match tls {
+            Some((cert, key)) => {
+                let listen = free_port();
+                (listen, Some(TlsFront::start(port, listen, &cert, &key)))
+            }
+            None => (port, None),
+        };
+        let mut broker = KafkaBroker {
+            port,
+            listen,
+            dir: temp_dir(&format!("kafka-{name}")),
+            child: None,
+            _front: front,
+        };
+        broker.restart();
+        broker
+    }
+
+    /// `127.0.0.1:<port>`, as clients bootstrap from it.
+    pub fn address(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Starts it (again) on the same port and log, and waits until it
+    /// accepts connections.
+    pub fn restart(&mut self) {
+        let program = std::env::var("SLUICE_TANSU").unwrap_or_else(|_| "tansu".into());
+        let log = self.dir.path().join("tansu.log");
+        let child = std::process::Command::new(&program)
+            .arg("broker")
+            .args(["--listener-url", &format!("tcp://127.0.0.1:{}", self.listen)])
+            .args([
+                "--advertised-listener-url",
+                &format!("tcp://127.0.0.1:{}", self.port),
+            ])
+            // Relative to its working directory.
+            .args(["--storage-engine", "sqlite://log.db"])
+            .current_dir(self.dir.path())
+            .stdout(std::fs::File::create(self.dir.path().join("tansu.out")).unwrap())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot run {program} ({e}); install it: cargo install tansu --version 0.6.0 --features libsql --locked (or run .ci/test, which does)"
+                )
+            });
+        wait_listening("tansu", self.child.insert(child), self.listen, &log);
+    }
+
+    /// Stops it (SIGKILL: an outage, not a shutdown) and waits for it.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// What it logged.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("tansu.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for KafkaBroker {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A TLS server on 127.0.0.1:`port` (the certificate and key given) that
+/// forwards each connection, decrypted, to 127.0.0.1:`backend`; on a thread
+/// of its own, stopped when dropped.
+pub struct TlsFront {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl TlsFront {
+    /// Starts one, listening when this returns.
+    pub fn start(
+        port: u16,
+        backend: u16,
+        cert: &std::path::Path,
+        key: &std::path::Path,
+    ) -> TlsFront {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let certs = CertificateDer::pem_file_iter(cert)
+            .unwrap()
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap();
+        let key = PrivateKeyDer::from_pem_file(key).unwrap();
+        let config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+        let listener = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+                loop {
+                    let (client, _) = tokio::select! {
+                        _ = &mut stopped => return,
+                        accepted = listener.accept() => match accepted {
+                            Ok(a) => a,
+                            Err(_) => continue,
+                        },
+                    };
+                    let acceptor = acceptor.clone();
+                    tokio::spawn(async move {
+                        // A handshake the client refuses ends here.
+                        let Ok(mut tls) = acceptor.accept(client).await else {
+                            return;
+                        };
+                        if let Ok(mut plain) =
+                            tokio::net::TcpStream::connect(("127.0.0.1", backend)).await
+                        {
+                            let _ = tokio::io::copy_bidirectional(&mut tls, &mut plain).await;
+                        }
+                    });
+                }
+            });
+        });
+        TlsFront {
+            stop: Some(stop),
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for TlsFront {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 }
 

@@ -161,23 +161,30 @@ pub enum UplinkKind {
     /// acknowledgement, and its `Nats-Msg-Id` (agent, epoch, seq) lets the
     /// stream drop a resend. Needs a build with the `nats` feature.
     Nats,
+    /// Apache Kafka (or a log that speaks its protocol): a record leaves
+    /// the outbox when its partition's leader acknowledges it with `acks =
+    /// all`; the key is the series, the headers `agent`, `epoch`, `seq`.
+    /// Needs a build with the `kafka` feature.
+    Kafka,
 }
 
 /// The upstream broker or log.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct UplinkConfig {
-    /// `"mqtt"` (the default) or `"nats"` (JetStream).
+    /// `"mqtt"` (the default), `"nats"` (JetStream) or `"kafka"`.
     #[serde(default)]
     pub kind: UplinkKind,
     /// Broker (or NATS server) host.
     pub host: String,
-    /// Port. Default for MQTT 8883 with TLS, 1883 without; for NATS 4222.
+    /// Port. Default for MQTT 8883 with TLS, 1883 without; for NATS 4222;
+    /// for Kafka 9092.
     pub port: Option<u16>,
-    /// Client id (for NATS, the connection's name). Default
+    /// Client id (for NATS, the connection's name; for Kafka, `client.id`
+    /// as the brokers log it). Default
     /// `sluice-<agent_id>-uplink`.
     pub client_id: Option<String>,
-    /// User name.
+    /// User name (for Kafka, SASL PLAIN's).
     pub username: Option<String>,
     /// File holding the password (first line).
     pub password_file: Option<PathBuf>,
@@ -186,11 +193,13 @@ pub struct UplinkConfig {
     /// TLS (CA file, optional client certificate and key).
     pub tls: Option<TlsSettings>,
     /// Topic (for NATS, subject) template for forwarded aggregates.
-    /// Default `sluice/{agent}/agg/{series}` (NATS: `sluice.{agent}.agg.{series}`).
+    /// Default `sluice/{agent}/agg/{series}` (NATS: `sluice.{agent}.agg.{series}`;
+    /// Kafka: `sluice.aggregates`, no `{series}`: the series is the key).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub aggregate_topic: Option<String>,
     /// Topic (for NATS, subject) template for forwarded alerts.
-    /// Default `sluice/{agent}/alerts/{series}` (NATS: `sluice.{agent}.alerts.{series}`).
+    /// Default `sluice/{agent}/alerts/{series}` (NATS: `sluice.{agent}.alerts.{series}`;
+    /// Kafka: `sluice.alerts`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub alert_topic: Option<String>,
     /// Records sent and not yet acknowledged, at most. Default 64.
@@ -216,6 +225,7 @@ impl UplinkConfig {
             .unwrap_or_else(|| match self.kind {
                 UplinkKind::Mqtt => default_aggregate_topic(),
                 UplinkKind::Nats => "sluice.{agent}.agg.{series}".into(),
+                UplinkKind::Kafka => "sluice.aggregates".into(),
             })
     }
 
@@ -224,6 +234,7 @@ impl UplinkConfig {
         self.alert_topic.clone().unwrap_or_else(|| match self.kind {
             UplinkKind::Mqtt => default_alert_topic(),
             UplinkKind::Nats => "sluice.{agent}.alerts.{series}".into(),
+            UplinkKind::Kafka => "sluice.alerts".into(),
         })
     }
 
@@ -790,6 +801,9 @@ impl Config {
                     let checked = match u.kind {
                         UplinkKind::Mqtt => crate::output::topic::check_template(&t, true),
                         UplinkKind::Nats => crate::output::subject::check_template(&t, true),
+                        UplinkKind::Kafka => {
+                            crate::output::kafka::check_template(&t, &self.agent_id)
+                        }
                     };
                     if let Err(e) = checked {
                         return err(key, &e);
@@ -798,7 +812,13 @@ impl Config {
                 if u.kind == UplinkKind::Nats && !cfg!(feature = "nats") {
                     return err(
                         "uplink.kind",
-                        "\"nats\" needs a sluice built with the `nats` feature (cargo build --features nats); this one has only \"mqtt\"",
+                        "\"nats\" needs a sluice built with the `nats` feature (cargo build --features nats); this build does not have it",
+                    );
+                }
+                if u.kind == UplinkKind::Kafka && !cfg!(feature = "kafka") {
+                    return err(
+                        "uplink.kind",
+                        "\"kafka\" needs a sluice built with the `kafka` feature (cargo build --features kafka); this build does not have it",
                     );
                 }
                 u.connection(&self.agent_id)

@@ -375,6 +375,11 @@ pub fn render(r: &Running) -> String {
             u.duplicates.load(Relaxed),
         ),
         (
+            "sluice_uplink_unconfirmed_total",
+            "Records sent and still unacknowledged when their session ended (a failure, a stop): sent again, so a log that cannot drop resends (Kafka, MQTT) may hold them twice.",
+            u.unconfirmed.load(Relaxed),
+        ),
+        (
             "sluice_outbox_ack_errors_total",
             "Deletes of acknowledged records that failed (a full disk) and were retried.",
             u.ack_errors.load(Relaxed),

@@ -2,6 +2,7 @@
 //! records and alert events, as JSON over MQTT and/or lines on the console.
 
 mod console;
+pub mod kafka;
 mod mqtt;
 mod record;
 pub mod subject;

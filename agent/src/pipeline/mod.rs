@@ -245,6 +245,7 @@ async fn run_with(
             alert_topic,
             render: match config.uplink.as_ref().map(|u| u.kind) {
                 Some(crate::config::UplinkKind::Nats) => output::subject::render,
+                Some(crate::config::UplinkKind::Kafka) => output::kafka::render,
                 _ => output::topic::render,
             },
         });

@@ -59,6 +59,9 @@ use tokio::sync::mpsc;
 
 use crate::config::UplinkConfig;
 
+#[cfg(feature = "kafka")]
+#[path = "uplink_kafka.rs"]
+mod kafka;
 #[cfg(feature = "nats")]
 #[path = "uplink_nats.rs"]
 mod nats;
@@ -103,6 +106,11 @@ pub struct UplinkStats {
     /// Records the upstream log acknowledged as duplicates (NATS
     /// JetStream's duplicate window caught a resend).
     pub duplicates: AtomicU64,
+    /// Records sent and still waiting for their acknowledgement when their
+    /// session ended (a failure, or the agent stopping): the next session
+    /// or run sends them again, so a log that cannot drop resends may hold
+    /// them twice.
+    pub unconfirmed: AtomicU64,
     /// Records waiting in the outbox (after the last commit or ack).
     pub backlog: AtomicU64,
     /// Worker checkpoints committed.
@@ -304,7 +312,17 @@ pub fn run_uplink(
                 tracing::error!("uplink kind \"nats\" needs a build with the `nats` feature");
                 return;
             }
+            #[cfg(feature = "kafka")]
+            crate::config::UplinkKind::Kafka => session_of!(kafka::session),
+            #[cfg(not(feature = "kafka"))]
+            crate::config::UplinkKind::Kafka => {
+                tracing::error!("uplink kind \"kafka\" needs a build with the `kafka` feature");
+                return;
+            }
         };
+        stats
+            .unconfirmed
+            .fetch_add(report.unconfirmed as u64, Relaxed);
         // Whatever was read and not acknowledged is read again next time;
         // what was acknowledged and not deleted stays claimed.
         if let Ok(mut c) = claimed.lock() {
@@ -367,6 +385,25 @@ struct SessionReport {
     /// The record in flight alone when an isolating session ended, if it
     /// had not yet passed the range it isolates.
     alone: Option<i64>,
+    /// Records sent and not acknowledged when the session ended.
+    unconfirmed: usize,
+}
+
+impl SessionReport {
+    /// Notes the records still waiting for their acknowledgement as a
+    /// session ends (`isolating`: while it sent one at a time), whatever
+    /// the kind.
+    fn unacknowledged(&mut self, seqs: impl Iterator<Item = i64>, isolating: bool) {
+        let (mut lo, mut hi, mut n) = (i64::MAX, i64::MIN, 0);
+        for seq in seqs {
+            (lo, hi, n) = (lo.min(seq), hi.max(seq), n + 1);
+        }
+        self.outstanding = (n > 0).then_some((lo, hi));
+        self.unconfirmed = n;
+        if isolating && n == 1 {
+            self.alone = Some(lo);
+        }
+    }
 }
 
 /// Sets the waiting record `seq` aside as a dead letter (see the module
@@ -563,11 +600,7 @@ async fn session(
             record_acks(outbox, stats, claimed, &mut acked, undeleted);
         }
     };
-    let outstanding = || inflight.seqs();
-    report.outstanding = outstanding().min().zip(outstanding().max());
-    if isolating.is_some() && inflight.len() == 1 {
-        report.alone = outstanding().next();
-    }
+    report.unacknowledged(inflight.seqs(), isolating.is_some());
     // Acknowledgements that came before a stop or a failure are kept, so
     // that those records are not sent again.
     if !acked.is_empty() {
@@ -748,5 +781,34 @@ fn record_acks(
         stats
             .backlog
             .store(backlog.saturating_sub(undeleted.seqs.len() as u64), Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_session_notes_what_it_left_unacknowledged_whatever_the_kind() {
+        let mut report = SessionReport::default();
+        report.unacknowledged([7, 3, 9].into_iter(), false);
+        assert_eq!(
+            (report.outstanding, report.unconfirmed, report.alone),
+            (Some((3, 9)), 3, None)
+        );
+        // One record alone while isolating: that is the record.
+        report.unacknowledged([5].into_iter(), true);
+        assert_eq!(
+            (report.outstanding, report.unconfirmed, report.alone),
+            (Some((5, 5)), 1, Some(5))
+        );
+        let mut report = SessionReport::default();
+        report.unacknowledged(std::iter::empty(), true);
+        assert_eq!(
+            (report.outstanding, report.unconfirmed, report.alone),
+            (None, 0, None)
+        );
+        report.unacknowledged([1, 2].into_iter(), true);
+        assert_eq!(report.alone, None, "two in flight: neither is known");
     }
 }

@@ -151,13 +151,7 @@ pub(super) async fn session(
             record_acks(outbox, stats, claimed, &mut acked, undeleted);
         }
     };
-    report.outstanding = outstanding
-        .first()
-        .copied()
-        .zip(outstanding.last().copied());
-    if isolating.is_some() && outstanding.len() == 1 {
-        report.alone = outstanding.first().copied();
-    }
+    report.unacknowledged(outstanding.iter().copied(), isolating.is_some());
     if !acked.is_empty() {
         record_acks(outbox, stats, claimed, &mut acked, undeleted);
     }
