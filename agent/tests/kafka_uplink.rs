@@ -21,36 +21,10 @@ const SLUICE: &str = env!("CARGO_BIN_EXE_sluice");
 const TOPIC: &str = "sluice.aggregates";
 const PARTITIONS: i32 = 3;
 
-/// A configuration: readings over UDP on `udp`, one aggregate per reading,
-/// an outbox at `dir/outbox.db` forwarded to the broker at `port`.
-fn config(dir: &Path, agent: &str, udp: u16, port: u16, tls: &str) -> std::path::PathBuf {
-    let path = dir.join(format!("{agent}.toml"));
-    std::fs::write(
-        &path,
-        format!(
-            r#"
-agent_id = "{agent}"
-[sources.u]
-kind = "udp"
-bind = "127.0.0.1:{udp}"
-[[rules]]
-match = "*"
-window = {{ kind = "count", size = 1 }}
-[outbox]
-path = "{db}"
-[uplink]
-kind = "kafka"
-host = "127.0.0.1"
-port = {port}
-max_inflight = 16
-reconnect_max_ms = 500
-{tls}
-"#,
-            db = dir.join("outbox.db").display(),
-        ),
-    )
-    .unwrap();
-    path
+/// A configuration forwarding to the broker on `port`
+/// ([`sluice_tests::uplink_config`]).
+fn config(dir: &Path, agent: &str, udp: u16, port: u16, extra: &str) -> std::path::PathBuf {
+    sluice_tests::uplink_config(dir, agent, udp, "kafka", port, extra)
 }
 
 async fn client(address: String, tls: Option<&Path>) -> Client {

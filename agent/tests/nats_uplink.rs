@@ -15,36 +15,10 @@ use sluice_tests::{NatsServer, WAIT, start_agent};
 
 const SLUICE: &str = env!("CARGO_BIN_EXE_sluice");
 
-/// A configuration: readings over UDP on `udp`, one aggregate per reading,
-/// an outbox at `dir/outbox.db` forwarded to the NATS server on `port`.
-fn config(dir: &Path, agent: &str, udp: u16, port: u16, tls: &str) -> std::path::PathBuf {
-    let path = dir.join(format!("{agent}.toml"));
-    std::fs::write(
-        &path,
-        format!(
-            r#"
-agent_id = "{agent}"
-[sources.u]
-kind = "udp"
-bind = "127.0.0.1:{udp}"
-[[rules]]
-match = "*"
-window = {{ kind = "count", size = 1 }}
-[outbox]
-path = "{db}"
-[uplink]
-kind = "nats"
-host = "127.0.0.1"
-port = {port}
-max_inflight = 16
-reconnect_max_ms = 500
-{tls}
-"#,
-            db = dir.join("outbox.db").display(),
-        ),
-    )
-    .unwrap();
-    path
+/// A configuration forwarding to the NATS server on `port`
+/// ([`sluice_tests::uplink_config`]).
+fn config(dir: &Path, agent: &str, udp: u16, port: u16, extra: &str) -> std::path::PathBuf {
+    sluice_tests::uplink_config(dir, agent, udp, "nats", port, extra)
 }
 
 /// The stream the tests' records land in: every subject under `sluice.`,

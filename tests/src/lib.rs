@@ -455,6 +455,47 @@ fn wait_listening(
     }
 }
 
+/// Writes `dir/<agent>.toml`: readings over UDP on 127.0.0.1:`udp`, one
+/// aggregate per reading, an outbox at `dir/outbox.db` forwarded by an
+/// uplink of `kind` to 127.0.0.1:`port` (16 in flight, reconnecting within
+/// half a second), and `extra` after the `[uplink]` keys. Returns its path.
+pub fn uplink_config(
+    dir: &std::path::Path,
+    agent: &str,
+    udp: u16,
+    kind: &str,
+    port: u16,
+    extra: &str,
+) -> std::path::PathBuf {
+    let path = dir.join(format!("{agent}.toml"));
+    std::fs::write(
+        &path,
+        format!(
+            r#"
+agent_id = "{agent}"
+[sources.u]
+kind = "udp"
+bind = "127.0.0.1:{udp}"
+[[rules]]
+match = "*"
+window = {{ kind = "count", size = 1 }}
+[outbox]
+path = "{db}"
+[uplink]
+kind = "{kind}"
+host = "127.0.0.1"
+port = {port}
+max_inflight = 16
+reconnect_max_ms = 500
+{extra}
+"#,
+            db = dir.join("outbox.db").display(),
+        ),
+    )
+    .unwrap();
+    path
+}
+
 /// Sends readings `from..from + n` as JSON datagrams to 127.0.0.1:`port`,
 /// each from the next sensor of `ids` in turn with its index as value,
 /// pausing every 50 so that the kernel's receive buffer is not the subject.
