@@ -139,9 +139,9 @@ fn main() {
     );
     let mqtt = ("mqtt", broker.port, "sluice/gateway-01/agg/s-0042");
     #[cfg(feature = "nats")]
-    let nats = nats_upstream();
+    let nats = sluice_benches::upstream::nats("drain-bench");
     #[cfg(feature = "kafka")]
-    let kafka = kafka_upstream();
+    let kafka = sluice_benches::upstream::kafka("drain-bench");
     for inflight in [64u16, 256, 1024] {
         let outbox = drain(mqtt, n, inflight, &dir);
         let bare = bare_client(&broker, n, inflight);
@@ -177,52 +177,4 @@ fn main() {
         }
     }
     let _ = std::fs::remove_dir_all(&dir);
-}
-
-/// A local `nats-server -js` with a file-stored stream on `sluice.>` (kept
-/// alive by the returned server).
-#[cfg(feature = "nats")]
-fn nats_upstream() -> sluice_tests::NatsServer {
-    let server = sluice_tests::NatsServer::start("drain-bench", "");
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    runtime.block_on(async {
-        let client = async_nats::connect(format!("127.0.0.1:{}", server.port))
-            .await
-            .unwrap();
-        async_nats::jetstream::new(client)
-            .get_or_create_stream(async_nats::jetstream::stream::Config {
-                name: "SLUICE".into(),
-                subjects: vec!["sluice.>".into()],
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-    });
-    server
-}
-
-/// A local tansu (Kafka protocol, SQLite storage) with the topic
-/// `sluice.aggregates` of one partition (kept alive by the returned broker).
-#[cfg(feature = "kafka")]
-fn kafka_upstream() -> sluice_tests::KafkaBroker {
-    let broker = sluice_tests::KafkaBroker::start("drain-bench", None);
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    runtime.block_on(async {
-        rskafka::client::ClientBuilder::new(vec![broker.address()])
-            .build()
-            .await
-            .unwrap()
-            .controller_client()
-            .unwrap()
-            .create_topic("sluice.aggregates", 1, 1, 5_000)
-            .await
-            .unwrap();
-    });
-    broker
 }

@@ -3,3 +3,4 @@
 //! for the method and the figures.
 
 pub mod spsc;
+pub mod upstream;

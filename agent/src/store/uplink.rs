@@ -62,6 +62,8 @@ use crate::config::UplinkConfig;
 #[cfg(feature = "kafka")]
 #[path = "uplink_kafka.rs"]
 mod kafka;
+#[cfg(feature = "kafka")]
+pub use kafka::nodelay_everywhere;
 #[cfg(feature = "nats")]
 #[path = "uplink_nats.rs"]
 mod nats;

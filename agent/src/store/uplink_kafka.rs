@@ -282,7 +282,7 @@ pub(super) async fn session(
 /// client gives no hook to its sockets, so the session sets the option on
 /// the process's TCP connections: every other connection of the agent
 /// (MQTT, NATS) runs without Nagle already.
-fn nodelay_everywhere() -> usize {
+pub fn nodelay_everywhere() -> usize {
     let Ok(fds) = std::fs::read_dir("/proc/self/fd") else {
         return 0;
     };
