@@ -355,3 +355,79 @@ async fn the_readmes_python_consumer_reads_the_records_with_their_keys_and_heade
         );
     }
 }
+
+/// A topic that does not exist (yet) holds its records back, says so, and
+/// sets none aside, even when the records before it in the same round (for
+/// a topic that exists) were never sent: once it is created, every record
+/// goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_topic_holds_the_records_back_and_sets_none_aside() {
+    let broker = KafkaBroker::start("missing", None);
+    let kafka = client(broker.address(), None).await;
+    create_topic(&kafka).await;
+    let tmp = sluice_tests::temp_dir("kafka-missing");
+    let udp_port = sluice_tests::free_port();
+    // Aggregates to the topic that exists, alerts to one that does not.
+    let path = tmp.path().join("gw.toml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"
+agent_id = "gw"
+[sources.u]
+kind = "udp"
+bind = "127.0.0.1:{udp_port}"
+[[rules]]
+match = "*"
+window = {{ kind = "count", size = 1 }}
+thresholds = [{{ above = 0.5 }}]
+[outbox]
+path = "{db}"
+include_alerts = true
+[uplink]
+kind = "kafka"
+host = "127.0.0.1"
+port = {port}
+max_inflight = 16
+reconnect_max_ms = 500
+"#,
+            db = tmp.path().join("outbox.db").display(),
+            port = broker.port,
+        ),
+    )
+    .unwrap();
+    let log = tmp.path().join("agent.log");
+    let _agent = start_agent(SLUICE, &path, &log);
+    std::thread::sleep(Duration::from_millis(500));
+    let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
+    sluice_tests::send_readings(&udp, udp_port, &["s-0", "s-1"], 0, 10);
+    let said = || std::fs::read_to_string(&log).unwrap_or_default();
+    let start = Instant::now();
+    while !said().contains("\"sluice.alerts\" does not exist on the cluster") {
+        assert!(start.elapsed() < WAIT, "{}", said());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // More sessions than it takes to suspect a record (STRIKES), at the
+    // uplink's backoff of 200 ms doubling to 500.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let letters = sluice_tests::own_binary(SLUICE)
+        .args(["outbox", "dead-letters", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let letters = String::from_utf8_lossy(&letters.stdout).to_string();
+    assert!(
+        letters.contains("0 dead letter(s)"),
+        "set aside: {letters}\n{}",
+        said()
+    );
+    kafka
+        .controller_client()
+        .unwrap()
+        .create_topic("sluice.alerts", 1, 1, 5_000)
+        .await
+        .unwrap();
+    // Every aggregate, none set aside.
+    let got = wait_for_count(&kafka, 10, &log).await;
+    assert_eq!(dedup(&got).len(), 10);
+}

@@ -182,7 +182,15 @@ pub(super) async fn session(
             };
             let partition = match partitions.of(topic, key.as_bytes()).await {
                 Ok(p) => p,
-                Err(e) => break 'session Err(e),
+                Err(e) => {
+                    // This round's records were never sent: not in flight.
+                    for (_, seqs, _) in &round {
+                        for seq in seqs {
+                            outstanding.remove(seq);
+                        }
+                    }
+                    break 'session Err(e);
+                }
             };
             let record = Record {
                 key: Some(key.as_bytes().to_vec()),
