@@ -275,18 +275,11 @@ async fn the_uplink_speaks_tls_to_kafka_and_refuses_a_broker_its_ca_did_not_sign
 /// default partitioner puts a key where the agent did.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_readmes_python_consumer_reads_the_records_with_their_keys_and_headers() {
-    let readme =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
-    let script = readme
-        .split("```python\n")
-        .find(|b| b.starts_with("# consume.py"))
-        .and_then(|b| b.split("```").next())
-        .expect("README: the consume.py block");
     let broker = KafkaBroker::start("python", None);
     let kafka = client(broker.address(), None).await;
     create_topic(&kafka).await;
     let tmp = sluice_tests::temp_dir("kafka-python");
-    std::fs::write(tmp.path().join("consume.py"), script).unwrap();
+    sluice_tests::readme_script(tmp.path(), "consume.py");
     let udp_port = sluice_tests::free_port();
     let path = config(tmp.path(), "gw", udp_port, broker.port, "");
     let log = tmp.path().join("agent.log");
@@ -296,20 +289,7 @@ async fn the_readmes_python_consumer_reads_the_records_with_their_keys_and_heade
     let ids = ["s-0", "s-1", "pump/3", "tank 4"];
     sluice_tests::send_readings(&udp, udp_port, &ids, 0, 40);
     wait_for_count(&kafka, 40, &log).await;
-    let python = std::env::var("SLUICE_PYTHON").unwrap_or_else(|_| "python3".into());
-    let run = |args: &[&str]| {
-        let out = std::process::Command::new(&python)
-            .args(args)
-            .current_dir(tmp.path())
-            .output()
-            .unwrap_or_else(|e| panic!("cannot run {python} ({e})"));
-        assert!(
-            out.status.success(),
-            "{python} with kafka-python (bash .ci/test installs it; SLUICE_PYTHON names its python): {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
-    };
+    let run = |args: &[&str]| sluice_tests::python(tmp.path(), args);
     let text = run(&["consume.py", &broker.address(), TOPIC]);
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(lines.len(), 40, "{text}");

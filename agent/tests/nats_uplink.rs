@@ -275,3 +275,39 @@ async fn a_record_over_the_servers_max_payload_is_set_aside_and_the_lane_goes_on
     let letters = String::from_utf8_lossy(&letters.stdout);
     assert_eq!(letters.matches("max_payload").count(), 3, "{letters}");
 }
+
+/// The README's NATS consumer, run as the README gives it (nats-py, an
+/// independent client): it reads every record of the stream from its
+/// start, with the subject each id was escaped into.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_readmes_python_consumer_reads_the_stream() {
+    let nats = NatsServer::start("python", "");
+    stream(nats.port).await;
+    let tmp = sluice_tests::temp_dir("nats-python");
+    sluice_tests::readme_script(tmp.path(), "consume_nats.py");
+    let udp_port = sluice_tests::free_port();
+    let path = config(tmp.path(), "gw", udp_port, nats.port, "");
+    let log = tmp.path().join("agent.log");
+    let _agent = start_agent(SLUICE, &path, &log);
+    std::thread::sleep(Duration::from_millis(500));
+    let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let ids = ["s-0", "line1.temp", "tank 4"];
+    sluice_tests::send_readings(&udp, udp_port, &ids, 0, 30);
+    wait_for_count(nats.port, 30, &log).await;
+    let server = format!("nats://127.0.0.1:{}", nats.port);
+    let text = sluice_tests::python(tmp.path(), &["consume_nats.py", &server, "sluice.>"]);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 30, "{text}");
+    let mut seqs = Vec::new();
+    for line in lines {
+        let (subject, record) = line.split_once(' ').unwrap();
+        let v: serde_json::Value = serde_json::from_str(record).unwrap();
+        let series = v["series"].as_str().unwrap();
+        assert_eq!(
+            subject,
+            sluice::output::subject::render("sluice.{agent}.agg.{series}", "gw", series)
+        );
+        seqs.push(v["seq"].as_i64().unwrap());
+    }
+    assert_eq!(seqs, (1..=30).collect::<Vec<i64>>(), "in stream order");
+}

@@ -496,6 +496,37 @@ reconnect_max_ms = 500
     path
 }
 
+/// The README's Python script whose code block starts with `# <name>`,
+/// written to `dir/<name>` so that it runs as the README gives it.
+pub fn readme_script(dir: &std::path::Path, name: &str) {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+    let script = readme
+        .split("```python\n")
+        .find(|b| b.starts_with(&format!("# {name}")))
+        .and_then(|b| b.split("```").next())
+        .unwrap_or_else(|| panic!("README: the {name} block"));
+    std::fs::write(dir.join(name), script).unwrap();
+}
+
+/// Runs Python (`SLUICE_PYTHON`, else `python3`: the virtualenv `.ci/test`
+/// makes has the packages the README's scripts use) with `args` in `dir`,
+/// and returns what it printed; panics with its errors if it fails.
+pub fn python(dir: &std::path::Path, args: &[&str]) -> String {
+    let python = std::env::var("SLUICE_PYTHON").unwrap_or_else(|_| "python3".into());
+    let out = std::process::Command::new(&python)
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {python} ({e})"));
+    assert!(
+        out.status.success(),
+        "{python} {args:?} (bash .ci/test installs its packages; SLUICE_PYTHON names its python): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
 /// Sends readings `from..from + n` as JSON datagrams to 127.0.0.1:`port`,
 /// each from the next sensor of `ids` in turn with its index as value,
 /// pausing every 50 so that the kernel's receive buffer is not the subject.
