@@ -13,15 +13,14 @@
 //! (`RECORDS` changes the default of 50,000 per run; needs `mosquitto`,
 //! `nats-server` for NATS and tansu for Kafka: `SLUICE_TANSU`, as the tests).
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
-use sluice::config::UplinkConfig;
-use sluice::store::outbox::{Durability, OnCorrupt, Outbox};
-use sluice::store::uplink::{UplinkStats, run_uplink};
 use sluice_tests::Broker;
+
+#[path = "support/uplink.rs"]
+mod uplink;
 
 const PAYLOAD: &[u8] = br#"{"agent":"gateway-01","series":"s-0042","start":1732600000000,"end":1732600001000,"count":20,"sum":427.4,"mean":21.37,"min":19.8,"max":23.1,"stddev":0.92,"first":21.1,"last":20.9,"late":0,"partial":false}"#;
 
@@ -33,18 +32,7 @@ fn drain(upstream: Upstream<'_>, n: usize, inflight: u16, dir: &std::path::Path)
     let (kind, port, topic) = upstream;
     let path = dir.join(format!("drain-{kind}-{inflight}.db"));
     let _ = std::fs::remove_file(&path);
-    let open = || {
-        Outbox::open(
-            &path,
-            Durability::Normal,
-            OnCorrupt::Refuse,
-            u64::MAX,
-            u64::MAX,
-        )
-        .unwrap()
-        .0
-    };
-    let mut writer = open();
+    let mut writer = uplink::open(&path);
     let batch: Vec<(String, Vec<u8>)> = (0..512)
         .map(|_| (topic.to_string(), PAYLOAD.to_vec()))
         .collect();
@@ -53,36 +41,13 @@ fn drain(upstream: Upstream<'_>, n: usize, inflight: u16, dir: &std::path::Path)
         writer.append(&batch[..512.min(n - filled)], 0).unwrap();
         filled += 512.min(n - filled);
     }
-    let config: UplinkConfig = serde_json::from_value(serde_json::json!({
-        "kind": kind, "host": "127.0.0.1", "port": port, "max_inflight": inflight,
-        "client_id": format!("drain-{inflight}"),
-    }))
-    .unwrap();
-    let (stats, stop) = (
-        Arc::new(UplinkStats::default()),
-        Arc::new(AtomicBool::new(false)),
-    );
     let start = Instant::now();
-    let uplink = {
-        let (reader, stats, stop) = (open(), stats.clone(), stop.clone());
-        std::thread::spawn(move || {
-            run_uplink(
-                reader,
-                config,
-                "gateway-01".into(),
-                stats,
-                stop,
-                Default::default(),
-            )
-        })
-    };
-    while (stats.acked.load(Relaxed) as usize) < n {
+    let uplink = uplink::Uplink::start(&path, kind, port, inflight);
+    while (uplink.stats.acked.load(Relaxed) as usize) < n {
         std::thread::sleep(Duration::from_millis(2));
     }
     let rate = n as f64 / start.elapsed().as_secs_f64();
-    stop.store(true, Relaxed);
-    uplink.thread().unpark();
-    uplink.join().unwrap();
+    uplink.stop();
     assert_eq!(writer.status().unwrap().backlog, 0);
     rate
 }

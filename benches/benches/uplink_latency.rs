@@ -13,13 +13,13 @@
 
 use std::sync::Arc;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
-use sluice::config::UplinkConfig;
-use sluice::store::outbox::{Durability, OnCorrupt, Outbox};
-use sluice::store::uplink::{UplinkStats, run_uplink};
+
+#[path = "support/uplink.rs"]
+mod uplink;
 
 /// Commits `rate` records a second for `seconds` to a fresh outbox that an
 /// uplink of `kind` forwards to `port`, and returns the latencies in µs
@@ -33,40 +33,9 @@ fn run(
 ) -> Histogram<u64> {
     let path = dir.join(format!("latency-{kind}.db"));
     let _ = std::fs::remove_file(&path);
-    let open = || {
-        Outbox::open(
-            &path,
-            Durability::Normal,
-            OnCorrupt::Refuse,
-            u64::MAX,
-            u64::MAX,
-        )
-        .unwrap()
-        .0
-    };
-    let mut writer = open();
-    let config: UplinkConfig = serde_json::from_value(serde_json::json!({
-        "kind": kind, "host": "127.0.0.1", "port": port,
-        "client_id": format!("latency-{kind}"),
-    }))
-    .unwrap();
-    let (stats, stop) = (
-        Arc::new(UplinkStats::default()),
-        Arc::new(AtomicBool::new(false)),
-    );
-    let uplink = {
-        let (reader, stats, stop) = (open(), stats.clone(), stop.clone());
-        std::thread::spawn(move || {
-            run_uplink(
-                reader,
-                config,
-                "gateway-01".into(),
-                stats,
-                stop,
-                Default::default(),
-            )
-        })
-    };
+    let mut writer = uplink::open(&path);
+    let uplink = uplink::Uplink::start(&path, kind, port, 64);
+    let stats = uplink.stats.clone();
     // Connected, and a first record through, before measuring.
     writer
         .append(&[(destination.to_string(), b"{\"warm\":true}".to_vec())], 0)
@@ -117,9 +86,7 @@ fn run(
         committed.lock().unwrap().push(Instant::now());
     }
     let histogram = monitor.join().unwrap();
-    stop.store(true, Relaxed);
-    uplink.thread().unpark();
-    uplink.join().unwrap();
+    uplink.stop();
     histogram
 }
 
