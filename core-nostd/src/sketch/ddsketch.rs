@@ -410,6 +410,20 @@ impl<S: AsRef<[u64]> + AsMut<[u64]>> DdSketch<S> {
         super::footprint(self, self.buckets.as_ref())
     }
 
+    /// Empties the sketch, keeping its accuracy and storage (for the next
+    /// window of a node that reuses one sketch).
+    pub fn clear(&mut self) {
+        self.buckets.as_mut().fill(0);
+        self.positive = Store::EMPTY;
+        self.negative = Store::EMPTY;
+        self.zero = 0;
+        self.count = 0;
+        self.collapsed = 0;
+        self.min = f64::INFINITY;
+        self.max = f64::NEG_INFINITY;
+        self.sum = 0.0;
+    }
+
     /// Adds every value of `other`. Accuracy and bucket count must match.
     pub fn merge<T: AsRef<[u64]>>(&mut self, other: &DdSketch<T>) -> Result<(), SketchError> {
         if self.alpha.to_bits() != other.alpha.to_bits()
