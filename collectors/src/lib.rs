@@ -20,6 +20,7 @@ pub mod backoff;
 pub mod decode;
 pub mod frame;
 pub mod mqtt;
+pub mod node;
 pub mod pipe;
 pub mod reading;
 pub mod serial;

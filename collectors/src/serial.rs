@@ -1,4 +1,7 @@
-//! The serial source: newline-delimited JSON readings from a serial port.
+//! The serial source: newline-delimited JSON readings from a serial port,
+//! or, with `format = "frames"`, a sensor node's framed records
+//! ([`sluice_core::link`]), which go to the agent's merger instead of the
+//! rings.
 //!
 //! The port is opened with the configured baud rate and framing, read into a
 //! [`LineFramer`] that refuses over-long lines, and reopened with capped
@@ -18,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use crate::backoff::Backoff;
 use crate::decode::{DecodeSink, JsonDecoder, JsonMapping};
 use crate::frame::LineFramer;
+use crate::node::NodeRecord;
 use crate::pipe::Handoff;
 use crate::reading::now_ms;
 use crate::source::{Ingest, LOG_INTERVAL};
@@ -34,6 +38,19 @@ pub enum SerialParity {
     Odd,
     /// Even parity.
     Even,
+}
+
+/// What a serial line carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum SerialFormat {
+    /// Newline-delimited JSON readings (mapped by `json`).
+    #[default]
+    Json,
+    /// A Sluice sensor node's framed records (windows, sketches, alerts):
+    /// the source sends the node the time when it opens the port, and
+    /// hands what the node sends to the agent, which merges it.
+    Frames,
 }
 
 /// Settings of a serial source.
@@ -54,6 +71,10 @@ pub struct SerialSettings {
     /// Stop bits: 1 or 2. Default 1.
     #[serde(default = "default_stop_bits")]
     pub stop_bits: u8,
+    /// What the line carries: `json` (readings, one per line; the default)
+    /// or `frames` (a Sluice sensor node's records).
+    #[serde(default)]
+    pub format: SerialFormat,
     /// Longest line accepted, in bytes. Default 4096.
     #[serde(default = "default_max_line")]
     pub max_line: usize,
@@ -93,6 +114,7 @@ impl SerialSettings {
         Self {
             device: device.into(),
             baud: default_baud(),
+            format: SerialFormat::Json,
             data_bits: default_data_bits(),
             parity: SerialParity::None,
             stop_bits: default_stop_bits(),
@@ -144,6 +166,7 @@ pub struct SerialSource {
     decoder: JsonDecoder,
     handoff: Handoff,
     log: RateLimitedLog,
+    nodes: Option<tokio::sync::mpsc::Sender<NodeRecord>>,
 }
 
 impl SerialSource {
@@ -155,7 +178,15 @@ impl SerialSource {
             settings,
             handoff,
             log: RateLimitedLog::new(name, LOG_INTERVAL),
+            nodes: None,
         })
+    }
+
+    /// Where a `frames` source sends its node's records. Without it, a
+    /// `frames` source reads and counts them, and sends them nowhere.
+    pub fn with_nodes(mut self, nodes: tokio::sync::mpsc::Sender<NodeRecord>) -> Self {
+        self.nodes = Some(nodes);
+        self
     }
 
     /// The source's counters.
@@ -172,6 +203,7 @@ impl SerialSource {
             now_ms() as u64,
         );
         let mut framer = LineFramer::new(s.max_line);
+        let mut deframer = Box::new(sluice_core::link::Deframer::new());
         let mut buf = vec![0u8; 4096];
         let mut failing_since_logged = false;
         while !shutdown.is_cancelled() {
@@ -195,9 +227,16 @@ impl SerialSource {
                     backoff.reset();
                     failing_since_logged = false;
                     framer.reset();
-                    let cause = self
-                        .read_until_error(&mut port, &mut framer, &mut buf, &shutdown)
-                        .await;
+                    let cause = match self.settings.format {
+                        SerialFormat::Json => {
+                            self.read_until_error(&mut port, &mut framer, &mut buf, &shutdown)
+                                .await
+                        }
+                        SerialFormat::Frames => {
+                            self.read_frames(&mut port, &mut deframer, &mut buf, &shutdown)
+                                .await
+                        }
+                    };
                     if shutdown.is_cancelled() {
                         break;
                     }
@@ -219,6 +258,91 @@ impl SerialSource {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = tokio::time::sleep(backoff.next_delay()) => {}
+            }
+        }
+    }
+
+    /// Sends the node the time, then reads its frames until the port
+    /// fails, returns end-of-file, or shutdown. Each frame counts as a
+    /// message; a bad one (noise, a damaged frame, a record the series id
+    /// policy refuses) is a counted, logged refusal, and the rest of the
+    /// stream is still read.
+    async fn read_frames(
+        &mut self,
+        port: &mut tokio_serial::SerialStream,
+        deframer: &mut sluice_core::link::Deframer,
+        buf: &mut [u8],
+        shutdown: &CancellationToken,
+    ) -> String {
+        use sluice_core::link::{LinkError, MAX_FRAME, Record, encode};
+        use tokio::io::AsyncWriteExt;
+
+        // What came before this open does not continue into it.
+        deframer.reset();
+        let mut sync = [0u8; MAX_FRAME];
+        let n = match encode(&Record::Sync { unix_ms: now_ms() }, &mut sync) {
+            Ok(n) => n,
+            Err(e) => return format!("cannot encode the sync frame: {e}"),
+        };
+        if let Err(e) = port.write_all(&sync[..n]).await {
+            return format!("cannot send the node the time: {e}");
+        }
+        let stats = self.handoff.stats().clone();
+        let mut records = Vec::new();
+        loop {
+            let n = tokio::select! {
+                _ = shutdown.cancelled() => return "shutdown".into(),
+                r = port.read(buf) => match r {
+                    Ok(0) => return "end of file".into(),
+                    Ok(n) => n,
+                    Err(e) => return e.to_string(),
+                },
+            };
+            add(&stats.bytes, n as u64);
+            let mut fed = 0;
+            while fed < n {
+                fed += deframer.feed(&buf[fed..n]);
+                while let Some(frame) = deframer.next() {
+                    add(&stats.messages, 1);
+                    match frame {
+                        Ok(record) => match NodeRecord::from_link(&record) {
+                            Ok(Some(r)) => records.push(r),
+                            Ok(None) => {}
+                            Err(why) => {
+                                stats.reject(Reason::BadSeries);
+                                self.log.warn(
+                                    Reason::BadSeries,
+                                    &format_args!("node record refused: its id holds {why}"),
+                                );
+                            }
+                        },
+                        Err(LinkError::Checksum) => {
+                            stats.reject(Reason::Malformed);
+                            self.log.warn(
+                                Reason::Malformed,
+                                &"node frame with a bad checksum (line noise?)",
+                            );
+                        }
+                        Err(e) => {
+                            stats.reject(Reason::Malformed);
+                            self.log
+                                .warn(Reason::Malformed, &format_args!("node frame refused: {e}"));
+                        }
+                    }
+                }
+            }
+            for record in records.drain(..) {
+                add(&stats.decoded, 1);
+                if let Some(nodes) = &self.nodes {
+                    // A full merger holds the line back (the node's UART
+                    // then waits), never drops a record.
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return "shutdown".into(),
+                        r = nodes.send(record) => if r.is_err() {
+                            return "the merger stopped".into();
+                        },
+                    }
+                }
             }
         }
     }

@@ -37,7 +37,7 @@ pub const MAGIC: [u8; 2] = [0xA5, 0x5A];
 /// The frame format version this code writes and reads.
 pub const VERSION: u8 = 1;
 /// The largest payload of a frame.
-pub const MAX_PAYLOAD: usize = 1024;
+pub const MAX_PAYLOAD: usize = 4096;
 /// The longest series id.
 pub const MAX_SERIES: usize = 64;
 const HEADER: usize = 2 + 1 + 1 + 2;
@@ -121,6 +121,8 @@ pub enum Record<'a> {
         value: f64,
         /// Its score (|z| for a z-score detector).
         score: f64,
+        /// The level the score crossed (the raise level, or the clear level).
+        level: f64,
         /// Raised (true) or cleared (false).
         raised: bool,
     },
@@ -137,13 +139,15 @@ pub enum Record<'a> {
         /// Its serialized bytes.
         bytes: &'a [u8],
     },
-    /// The node's own cost: readings processed and the CPU cycles (by its
-    /// cycle counter or timer) spent on them.
+    /// The node's own account: readings processed, the CPU cycles (by its
+    /// cycle counter or timer) spent on them, and records it could not send.
     Stats {
         /// Readings processed since start.
         readings: u64,
         /// Cycles spent processing them.
         cycles: u64,
+        /// Records it made but could not encode (too large for a frame).
+        unsent: u64,
     },
 }
 
@@ -282,12 +286,14 @@ pub fn encode(record: &Record<'_>, out: &mut [u8]) -> Result<usize, LinkError> {
             ts,
             value,
             score,
+            level,
             raised,
         } => {
             w.str(series)?;
             w.i64(ts);
             w.f64(value);
             w.f64(score);
+            w.f64(level);
             w.u8(raised as u8);
             kind::ALERT
         }
@@ -305,9 +311,14 @@ pub fn encode(record: &Record<'_>, out: &mut [u8]) -> Result<usize, LinkError> {
             w.bytes(bytes);
             kind::SKETCH
         }
-        Record::Stats { readings, cycles } => {
+        Record::Stats {
+            readings,
+            cycles,
+            unsent,
+        } => {
             w.u64(readings);
             w.u64(cycles);
+            w.u64(unsent);
             kind::STATS
         }
     };
@@ -460,6 +471,7 @@ fn parse(kind: u8, payload: &[u8]) -> Result<Record<'_>, LinkError> {
                 }
                 s
             },
+            level: r.value()?,
             raised: match r.u8()? {
                 0 => false,
                 1 => true,
@@ -483,6 +495,7 @@ fn parse(kind: u8, payload: &[u8]) -> Result<Record<'_>, LinkError> {
         kind::STATS => Record::Stats {
             readings: r.u64()?,
             cycles: r.u64()?,
+            unsent: r.u64()?,
         },
         other => return Err(LinkError::UnknownKind(other)),
     };
@@ -679,6 +692,7 @@ mod tests {
                 ts: 7,
                 value: 2.5,
                 score: f64::INFINITY,
+                level: 6.0,
                 raised: true,
             },
             Record::Sketch {
@@ -691,6 +705,7 @@ mod tests {
             Record::Stats {
                 readings: 9,
                 cycles: 1 << 40,
+                unsent: 2,
             },
         ];
         for record in &records {

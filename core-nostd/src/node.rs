@@ -40,6 +40,8 @@ pub enum NodeOutput<'a, const B: usize, const H: usize> {
         value: f64,
         /// Its |z|.
         score: f64,
+        /// The level crossed: the raise level, or the clear level.
+        level: f64,
         /// Raised (true) or cleared (false).
         raised: bool,
     },
@@ -57,7 +59,7 @@ pub enum NodeError {
 }
 
 /// One sensor's pipeline on a node: a window, a detector and two sketches,
-/// `2·B` quantile buckets and a HyperLogLog of `H` bytes of storage
+/// `B` quantile buckets (`B/2` a sign) and a HyperLogLog of `H` bytes of storage
 /// ([`hll::storage_bytes`](crate::sketch::hll::storage_bytes)).
 pub struct NodeSensor<const B: usize, const H: usize> {
     window: TumblingWindow<1>,
@@ -125,11 +127,18 @@ impl<const B: usize, const H: usize> NodeSensor<B, H> {
         if let Ok(verdict) = detector.observe(value)
             && let (Some(t), Some(score)) = (verdict.transition, verdict.score)
         {
+            let raised = t == Transition::Raised;
+            let levels = detector.machine().levels();
             emit(NodeOutput::Alert {
                 ts,
                 value,
                 score: libm::fabs(score),
-                raised: t == Transition::Raised,
+                level: if raised {
+                    levels.raise_at()
+                } else {
+                    levels.clear_below()
+                },
+                raised,
             });
         }
         Ok(())

@@ -4,6 +4,7 @@
 //! test, an MQTT publisher, and a power cut for SQLite files
 //! ([`powercut`]). Production code never depends on it.
 
+pub mod firmware;
 pub mod powercut;
 
 use std::time::{Duration, Instant};

@@ -93,6 +93,62 @@ pub struct Config {
     /// Checkpoints of window, sketch and detector state, restored at start.
     /// Absent: a restart starts every series afresh.
     pub checkpoint: Option<CheckpointConfig>,
+    /// How sensor nodes' records (serial sources with `format = "frames"`)
+    /// are merged.
+    #[serde(default)]
+    pub nodes: NodesConfig,
+}
+
+/// `[nodes]`: how node records are merged.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodesConfig {
+    /// The gateway's window for node series, ms: a multiple of the nodes'
+    /// windows, which it merges. 0 (the default): each node window as it is.
+    #[serde(default)]
+    pub window_ms: u64,
+    /// The quantiles each aggregate gives from the merged value sketches.
+    /// Default `[0.5, 0.9, 0.99]`.
+    #[serde(default = "default_quantiles")]
+    pub quantiles: Vec<f64>,
+    /// The name under which the nodes' distinct-count sketch is reported
+    /// (`distinct.label`). Default `"tag"`.
+    #[serde(default = "default_label")]
+    pub distinct_label: String,
+}
+
+fn default_quantiles() -> Vec<f64> {
+    vec![0.5, 0.9, 0.99]
+}
+
+fn default_label() -> String {
+    "tag".into()
+}
+
+impl Default for NodesConfig {
+    fn default() -> Self {
+        Self {
+            window_ms: 0,
+            quantiles: default_quantiles(),
+            distinct_label: default_label(),
+        }
+    }
+}
+
+impl NodesConfig {
+    /// Checks the settings; the error names the key.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.window_ms > 366 * 86_400_000 {
+            return Err("window_ms: at most a year".into());
+        }
+        if let Some(q) = self.quantiles.iter().find(|q| !(0.0..=1.0).contains(*q)) {
+            return Err(format!("quantiles: {q} is not in [0, 1]"));
+        }
+        if self.distinct_label.is_empty() {
+            return Err("distinct_label: must not be empty".into());
+        }
+        Ok(())
+    }
 }
 
 /// Checkpoints (see `checkpoint` in the crate docs).
@@ -663,6 +719,9 @@ impl Config {
         if s.keep_one_in == 0 {
             return err("shedding.keep_one_in", "must be >= 1");
         }
+        if let Err(e) = self.nodes.validate() {
+            return Err(ConfigError(format!("nodes.{e}")));
+        }
         if self.sources.is_empty() {
             return err(
                 "sources",
@@ -684,10 +743,14 @@ impl Config {
                 .validate()
                 .map_err(|why| ConfigError(format!("tables.{name}.{why}")))?;
         }
-        if self.rules.is_empty() && self.patterns.is_empty() {
+        // Sensor nodes aggregate for themselves: their records need no rule.
+        let nodes = self.sources.values().any(|s| {
+            matches!(s, Source::Serial(s) if s.format == sluice_collectors::serial::SerialFormat::Frames)
+        });
+        if self.rules.is_empty() && self.patterns.is_empty() && !nodes {
             return err(
                 "rules",
-                "define at least one rule: [[rules]] with match = \"<glob>\" (or a [[patterns]] entry)",
+                "define at least one rule: [[rules]] with match = \"<glob>\" (or a [[patterns]] entry, or a serial source with format = \"frames\")",
             );
         }
         let labels: Vec<&str> = self

@@ -36,6 +36,8 @@ pub struct Running {
     pub metrics_addr: Option<SocketAddr>,
     /// Store-and-forward counters (zero without an outbox).
     pub uplink: Arc<UplinkStats>,
+    /// The sensor-node merger's counters (zero without a `frames` source).
+    pub nodes: Arc<crate::pipeline::nodes::NodeStats>,
 }
 
 /// The Prometheus text exposition of `r`.
@@ -388,6 +390,26 @@ pub fn render(r: &Running) -> String {
             "sluice_outbox_dead_lettered_total",
             "Records set aside as dead letters (unsendable, refused by the broker, damaged).",
             u.dead_lettered.load(Relaxed),
+        ),
+        (
+            "sluice_node_windows_total",
+            "Sensor nodes' windows merged (serial sources with format = \"frames\").",
+            r.nodes.windows.load(Relaxed),
+        ),
+        (
+            "sluice_node_aggregates_total",
+            "Aggregates made from sensor nodes' merged windows.",
+            r.nodes.merged.load(Relaxed),
+        ),
+        (
+            "sluice_node_alerts_total",
+            "Alerts forwarded from sensor nodes.",
+            r.nodes.alerts.load(Relaxed),
+        ),
+        (
+            "sluice_node_records_refused_total",
+            "Sensor nodes' records refused by the merger: a window that straddles the gateway's, comes late, or a sketch that does not merge.",
+            r.nodes.refused.load(Relaxed),
         ),
     ] {
         family(

@@ -7,6 +7,7 @@
 //! task delivers what it holds and disconnects; then `run` returns.
 
 pub mod checkpoint;
+pub mod nodes;
 pub mod rules;
 pub mod worker;
 
@@ -34,6 +35,9 @@ use rules::Rules;
 
 /// Alerts, and records for the outbox writer, waiting, at most.
 const OUTPUT_QUEUE: usize = 1024;
+/// Node records waiting for the merger; a full queue holds the serial
+/// line back.
+const NODE_QUEUE: usize = 1024;
 
 /// Aggregates (and checkpoints) that may wait for the output task: one per
 /// series the workers can hold (`max_series` × `workers`, at least
@@ -327,6 +331,7 @@ async fn run_with(
         worker_threads.push(handle);
     }
     drop(tx);
+    let alert_tx_for_nodes = alert_tx.clone();
     drop(alert_tx);
     if config.checkpoint.is_some() {
         let sum = |f: fn(&WorkerStats) -> u64| -> u64 { worker_stats.iter().map(|w| f(w)).sum() };
@@ -347,9 +352,30 @@ async fn run_with(
         udp_addrs: BTreeMap::new(),
         metrics_addr: None,
         uplink: uplink_stats.clone(),
+        nodes: Arc::default(),
     };
     let sources_stop = shutdown.child_token();
     let mut source_tasks = Vec::new();
+    // Sensor nodes' records (serial sources with `format = "frames"`) go to
+    // one merger, which ends when the last such source has.
+    let node_stats = Arc::new(nodes::NodeStats::default());
+    running.nodes = node_stats.clone();
+    let mut node_tx = None;
+    if config.sources.values().any(|s| {
+        matches!(s, Source::Serial(s) if s.format == sluice_collectors::serial::SerialFormat::Frames)
+    }) {
+        let (ntx, nrx) = mpsc::channel(NODE_QUEUE);
+        node_tx = Some(ntx);
+        source_tasks.push(tokio::spawn(nodes::run(
+            nrx,
+            stats_tx.clone(),
+            alert_tx_for_nodes.clone(),
+            agent.clone(),
+            config.nodes.clone(),
+            config.max_series,
+            node_stats,
+        )));
+    }
     for ((name, source), lanes) in config.sources.iter().zip(producers) {
         let stats = Arc::new(SourceStats::default());
         running.sources.insert(name.clone(), stats.clone());
@@ -375,8 +401,11 @@ async fn run_with(
                 tokio::spawn(s.run(token))
             }
             Source::Serial(settings) => {
-                let s = SerialSource::new(&label, settings, handoff)
+                let mut s = SerialSource::new(&label, settings, handoff)
                     .map_err(|e| anyhow::anyhow!("{label}: {e}"))?;
+                if let Some(ntx) = &node_tx {
+                    s = s.with_nodes(ntx.clone());
+                }
                 tokio::spawn(s.run(token))
             }
             Source::Mqtt(mut settings) => {
@@ -390,6 +419,7 @@ async fn run_with(
         };
         source_tasks.push(task);
     }
+    drop(node_tx);
     if let Some(addr) = config.metrics.listen {
         let listener = crate::ops::metrics::bind(addr)
             .await
