@@ -12,7 +12,9 @@ use std::time::Duration;
 
 use common::{drain, one_lane, w1, wait_for};
 use sluice_collectors::Reason;
-use sluice_collectors::serial::{SerialSettings, SerialSource};
+use sluice_collectors::node::NodeRecord;
+use sluice_collectors::serial::{SerialFormat, SerialSettings, SerialSource};
+use sluice_core::link::{Deframer, MAX_FRAME, Record, encode};
 use sluice_core::shed::ShedPolicy;
 use tokio_util::sync::CancellationToken;
 
@@ -55,6 +57,24 @@ impl Pty {
     fn send(&mut self, bytes: &[u8]) {
         self.master.write_all(bytes).unwrap();
     }
+
+    /// Reads what the source wrote to the port, until `done` holds of it.
+    fn read_until(&mut self, mut done: impl FnMut(&[u8]) -> bool) -> Vec<u8> {
+        use std::io::Read;
+        let mut got = Vec::new();
+        let mut buf = [0u8; 256];
+        while !done(&got) {
+            let n = self.master.read(&mut buf).unwrap();
+            got.extend_from_slice(&buf[..n]);
+        }
+        got
+    }
+}
+
+fn frame(record: &Record<'_>) -> Vec<u8> {
+    let mut buf = [0u8; MAX_FRAME];
+    let n = encode(record, &mut buf).unwrap();
+    buf[..n].to_vec()
 }
 
 fn temp_link(name: &str) -> PathBuf {
@@ -178,4 +198,78 @@ fn bad_settings_name_their_key() {
     s.data_bits = 8;
     s.stop_bits = 3;
     assert!(s.validate().unwrap_err().contains("stop_bits"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_gets_the_time_and_its_frames_survive_noise_damage_and_bad_ids() {
+    let link = temp_link("frames");
+    let mut pty = Pty::open(&link);
+    let (handoff, _rx, stats) = one_lane(64, ShedPolicy::DropNewest { high_water: 64 });
+    let mut settings = settings(&link);
+    settings.format = SerialFormat::Frames;
+    let (tx, mut nodes) = tokio::sync::mpsc::channel(16);
+    let source = SerialSource::new("serial-frames", settings, handoff)
+        .unwrap()
+        .with_nodes(tx);
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(source.run(shutdown.clone()));
+
+    // On opening the port the source sends the node the time.
+    let before = common::now_ms();
+    let sent = tokio::task::spawn_blocking(move || {
+        let bytes = pty.read_until(|b| b.len() >= 18);
+        (pty, bytes)
+    });
+    let (mut pty, bytes) = tokio::time::timeout(WAIT, sent).await.unwrap().unwrap();
+    let mut d = Deframer::new();
+    d.feed(&bytes);
+    let Some(Ok(Record::Sync { unix_ms })) = d.next() else {
+        panic!("no sync frame: {bytes:?}");
+    };
+    assert!((before - 1_000..=common::now_ms()).contains(&unix_ms));
+
+    let hello = frame(&Record::Hello {
+        node: "n1",
+        window_ms: 1_000,
+    });
+    let alert = |series| {
+        frame(&Record::Alert {
+            series,
+            ts: 5,
+            value: 1.0,
+            score: 9.0,
+            level: 6.0,
+            raised: true,
+        })
+    };
+    let mut damaged = alert("n1/s0");
+    damaged[12] ^= 0x10;
+    // Noise, a damaged frame, an id with a control character, then good
+    // frames: only the good ones come through, the rest are counted.
+    pty.send(b"\x00\xA5garbage");
+    pty.send(&damaged);
+    pty.send(&alert("n1/\u{7}bell"));
+    pty.send(&hello);
+    pty.send(&alert("n1/#"));
+    let mut got = Vec::new();
+    while got.len() < 2 {
+        got.push(tokio::time::timeout(WAIT, nodes.recv()).await.unwrap().unwrap());
+    }
+    assert_eq!(
+        got[0],
+        NodeRecord::Hello {
+            node: "n1".into(),
+            window_ms: 1_000
+        }
+    );
+    // `#` is allowed in ids, as in readings (topics escape it).
+    assert!(matches!(&got[1], NodeRecord::Alert { series, .. } if series == "n1/#"));
+    assert_eq!(stats.rejected(Reason::BadSeries), 1);
+    assert_eq!(stats.rejected(Reason::Malformed), 1, "the damaged frame");
+    assert_eq!(stats.decoded.load(Relaxed), 2);
+    shutdown.cancel();
+    tokio::time::timeout(WAIT, task)
+        .await
+        .expect("the source stops on shutdown")
+        .unwrap();
 }

@@ -16,8 +16,8 @@ pub fn firmware_dir() -> PathBuf {
 /// Builds the firmware (release) once per test process; returns its ELF.
 ///
 /// Its own target folder (`SLUICE_FIRMWARE_TARGET`, by default
-/// `sluice-firmware` beside the build's `tmp`), so that this cargo never
-/// waits on the lock of the one running the tests. cargo runs inside
+/// `sluice-firmware-target` in the temporary directory), so that this cargo
+/// never waits on the lock of the one running the tests. cargo runs inside
 /// `firmware/`, whose `.cargo/config.toml` picks the target and the linker
 /// script.
 pub fn firmware_elf() -> PathBuf {
@@ -25,10 +25,7 @@ pub fn firmware_elf() -> PathBuf {
     ELF.get_or_init(|| {
         let target = std::env::var_os("SLUICE_FIRMWARE_TARGET")
             .map(PathBuf::from)
-            .unwrap_or_else(|| {
-                Path::new(option_env!("CARGO_TARGET_TMPDIR").unwrap_or("/tmp"))
-                    .join("sluice-firmware")
-            });
+            .unwrap_or_else(|| std::env::temp_dir().join("sluice-firmware-target"));
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
         let out = std::process::Command::new(cargo)
             .current_dir(firmware_dir())
