@@ -277,6 +277,8 @@ fn a_value_out_of_range_names_its_key_and_line() {
             "\"x\"",
         ),
         ("checkpoint.interval_ms", "10000", "10"),
+        ("nodes.quantiles", "[0.5, 0.9, 0.99]", "[1.5]"),
+        ("nodes.distinct_label", "\"tag\"", "\"\""),
     ];
     let keys = keys(EXAMPLE);
     for (path, value, bad) in cases {

@@ -65,6 +65,8 @@ pub enum NodeRecord {
         cycles: u64,
         /// Records it could not send.
         unsent: u64,
+        /// The most stack it used, bytes.
+        stack_bytes: u32,
     },
 }
 
@@ -127,10 +129,12 @@ impl NodeRecord {
                 readings,
                 cycles,
                 unsent,
+                stack_bytes,
             } => NodeRecord::Stats {
                 readings,
                 cycles,
                 unsent,
+                stack_bytes,
             },
         }))
     }

@@ -253,7 +253,12 @@ async fn a_node_gets_the_time_and_its_frames_survive_noise_damage_and_bad_ids() 
     pty.send(&alert("n1/#"));
     let mut got = Vec::new();
     while got.len() < 2 {
-        got.push(tokio::time::timeout(WAIT, nodes.recv()).await.unwrap().unwrap());
+        got.push(
+            tokio::time::timeout(WAIT, nodes.recv())
+                .await
+                .unwrap()
+                .unwrap(),
+        );
     }
     assert_eq!(
         got[0],

@@ -148,6 +148,8 @@ pub enum Record<'a> {
         cycles: u64,
         /// Records it made but could not encode (too large for a frame).
         unsent: u64,
+        /// The most stack it used, in bytes (0 if it does not measure it).
+        stack_bytes: u32,
     },
 }
 
@@ -315,10 +317,12 @@ pub fn encode(record: &Record<'_>, out: &mut [u8]) -> Result<usize, LinkError> {
             readings,
             cycles,
             unsent,
+            stack_bytes,
         } => {
             w.u64(readings);
             w.u64(cycles);
             w.u64(unsent);
+            w.u32(stack_bytes);
             kind::STATS
         }
     };
@@ -496,6 +500,7 @@ fn parse(kind: u8, payload: &[u8]) -> Result<Record<'_>, LinkError> {
             readings: r.u64()?,
             cycles: r.u64()?,
             unsent: r.u64()?,
+            stack_bytes: r.u32()?,
         },
         other => return Err(LinkError::UnknownKind(other)),
     };
@@ -516,7 +521,10 @@ pub struct DeframerStats {
     pub bad_checksums: u64,
 }
 
-/// Finds frames in a byte stream, in a fixed buffer of two frames.
+/// Finds frames in a byte stream, in a fixed buffer of `N` bytes (by
+/// default two of the longest frames). A frame longer than `N` is never
+/// found: a node that only reads the gateway's sync frame keeps a small one
+/// ([`Deframer::with_buffer`]).
 ///
 /// Feed it bytes with [`Deframer::feed`] (it takes what fits), then take
 /// records with [`Deframer::next`] until it returns `None`; repeat.
@@ -534,8 +542,8 @@ pub struct DeframerStats {
 /// assert_eq!(d.next(), None);
 /// assert_eq!(d.stats().skipped_bytes, 6);
 /// ```
-pub struct Deframer {
-    buf: [u8; 2 * MAX_FRAME],
+pub struct Deframer<const N: usize = { 2 * MAX_FRAME }> {
+    buf: [u8; N],
     len: usize,
     /// Bytes at the front that the last returned frame took.
     consumed: usize,
@@ -549,10 +557,17 @@ impl Default for Deframer {
 }
 
 impl Deframer {
-    /// An empty deframer.
+    /// An empty deframer that finds frames of every length.
     pub const fn new() -> Self {
+        Self::with_buffer()
+    }
+}
+
+impl<const N: usize> Deframer<N> {
+    /// An empty deframer with a buffer of `N` bytes.
+    pub const fn with_buffer() -> Self {
         Self {
-            buf: [0; 2 * MAX_FRAME],
+            buf: [0; N],
             len: 0,
             consumed: 0,
             stats: DeframerStats {
@@ -620,7 +635,7 @@ impl Deframer {
                 return None;
             }
             let payload = u16::from_le_bytes([self.buf[4], self.buf[5]]) as usize;
-            if payload > MAX_PAYLOAD {
+            if payload > MAX_PAYLOAD || HEADER + payload + CHECKSUM > N {
                 // Not a frame: resume after this magic.
                 self.skip(1);
                 continue;
@@ -706,6 +721,7 @@ mod tests {
                 readings: 9,
                 cycles: 1 << 40,
                 unsent: 2,
+                stack_bytes: 9_000,
             },
         ];
         for record in &records {
@@ -797,6 +813,25 @@ mod tests {
     }
 
     #[test]
+    fn a_small_deframer_skips_frames_longer_than_its_buffer() {
+        let (big, n) = frame(&window());
+        let (sync, m) = frame(&Record::Sync { unix_ms: 3 });
+        let mut d: Deframer<32> = Deframer::with_buffer();
+        let mut stream = big[..n].to_vec();
+        stream.extend_from_slice(&sync[..m]);
+        let mut got = Vec::new();
+        let mut fed = 0;
+        while fed < stream.len() {
+            fed += d.feed(&stream[fed..]);
+            while let Some(r) = d.next() {
+                got.push(r.is_ok());
+                assert!(matches!(r, Ok(Record::Sync { unix_ms: 3 }) | Err(_)));
+            }
+        }
+        assert_eq!(got.iter().filter(|ok| **ok).count(), 1);
+    }
+
+    #[test]
     fn records_that_do_not_fit_are_refused() {
         let long = "x".repeat(MAX_SERIES + 1);
         let mut buf = [0u8; MAX_FRAME];
@@ -835,6 +870,9 @@ mod tests {
             let mut stream: Vec<u8> = noise[..at].to_vec();
             stream.extend_from_slice(&buf[..n]);
             stream.extend_from_slice(&noise[at..]);
+            // The line goes on (a false start's length may reach past the
+            // end of the noise: what follows it waits for enough bytes).
+            stream.extend_from_slice(&[0; MAX_FRAME]);
             let mut d = Deframer::new();
             let mut fed = 0;
             let mut found = false;

@@ -21,6 +21,7 @@
 #![no_std]
 #![no_main]
 
+use core::mem::MaybeUninit;
 use core::ptr::{read_volatile, write_volatile};
 
 use cortex_m::peripheral::SYST;
@@ -140,9 +141,55 @@ impl Cycles {
     }
 }
 
+// The stack's bounds, from cortex-m-rt's linker script.
+unsafe extern "C" {
+    /// The end of `.bss`: the stack may grow down to here.
+    static __ebss: u32;
+    /// The stack's top (its first push goes below it).
+    static _stack_start: u32;
+}
+
+/// What [`paint_stack`] writes into the unused stack.
+const PAINT: u32 = 0x5A5A_A5A5;
+/// How far below the stack's top it paints: more than the firmware uses.
+const PAINTED: usize = 64 * 1024;
+
+fn stack_floor() -> usize {
+    let ebss = core::ptr::addr_of!(__ebss) as usize;
+    let top = core::ptr::addr_of!(_stack_start) as usize;
+    ebss.max(top - PAINTED)
+}
+
+/// Fills the stack below the current frame with [`PAINT`], so that
+/// [`stack_used`] can tell how deep it ever went.
+#[inline(never)]
+fn paint_stack() {
+    let sp = cortex_m::register::msp::read() as usize;
+    // Leave room below the stack pointer for this function's own calls.
+    let mut addr = stack_floor();
+    while addr + 256 < sp {
+        // SAFETY: below the live stack and above .bss: memory nothing uses
+        // yet (no interrupts are enabled), word-aligned.
+        unsafe { write_volatile(addr as *mut u32, PAINT) };
+        addr += 4;
+    }
+}
+
+/// The most stack used since [`paint_stack`], in bytes.
+fn stack_used() -> u32 {
+    let top = core::ptr::addr_of!(_stack_start) as usize;
+    let mut addr = stack_floor();
+    // SAFETY: reads of words between the painted floor and the stack's top.
+    while addr < top && unsafe { read_volatile(addr as *const u32) } == PAINT {
+        addr += 4;
+    }
+    (top - addr) as u32
+}
+
 /// Waits for the gateway's sync record; returns its time.
 fn wait_for_sync(uart: &mut Uart) -> i64 {
-    let mut deframer = Deframer::new();
+    // The sync frame is 18 bytes: no need for room for longer ones.
+    let mut deframer: Deframer<64> = Deframer::with_buffer();
     loop {
         if let Some(b) = uart.read() {
             deframer.feed(&[b]);
@@ -155,24 +202,29 @@ fn wait_for_sync(uart: &mut Uart) -> i64 {
     }
 }
 
-/// Sends a record; counts one it could not encode.
-fn send(uart: &mut Uart, frame: &mut [u8; MAX_FRAME], record: &Record<'_>, unsent: &mut u64) {
-    match encode(record, frame) {
-        Ok(n) => uart.write(&frame[..n]),
-        Err(_) => *unsent += 1,
+/// The UART and the buffers records are encoded in (static, not on the
+/// stack: a sketch frame may take 4 KiB).
+struct Link {
+    uart: Uart,
+    frame: &'static mut [u8; MAX_FRAME],
+    sketch: &'static mut [u8; MAX_FRAME],
+    /// Records made but not encodable (too large for a frame).
+    unsent: u64,
+}
+
+impl Link {
+    /// Sends a record; counts one it could not encode.
+    fn send(&mut self, record: &Record<'_>) {
+        match encode(record, self.frame) {
+            Ok(n) => self.uart.write(&self.frame[..n]),
+            Err(_) => self.unsent += 1,
+        }
     }
 }
 
 /// Sends a sensor's output: a closed window (aggregate, then its sketches)
 /// or an alert.
-fn send_output(
-    uart: &mut Uart,
-    series: &str,
-    out: NodeOutput<'_, BUCKETS, HLL_BYTES>,
-    unsent: &mut u64,
-) {
-    let mut frame = [0u8; MAX_FRAME];
-    let mut sketch = [0u8; MAX_FRAME];
+fn send_output(link: &mut Link, series: &str, out: NodeOutput<'_, BUCKETS, HLL_BYTES>) {
     match out {
         NodeOutput::Window {
             closed,
@@ -184,29 +236,32 @@ fn send_output(
             // the node window at the gateway.
             for kind in [SketchKind::Quantiles, SketchKind::Distinct] {
                 let written = match kind {
-                    SketchKind::Quantiles => quantiles.write_to(&mut sketch),
-                    SketchKind::Distinct => distinct.write_to(&mut sketch),
+                    SketchKind::Quantiles => quantiles.write_to(link.sketch),
+                    SketchKind::Distinct => distinct.write_to(link.sketch),
                 };
                 let Ok(n) = written else {
-                    *unsent += 1;
+                    link.unsent += 1;
                     continue;
                 };
+                let sketch: &[u8] = &link.sketch[..n];
                 let record = Record::Sketch {
                     series,
                     start,
                     end,
                     kind,
-                    bytes: &sketch[..n],
+                    bytes: sketch,
                 };
-                send(uart, &mut frame, &record, unsent);
+                match encode(&record, link.frame) {
+                    Ok(n) => link.uart.write(&link.frame[..n]),
+                    Err(_) => link.unsent += 1,
+                }
             }
-            let record = Record::Window {
+            link.send(&Record::Window {
                 series,
                 start,
                 end,
                 aggregate: closed.acc,
-            };
-            send(uart, &mut frame, &record, unsent);
+            });
         }
         NodeOutput::Alert {
             ts,
@@ -215,49 +270,56 @@ fn send_output(
             level,
             raised,
         } => {
-            let record = Record::Alert {
+            link.send(&Record::Alert {
                 series,
                 ts,
                 value,
                 score,
                 level,
                 raised,
-            };
-            send(uart, &mut frame, &record, unsent);
+            });
         }
     }
 }
 
 #[entry]
 fn main() -> ! {
+    paint_stack();
     let peripherals = cortex_m::Peripherals::take().unwrap();
     let mut uart = Uart::init();
-    let sensors: &'static mut [Sensor; SENSORS] = cortex_m::singleton!(
-        : [Sensor; SENSORS] = core::array::from_fn(|_| {
-            Sensor::new(WINDOW_MS, Sensor::default_detector(), 0.01).unwrap()
-        })
+    // The sensors' state (about 8 KiB each) is built in place, one at a
+    // time, in static memory.
+    let slots = cortex_m::singleton!(
+        : MaybeUninit<[Sensor; SENSORS]> = MaybeUninit::uninit()
     )
     .unwrap();
+    let first = slots.as_mut_ptr().cast::<Sensor>();
+    for s in 0..SENSORS {
+        let sensor = Sensor::new(WINDOW_MS, Sensor::default_detector(), 0.01).unwrap();
+        // SAFETY: `s` < SENSORS: a slot of the array, written once.
+        unsafe { first.add(s).write(sensor) };
+    }
+    // SAFETY: every slot was written above.
+    let sensors = unsafe { slots.assume_init_mut() };
     let mut signals: [TestSignal; SENSORS] = core::array::from_fn(|s| {
         let spike = (s == SPIKE.0).then_some(SPIKE.1);
         TestSignal::new(SEED, s as u32, spike)
     });
 
     let base = wait_for_sync(&mut uart);
+    let mut link = Link {
+        uart,
+        frame: cortex_m::singleton!(: [u8; MAX_FRAME] = [0; MAX_FRAME]).unwrap(),
+        sketch: cortex_m::singleton!(: [u8; MAX_FRAME] = [0; MAX_FRAME]).unwrap(),
+        unsent: 0,
+    };
     // Windows align to the node's clock: the first starts at a multiple of
     // the window after the sync.
     let t0 = (base.div_euclid(WINDOW_MS) + 1) * WINDOW_MS;
-    let mut unsent = 0u64;
-    let mut frame = [0u8; MAX_FRAME];
-    send(
-        &mut uart,
-        &mut frame,
-        &Record::Hello {
-            node: NODE,
-            window_ms: WINDOW_MS as u32,
-        },
-        &mut unsent,
-    );
+    link.send(&Record::Hello {
+        node: NODE,
+        window_ms: WINDOW_MS as u32,
+    });
 
     let mut cycles = Cycles::start(peripherals.SYST);
     for i in 0..READINGS {
@@ -267,28 +329,23 @@ fn main() -> ! {
             // A reading in order is never refused; a refusal would be a bug
             // here, and shows as a missing count at the gateway.
             let _ = sensor.push(ts, value, &tag.to_le_bytes(), |out| {
-                send_output(&mut uart, SERIES[s], out, &mut unsent)
+                send_output(&mut link, SERIES[s], out)
             });
             cycles.count();
         }
     }
     let end = t0 + READINGS as i64 * PERIOD_MS;
     for (s, sensor) in sensors.iter_mut().enumerate() {
-        sensor.advance_to(end, |out| {
-            send_output(&mut uart, SERIES[s], out, &mut unsent)
-        });
+        sensor.advance_to(end, |out| send_output(&mut link, SERIES[s], out));
     }
     cycles.skip();
-    send(
-        &mut uart,
-        &mut frame,
-        &Record::Stats {
-            readings: READINGS * SENSORS as u64,
-            cycles: cycles.total,
-            unsent,
-        },
-        &mut unsent,
-    );
+    let stats = Record::Stats {
+        readings: READINGS * SENSORS as u64,
+        cycles: cycles.total,
+        unsent: link.unsent,
+        stack_bytes: stack_used(),
+    };
+    link.send(&stats);
     loop {
         cortex_m::asm::wfi();
     }

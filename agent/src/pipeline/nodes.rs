@@ -228,8 +228,9 @@ impl Merger {
                 readings,
                 cycles,
                 unsent,
+                stack_bytes,
             } => {
-                tracing::info!(readings, cycles, unsent, "sensor node stats");
+                tracing::info!(readings, cycles, unsent, stack_bytes, "sensor node stats");
                 Vec::new()
             }
             NodeRecord::Alert {
