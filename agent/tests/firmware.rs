@@ -80,7 +80,7 @@ listen = "127.0.0.1:{metrics}"
     )
     .unwrap();
     let log = dir.path().join("agent.log");
-    let _agent = start_agent(env!("CARGO_BIN_EXE_sluice"), &config, &log);
+    let mut agent = start_agent(env!("CARGO_BIN_EXE_sluice"), &config, &log);
 
     let aggregates = || -> Vec<Value> {
         got.lock()
@@ -239,5 +239,23 @@ listen = "127.0.0.1:{metrics}"
     .await;
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(text.contains("unsent=0"), "{text}");
+
+    // SIGTERM: the source, the merger and the outputs stop in order, and
+    // the agent exits 0 within its shutdown bound (10 s).
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(agent.id() as i32, libc::SIGTERM) };
+    let start = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = agent.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(15),
+            "the agent did not stop"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(status.success(), "{status}: {text}");
     drop(qemu);
 }

@@ -331,8 +331,9 @@ async fn run_with(
         worker_threads.push(handle);
     }
     drop(tx);
-    let alert_tx_for_nodes = alert_tx.clone();
-    drop(alert_tx);
+    // Only the node merger, if there is one, keeps an alert sender: the
+    // output task ends when the last one is dropped.
+    let mut node_alert_tx = Some(alert_tx);
     if config.checkpoint.is_some() {
         let sum = |f: fn(&WorkerStats) -> u64| -> u64 { worker_stats.iter().map(|w| f(w)).sum() };
         tracing::info!(
@@ -369,7 +370,7 @@ async fn run_with(
         source_tasks.push(tokio::spawn(nodes::run(
             nrx,
             stats_tx.clone(),
-            alert_tx_for_nodes.clone(),
+            node_alert_tx.take().expect("taken once"),
             agent.clone(),
             config.nodes.clone(),
             config.max_series,
@@ -420,6 +421,7 @@ async fn run_with(
         source_tasks.push(task);
     }
     drop(node_tx);
+    drop(node_alert_tx);
     if let Some(addr) = config.metrics.listen {
         let listener = crate::ops::metrics::bind(addr)
             .await

@@ -49,6 +49,16 @@ pub struct NodeStats {
 /// out as partial (a node whose clock jumps about cannot pile them up).
 const MAX_OPEN: usize = 8;
 
+/// The largest node sketches the merger takes: a DDSketch of 8,192 buckets
+/// (64 KiB; the reference firmware's has 834) and a HyperLogLog of 4,096
+/// registers (6 KiB; the firmware's has 1,024). A sketch's header names its
+/// size: a larger claim is refused before anything is allocated.
+const MAX_QUANTILE_BUCKETS: usize = 8_192;
+const MAX_DISTINCT_STORAGE: usize = sluice_core::sketch::hll::storage_bytes(4_096);
+/// What the open windows' sketches may take together; past it a new sketch
+/// is refused (counted) until windows close.
+const SKETCH_BUDGET: usize = 64 << 20;
+
 /// One gateway window of a series, being merged.
 struct Open {
     aggregate: Aggregate,
@@ -60,6 +70,8 @@ struct Open {
     len: Timestamp,
     quantiles: Option<DdSketch<Vec<u64>>>,
     distinct: Option<HyperLogLog<Vec<u8>>>,
+    /// Bytes its sketches' storage takes (counted in `Merger::sketch_bytes`).
+    sketch_bytes: usize,
 }
 
 /// Per series: the open gateway windows by start, and where it stands.
@@ -89,6 +101,8 @@ pub async fn run(
         last_log: None,
         max_series,
         pending: Vec::new(),
+        sketch_bytes: 0,
+        sketch_budget: SKETCH_BUDGET,
     };
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -132,6 +146,10 @@ struct Merger {
     max_series: usize,
     /// Windows closed on the way (pushed out by `MAX_OPEN`), to send.
     pending: Vec<Record>,
+    /// Bytes the open windows' sketches take (at most `sketch_budget`).
+    sketch_bytes: usize,
+    /// `SKETCH_BUDGET` (smaller in tests).
+    sketch_budget: usize,
 }
 
 impl Merger {
@@ -209,6 +227,7 @@ impl Merger {
             len,
             quantiles: None,
             distinct: None,
+            sketch_bytes: 0,
         }))
     }
 
@@ -292,26 +311,62 @@ impl Merger {
         bytes: &[u8],
     ) -> Result<(), String> {
         let window = self.window_of(start, end)?;
-        let open = self.open(series, window)?;
-        match kind {
+        let budget = self.sketch_budget;
+        let left = budget.saturating_sub(self.sketch_bytes);
+        let over_budget = || format!("the open windows' sketches take {budget} bytes already");
+        let added = match kind {
             SketchKind::Quantiles => {
                 let len = DdSketch::<Vec<u64>>::storage_len(bytes).map_err(|e| e.to_string())?;
+                if len > MAX_QUANTILE_BUCKETS {
+                    return Err(format!(
+                        "a DDSketch of {len} buckets (at most {MAX_QUANTILE_BUCKETS})"
+                    ));
+                }
                 let sketch = DdSketch::read_from(bytes, vec![0; len]).map_err(|e| e.to_string())?;
+                let open = self.open(series, window)?;
                 match &mut open.quantiles {
-                    Some(q) => q.merge(&sketch).map_err(|e| e.to_string())?,
-                    None => open.quantiles = Some(sketch),
+                    Some(q) => {
+                        q.merge(&sketch).map_err(|e| e.to_string())?;
+                        0
+                    }
+                    None if 8 * len > left => return Err(over_budget()),
+                    None => {
+                        open.quantiles = Some(sketch);
+                        8 * len
+                    }
                 }
             }
             SketchKind::Distinct => {
                 let len = HyperLogLog::<Vec<u8>>::storage_len(bytes).map_err(|e| e.to_string())?;
+                if len > MAX_DISTINCT_STORAGE {
+                    return Err(format!(
+                        "a HyperLogLog of {len} bytes (at most {MAX_DISTINCT_STORAGE})"
+                    ));
+                }
                 let sketch =
                     HyperLogLog::read_from(bytes, vec![0; len]).map_err(|e| e.to_string())?;
+                let open = self.open(series, window)?;
                 match &mut open.distinct {
-                    Some(d) => d.merge(&sketch).map_err(|e| e.to_string())?,
-                    None => open.distinct = Some(sketch),
+                    Some(d) => {
+                        d.merge(&sketch).map_err(|e| e.to_string())?;
+                        0
+                    }
+                    None if len > left => return Err(over_budget()),
+                    None => {
+                        open.distinct = Some(sketch);
+                        len
+                    }
                 }
             }
+        };
+        if let Some(open) = self
+            .series
+            .get_mut(series)
+            .and_then(|s| s.open.get_mut(&window.0))
+        {
+            open.sketch_bytes += added;
         }
+        self.sketch_bytes += added;
         Ok(())
     }
 
@@ -389,6 +444,7 @@ impl Merger {
         partial: bool,
     ) -> Option<Record> {
         let end = start + open.len;
+        self.sketch_bytes -= open.sketch_bytes;
         let s = self.series.entry(series.to_owned()).or_default();
         s.closed_before = Some(s.closed_before.map_or(end, |c| c.max(end)));
         let a = open.aggregate;
@@ -462,6 +518,8 @@ mod tests {
             last_log: None,
             max_series: 1_000,
             pending: Vec::new(),
+            sketch_bytes: 0,
+            sketch_budget: SKETCH_BUDGET,
         }
     }
 
@@ -625,6 +683,61 @@ mod tests {
             kind: SketchKind::Quantiles,
             bytes: b"SLSK-not-really".to_vec(),
         });
+        assert_eq!(m.stats.refused.load(Relaxed), 2);
+    }
+
+    #[test]
+    fn a_sketch_that_asks_for_huge_storage_is_refused_before_any_allocation() {
+        // A valid DDSketch frame whose header claims 2^20 buckets a sign
+        // (a hostile node may claim 2^32: 64 GiB).
+        let mut sketch = DdSketch::with_storage([0u64; 8], 0.01).unwrap();
+        sketch.insert(5.0);
+        let mut bytes = vec![0u8; 256];
+        let n = sketch.write_to(&mut bytes).unwrap();
+        bytes.truncate(n);
+        // The body starts at 20: alpha (8 bytes), then the buckets a sign.
+        bytes[28..32].copy_from_slice(&(1u32 << 20).to_le_bytes());
+        let sum = sluice_core::hash::hash64(&bytes[..n - 4], 0) as u32;
+        bytes[n - 4..].copy_from_slice(&sum.to_le_bytes());
+        assert_eq!(DdSketch::<Vec<u64>>::storage_len(&bytes), Ok(1 << 21));
+        let mut m = merger(0);
+        m.take(NodeRecord::Sketch {
+            series: "s".into(),
+            start: 0,
+            end: 1_000,
+            kind: SketchKind::Quantiles,
+            bytes,
+        });
+        assert_eq!(m.stats.refused.load(Relaxed), 1);
+    }
+
+    #[test]
+    fn sketches_past_the_budget_are_refused_until_windows_close() {
+        let mut m = merger(0);
+        // Room for the sketches of two node windows (834 buckets and 1,536
+        // bytes each, as the firmware's).
+        m.sketch_budget = 2 * (8 * 834 + 1_536);
+        let records = node_records(0, 3);
+        // Three windows' sketches, none committed yet: the third pair is
+        // over the budget.
+        for r in records
+            .iter()
+            .filter(|r| matches!(r, NodeRecord::Sketch { .. }))
+        {
+            m.take(r.clone());
+        }
+        assert_eq!(m.stats.refused.load(Relaxed), 2);
+        // Committing the windows closes them and gives the room back.
+        for r in records
+            .iter()
+            .filter(|r| matches!(r, NodeRecord::Window { .. }))
+        {
+            m.take(r.clone());
+        }
+        assert_eq!(m.sketch_bytes, 0);
+        for r in node_records(10_000, 1) {
+            m.take(r);
+        }
         assert_eq!(m.stats.refused.load(Relaxed), 2);
     }
 }
