@@ -12,8 +12,11 @@
 //! - the bytes it sent per record kind, and per sensor and minute against
 //!   the same readings sent raw as JSON lines (W1's shape plus the tag).
 //!
-//! `cargo run --release -p sluice-benches --example firmware_cost`
-//! (needs `qemu-system-arm` and the thumbv7em-none-eabihf target).
+//! `cargo run --release -p sluice-benches --example firmware_cost [--
+//! --window-ms MS --seconds S]` (needs `qemu-system-arm` and the
+//! thumbv7em-none-eabihf target): by default the firmware as the tests run
+//! it, 1 s windows for 6 s; with the options, built with that window and
+//! run for that long.
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -21,11 +24,10 @@ use std::time::Duration;
 
 use sluice_core::link::{Deframer, MAX_FRAME, OVERHEAD, Record, encode};
 use sluice_core::node::TestSignal;
-use sluice_tests::firmware::{Qemu, firmware_elf};
+use sluice_tests::firmware::{Qemu, firmware_elf, firmware_elf_with};
 
 /// The firmware's run (firmware/src/main.rs).
 const SENSORS: u32 = 4;
-const READINGS: u64 = 600;
 const PERIOD_MS: i64 = 10;
 const SEED: u64 = 0x5EED_0001;
 const SPIKE: (u32, u64) = (1, 250);
@@ -34,7 +36,25 @@ const SPIKE: (u32, u64) = (1, 250);
 const INSTRUCTIONS_PER_TICK: f64 = 1e9 / 25e6;
 
 fn main() {
-    let elf = firmware_elf();
+    let args: Vec<String> = std::env::args().collect();
+    let option = |name: &str| -> Option<u64> {
+        let at = args.iter().position(|a| a == name)?;
+        Some(
+            args.get(at + 1)
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("{name} needs a whole number")),
+        )
+    };
+    let (elf, readings_each) = match (option("--window-ms"), option("--seconds")) {
+        (None, None) => (firmware_elf(), 600),
+        (window, seconds) => {
+            let readings = seconds.unwrap_or(6) * 1_000 / PERIOD_MS as u64;
+            (
+                firmware_elf_with(Some((window.unwrap_or(1_000), readings))),
+                readings,
+            )
+        }
+    };
     let qemu = Qemu::start(&elf, &["-icount", "shift=0"]);
     let mut port = tokio_serial::new(qemu.pty.to_string_lossy(), 115_200)
         .timeout(Duration::from_secs(30))
@@ -93,7 +113,7 @@ fn main() {
     let mut raw = 0u64;
     for s in 0..SENSORS {
         let mut signal = TestSignal::new(SEED, s, (s == SPIKE.0).then_some(SPIKE.1));
-        for i in 0..READINGS as i64 {
+        for i in 0..readings_each as i64 {
             let (v, tag) = signal.next_reading();
             let ts = 1_796_000_001_000 + i * PERIOD_MS;
             raw += format!(r#"{{"sensor":"node-1/s{s}","ts":{ts},"value":{v},"tag":{tag}}}"#).len()
@@ -101,7 +121,7 @@ fn main() {
                 + 1;
         }
     }
-    let seconds = READINGS as f64 * PERIOD_MS as f64 / 1000.0;
+    let seconds = readings_each as f64 * PERIOD_MS as f64 / 1000.0;
     let per_minute = |b: u64| b as f64 / SENSORS as f64 / seconds * 60.0;
     println!("stack: at most {stack} bytes");
     println!(

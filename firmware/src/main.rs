@@ -33,12 +33,34 @@ use sluice_core::node::{NodeOutput, NodeSensor, TestSignal};
 
 /// Sensors on this node.
 const SENSORS: usize = 4;
-/// Readings a sensor takes before the run ends: 6 s at 100 Hz.
-const READINGS: u64 = 600;
+/// Readings a sensor takes before the run ends: 6 s at 100 Hz, or
+/// `SLUICE_NODE_READINGS` at build time.
+const READINGS: u64 = number_or(option_env!("SLUICE_NODE_READINGS"), 600);
 /// Sampling period, ms.
 const PERIOD_MS: i64 = 10;
-/// Window length, ms.
-const WINDOW_MS: i64 = 1_000;
+/// Window length, ms: 1 s, or `SLUICE_NODE_WINDOW_MS` at build time.
+const WINDOW_MS: i64 = number_or(option_env!("SLUICE_NODE_WINDOW_MS"), 1_000) as i64;
+
+/// A build-time setting's decimal value, or `default` when it is unset; a
+/// setting that is not a number fails the build.
+const fn number_or(setting: Option<&str>, default: u64) -> u64 {
+    let Some(text) = setting else {
+        return default;
+    };
+    let bytes = text.as_bytes();
+    assert!(!bytes.is_empty(), "an empty build-time setting");
+    let mut n = 0u64;
+    let mut i = 0;
+    while i < bytes.len() {
+        assert!(
+            bytes[i].is_ascii_digit(),
+            "a build-time setting that is not a number"
+        );
+        n = n * 10 + (bytes[i] - b'0') as u64;
+        i += 1;
+    }
+    n
+}
 /// The signal's seed (the gateway's test recomputes the readings from it).
 const SEED: u64 = 0x5EED_0001;
 /// Sensor 1 spikes at its reading 250.

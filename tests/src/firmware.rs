@@ -13,7 +13,8 @@ pub fn firmware_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../firmware")
 }
 
-/// Builds the firmware (release) once per test process; returns its ELF.
+/// Builds the firmware (release) once per test process, as the tests
+/// expect it (1 s windows, 600 readings a sensor); returns its ELF.
 ///
 /// Its own target folder (`SLUICE_FIRMWARE_TARGET`, by default
 /// `sluice-firmware-target` in the temporary directory), so that this cargo
@@ -22,28 +23,42 @@ pub fn firmware_dir() -> PathBuf {
 /// script.
 pub fn firmware_elf() -> PathBuf {
     static ELF: OnceLock<PathBuf> = OnceLock::new();
-    ELF.get_or_init(|| {
-        let target = std::env::var_os("SLUICE_FIRMWARE_TARGET")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| std::env::temp_dir().join("sluice-firmware-target"));
-        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        let out = std::process::Command::new(cargo)
-            .current_dir(firmware_dir())
-            .args(["build", "--release", "--locked", "--quiet"])
-            .env("CARGO_TARGET_DIR", &target)
-            .env_remove("RUSTFLAGS")
-            .env_remove("CARGO_BUILD_TARGET")
-            .output()
-            .expect("run cargo to build the firmware");
-        assert!(
-            out.status.success(),
-            "building the firmware failed (is the thumbv7em-none-eabihf target installed? \
-             `rustup target add thumbv7em-none-eabihf`):\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        target.join("thumbv7em-none-eabihf/release/sluice-firmware")
-    })
-    .clone()
+    ELF.get_or_init(|| firmware_elf_with(None)).clone()
+}
+
+/// Builds the firmware with `(window_ms, readings)` a sensor instead of
+/// the defaults (`SLUICE_NODE_WINDOW_MS` and `SLUICE_NODE_READINGS` at build
+/// time), in a target folder of its own; returns its ELF.
+pub fn firmware_elf_with(settings: Option<(u64, u64)>) -> PathBuf {
+    let mut target = std::env::var_os("SLUICE_FIRMWARE_TARGET")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| std::env::temp_dir().join("sluice-firmware-target"));
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut command = std::process::Command::new(cargo);
+    command
+        .current_dir(firmware_dir())
+        .args(["build", "--release", "--locked", "--quiet"])
+        .env_remove("RUSTFLAGS")
+        .env_remove("CARGO_BUILD_TARGET")
+        .env_remove("SLUICE_NODE_WINDOW_MS")
+        .env_remove("SLUICE_NODE_READINGS");
+    if let Some((window_ms, readings)) = settings {
+        target = target.join(format!("w{window_ms}-r{readings}"));
+        command
+            .env("SLUICE_NODE_WINDOW_MS", window_ms.to_string())
+            .env("SLUICE_NODE_READINGS", readings.to_string());
+    }
+    let out = command
+        .env("CARGO_TARGET_DIR", &target)
+        .output()
+        .expect("run cargo to build the firmware");
+    assert!(
+        out.status.success(),
+        "building the firmware failed (is the thumbv7em-none-eabihf target installed? \
+         `rustup target add thumbv7em-none-eabihf`):\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    target.join("thumbv7em-none-eabihf/release/sluice-firmware")
 }
 
 /// QEMU running the firmware; killed when dropped.
