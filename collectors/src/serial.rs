@@ -290,13 +290,9 @@ impl SerialSource {
         let stats = self.handoff.stats().clone();
         let mut records = Vec::new();
         loop {
-            let n = tokio::select! {
-                _ = shutdown.cancelled() => return "shutdown".into(),
-                r = port.read(buf) => match r {
-                    Ok(0) => return "end of file".into(),
-                    Ok(n) => n,
-                    Err(e) => return e.to_string(),
-                },
+            let n = match read_some(port, buf, shutdown).await {
+                Ok(n) => n,
+                Err(cause) => return cause,
             };
             add(&stats.bytes, n as u64);
             let mut fed = 0;
@@ -356,13 +352,9 @@ impl SerialSource {
         shutdown: &CancellationToken,
     ) -> String {
         loop {
-            let n = tokio::select! {
-                _ = shutdown.cancelled() => return "shutdown".into(),
-                r = port.read(buf) => match r {
-                    Ok(0) => return "end of file".into(),
-                    Ok(n) => n,
-                    Err(e) => return e.to_string(),
-                },
+            let n = match read_some(port, buf, shutdown).await {
+                Ok(n) => n,
+                Err(cause) => return cause,
             };
             let stats = self.handoff.stats().clone();
             add(&stats.bytes, n as u64);
@@ -384,5 +376,22 @@ impl SerialSource {
             });
             self.handoff.flush();
         }
+    }
+}
+
+/// Reads what the port has into `buf`; `Err` says why reading ended (the
+/// port failed, returned end-of-file, or shutdown).
+async fn read_some(
+    port: &mut tokio_serial::SerialStream,
+    buf: &mut [u8],
+    shutdown: &CancellationToken,
+) -> Result<usize, String> {
+    tokio::select! {
+        _ = shutdown.cancelled() => Err("shutdown".into()),
+        r = port.read(buf) => match r {
+            Ok(0) => Err("end of file".into()),
+            Ok(n) => Ok(n),
+            Err(e) => Err(e.to_string()),
+        },
     }
 }

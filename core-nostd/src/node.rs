@@ -114,13 +114,7 @@ impl<const B: usize, const H: usize> NodeSensor<B, H> {
             distinct,
         } = self;
         window.push(ts, value, |closed| {
-            emit(NodeOutput::Window {
-                closed,
-                quantiles,
-                distinct,
-            });
-            quantiles.clear();
-            distinct.clear();
+            hand_over(closed, quantiles, distinct, &mut emit)
         })?;
         quantiles.insert(value);
         distinct.insert(label);
@@ -154,15 +148,26 @@ impl<const B: usize, const H: usize> NodeSensor<B, H> {
             ..
         } = self;
         window.advance_to(ts, |closed| {
-            emit(NodeOutput::Window {
-                closed,
-                quantiles,
-                distinct,
-            });
-            quantiles.clear();
-            distinct.clear();
+            hand_over(closed, quantiles, distinct, &mut emit)
         });
     }
+}
+
+/// Hands over a closed window with its sketches, then clears them for the
+/// next.
+fn hand_over<const B: usize, const H: usize>(
+    closed: Closed<Aggregate>,
+    quantiles: &mut DdSketch<[u64; B]>,
+    distinct: &mut HyperLogLog<[u8; H]>,
+    emit: &mut impl FnMut(NodeOutput<'_, B, H>),
+) {
+    emit(NodeOutput::Window {
+        closed,
+        quantiles,
+        distinct,
+    });
+    quantiles.clear();
+    distinct.clear();
 }
 
 /// The reference firmware's sensor signal: integer ADC counts around a
