@@ -694,6 +694,14 @@ impl Config {
             .unwrap_or_else(|e| format!("# cannot print the configuration: {e}\n"))
     }
 
+    /// Whether a source reads sensor nodes (a serial source with
+    /// `format = "frames"`), whose records the node merger takes.
+    pub fn has_nodes(&self) -> bool {
+        self.sources.values().any(|s| {
+            matches!(s, Source::Serial(s) if s.format == sluice_collectors::serial::SerialFormat::Frames)
+        })
+    }
+
     /// Checks every value; the error names the key and what is allowed.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let err = |key: &str, why: &str| Err(ConfigError(format!("{key}: {why}")));
@@ -744,10 +752,7 @@ impl Config {
                 .map_err(|why| ConfigError(format!("tables.{name}.{why}")))?;
         }
         // Sensor nodes aggregate for themselves: their records need no rule.
-        let nodes = self.sources.values().any(|s| {
-            matches!(s, Source::Serial(s) if s.format == sluice_collectors::serial::SerialFormat::Frames)
-        });
-        if self.rules.is_empty() && self.patterns.is_empty() && !nodes {
+        if self.rules.is_empty() && self.patterns.is_empty() && !self.has_nodes() {
             return err(
                 "rules",
                 "define at least one rule: [[rules]] with match = \"<glob>\" (or a [[patterns]] entry, or a serial source with format = \"frames\")",

@@ -362,9 +362,7 @@ async fn run_with(
     let node_stats = Arc::new(nodes::NodeStats::default());
     running.nodes = node_stats.clone();
     let mut node_tx = None;
-    if config.sources.values().any(|s| {
-        matches!(s, Source::Serial(s) if s.format == sluice_collectors::serial::SerialFormat::Frames)
-    }) {
+    if config.has_nodes() {
         let (ntx, nrx) = mpsc::channel(NODE_QUEUE);
         node_tx = Some(ntx);
         source_tasks.push(tokio::spawn(nodes::run(
@@ -591,6 +589,7 @@ fn apply_reload(current: &Config, new: &Config, slot: &RulesSlot) {
         ("sources", current.sources != new.sources),
         ("output", current.output != new.output),
         ("metrics", current.metrics != new.metrics),
+        ("nodes", current.nodes != new.nodes),
     ];
     for (key, changed) in restart_only {
         if changed {
