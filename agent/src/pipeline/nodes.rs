@@ -114,25 +114,31 @@ pub async fn run(
             },
             _ = tick.tick() => merger.expire(sluice_collectors::reading::now_ms()),
         };
-        for record in ready {
-            let to = if matches!(record, Record::Alert(_)) {
-                &alerts
-            } else {
-                &out
-            };
-            if to.send(record).await.is_err() {
-                return;
-            }
+        if !deliver(ready, &out, &alerts).await {
+            return;
         }
     }
-    for record in merger.flush() {
+    deliver(merger.flush(), &out, &alerts).await;
+}
+
+/// Sends alerts to the alerts' channel and the rest to the records'; false
+/// once the output has gone.
+async fn deliver(
+    records: Vec<Record>,
+    out: &mpsc::Sender<Record>,
+    alerts: &mpsc::Sender<Record>,
+) -> bool {
+    for record in records {
         let to = if matches!(record, Record::Alert(_)) {
-            &alerts
+            alerts
         } else {
-            &out
+            out
         };
-        let _ = to.send(record).await;
+        if to.send(record).await.is_err() {
+            return false;
+        }
     }
+    true
 }
 
 struct Merger {
