@@ -2,7 +2,7 @@
 //! (Cortex-M4, MPS2 AN386), its UART on a pseudo-terminal that the agent's
 //! serial source (`format = "frames"`) reads; the agent merges the node's
 //! windows and sketches into its own windows and publishes them over MQTT
-//! like its own aggregates. The test recomputes every reading the node
+//! and through its outbox and uplink, like its own aggregates. The test recomputes every reading the node
 //! generated and checks what the agent published against it.
 
 use std::collections::BTreeMap;
@@ -25,10 +25,10 @@ const GATEWAY_MS: i64 = 2_000;
 
 type Received = Arc<Mutex<Vec<(String, Value)>>>;
 
-async fn subscribe(port: u16, filter: &str) -> Received {
+async fn subscribe(port: u16, id: &str, filter: &str) -> Received {
     let got: Received = Arc::default();
     let sink = got.clone();
-    sluice_tests::subscribe(port, "fw-sub", filter, QoS::AtLeastOnce, true, move |p| {
+    sluice_tests::subscribe(port, id, filter, QoS::AtLeastOnce, true, move |p| {
         if let Ok(v) = serde_json::from_slice::<Value>(&p.payload) {
             sink.lock().unwrap().push((p.topic.clone(), v));
         }
@@ -48,7 +48,9 @@ async fn a_node_in_qemu_sends_windows_and_sketches_that_the_gateway_merges_exact
     let dir = sluice_tests::temp_dir("firmware");
     let elf = firmware_elf();
     let broker = Broker::start("firmware");
-    let got = subscribe(broker.port, "sluice/fw/#").await;
+    let got = subscribe(broker.port, "fw-output", "sluice/fw/#").await;
+    // What the uplink forwards from the outbox (store and forward).
+    let upstream = subscribe(broker.port, "fw-upstream", "upstream/fw/#").await;
     let qemu = Qemu::start(&elf, &[]);
     let metrics = sluice_tests::free_port();
     let config = dir.path().join("fw.toml");
@@ -71,11 +73,20 @@ quantiles = [0.5, 0.9, 0.99]
 host = "127.0.0.1"
 port = {port}
 
+[outbox]
+path = "{outbox}"
+
+[uplink]
+host = "127.0.0.1"
+port = {port}
+aggregate_topic = "upstream/{{agent}}/agg/{{series}}"
+
 [metrics]
 listen = "127.0.0.1:{metrics}"
 "#,
             pty = qemu.pty.display(),
             port = broker.port,
+            outbox = dir.path().join("outbox.db").display(),
         ),
     )
     .unwrap();
@@ -205,6 +216,43 @@ listen = "127.0.0.1:{metrics}"
         let complete = n as i64 == GATEWAY_MS / PERIOD_MS;
         assert_eq!(a["partial"].as_bool().unwrap(), !complete, "{key:?}");
     }
+
+    // The same aggregates went through the outbox and the uplink.
+    let forwarded = || -> Vec<(String, i64, u64, f64)> {
+        let mut v: Vec<_> = upstream
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, a)| {
+                (
+                    a["series"].as_str().unwrap().to_owned(),
+                    a["start"].as_i64().unwrap(),
+                    a["count"].as_u64().unwrap(),
+                    a["sum"].as_f64().unwrap(),
+                )
+            })
+            .collect();
+        v.sort_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
+        v.dedup();
+        v
+    };
+    wait_until("the aggregates upstream", &log, || {
+        forwarded().len() == aggs.len()
+    })
+    .await;
+    let mut published: Vec<_> = aggs
+        .iter()
+        .map(|a| {
+            (
+                a["series"].as_str().unwrap().to_owned(),
+                a["start"].as_i64().unwrap(),
+                a["count"].as_u64().unwrap(),
+                a["sum"].as_f64().unwrap(),
+            )
+        })
+        .collect();
+    published.sort_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
+    assert_eq!(forwarded(), published);
 
     // The spike raised exactly one alert, on its series, at its time.
     let alerts: Vec<Value> = got
