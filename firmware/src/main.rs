@@ -9,11 +9,11 @@
 //! 3. samples [`SENSORS`] sensors at 100 Hz ([`TestSignal`]: sensor 1 has
 //!    one spike) through a [`NodeSensor`] each (a 1 s window, an EWMA
 //!    z-score detector, a DDSketch of the values and a HyperLogLog of the tag
-//!    ids), all in static memory, and sends each closed window's aggregate
-//!    and sketches and each alert as framed records;
+//!    ids), all in static memory, and sends each closed window's sketches
+//!    then its aggregate, and each alert, as framed records;
 //! 4. after [`READINGS`] readings a sensor, closes the open windows, sends
 //!    [`Record::Stats`] (readings, CPU cycles by SysTick, records it could
-//!    not send) and sleeps.
+//!    not send, the deepest stack) and sleeps.
 //!
 //! In QEMU the sampling runs as fast as the emulator goes (the readings'
 //! times step by 10 ms regardless); a real node paces it with a timer.
@@ -61,6 +61,7 @@ const fn number_or(setting: Option<&str>, default: u64) -> u64 {
     }
     n
 }
+
 /// The signal's seed (the gateway's test recomputes the readings from it).
 const SEED: u64 = 0x5EED_0001;
 /// Sensor 1 spikes at its reading 250.
