@@ -10,16 +10,11 @@ use std::sync::{Arc, Mutex};
 
 use rumqttc::QoS;
 use serde_json::Value;
-use sluice_core::node::TestSignal;
 use sluice_tests::firmware::{Qemu, firmware_elf};
 use sluice_tests::{Broker, metric, start_agent, wait_until};
 
-/// What the firmware runs (firmware/src/main.rs): keep in step.
-const SENSORS: u32 = 4;
-const READINGS: i64 = 600;
-const PERIOD_MS: i64 = 10;
-const SEED: u64 = 0x5EED_0001;
-const SPIKE: (u32, u64) = (1, 250);
+/// What the firmware runs.
+use sluice_core::node::reference::{PERIOD_MS, READINGS, SENSORS, SPIKE, signal};
 /// The gateway's window here: two node windows.
 const GATEWAY_MS: i64 = 2_000;
 
@@ -101,7 +96,7 @@ listen = "127.0.0.1:{metrics}"
             .map(|(_, v)| v.clone())
             .collect()
     };
-    let total = SENSORS as u64 * READINGS as u64;
+    let total = u64::from(SENSORS) * READINGS;
     wait_until("every node reading in a merged aggregate", &log, || {
         aggregates()
             .iter()
@@ -138,9 +133,8 @@ listen = "127.0.0.1:{metrics}"
     // The reference: every reading the node generated, by series and window.
     let mut windows: BTreeMap<(String, i64), Vec<(f64, u32)>> = BTreeMap::new();
     for s in 0..SENSORS {
-        let spike = (s == SPIKE.0).then_some(SPIKE.1);
-        let mut signal = TestSignal::new(SEED, s, spike);
-        for i in 0..READINGS {
+        let mut signal = signal(s);
+        for i in 0..READINGS as i64 {
             let ts = t0 + i * PERIOD_MS;
             windows
                 .entry((

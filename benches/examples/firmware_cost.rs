@@ -22,15 +22,10 @@ use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::time::Duration;
 
-use sluice_core::link::{Deframer, MAX_FRAME, OVERHEAD, Record, encode};
-use sluice_core::node::TestSignal;
+use sluice_core::link::{Deframer, MAX_FRAME, Record, encode};
+use sluice_core::node::reference::{PERIOD_MS, READINGS, SENSORS, signal};
 use sluice_tests::firmware::{Qemu, firmware_elf, firmware_elf_with};
 
-/// The firmware's run (firmware/src/main.rs).
-const SENSORS: u32 = 4;
-const PERIOD_MS: i64 = 10;
-const SEED: u64 = 0x5EED_0001;
-const SPIKE: (u32, u64) = (1, 250);
 /// Instructions per SysTick tick under `-icount shift=0` (1 ns each) with
 /// the board's 25 MHz processor clock.
 const INSTRUCTIONS_PER_TICK: f64 = 1e9 / 25e6;
@@ -46,7 +41,7 @@ fn main() {
         )
     };
     let (elf, readings_each) = match (option("--window-ms"), option("--seconds")) {
-        (None, None) => (firmware_elf(), 600),
+        (None, None) => (firmware_elf(), READINGS),
         (window, seconds) => {
             let readings = seconds.unwrap_or(6) * 1_000 / PERIOD_MS as u64;
             (
@@ -81,20 +76,21 @@ fn main() {
             fed += d.feed(&buf[fed..got]);
             while let Some(r) = d.next() {
                 let r = r.expect("a good frame");
-                let (kind, len) = match &r {
-                    Record::Hello { node, .. } => ("hello", 1 + node.len() + 4),
-                    Record::Window { series, .. } => ("window", 1 + series.len() + 96),
-                    Record::Sketch { series, bytes, .. } => {
-                        ("sketch", 1 + series.len() + 17 + bytes.len())
-                    }
-                    Record::Alert { series, .. } => ("alert", 1 + series.len() + 33),
-                    Record::Stats { .. } => ("stats", 28),
-                    Record::Sync { .. } => ("sync", 8),
+                let kind = match &r {
+                    Record::Hello { .. } => "hello",
+                    Record::Window { .. } => "window",
+                    Record::Sketch { .. } => "sketch",
+                    Record::Alert { .. } => "alert",
+                    Record::Stats { .. } => "stats",
+                    Record::Sync { .. } => "sync",
                 };
+                // The frame's length: every record's layout is fixed by its
+                // fields, so encoding it again gives the bytes it took.
+                let len = encode(&r, &mut frame).expect("a record read re-encodes") as u64;
                 let e = bytes.entry(kind).or_default();
                 e.0 += 1;
-                e.1 += (len + OVERHEAD) as u64;
-                total += (len + OVERHEAD) as u64;
+                e.1 += len;
+                total += len;
                 if let Record::Stats {
                     readings,
                     cycles,
@@ -112,7 +108,7 @@ fn main() {
     // The same readings as JSON lines, as a node without the core sends them.
     let mut raw = 0u64;
     for s in 0..SENSORS {
-        let mut signal = TestSignal::new(SEED, s, (s == SPIKE.0).then_some(SPIKE.1));
+        let mut signal = signal(s);
         for i in 0..readings_each as i64 {
             let (v, tag) = signal.next_reading();
             let ts = 1_796_000_001_000 + i * PERIOD_MS;

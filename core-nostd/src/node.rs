@@ -207,6 +207,30 @@ impl TestSignal {
     }
 }
 
+/// The reference firmware's run (`firmware/`), which its test and its
+/// benchmark regenerate reading by reading: one place for the numbers.
+pub mod reference {
+    use super::TestSignal;
+
+    /// Sensors on the node.
+    pub const SENSORS: u32 = 4;
+    /// Readings a sensor takes (the firmware's default run: 6 s).
+    pub const READINGS: u64 = 600;
+    /// Sampling period, ms (100 Hz).
+    pub const PERIOD_MS: i64 = 10;
+    /// Window length, ms (the firmware's default).
+    pub const WINDOW_MS: i64 = 1_000;
+    /// The signals' seed.
+    pub const SEED: u64 = 0x5EED_0001;
+    /// Which sensor spikes, at which of its readings.
+    pub const SPIKE: (u32, u64) = (1, 250);
+
+    /// Sensor `sensor`'s signal, spike included.
+    pub fn signal(sensor: u32) -> TestSignal {
+        TestSignal::new(SEED, sensor, (sensor == SPIKE.0).then_some(SPIKE.1))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -220,23 +244,7 @@ mod tests {
         let mut windows = Vec::new();
         let mut signal = TestSignal::new(1, 0, None);
         let mut exact: Vec<(Timestamp, f64, u32)> = Vec::new();
-        for i in 0..250 {
-            let (v, tag) = signal.next_reading();
-            let ts = 10_000 + i * 10;
-            exact.push((ts, v, tag));
-            s.push(ts, v, &tag.to_le_bytes(), |out| {
-                if let NodeOutput::Window {
-                    closed,
-                    quantiles,
-                    distinct,
-                } = out
-                {
-                    windows.push((closed, quantiles.count(), distinct.estimate()));
-                }
-            })
-            .unwrap();
-        }
-        s.advance_to(12_500, |out| {
+        let mut take = |out: NodeOutput<'_, 64, 384>| {
             if let NodeOutput::Window {
                 closed,
                 quantiles,
@@ -245,7 +253,14 @@ mod tests {
             {
                 windows.push((closed, quantiles.count(), distinct.estimate()));
             }
-        });
+        };
+        for i in 0..250 {
+            let (v, tag) = signal.next_reading();
+            let ts = 10_000 + i * 10;
+            exact.push((ts, v, tag));
+            s.push(ts, v, &tag.to_le_bytes(), &mut take).unwrap();
+        }
+        s.advance_to(12_500, &mut take);
         assert_eq!(windows.len(), 2);
         for (closed, sketched, distinct) in &windows {
             let inside: Vec<_> = exact

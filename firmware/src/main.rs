@@ -29,17 +29,20 @@ use cortex_m::peripheral::syst::SystClkSource;
 use cortex_m_rt::entry;
 use panic_halt as _;
 use sluice_core::link::{Deframer, MAX_FRAME, Record, SketchKind, encode};
-use sluice_core::node::{NodeOutput, NodeSensor, TestSignal};
+use sluice_core::node::{NodeOutput, NodeSensor, TestSignal, reference};
 
 /// Sensors on this node.
-const SENSORS: usize = 4;
+const SENSORS: usize = reference::SENSORS as usize;
 /// Readings a sensor takes before the run ends: 6 s at 100 Hz, or
 /// `SLUICE_NODE_READINGS` at build time.
-const READINGS: u64 = number_or(option_env!("SLUICE_NODE_READINGS"), 600);
+const READINGS: u64 = number_or(option_env!("SLUICE_NODE_READINGS"), reference::READINGS);
 /// Sampling period, ms.
-const PERIOD_MS: i64 = 10;
+const PERIOD_MS: i64 = reference::PERIOD_MS;
 /// Window length, ms: 1 s, or `SLUICE_NODE_WINDOW_MS` at build time.
-const WINDOW_MS: i64 = number_or(option_env!("SLUICE_NODE_WINDOW_MS"), 1_000) as i64;
+const WINDOW_MS: i64 = number_or(
+    option_env!("SLUICE_NODE_WINDOW_MS"),
+    reference::WINDOW_MS as u64,
+) as i64;
 
 /// A build-time setting's decimal value, or `default` when it is unset; a
 /// setting that is not a number fails the build.
@@ -62,10 +65,6 @@ const fn number_or(setting: Option<&str>, default: u64) -> u64 {
     n
 }
 
-/// The signal's seed (the gateway's test recomputes the readings from it).
-const SEED: u64 = 0x5EED_0001;
-/// Sensor 1 spikes at its reading 250.
-const SPIKE: (usize, u64) = (1, 250);
 /// The node's id, and its series' ids.
 const NODE: &str = "node-1";
 const SERIES: [&str; SENSORS] = ["node-1/s0", "node-1/s1", "node-1/s2", "node-1/s3"];
@@ -324,10 +323,8 @@ fn main() -> ! {
     }
     // SAFETY: every slot was written above.
     let sensors = unsafe { slots.assume_init_mut() };
-    let mut signals: [TestSignal; SENSORS] = core::array::from_fn(|s| {
-        let spike = (s == SPIKE.0).then_some(SPIKE.1);
-        TestSignal::new(SEED, s as u32, spike)
-    });
+    // The signals the gateway's test regenerates (sensor 1 spikes once).
+    let mut signals: [TestSignal; SENSORS] = core::array::from_fn(|s| reference::signal(s as u32));
 
     let base = wait_for_sync(&mut uart);
     let mut link = Link {
