@@ -276,7 +276,8 @@ impl Accumulator for Aggregate {
         let delta = other.mean - self.mean;
         self.mean += delta * (nb / n);
         self.m2 += other.m2 + delta * delta * (na * nb / n);
-        self.count += other.count;
+        // Saturating: merged reported counts (a node's) may be anything.
+        self.count = self.count.saturating_add(other.count);
         self.add_to_sum(other.sum);
         self.compensation += other.compensation;
         self.min = self.min.min(other.min);
@@ -292,6 +293,16 @@ impl Accumulator for Aggregate {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn merging_counts_past_u64_saturates_instead_of_overflowing() {
+        let first = Point { ts: 0, value: 1.0 };
+        let a = Aggregate::from_summary(u64::MAX / 2 + 1, 1.0, 1.0, 0.0, 1.0, 1.0, first, first)
+            .unwrap();
+        let mut b = a;
+        b.merge(&a);
+        assert_eq!(b.count(), u64::MAX);
+    }
 
     #[test]
     fn variance_survives_a_large_offset() {

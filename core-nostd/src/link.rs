@@ -439,6 +439,11 @@ fn parse(kind: u8, payload: &[u8]) -> Result<Record<'_>, LinkError> {
             let (start, end) = (r.time()?, r.time()?);
             window_bounds(start, end)?;
             let count = r.u64()?;
+            // Counts stay exact in the f64 statistics up to 2^53, and merges
+            // of them cannot overflow.
+            if count > 1 << 53 {
+                return Err(LinkError::Malformed("a count over 2^53"));
+            }
             let (sum, mean, variance, min, max) =
                 (r.value()?, r.value()?, r.value()?, r.value()?, r.value()?);
             let first = Point {
@@ -831,6 +836,22 @@ mod tests {
             }
         }
         assert_eq!(got.iter().filter(|ok| **ok).count(), 1);
+    }
+
+    #[test]
+    fn a_window_claiming_more_than_2_pow_53_readings_is_refused() {
+        let (mut buf, n) = frame(&window());
+        // The count follows the header, the id (1 + 9 bytes) and the times.
+        let at = HEADER + 1 + 9 + 16;
+        buf[at..at + 8].copy_from_slice(&(1u64 << 60).to_le_bytes());
+        let sum = checksum(&buf[2..n - 4]);
+        buf[n - 4..n].copy_from_slice(&sum.to_le_bytes());
+        let mut d = Deframer::new();
+        d.feed(&buf[..n]);
+        assert_eq!(
+            d.next(),
+            Some(Err(LinkError::Malformed("a count over 2^53")))
+        );
     }
 
     #[test]
