@@ -212,10 +212,15 @@ async fn a_node_gets_the_time_and_its_frames_survive_noise_damage_and_bad_ids() 
         .unwrap()
         .with_nodes(tx);
     let shutdown = CancellationToken::new();
+    let before = common::now_ms();
     let task = tokio::spawn(source.run(shutdown.clone()));
+    // Reading the master before the source opened the slave fails (EIO).
+    wait_for("the port to open", WAIT, || {
+        stats.connects.load(Relaxed) == 1
+    })
+    .await;
 
     // On opening the port the source sends the node the time.
-    let before = common::now_ms();
     let sent = tokio::task::spawn_blocking(move || {
         let bytes = pty.read_until(|b| b.len() >= 18);
         (pty, bytes)
