@@ -361,9 +361,19 @@ impl MqttSource {
         let mut connected_at: Option<std::time::Instant> = None;
         // A failing stretch: since when, attempts, when it was last logged.
         let mut failing: Option<(std::time::Instant, u64, std::time::Instant)> = None;
+        // Registered once, not once a message.
+        let cancelled = shutdown.cancelled();
+        tokio::pin!(cancelled);
         loop {
+            // rumqttc reads up to ten packets at a time and queues them: the
+            // readings of one read are staged, then handed to the workers in
+            // one flush (one push a lane, at most one wake-up) once the queue
+            // is empty, that is, before `poll` can wait for the network.
+            if events.state.events.is_empty() {
+                self.handoff.flush();
+            }
             let event = tokio::select! {
-                _ = shutdown.cancelled() => break,
+                _ = &mut cancelled => break,
                 event = events.poll() => event,
             };
             match event {
@@ -401,10 +411,11 @@ impl MqttSource {
                         self.decoder
                             .decode(&publish.payload, Some(topic), now_ms(), &mut sink);
                     }
-                    self.handoff.flush();
                 }
                 Ok(_) => {}
                 Err(e) => {
+                    // `poll` reconnects before it returns what is queued.
+                    self.handoff.flush();
                     add(&stats.disconnects, 1);
                     stats.up.store(false, std::sync::atomic::Ordering::Relaxed);
                     if connected_at.is_some_and(|t| t.elapsed() >= STEADY) {
@@ -441,6 +452,8 @@ impl MqttSource {
                 }
             }
         }
+        // What the last read brought, if shutdown came before its end.
+        self.handoff.flush();
         // Say goodbye properly (a DISCONNECT, so the broker does not treat it
         // as a lost client), waiting a bounded time for it to go out.
         if client.try_disconnect().is_ok() {

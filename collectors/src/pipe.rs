@@ -215,6 +215,7 @@ impl Handoff {
             let pushed = lane.producer.push_iter(&mut kept);
             add(&self.stats.delivered, pushed as u64);
             if pushed > 0 {
+                add(&self.stats.handoffs, 1);
                 lane.stalled = false;
                 if let Some(thread) = &lane.wake {
                     thread.unpark();

@@ -112,6 +112,9 @@ pub struct SourceStats {
     pub decoded: AtomicU64,
     /// Readings handed to a ring.
     pub delivered: AtomicU64,
+    /// Batches pushed into a ring (each may wake its worker): `delivered`
+    /// over `handoffs` is the readings a hand-off carries.
+    pub handoffs: AtomicU64,
     /// Readings shed by the policy above the high-water mark (drop-newest).
     pub shed_high_water: AtomicU64,
     /// Readings shed by sampling.

@@ -395,3 +395,53 @@ async fn the_source_says_whether_it_is_up() {
     shutdown.cancel();
     task.await.unwrap();
 }
+
+/// rumqttc reads up to ten packets at a time and queues what it read: the
+/// source hands the readings of such a read to the worker together (one
+/// push, at most one wake-up), not one message at a time, and holds nothing
+/// back once the read is done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_is_handed_over_in_batches_and_none_of_it_is_held_back() {
+    // No cap on the broker's queue for a busy subscriber (QoS 0 included).
+    let broker = Broker::start_configured("burst", "max_queued_messages 0\n");
+    let (handoff, mut rx, stats) = one_lane(8192, ShedPolicy::DropNewest { high_water: 8192 });
+    let source = MqttSource::new(
+        "mqtt-burst",
+        settings(broker.port, &["sensors/+"], "sluice-burst"),
+        handoff,
+    )
+    .unwrap();
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(source.run(shutdown.clone()));
+    let publisher = Publisher::connect(broker.port, "publisher-burst");
+    await_subscription(&publisher, "sensors/probe", &stats, &mut rx).await;
+    let (delivered, handoffs) = (stats.delivered.load(Relaxed), stats.handoffs.load(Relaxed));
+
+    const BURST: u32 = 4000;
+    for i in 0..BURST {
+        publisher
+            .publish(
+                "sensors/s-1",
+                QoS::AtMostOnce,
+                w1(&format!("b-{i}"), f64::from(i)),
+            )
+            .await;
+    }
+    wait_for("the whole burst", WAIT, || {
+        stats.delivered.load(Relaxed) - delivered == u64::from(BURST)
+    })
+    .await;
+    // Nothing staged was left behind (the last readings arrived without
+    // more traffic to push them), and the order is kept.
+    let got: Vec<f64> = drain(&mut rx).iter().map(|r| r.value).collect();
+    let expected: Vec<f64> = (0..BURST).map(f64::from).collect();
+    assert_eq!(got, expected);
+    let handoffs = stats.handoffs.load(Relaxed) - handoffs;
+    eprintln!("{BURST} messages in {handoffs} hand-offs");
+    assert!(
+        handoffs < u64::from(BURST),
+        "{handoffs} hand-offs for {BURST} messages: one a message"
+    );
+    shutdown.cancel();
+    tokio::time::timeout(WAIT, task).await.unwrap().unwrap();
+}

@@ -82,6 +82,12 @@ pub fn render(r: &Running) -> String {
         "Readings handed to a worker's ring.",
         &mut src(|s| s.delivered.load(Relaxed).to_string()).into_iter(),
     );
+    family(
+        "sluice_source_handoffs_total",
+        "counter",
+        "Batches of readings pushed into a worker's ring, each at most one wake-up (delivered / handoffs is the batch size).",
+        &mut src(|s| s.handoffs.load(Relaxed).to_string()).into_iter(),
+    );
     let rejected: Vec<(String, String)> = r
         .sources
         .iter()
