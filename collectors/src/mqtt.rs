@@ -364,13 +364,17 @@ impl MqttSource {
         // Registered once, not once a message.
         let cancelled = shutdown.cancelled();
         tokio::pin!(cancelled);
+        // The ingest time of what the current read brought.
+        let mut read_at = None;
         loop {
             // rumqttc reads up to ten packets at a time and queues them: the
             // readings of one read are staged, then handed to the workers in
             // one flush (one push a lane, at most one wake-up) once the queue
-            // is empty, that is, before `poll` can wait for the network.
+            // is empty, that is, before `poll` can wait for the network. They
+            // arrived together and share one ingest time.
             if events.state.events.is_empty() {
                 self.handoff.flush();
+                read_at = None;
             }
             let event = tokio::select! {
                 _ = &mut cancelled => break,
@@ -408,8 +412,9 @@ impl MqttSource {
                             &format_args!("{} bytes on {topic}", publish.payload.len()),
                         );
                     } else {
+                        let ingest = *read_at.get_or_insert_with(now_ms);
                         self.decoder
-                            .decode(&publish.payload, Some(topic), now_ms(), &mut sink);
+                            .decode(&publish.payload, Some(topic), ingest, &mut sink);
                     }
                 }
                 Ok(_) => {}
