@@ -215,6 +215,12 @@ pub fn render(r: &Running) -> String {
         &mut wk(|w| w.ring_depth.load(Relaxed)).into_iter(),
     );
     family(
+        "sluice_worker_parks_total",
+        "counter",
+        "Times a worker found its rings empty and parked until a source woke it (a worker that has just taken readings naps 200 µs first).",
+        &mut wk(|w| w.parks.load(Relaxed)).into_iter(),
+    );
+    family(
         "sluice_checkpoint_restored_series_total",
         "counter",
         "Series whose state was restored from a checkpoint at start.",
