@@ -60,11 +60,11 @@ pub const IDLE_GRACE: Timestamp = 100;
 /// How long a worker whose last pass took readings sleeps when it finds its
 /// rings empty, before it looks again and, finding nothing, parks. Under
 /// load a source hands over what each read of its connection brought, tens
-/// of microseconds apart, and parking after each would cost a futex wait
-/// and a wake-up syscall per hand-off (a third of the agent's CPU at
-/// 100,000 readings/s went to waking and sleeping); napping gathers them,
-/// at the price of up to this much added latency while busy (the sleeping
-/// stage of a backoff idle strategy). An idle worker parks as before.
+/// of microseconds apart, and parking after each cost a futex wait and a
+/// wake-up syscall per hand-off (benches/README.md, *Fewer wake-ups*);
+/// napping gathers them, at the price of up to this much added latency
+/// while busy (the sleeping stage of a backoff idle strategy). An idle
+/// worker parks as before.
 const NAP: Duration = Duration::from_micros(200);
 /// Readings taken from one ring before looking at the next.
 const BATCH: usize = 512;
