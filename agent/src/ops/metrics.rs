@@ -217,7 +217,7 @@ pub fn render(r: &Running) -> String {
     family(
         "sluice_worker_parks_total",
         "counter",
-        "Times a worker found its rings empty and parked until a source woke it (a worker that has just taken readings naps 200 µs first).",
+        "Times a worker found its rings empty and parked until a source woke it (a worker that has just taken several readings naps 200 µs first).",
         &mut wk(|w| w.parks.load(Relaxed)).into_iter(),
     );
     family(

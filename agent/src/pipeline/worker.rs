@@ -2,8 +2,8 @@
 //! windows and detectors from `sluice-core`.
 //!
 //! A worker polls its rings (one per source) round-robin, in batches. When
-//! they are all empty it sleeps for [`NAP`] if its last pass took readings
-//! (more are likely on their way), and otherwise parks; a source unparks it
+//! they are all empty it sleeps for [`NAP`] if its last pass took more than
+//! one reading (more are likely on their way), and otherwise parks; a source unparks it
 //! after pushing, so an idle agent costs no CPU. Every 100 ms, and whenever it parks, it *ticks*: each
 //! series that has been silent has its event time moved forward by the wall
 //! time elapsed since its last reading, less [`IDLE_GRACE`], so its open
@@ -57,8 +57,9 @@ const TICK: Duration = Duration::from_millis(100);
 /// 500 ms on loopback, more with a real network's jitter). It delays only
 /// the windows that close for want of readings.
 pub const IDLE_GRACE: Timestamp = 100;
-/// How long a worker whose last pass took readings sleeps when it finds its
-/// rings empty, before it looks again and, finding nothing, parks. Under
+/// How long a worker whose last pass took more than one reading sleeps when
+/// it finds its rings empty, before it looks again and, finding nothing,
+/// parks. Under
 /// load a source hands over what each read of its connection brought, tens
 /// of microseconds apart, and parking after each cost a futex wait and a
 /// wake-up syscall per hand-off (benches/README.md, *Fewer wake-ups*);
@@ -1144,7 +1145,7 @@ impl Worker {
     pub fn run(mut self, mut rings: Vec<ReadingConsumer>, stop: Arc<AtomicBool>) {
         let mut last_tick = Instant::now();
         let mut last_save = Instant::now();
-        // Whether the last pass took readings.
+        // Whether the last pass took more than one reading.
         let mut busy = false;
         loop {
             self.stats.heartbeat.fetch_add(1, Relaxed);
@@ -1184,7 +1185,8 @@ impl Worker {
                     std::thread::park_timeout(TICK);
                 }
             }
-            busy = taken > 0;
+            // One reading is no sign of more on its way.
+            busy = taken > 1;
         }
         match self.checkpoints {
             // Open windows go on in the next run.
@@ -1922,12 +1924,10 @@ mod tests {
         }
     }
 
-    /// A source hands over what each read brought, tens of microseconds
-    /// apart under load: a worker that has just taken readings waits a
-    /// little for the next ones instead of parking (and being woken by a
-    /// syscall) after every hand-off.
-    #[test]
-    fn a_busy_worker_does_not_park_between_hand_offs() {
+    /// How often a running worker parks when a source hands it
+    /// `per_handoff` readings at a time, 200 times, 20 µs after it took the
+    /// hand-off before.
+    fn parks_for(per_handoff: u64) -> u64 {
         let (w, _rx, stats) =
             worker("[[rules]]\nmatch = \"*\"\nwindow = { kind = \"tumbling\", size_ms = 1000 }\n");
         let (mut tx, ring) = sluice_collectors::reading_ring(64).unwrap();
@@ -1936,17 +1936,15 @@ mod tests {
             let stop = stop.clone();
             move || w.run(vec![ring], stop)
         });
-        const HANDOFFS: u64 = 200;
         for h in 0..HANDOFFS {
-            for i in 0..10 {
-                let ts = (h * 10 + i) as Timestamp;
+            for i in 0..per_handoff {
+                let ts = (h * per_handoff + i) as Timestamp;
                 assert!(tx.try_push(reading("s", ts, 1.0)).is_ok());
             }
             handle.thread().unpark();
-            while stats.readings.load(Relaxed) < (h + 1) * 10 {
+            while stats.readings.load(Relaxed) < (h + 1) * per_handoff {
                 std::thread::yield_now();
             }
-            // The next read is 20 µs later.
             let taken = Instant::now();
             while taken.elapsed() < Duration::from_micros(20) {
                 std::hint::spin_loop();
@@ -1956,11 +1954,25 @@ mod tests {
         handle.thread().unpark();
         handle.join().unwrap();
         let parks = stats.parks.load(Relaxed);
-        eprintln!("parked {parks} times for {HANDOFFS} hand-offs");
-        assert!(
-            parks < HANDOFFS / 2,
-            "parked {parks} times for {HANDOFFS} hand-offs"
-        );
+        eprintln!("parked {parks} times for {HANDOFFS} hand-offs of {per_handoff}");
+        parks
+    }
+    const HANDOFFS: u64 = 200;
+
+    /// Under load a source hands over what each read brought, tens of
+    /// microseconds apart: a worker that has just taken several readings
+    /// waits a little for the next ones instead of parking (and being woken
+    /// by a syscall) after every hand-off.
+    #[test]
+    fn a_busy_worker_does_not_park_between_hand_offs() {
+        assert!(parks_for(10) < HANDOFFS / 2);
+    }
+
+    /// One reading at a time is no sign of more on its way: the worker
+    /// parks after each as before, without a nap's extra wake-up.
+    #[test]
+    fn a_worker_fed_one_reading_at_a_time_parks_after_each() {
+        assert!(parks_for(1) > HANDOFFS / 2);
     }
 
     #[test]
