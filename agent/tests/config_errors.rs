@@ -150,6 +150,7 @@ fn a_value_out_of_range_names_its_key_and_line() {
         ("sources.plant.qos", "1", "2"),
         ("sources.plant.keep_alive_s", "30", "1"),
         ("sources.plant.reconnect_min_ms", "500", "0"),
+        ("sources.plant.gather_ms", "1", "51"),
         ("sources.plant.json.values", "[\"value\"]", "[]"),
         ("sources.plant.json.max_future_ms", "300000", "-1"),
         ("sources.plant.json.max_age_ms", "604800000", "-1"),

@@ -239,6 +239,11 @@ fn bad_settings_name_their_key() {
     s.topics = vec!["a/+".into()];
     s.qos = 2;
     assert!(s.validate().unwrap_err().contains("qos"));
+    s.qos = 1;
+    s.gather_ms = 51;
+    assert!(s.validate().unwrap_err().contains("gather_ms"));
+    s.gather_ms = 0;
+    assert!(s.validate().is_ok());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
