@@ -97,8 +97,8 @@ pub struct MqttSettings {
     /// messages or more (a dense stream), wait this long before reading
     /// again, ms, so that the next read takes that much at once instead of
     /// a few messages per wake-up and system call: at 100,000 readings/s it
-    /// cut the agent's CPU by two thirds, for 1 to 2 ms more latency (see
-    /// `Gather`). A trickle is read at once either way. 0: always read at
+    /// about halved the agent's CPU, for 1 to 2 ms more latency
+    /// (benches/README.md, *Fewer wake-ups*). A trickle is read at once either way. 0: always read at
     /// once. Default 1; at most 50 (the broker holds what arrives meanwhile).
     #[serde(default = "default_gather_ms")]
     pub gather_ms: u64,
@@ -151,8 +151,8 @@ const DENSE: usize = 4;
 /// connection costs a wake-up, an `epoll_wait` and a `recv` (with its TCP
 /// acknowledgement), whether it brings one message or a hundred; a source
 /// that reads again as soon as it is done finds the few messages that came
-/// meanwhile, and at 100,000 readings/s those calls were most of the
-/// agent's CPU. After a read that emptied the connection (it brought fewer
+/// meanwhile, and at 100,000 readings/s those calls took about two fifths
+/// of the agent's `perf` samples. After a read that emptied the connection (it brought fewer
 /// messages than the most one read has brought: rumqttc stops a read at a
 /// fixed number of packets, and a full read leaves more waiting) and still
 /// brought [`DENSE`] messages or more, the source waits `gather_ms` first
@@ -539,7 +539,7 @@ impl MqttSource {
 
 #[cfg(test)]
 mod tests {
-    use super::Gather;
+    use super::{DENSE, Gather};
 
     #[test]
     fn a_trickle_is_read_at_once() {
@@ -558,13 +558,11 @@ mod tests {
         // Fewer than a full read: the connection is empty, and the stream
         // is dense: wait for more.
         assert!(g.after_read(6));
-        assert!(g.after_read(DENSE_READ));
+        assert!(g.after_read(DENSE));
         // Below DENSE: at once.
         assert!(!g.after_read(3));
         // A larger read than any before is not taken for an emptying one.
         assert!(!g.after_read(12));
         assert!(g.after_read(9));
     }
-
-    const DENSE_READ: usize = super::DENSE;
 }

@@ -3,10 +3,11 @@
 //!
 //! A worker polls its rings (one per source) round-robin, in batches. When
 //! they are all empty it sleeps for [`NAP`] if its last pass took more than
-//! one reading (more are likely on their way), and otherwise parks; a source unparks it
-//! after pushing, so an idle agent costs no CPU. Every 100 ms, and whenever it parks, it *ticks*: each
-//! series that has been silent has its event time moved forward by the wall
-//! time elapsed since its last reading, less [`IDLE_GRACE`], so its open
+//! one reading (more are likely on their way), and otherwise parks; a
+//! source unparks it after pushing, so an idle agent costs no CPU. Every
+//! 100 ms, and whenever it parks, it *ticks*: each series that has been
+//! silent has its event time moved forward by the wall time elapsed since
+//! its last reading, less [`IDLE_GRACE`], so its open
 //! windows close even if no further reading comes (without trusting the
 //! sender's clock to agree with ours). Series state lives in a table capped
 //! at `max_series`. A series not seen for `series_idle_ms` is evicted (its
@@ -59,13 +60,12 @@ const TICK: Duration = Duration::from_millis(100);
 pub const IDLE_GRACE: Timestamp = 100;
 /// How long a worker whose last pass took more than one reading sleeps when
 /// it finds its rings empty, before it looks again and, finding nothing,
-/// parks. Under
-/// load a source hands over what each read of its connection brought, tens
-/// of microseconds apart, and parking after each cost a futex wait and a
-/// wake-up syscall per hand-off (benches/README.md, *Fewer wake-ups*);
-/// napping gathers them, at the price of up to this much added latency
-/// while busy (the sleeping stage of a backoff idle strategy). An idle
-/// worker parks as before.
+/// parks. Under load a source hands over what each read of its connection
+/// brought, tens of microseconds apart, and parking after each cost a futex
+/// wait and a wake-up syscall per hand-off (benches/README.md, *Fewer
+/// wake-ups*); napping gathers them, at the price of up to this much added
+/// latency while busy (the sleeping stage of a backoff idle strategy). An
+/// idle worker parks as before.
 const NAP: Duration = Duration::from_micros(200);
 /// Readings taken from one ring before looking at the next.
 const BATCH: usize = 512;
