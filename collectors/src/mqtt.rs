@@ -98,8 +98,11 @@ pub struct MqttSettings {
     /// again, ms, so that the next read takes that much at once instead of
     /// a few messages per wake-up and system call: at 100,000 readings/s it
     /// about halved the agent's CPU, for 1 to 2 ms more latency
-    /// (benches/README.md, *Fewer wake-ups*). A trickle is read at once either way. 0: always read at
-    /// once. Default 1; at most 50 (the broker holds what arrives meanwhile).
+    /// (benches/README.md, *Fewer wake-ups*). A trickle, and a read that
+    /// held QoS 1 messages (the broker's window of unacknowledged messages
+    /// bounds what could gather), are read at once either way. 0: always
+    /// read at once. Default 1; at most 50 (the broker holds what arrives
+    /// meanwhile).
     #[serde(default = "default_gather_ms")]
     pub gather_ms: u64,
     /// Where the fields of a reading are (the series key may be a topic
@@ -158,7 +161,10 @@ const DENSE: usize = 4;
 /// brought [`DENSE`] messages or more, the source waits `gather_ms` first
 /// (default 1; tokio's timers tick in milliseconds, so 1 to 2 ms), so that
 /// the next read takes that much at once. A trickle (reads of fewer
-/// messages) is read at once: only dense streams pay the added latency.
+/// messages) is read at once: only dense streams pay the added latency. So
+/// is a read that held QoS 1 messages: the broker sends only so many
+/// unacknowledged ones (Mosquitto: 20, `max_inflight_messages`), so waiting
+/// would gather no more than that and cap the stream at it.
 #[derive(Debug, Default)]
 struct Gather {
     /// The most messages one read has brought.
@@ -166,11 +172,12 @@ struct Gather {
 }
 
 impl Gather {
-    /// Whether to wait `gather_ms` after a read that brought `messages`.
-    fn after_read(&mut self, messages: usize) -> bool {
+    /// Whether to wait `gather_ms` after a read that brought `messages`,
+    /// some of them `acknowledged` (QoS 1).
+    fn after_read(&mut self, messages: usize, acknowledged: bool) -> bool {
         let emptied = messages < self.most;
         self.most = self.most.max(messages);
-        emptied && messages >= DENSE
+        emptied && messages >= DENSE && !acknowledged
     }
 }
 
@@ -416,8 +423,9 @@ impl MqttSource {
         // Registered once, not once a message.
         let cancelled = shutdown.cancelled();
         tokio::pin!(cancelled);
-        // The ingest time of what the current read brought, and its messages.
-        let (mut read_at, mut read) = (None, 0);
+        // The ingest time of what the current read brought, its messages,
+        // and whether some were QoS 1.
+        let (mut read_at, mut read, mut acknowledged) = (None, 0, false);
         let mut gather = Gather::default();
         let gather_for = Duration::from_millis(self.settings.gather_ms);
         loop {
@@ -430,7 +438,9 @@ impl MqttSource {
             if events.state.events.is_empty() {
                 self.handoff.flush();
                 read_at = None;
-                if gather.after_read(std::mem::take(&mut read)) && !gather_for.is_zero() {
+                let dense =
+                    gather.after_read(std::mem::take(&mut read), std::mem::take(&mut acknowledged));
+                if dense && !gather_for.is_zero() {
                     tokio::select! {
                         _ = &mut cancelled => break,
                         _ = tokio::time::sleep(gather_for) => {}
@@ -461,6 +471,7 @@ impl MqttSource {
                 }
                 Ok(Event::Incoming(Packet::Publish(publish))) => {
                     read += 1;
+                    acknowledged |= publish.qos != QoS::AtMostOnce;
                     add(&stats.messages, 1);
                     add(&stats.bytes, publish.payload.len() as u64);
                     let topic = publish.topic.as_str();
@@ -545,24 +556,36 @@ mod tests {
     fn a_trickle_is_read_at_once() {
         let mut g = Gather::default();
         for messages in [1, 2, 1, 3, 1, 0, 2] {
-            assert!(!g.after_read(messages), "{messages}");
+            assert!(!g.after_read(messages, false), "{messages}");
         }
+    }
+
+    /// A broker sends a QoS 1 subscriber only so many unacknowledged
+    /// messages (Mosquitto: 20), and rumqttc acknowledges a read's as it
+    /// reads them: waiting would gather no more than that window, and cap
+    /// the stream at a window a millisecond.
+    #[test]
+    fn a_read_with_acknowledged_messages_is_not_waited_on() {
+        let mut g = Gather::default();
+        assert!(!g.after_read(9, false));
+        assert!(!g.after_read(6, true));
+        assert!(g.after_read(6, false));
     }
 
     #[test]
     fn a_dense_stream_gathers_once_the_connection_is_emptied() {
         let mut g = Gather::default();
         // Full reads (rumqttc's limit, whatever it is) leave more waiting.
-        assert!(!g.after_read(9));
-        assert!(!g.after_read(9));
+        assert!(!g.after_read(9, false));
+        assert!(!g.after_read(9, false));
         // Fewer than a full read: the connection is empty, and the stream
         // is dense: wait for more.
-        assert!(g.after_read(6));
-        assert!(g.after_read(DENSE));
+        assert!(g.after_read(6, false));
+        assert!(g.after_read(DENSE, false));
         // Below DENSE: at once.
-        assert!(!g.after_read(3));
+        assert!(!g.after_read(3, false));
         // A larger read than any before is not taken for an emptying one.
-        assert!(!g.after_read(12));
-        assert!(g.after_read(9));
+        assert!(!g.after_read(12, false));
+        assert!(g.after_read(9, false));
     }
 }
