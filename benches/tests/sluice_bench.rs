@@ -163,3 +163,20 @@ fn a_wrong_broker_or_configuration_is_a_clear_error() {
         text(&o)
     );
 }
+
+/// `--gather-ms` reaches the agent's MQTT source: 0 (read at once) runs
+/// with the counts right, and a value the agent refuses ends the run
+/// before any load, in the agent's words.
+#[test]
+fn gather_ms_reaches_the_agents_source() {
+    let o = bench(&["--gather-ms", "0", "--check"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("check: counts are right"), "{}", text(&o));
+    let o = bench(&["--gather-ms", "51"]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(
+        text(&o).contains("gather_ms: must be <= 50"),
+        "{}",
+        text(&o)
+    );
+}

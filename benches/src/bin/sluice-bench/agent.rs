@@ -202,6 +202,13 @@ stats_interval_s = 0
         json.insert("labels".into(), Value::Array(labels));
         sensors.insert("json".into(), Value::Table(json));
     }
+    if let Some(ms) = args.gather_ms
+        && let Some(Value::Table(sensors)) = settings
+            .get_mut("sources")
+            .and_then(|s| s.get_mut("sensors"))
+    {
+        sensors.insert("gather_ms".into(), Value::Integer(ms as i64));
+    }
     for (k, v) in settings {
         config.insert(k, v);
     }

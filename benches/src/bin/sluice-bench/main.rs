@@ -152,6 +152,11 @@ pub(crate) struct Args {
     /// to this many records (default: one message each).
     #[arg(long)]
     pub(crate) aggregate_batch: Option<usize>,
+    /// The agent's MQTT source `gather_ms`: how long a dense stream gathers
+    /// between reads (default: the agent's, 1; 0 reads at once, for the
+    /// lowest latency at several times the CPU)
+    #[arg(long)]
+    pub(crate) gather_ms: Option<u64>,
     /// Exit non-zero unless the counts are right: every reading the agent
     /// processed is in an aggregate, none shed, and every spike after the
     /// warm-up raised an alert (for CI; never asserts on timings).
