@@ -154,7 +154,7 @@ pub(crate) struct Args {
     pub(crate) aggregate_batch: Option<usize>,
     /// The agent's MQTT source `gather_ms`: how long a dense stream gathers
     /// between reads (default: the agent's, 1; 0 reads at once, for the
-    /// lowest latency at several times the CPU)
+    /// lowest latency at about twice the CPU)
     #[arg(long)]
     pub(crate) gather_ms: Option<u64>,
     /// Exit non-zero unless the counts are right: every reading the agent
