@@ -114,13 +114,46 @@ fn send(socket: &std::net::UdpSocket, port: u16, value: u64) {
 /// Crashes the agent the `n`-th time it reaches `step`, restarts it, and
 /// checks upstream against the model (see the module docs).
 async fn crash_at(step: &str, n: u64) {
-    let name = step.replace('.', "-");
+    crash_on(step, n, Link::Fast).await;
+}
+
+/// How the agent reaches the upstream broker.
+#[derive(Clone, Copy, PartialEq)]
+enum Link {
+    /// Directly.
+    Fast,
+    /// Through a [`sluice_tests::SlowLink`] that hands acknowledgements
+    /// back one at a time, so that the in-flight window never empties.
+    Slow,
+}
+
+/// [`crash_at`] over `link`.
+async fn crash_on(step: &str, n: u64, link: Link) {
+    let name = match link {
+        Link::Fast => step.replace('.', "-"),
+        Link::Slow => format!("{}-slow", step.replace('.', "-")),
+    };
     let downsample = step.starts_with("downsample");
     let mut upstream = Broker::start_persistent(&format!("crash-{name}"));
     let tmp = sluice_tests::temp_dir(&format!("crash-{name}"));
     let dir = tmp.path().to_path_buf();
     let (udp, metrics) = (sluice_tests::free_port(), sluice_tests::free_port());
-    let config = config(&dir, udp, metrics, upstream.port, downsample);
+    let (uplink_port, _link) = match link {
+        Link::Fast => (upstream.port, None),
+        Link::Slow => {
+            let port = sluice_tests::free_port();
+            (
+                port,
+                Some(sluice_tests::SlowLink::start(
+                    port,
+                    upstream.port,
+                    4,
+                    Duration::from_millis(3),
+                )),
+            )
+        }
+    };
+    let config = config(&dir, udp, metrics, uplink_port, downsample);
     let got: Arc<Mutex<Vec<Seen>>> = Arc::default();
     {
         let sink = got.clone();
@@ -283,6 +316,14 @@ async fn crash_after_a_checkpoint_commits() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crash_after_records_are_marked_sent() {
     crash_at("send.after_mark", 5).await;
+}
+
+/// Over a slow link the in-flight window stays full while acknowledgements
+/// trickle in: the records acknowledged and not yet deleted (each sent again
+/// after the crash) must still be fewer than a window.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_after_records_are_marked_sent_on_a_slow_link() {
+    crash_on("send.after_mark", 15, Link::Slow).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

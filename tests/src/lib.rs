@@ -869,6 +869,87 @@ impl Drop for TlsFront {
     }
 }
 
+/// A slow downlink on 127.0.0.1:`port` in front of 127.0.0.1:`backend`:
+/// what the client sends goes through as it comes; what the server sends
+/// back reaches the client a few bytes at a time (at most `chunk` bytes
+/// every `pause`), as over a congested cellular link. With `chunk = 4`,
+/// MQTT acknowledgements (4 bytes each) arrive one at a time, each after the
+/// client has had time to act on the one before. On a thread of its own,
+/// stopped (and its connections closed) when dropped.
+pub struct SlowLink {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl SlowLink {
+    /// Starts one, listening when this returns.
+    pub fn start(port: u16, backend: u16, chunk: usize, pause: Duration) -> SlowLink {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+                loop {
+                    let (client, _) = tokio::select! {
+                        _ = &mut stopped => return,
+                        accepted = listener.accept() => match accepted {
+                            Ok(a) => a,
+                            Err(_) => continue,
+                        },
+                    };
+                    tokio::spawn(async move {
+                        let Ok(server) =
+                            tokio::net::TcpStream::connect(("127.0.0.1", backend)).await
+                        else {
+                            return;
+                        };
+                        let _ = client.set_nodelay(true);
+                        let _ = server.set_nodelay(true);
+                        let (mut client_rx, mut client_tx) = client.into_split();
+                        let (mut server_rx, mut server_tx) = server.into_split();
+                        let up = async {
+                            let _ = tokio::io::copy(&mut client_rx, &mut server_tx).await;
+                            let _ = server_tx.shutdown().await;
+                        };
+                        let down = async {
+                            let mut buf = vec![0u8; chunk.max(1)];
+                            while let Ok(n @ 1..) = server_rx.read(&mut buf).await {
+                                if client_tx.write_all(&buf[..n]).await.is_err() {
+                                    break;
+                                }
+                                tokio::time::sleep(pause).await;
+                            }
+                            let _ = client_tx.shutdown().await;
+                        };
+                        tokio::join!(up, down);
+                    });
+                }
+            });
+        });
+        SlowLink {
+            stop: Some(stop),
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for SlowLink {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     /// Tests run in parallel threads of one process: a port handed to one

@@ -14,6 +14,10 @@
 //! when its PUBACK arrives. When the connection fails, the uplink starts a
 //! new one and sends again from the oldest unacknowledged record: delivery is
 //! at least once, and `(agent, epoch, seq)` lets upstream drop duplicates.
+//! Acknowledged records are deleted in batches, one each time a window's
+//! worth (`max_inflight`) of PUBACKs has come or none is awaited, so a crash
+//! sends again fewer than two windows: those in flight, and those
+//! acknowledged and not yet deleted.
 //!
 //! # One record never blocks the lane
 //!
@@ -597,8 +601,7 @@ async fn session(
             }
             Ok(Ok(_)) => {}
         }
-        if !acked.is_empty() && (acked.len() >= full_window.max(64) || inflight.by_pkid.is_empty())
-        {
+        if deletes_due(&acked, full_window, inflight.by_pkid.is_empty()) {
             record_acks(outbox, stats, claimed, &mut acked, undeleted);
         }
     };
@@ -734,6 +737,15 @@ impl Lanes {
 /// Deletes the acknowledged records `acked` (and any that a full disk kept
 /// from being deleted before) from the outbox, and clears `acked`. What the
 /// disk refuses to delete is kept in `undeleted` (see the module docs).
+/// Whether the acknowledged records (`acked`) are to be deleted now: once a
+/// window's worth has come, or none is awaited. So a crash leaves fewer than
+/// a window acknowledged and not deleted (each sent again after the
+/// restart), however slowly the acknowledgements trickle in; every kind of
+/// uplink decides by this.
+fn deletes_due(acked: &[i64], full_window: usize, none_awaited: bool) -> bool {
+    !acked.is_empty() && (acked.len() >= full_window || none_awaited)
+}
+
 fn record_acks(
     outbox: &mut Outbox,
     stats: &UplinkStats,

@@ -42,7 +42,7 @@ use tokio::task::JoinSet;
 
 use super::{
     Claimed, Lanes, MAX_UNDELETED, Outbox, SessionReport, Undeleted, UplinkConfig, UplinkStats,
-    record_acks, set_aside,
+    deletes_due, record_acks, set_aside,
 };
 use crate::output::kafka;
 use crate::store::outbox::with_identity;
@@ -267,7 +267,7 @@ pub(super) async fn session(
             // one at a time (see the parent module) and find it.
             Err((_, e)) => break Err(format!("seqs {seqs:?} not acknowledged: {e}")),
         }
-        if !acked.is_empty() && (acked.len() >= full_window.max(64) || inflight.is_empty()) {
+        if deletes_due(&acked, full_window, inflight.is_empty()) {
             record_acks(outbox, stats, claimed, &mut acked, undeleted);
         }
     };

@@ -23,7 +23,7 @@ use tokio::task::JoinSet;
 
 use super::{
     Claimed, Lanes, MAX_UNDELETED, Outbox, SessionReport, Undeleted, UplinkConfig, UplinkStats,
-    record_acks, set_aside,
+    deletes_due, record_acks, set_aside,
 };
 use crate::store::outbox::with_identity;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
@@ -147,7 +147,7 @@ pub(super) async fn session(
             }
             Err(e) => break Err(format!("seq {seq} not acknowledged: {e}")),
         }
-        if !acked.is_empty() && (acked.len() >= full_window.max(64) || inflight.is_empty()) {
+        if deletes_due(&acked, full_window, inflight.is_empty()) {
             record_acks(outbox, stats, claimed, &mut acked, undeleted);
         }
     };
