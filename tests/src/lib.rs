@@ -786,12 +786,67 @@ impl Drop for KafkaBroker {
     }
 }
 
+/// A TCP server on 127.0.0.1 that hands each connection to a task of its
+/// own, on a thread of its own (a current-thread runtime); stopped, with its
+/// connections closed, when dropped.
+struct Front {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Front {
+    /// Listens on `port` (when this returns) and runs `serve` on each
+    /// connection.
+    fn start<F, Fut>(port: u16, serve: F) -> Front
+    where
+        F: Fn(tokio::net::TcpStream) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let listener = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+                loop {
+                    let (client, _) = tokio::select! {
+                        _ = &mut stopped => return,
+                        accepted = listener.accept() => match accepted {
+                            Ok(a) => a,
+                            Err(_) => continue,
+                        },
+                    };
+                    tokio::spawn(serve(client));
+                }
+            });
+        });
+        Front {
+            stop: Some(stop),
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Front {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 /// A TLS server on 127.0.0.1:`port` (the certificate and key given) that
 /// forwards each connection, decrypted, to 127.0.0.1:`backend`; on a thread
 /// of its own, stopped when dropped.
 pub struct TlsFront {
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    _front: Front,
 }
 
 impl TlsFront {
@@ -818,53 +873,21 @@ impl TlsFront {
         .with_single_cert(certs, key)
         .unwrap();
         let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
-        let listener = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
-        listener.set_nonblocking(true).unwrap();
-        let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
-        let thread = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            runtime.block_on(async move {
-                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-                loop {
-                    let (client, _) = tokio::select! {
-                        _ = &mut stopped => return,
-                        accepted = listener.accept() => match accepted {
-                            Ok(a) => a,
-                            Err(_) => continue,
-                        },
-                    };
-                    let acceptor = acceptor.clone();
-                    tokio::spawn(async move {
-                        // A handshake the client refuses ends here.
-                        let Ok(mut tls) = acceptor.accept(client).await else {
-                            return;
-                        };
-                        if let Ok(mut plain) =
-                            tokio::net::TcpStream::connect(("127.0.0.1", backend)).await
-                        {
-                            let _ = tokio::io::copy_bidirectional(&mut tls, &mut plain).await;
-                        }
-                    });
-                }
-            });
-        });
         TlsFront {
-            stop: Some(stop),
-            thread: Some(thread),
-        }
-    }
-}
-
-impl Drop for TlsFront {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
+            _front: Front::start(port, move |client| {
+                let acceptor = acceptor.clone();
+                async move {
+                    // A handshake the client refuses ends here.
+                    let Ok(mut tls) = acceptor.accept(client).await else {
+                        return;
+                    };
+                    if let Ok(mut plain) =
+                        tokio::net::TcpStream::connect(("127.0.0.1", backend)).await
+                    {
+                        let _ = tokio::io::copy_bidirectional(&mut tls, &mut plain).await;
+                    }
+                }
+            }),
         }
     }
 }
@@ -877,75 +900,39 @@ impl Drop for TlsFront {
 /// client has had time to act on the one before. On a thread of its own,
 /// stopped (and its connections closed) when dropped.
 pub struct SlowLink {
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    _front: Front,
 }
 
 impl SlowLink {
     /// Starts one, listening when this returns.
     pub fn start(port: u16, backend: u16, chunk: usize, pause: Duration) -> SlowLink {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let listener = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
-        listener.set_nonblocking(true).unwrap();
-        let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
-        let thread = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            runtime.block_on(async move {
-                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-                loop {
-                    let (client, _) = tokio::select! {
-                        _ = &mut stopped => return,
-                        accepted = listener.accept() => match accepted {
-                            Ok(a) => a,
-                            Err(_) => continue,
-                        },
-                    };
-                    tokio::spawn(async move {
-                        let Ok(server) =
-                            tokio::net::TcpStream::connect(("127.0.0.1", backend)).await
-                        else {
-                            return;
-                        };
-                        let _ = client.set_nodelay(true);
-                        let _ = server.set_nodelay(true);
-                        let (mut client_rx, mut client_tx) = client.into_split();
-                        let (mut server_rx, mut server_tx) = server.into_split();
-                        let up = async {
-                            let _ = tokio::io::copy(&mut client_rx, &mut server_tx).await;
-                            let _ = server_tx.shutdown().await;
-                        };
-                        let down = async {
-                            let mut buf = vec![0u8; chunk.max(1)];
-                            while let Ok(n @ 1..) = server_rx.read(&mut buf).await {
-                                if client_tx.write_all(&buf[..n]).await.is_err() {
-                                    break;
-                                }
-                                tokio::time::sleep(pause).await;
-                            }
-                            let _ = client_tx.shutdown().await;
-                        };
-                        tokio::join!(up, down);
-                    });
-                }
-            });
-        });
         SlowLink {
-            stop: Some(stop),
-            thread: Some(thread),
-        }
-    }
-}
-
-impl Drop for SlowLink {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
+            _front: Front::start(port, move |client| async move {
+                let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", backend)).await
+                else {
+                    return;
+                };
+                let _ = client.set_nodelay(true);
+                let _ = server.set_nodelay(true);
+                let (mut client_rx, mut client_tx) = client.into_split();
+                let (mut server_rx, mut server_tx) = server.into_split();
+                let up = async {
+                    let _ = tokio::io::copy(&mut client_rx, &mut server_tx).await;
+                    let _ = server_tx.shutdown().await;
+                };
+                let down = async {
+                    let mut buf = vec![0u8; chunk.max(1)];
+                    while let Ok(n @ 1..) = server_rx.read(&mut buf).await {
+                        if client_tx.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                        tokio::time::sleep(pause).await;
+                    }
+                    let _ = client_tx.shutdown().await;
+                };
+                tokio::join!(up, down);
+            }),
         }
     }
 }
