@@ -326,6 +326,13 @@ async fn crash_after_records_are_marked_sent_on_a_slow_link() {
     crash_on("send.after_mark", 15, Link::Slow).await;
 }
 
+/// The same, at the delete itself: the batch acknowledged and about to be
+/// deleted is at most a window.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_before_acknowledged_records_are_deleted_on_a_slow_link() {
+    crash_on("ack.before_delete", 3, Link::Slow).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crash_after_a_record_is_published() {
     crash_at("send.after_publish", 40).await;
