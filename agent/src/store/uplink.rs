@@ -734,9 +734,6 @@ impl Lanes {
     }
 }
 
-/// Deletes the acknowledged records `acked` (and any that a full disk kept
-/// from being deleted before) from the outbox, and clears `acked`. What the
-/// disk refuses to delete is kept in `undeleted` (see the module docs).
 /// Whether the acknowledged records (`acked`) are to be deleted now: once a
 /// window's worth has come, or none is awaited. So a crash leaves fewer than
 /// a window acknowledged and not deleted (each sent again after the
@@ -746,6 +743,9 @@ fn deletes_due(acked: &[i64], full_window: usize, none_awaited: bool) -> bool {
     !acked.is_empty() && (acked.len() >= full_window || none_awaited)
 }
 
+/// Deletes the acknowledged records `acked` (and any that a full disk kept
+/// from being deleted before) from the outbox, and clears `acked`. What the
+/// disk refuses to delete is kept in `undeleted` (see the module docs).
 fn record_acks(
     outbox: &mut Outbox,
     stats: &UplinkStats,
