@@ -1,0 +1,44 @@
+//! How the `sluice` binary is linked, read from the binary cargo built for
+//! this test run (`readelf`, from binutils): where its start-up and idle
+//! code sit, which sets its idle memory (see
+//! ARCHITECTURE.md, "Code layout"; figures in benches/README.md,
+//! "Footprint").
+
+#![cfg(target_os = "linux")]
+
+use std::process::Command;
+
+const SLUICE: &str = env!("CARGO_BIN_EXE_sluice");
+
+fn readelf(args: &[&str]) -> String {
+    let out = Command::new("readelf")
+        .args(args)
+        .arg(SLUICE)
+        .output()
+        .expect("readelf (binutils) runs");
+    assert!(out.status.success(), "readelf {args:?}: {out:?}");
+    String::from_utf8(out.stdout).expect("readelf prints text")
+}
+
+/// Optimized builds group the functions that run from start-up to idle at
+/// the front of the code (agent/build.rs, agent/link/hot-text.ld); the
+/// section exists and holds most of them.
+#[test]
+fn optimized_builds_group_the_start_up_and_idle_code() {
+    if option_env!("SLUICE_HOT_TEXT").is_none() {
+        // Unoptimized builds skip the layout (agent/build.rs).
+        return;
+    }
+    let sections = readelf(&["-S", "-W"]);
+    let hot = sections
+        .lines()
+        .find(|l| l.contains(" .text.sluice_hot "))
+        .unwrap_or_else(|| panic!("no .text.sluice_hot section:\n{sections}"));
+    // [Nr] Name Type Address Off Size ...
+    let fields: Vec<&str> = hot.split(']').nth(1).unwrap().split_whitespace().collect();
+    let size = u64::from_str_radix(fields[4], 16).unwrap();
+    assert!(
+        size > 512 * 1024,
+        "only {size} bytes matched agent/link/hot-text.ld's patterns: is the list stale?"
+    );
+}
