@@ -24,4 +24,14 @@ fn main() {
         // Tells tests/linkage.rs to look for the section.
         println!("cargo:rustc-env=SLUICE_HOT_TEXT=1");
     }
+    // The packages' profile (whole-program LTO, which drops every unused
+    // function and so every unused import): tests/linkage.rs checks what
+    // the binary loads. Cargo names the profile's output folder after it.
+    let out_dir = env::var("OUT_DIR").unwrap_or_default();
+    if Path::new(&out_dir)
+        .components()
+        .any(|c| c.as_os_str() == "dist")
+    {
+        println!("cargo:rustc-env=SLUICE_DIST=1");
+    }
 }

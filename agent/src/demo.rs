@@ -239,7 +239,8 @@ async fn generate(addr: std::net::SocketAddr, shutdown: CancellationToken) {
     let mut rng = SplitMix64::new(now_ms() as u64);
     let mut gaussian = move || {
         let (u1, u2) = (rng.next_f64().max(1e-12), rng.next_f64());
-        (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+        // libm, not f64's methods: see tests/linkage.rs.
+        (-2.0 * libm::log(u1)).sqrt() * libm::cos(2.0 * std::f64::consts::PI * u2)
     };
     let start = Instant::now();
     let mut tick = tokio::time::interval(Duration::from_millis(1000 / HZ));
@@ -251,7 +252,8 @@ async fn generate(addr: std::net::SocketAddr, shutdown: CancellationToken) {
         let t = start.elapsed().as_secs_f64();
         let ts = now_ms();
         for i in 0..SENSORS {
-            let mut value = 20.0 + i as f64 + 2.0 * (t / 60.0 + i as f64).sin() + gaussian() * 0.5;
+            let mut value =
+                20.0 + i as f64 + 2.0 * libm::sin(t / 60.0 + i as f64) + gaussian() * 0.5;
             // s-0003 spikes for one reading every 7 seconds (after warm-up).
             if i == 3 && t > 3.0 && (t % 7.0) < 1.0 / HZ as f64 {
                 value += 15.0;

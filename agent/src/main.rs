@@ -500,3 +500,16 @@ fn outbox_command(action: OutboxAction, config: Option<PathBuf>) -> ExitCode {
         }
     }
 }
+
+/// `pow` for the whole binary, from the `libm` crate (the Rust port of
+/// musl's, within one unit in the last place), so that no call needs the C
+/// library's libm.so: tokio's scheduler (`f64::powf`, once a batch of task
+/// polls, for its poll-time average) was the binary's last import from it.
+/// Without an import, the linker leaves libm.so.6 out and the process
+/// neither loads nor relocates it, about 0.5 MiB of idle RSS
+/// (tests/linkage.rs, benches/README.md "Footprint").
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[unsafe(no_mangle)]
+pub extern "C" fn pow(x: f64, y: f64) -> f64 {
+    libm::pow(x, y)
+}

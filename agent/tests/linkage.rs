@@ -1,6 +1,6 @@
 //! How the `sluice` binary is linked, read from the binary cargo built for
-//! this test run (`readelf`, from binutils): where its start-up and idle
-//! code sit, which sets its idle memory (see
+//! this test run (`readelf`, from binutils): what it loads at start-up and
+//! where its start-up and idle code sit. Both set its idle memory (see
 //! ARCHITECTURE.md, "Code layout"; figures in benches/README.md,
 //! "Footprint").
 
@@ -18,6 +18,31 @@ fn readelf(args: &[&str]) -> String {
         .expect("readelf (binutils) runs");
     assert!(out.status.success(), "readelf {args:?}: {out:?}");
     String::from_utf8(out.stdout).expect("readelf prints text")
+}
+
+/// The agent's maths uses the `libm` crate, not the C library's libm: with
+/// no symbol taken from it, the linker (`--as-needed`) leaves libm.so.6
+/// out, and a process neither loads nor relocates it (about 0.5 MiB of its
+/// RSS at idle). A new `f64::powf`, `ln`, `sin`… in the agent or in a
+/// dependency brings it back; call `libm::` instead. Checked on the
+/// packages' profile (`--profile dist`, as CI's aarch64 suite is built):
+/// without whole-program LTO, unused functions of dependencies that call
+/// libm still count.
+#[test]
+fn the_agent_does_not_load_the_c_maths_library() {
+    if option_env!("SLUICE_DIST").is_none() {
+        return;
+    }
+    let needed: Vec<String> = readelf(&["-d", "-W"])
+        .lines()
+        .filter(|l| l.contains("(NEEDED)"))
+        .map(str::to_owned)
+        .collect();
+    assert!(!needed.is_empty(), "a dynamically linked binary");
+    assert!(
+        !needed.iter().any(|l| l.contains("libm.so")),
+        "the agent needs libm.so: {needed:#?}; its maths should call the libm crate"
+    );
 }
 
 /// Optimized builds group the functions that run from start-up to idle at

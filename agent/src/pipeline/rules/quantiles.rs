@@ -203,7 +203,7 @@ impl Quantiles {
     /// A KLL sketch's normalized rank error (99 % confidence), if it is one.
     pub fn rank_error(&self) -> Option<f64> {
         match self.0.as_deref()? {
-            Sketch::Kll(s) => Some(s.normalized_rank_error()),
+            Sketch::Kll(s) => Some(crate::store::outbox::kll_rank_error(s.min_k())),
             Sketch::Dd(_) => None,
         }
     }

@@ -262,8 +262,18 @@ fn merge_kll(
     Some((
         serde_json::Value::Object(quantiles),
         base64_of(&union.serialize()).into(),
-        serde_json::json!(union.normalized_rank_error()),
+        serde_json::json!(kll_rank_error(union.min_k())),
     ))
+}
+
+/// A KLL sketch's normalized rank error at 99 % confidence, for the
+/// smallest `k` among what it merged: DataSketches' empirical formula, as
+/// `KllSketch::normalized_rank_error` computes it, with the `libm` crate's
+/// `pow` instead of `f64::powf`, which would make the agent load the C
+/// library's libm.so for this one call (tests/linkage.rs). A test holds the
+/// two equal.
+pub(crate) fn kll_rank_error(min_k: u16) -> f64 {
+    2.296 / libm::pow(f64::from(min_k), 0.9723)
 }
 
 /// The `frequency` of two windows' records merged: their Count-Min
@@ -334,4 +344,23 @@ fn merge_distinct(
         true,
     ))
     .ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use datasketches::kll::{KllFloat, KllSketch};
+
+    /// `kll_rank_error` is DataSketches' own figure, for every `k` a sketch
+    /// can have (the two `pow`s may differ in the last bit).
+    #[test]
+    fn kll_rank_error_is_datasketches_figure() {
+        for k in (8..=u16::MAX).step_by(7).chain([8, 200, u16::MAX]) {
+            let sketch = KllSketch::<KllFloat<f64>>::new(k).unwrap();
+            let (ours, theirs) = (super::kll_rank_error(k), sketch.normalized_rank_error());
+            assert!(
+                (ours - theirs).abs() <= theirs * 4.0 * f64::EPSILON,
+                "k = {k}: {ours} against {theirs}"
+            );
+        }
+    }
 }

@@ -73,6 +73,7 @@ mod salvage;
 
 pub use checkpoints::SavedCheckpoint;
 pub use dead_letters::DeadLetter;
+pub(crate) use downsample::kll_rank_error;
 pub use downsample::merge_aggregates;
 pub use salvage::{SalvageReport, Salvaged, salvage_read};
 
