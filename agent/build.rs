@@ -26,12 +26,14 @@ fn main() {
     }
     // The packages' profile (whole-program LTO, which drops every unused
     // function and so every unused import): tests/linkage.rs checks what
-    // the binary loads. Cargo names the profile's output folder after it.
+    // the binary loads. Cargo names the profile's output folder after it:
+    // OUT_DIR is <target>/[<triple>/]<profile>/build/sluice-<hash>/out.
     let out_dir = env::var("OUT_DIR").unwrap_or_default();
-    if Path::new(&out_dir)
-        .components()
-        .any(|c| c.as_os_str() == "dist")
-    {
+    let profile = Path::new(&out_dir)
+        .ancestors()
+        .nth(3)
+        .and_then(Path::file_name);
+    if profile.is_some_and(|p| p == "dist") {
         println!("cargo:rustc-env=SLUICE_DIST=1");
     }
 }
