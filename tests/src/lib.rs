@@ -456,6 +456,36 @@ fn wait_listening(
     }
 }
 
+/// Waits until the NATS server on `port` greets a new connection with its
+/// `INFO` line, as a client's first read expects: a TCP connect alone once
+/// let a test's first client in before the server would talk to it
+/// (connection reset, under CI's load).
+fn wait_nats_greeting(child: &mut std::process::Child, port: u16, log: &std::path::Path) {
+    use std::io::Read;
+    let start = Instant::now();
+    loop {
+        if let Ok(mut conn) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+            let _ = conn.set_read_timeout(Some(Duration::from_millis(500)));
+            let mut greeting = [0u8; 5];
+            if conn.read_exact(&mut greeting).is_ok() && &greeting == b"INFO " {
+                return;
+            }
+        }
+        if let Some(status) = child.try_wait().ok().flatten() {
+            panic!(
+                "nats-server exited ({status}) on port {port}: {}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
+        }
+        assert!(
+            start.elapsed() < WAIT,
+            "nats-server did not greet a client on port {port} within {WAIT:?}: {}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Writes `dir/<agent>.toml`: readings over UDP on 127.0.0.1:`udp`, one
 /// aggregate per reading, an outbox at `dir/outbox.db` forwarded by an
 /// uplink of `kind` to 127.0.0.1:`port` (16 in flight, reconnecting within
@@ -672,7 +702,9 @@ impl NatsServer {
                 panic!("cannot run nats-server ({e}); install it: apt-get install -y nats-server")
             });
         let log = self.dir.path().join("nats.log");
-        wait_listening("nats-server", self.child.insert(child), self.port, &log);
+        let child = self.child.insert(child);
+        wait_listening("nats-server", child, self.port, &log);
+        wait_nats_greeting(child, self.port, &log);
     }
 
     /// Stops it (SIGKILL: an outage, not a shutdown) and waits for it.
