@@ -441,49 +441,41 @@ fn wait_listening(
     port: u16,
     log: &std::path::Path,
 ) {
+    wait_ready(program, child, port, log, |_| true);
+}
+
+/// [`wait_listening`], and then until a new connection is `ready` (the
+/// server says what a client's first read expects).
+fn wait_ready(
+    program: &str,
+    child: &mut std::process::Child,
+    port: u16,
+    log: &std::path::Path,
+    ready: impl Fn(std::net::TcpStream) -> bool,
+) {
     let log = || std::fs::read_to_string(log).unwrap_or_default();
     let start = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+    while !std::net::TcpStream::connect(("127.0.0.1", port)).is_ok_and(&ready) {
         if let Some(status) = child.try_wait().ok().flatten() {
             panic!("{program} exited ({status}) on port {port}: {}", log());
         }
         assert!(
             start.elapsed() < WAIT,
-            "{program} did not accept connections on port {port} within {WAIT:?}: {}",
+            "{program} was not ready on port {port} within {WAIT:?}: {}",
             log()
         );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
 
-/// Waits until the NATS server on `port` greets a new connection with its
-/// `INFO` line, as a client's first read expects: a TCP connect alone once
-/// let a test's first client in before the server would talk to it
-/// (connection reset, under CI's load).
-fn wait_nats_greeting(child: &mut std::process::Child, port: u16, log: &std::path::Path) {
+/// Whether a NATS server greets the new connection `conn` with its `INFO`
+/// line. A TCP connect alone once let a test's first client in before the
+/// server would talk to it (connection reset, under CI's load).
+fn nats_greets(mut conn: std::net::TcpStream) -> bool {
     use std::io::Read;
-    let start = Instant::now();
-    loop {
-        if let Ok(mut conn) = std::net::TcpStream::connect(("127.0.0.1", port)) {
-            let _ = conn.set_read_timeout(Some(Duration::from_millis(500)));
-            let mut greeting = [0u8; 5];
-            if conn.read_exact(&mut greeting).is_ok() && &greeting == b"INFO " {
-                return;
-            }
-        }
-        if let Some(status) = child.try_wait().ok().flatten() {
-            panic!(
-                "nats-server exited ({status}) on port {port}: {}",
-                std::fs::read_to_string(log).unwrap_or_default()
-            );
-        }
-        assert!(
-            start.elapsed() < WAIT,
-            "nats-server did not greet a client on port {port} within {WAIT:?}: {}",
-            std::fs::read_to_string(log).unwrap_or_default()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let _ = conn.set_read_timeout(Some(Duration::from_millis(500)));
+    let mut greeting = [0u8; 5];
+    conn.read_exact(&mut greeting).is_ok() && &greeting == b"INFO "
 }
 
 /// Writes `dir/<agent>.toml`: readings over UDP on 127.0.0.1:`udp`, one
@@ -702,9 +694,13 @@ impl NatsServer {
                 panic!("cannot run nats-server ({e}); install it: apt-get install -y nats-server")
             });
         let log = self.dir.path().join("nats.log");
-        let child = self.child.insert(child);
-        wait_listening("nats-server", child, self.port, &log);
-        wait_nats_greeting(child, self.port, &log);
+        wait_ready(
+            "nats-server",
+            self.child.insert(child),
+            self.port,
+            &log,
+            nats_greets,
+        );
     }
 
     /// Stops it (SIGKILL: an outage, not a shutdown) and waits for it.
